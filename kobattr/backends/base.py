@@ -1,0 +1,114 @@
+"""What a backend computes: the two pair-norm primitives every method reduces to.
+
+kobattr turns every norm-based method into per-key Gram matrices / per-key parts and per-row
+vectors (computed once, O(N) memory, in kobattr/prepare.py). A backend only has to evaluate the
+pairs, never storing an (N, N, D) tensor. Notation for one batch element:
+
+    alpha^h_ij = softmax_j(scale * q^h_i . k^{g(h)}_j) over the keys j visible from query i
+                 (g(h) = h // (H // KV); visible = valid key, valid query, and the causal and
+                 sliding-window rules of Layer.visible: j <= i if causal, i - j < window if window > 0)
+    kappa_ij   = (alpha^0_ij, ..., alpha^{H-1}_ij, [i == j])      a vector of H + 1 coefficients;
+                 the last one carries the residual row.
+
+attention_maps  (ATTN-N, ATTNRES-N, ATTNRESLN-N, pre-LN ATB / ATBLN)
+    grams      (B, N, M, H+1, H+1) float32  M Gram matrices per key j
+    row_scale  (B, N, M)           float32  per query row multiplier
+    map[b, m, i, j] = row_scale[b, i, m] * sqrt(max(kappa_ij^T grams[b, j, m] kappa_ij, 0)),
+    0 where j is not visible from i. Optionally alpha itself (B, H, R, N) float32.
+
+ff_maps  (post-LN ATBFF, ATBFFRES, ATBFFRESLN; pre-LN ATBLNFF, ATBLNFFRES)
+    ff_parts   (B, N, H+1, F)  per key: the parts of the FFN input through W_in
+    gate_parts (B, N, H+1, F)  or None: the same through W_gate (gated FFN)
+    res_parts  (B, N, H+1, D)  per key: the residual-stream parts
+    in_scale, res_scale, out_scale (B, N); coef_in, coef_gate (B, N, F) (coef_gate None if not gated)
+    w_out      (F, D); out_weight (D,) or None; out_center: bool; n_scopes: 2 or 3
+    ff_ij  = ((in_scale_i sum_r kappa_ij[r] ff_parts_j[r]) * coef_in_i
+              + (in_scale_i sum_r kappa_ij[r] gate_parts_j[r]) * coef_gate_i) @ w_out
+    res_ij = res_scale_i sum_r kappa_ij[r] res_parts_j[r]
+    scopes: 0: ||ff_ij||   1: ||res_ij + ff_ij||
+            2: out_scale_i * ||C(res_ij + ff_ij) * out_weight||  (C = subtract the mean over D if
+               out_center, identity otherwise; out_weight None = ones)
+    -> (B, n_scopes, R, N) float32, 0 where j is not visible from i.
+
+Output modes shared by both: ``rows`` (R,) int64 selects query rows (None = all N, R = N);
+``weights`` (B, K, N) float32 asks instead for the contraction out[b, m, k, j] =
+sum_i weights[b, k, i] * map[b, m, i, j], with ``normalize_rows`` dividing each map row by its
+sum first (rows summing to 0 stay 0), returning (B, M, K, N) without building the map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run this input; the message says why."""
+
+
+@dataclass
+class Attention:
+    """The attention pattern every primitive recomputes alpha from."""
+
+    q: Tensor  # (B, H, N, Dh) model dtype
+    k: Tensor  # (B, KV, N, Dh) model dtype
+    valid: Tensor  # (B, N) bool
+    causal: bool
+    window: int
+    scale: float
+
+
+@dataclass
+class FFParts:
+    """Per-key and per-row pieces of the feed-forward primitive (see module docstring)."""
+
+    ff_parts: Tensor
+    gate_parts: Optional[Tensor]
+    res_parts: Tensor
+    in_scale: Tensor
+    res_scale: Tensor
+    out_scale: Tensor
+    coef_in: Tensor
+    coef_gate: Optional[Tensor]
+    w_out: Tensor
+    out_weight: Optional[Tensor]
+    out_center: bool
+    n_scopes: int
+
+
+class Backend:
+    """A way to evaluate the pair primitives. Subclasses set ``name`` and implement the methods."""
+
+    name = "?"
+
+    @classmethod
+    def unavailable_reason(cls) -> Optional[str]:
+        """None if the backend can run on this machine, else a sentence saying why not."""
+        return None
+
+    def cannot_run(self, attn: Attention, need_ff: bool) -> Optional[str]:
+        """None if this backend takes this input, else a sentence saying why not."""
+        return None
+
+    def attention_maps(self, attn: Attention, grams: Tensor, row_scale: Tensor, rows: Optional[Tensor] = None,
+                       weights: Optional[Tensor] = None, normalize_rows: bool = False,
+                       want_alpha: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        raise NotImplementedError
+
+    def ff_maps(self, attn: Attention, parts: FFParts, rows: Optional[Tensor] = None,
+                weights: Optional[Tensor] = None, normalize_rows: bool = False) -> Tensor:
+        raise NotImplementedError
+
+
+def visible_block(attn: Attention, rows: Tensor, cols: Tensor) -> Tensor:
+    """(B, len(rows), len(cols)) bool visibility of keys ``cols`` from queries ``rows``."""
+    diff = rows[:, None] - cols[None, :]
+    ok = torch.ones_like(diff, dtype=torch.bool)
+    if attn.causal:
+        ok &= diff >= 0
+    if attn.window:
+        ok &= diff < attn.window
+    return ok[None] & attn.valid[:, rows, None] & attn.valid[:, None, cols]

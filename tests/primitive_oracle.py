@@ -1,0 +1,97 @@
+"""Materialising fp64 oracle of the two backend primitives (kobattr/backends/base.py), for kernel tests.
+
+Builds every (i, j) vector explicitly: only for small shapes. The method-level reference that ties
+these primitives to the papers' definitions is kobattr.reference.
+"""
+
+import torch
+
+from kobattr.backends.base import Attention, FFParts, visible_block
+
+
+def oracle_kappa(attn: Attention) -> torch.Tensor:
+    """(B, N, N, H+1) float64: alpha^h_ij for h < H and [i == j] in the last slot; 0 where invisible."""
+    q, k = attn.q.double(), attn.k.double()
+    B, H, N, _ = q.shape
+    k = k.repeat_interleave(H // k.shape[1], 1)
+    idx = torch.arange(N, device=q.device)
+    vis = visible_block(attn, idx, idx)  # (B, N, N)
+    s = (q @ k.transpose(-1, -2)) * attn.scale
+    s = s.masked_fill(~vis[:, None], float("-inf"))
+    alpha = torch.softmax(s, -1).nan_to_num(0.0)  # (B, H, N, N)
+    eye = torch.eye(N, dtype=torch.float64, device=q.device).expand(B, N, N) * vis
+    return torch.cat([alpha.permute(0, 2, 3, 1), eye[..., None]], -1), vis
+
+
+def _finish(maps, vis, rows, weights, normalize_rows):
+    """maps (B, M, N, N) -> the requested output mode."""
+    maps = maps * vis[:, None]
+    if weights is not None:
+        if normalize_rows:
+            sums = maps.sum(-1, keepdim=True)
+            maps = torch.where(sums > 0, maps / sums.clamp_min(1e-300), torch.zeros_like(maps))
+        return torch.einsum("bki,bmij->bmkj", weights.double(), maps)
+    return maps if rows is None else maps[:, :, rows]
+
+
+def oracle_attention_maps(attn, grams, row_scale, rows=None, weights=None, normalize_rows=False):
+    kappa, vis = oracle_kappa(attn)
+    quad = torch.einsum("bijr,bjmrs,bijs->bmij", kappa, grams.double(), kappa).clamp_min(0)
+    maps = quad.sqrt() * row_scale.double().permute(0, 2, 1)[..., None]
+    return _finish(maps, vis, rows, weights, normalize_rows)
+
+
+def oracle_alpha(attn, rows=None):
+    kappa, _ = oracle_kappa(attn)
+    alpha = kappa[..., :-1].permute(0, 3, 1, 2)
+    return alpha if rows is None else alpha[:, :, rows]
+
+
+def oracle_ff_maps(attn, p: FFParts, rows=None, weights=None, normalize_rows=False):
+    kappa, vis = oracle_kappa(attn)
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    pre = torch.einsum("bijr,bjrf->bijf", kappa, d(p.ff_parts)) * d(p.in_scale)[:, :, None, None]
+    hidden = pre * d(p.coef_in)[:, :, None]
+    if p.gate_parts is not None:
+        gate = torch.einsum("bijr,bjrf->bijf", kappa, d(p.gate_parts)) * d(p.in_scale)[:, :, None, None]
+        hidden = hidden + gate * d(p.coef_gate)[:, :, None]
+    ff = hidden @ d(p.w_out)
+    res = torch.einsum("bijr,bjrd->bijd", kappa, d(p.res_parts)) * d(p.res_scale)[:, :, None, None]
+    total = res + ff
+    scopes = [ff.norm(dim=-1), total.norm(dim=-1)]
+    if p.n_scopes == 3:
+        centred = total - total.mean(-1, keepdim=True) if p.out_center else total
+        if p.out_weight is not None:
+            centred = centred * d(p.out_weight)
+        scopes.append(centred.norm(dim=-1) * d(p.out_scale)[:, :, None])
+    return _finish(torch.stack(scopes, 1), vis, rows, weights, normalize_rows)
+
+
+def random_attention(B=2, H=4, KV=2, N=7, Dh=16, causal=False, window=0, pad=0, dtype=torch.float32, seed=0):
+    """A random attention pattern; the last ``pad`` tokens of batch element 0 are padding."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, N, Dh, generator=g).to(dtype)
+    k = torch.randn(B, KV, N, Dh, generator=g).to(dtype)
+    valid = torch.ones(B, N, dtype=torch.bool)
+    if pad:
+        valid[0, N - pad:] = False
+    return Attention(q=q, k=k, valid=valid, causal=causal, window=window, scale=Dh ** -0.5)
+
+
+def random_grams(B, N, M, H, seed=1):
+    """PSD Gram matrices (B, N, M, H+1, H+1) and positive row scales (B, N, M)."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.randn(B, N, M, H + 1, 8, generator=g)
+    return U @ U.transpose(-1, -2), torch.rand(B, N, M, generator=g) + 0.5
+
+
+def random_ff_parts(B, N, H, D=16, F=32, gated=False, n_scopes=3, center=True, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    pos = lambda *s: torch.rand(*s, generator=g) + 0.5  # noqa: E731
+    return FFParts(
+        ff_parts=r(B, N, H + 1, F), gate_parts=r(B, N, H + 1, F) if gated else None,
+        res_parts=r(B, N, H + 1, D), in_scale=pos(B, N), res_scale=pos(B, N), out_scale=pos(B, N),
+        coef_in=r(B, N, F), coef_gate=r(B, N, F) if gated else None, w_out=r(F, D) / F ** 0.5,
+        out_weight=r(D) if n_scopes == 3 else None, out_center=center, n_scopes=n_scopes,
+    )
