@@ -1,0 +1,149 @@
+"""The streaming PyTorch backend: the pair primitives of base.py in query blocks (CPU or CUDA).
+
+A query block holds full rows of alpha, (B, H, block, N), so the softmax needs no second pass.
+Attention maps evaluate kappa^T G_j kappa per pair (H^2 work, no D); FF maps build the
+(block, key block, F) pre-activation parts from the per-key parts and reduce the GEMM with W_out
+to norms right away. Block sizes keep every intermediate under ``budget`` elements, far below
+N * N * D for long inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .base import Attention, Backend, FFParts, visible_block
+
+DEFAULT_BUDGET = 1 << 23  # elements per intermediate (32 MiB in fp32)
+
+
+def _blocks(n: int, size: int):
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
+
+
+def block_alpha(attn: Attention, rows: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(alpha (B, H, R, N), visible (B, R, N)) for the query rows ``rows``, in ``dtype``."""
+    q = attn.q[:, :, rows].to(dtype)
+    k = attn.k.to(dtype)
+    B, H, R, Dh = q.shape
+    KV = k.shape[1]
+    # GQA without copying K: group the query heads that share a KV head
+    scores = (q.view(B, KV, H // KV * R, Dh) @ k.transpose(-1, -2)).view(B, H, R, -1) * attn.scale
+    vis = visible_block(attn, rows, torch.arange(k.shape[2], device=k.device))
+    alpha = torch.softmax(scores.masked_fill(~vis[:, None], float("-inf")), -1).nan_to_num(0.0)
+    return alpha, vis
+
+
+def kappa_diag_mask(rows: Tensor, cols: Tensor, vis: Tensor) -> Tensor:
+    """(B, R, C) [i == j] for visible pairs: the residual coefficient."""
+    return (rows[:, None] == cols[None, :])[None] & vis
+
+
+class _Output:
+    """Collects block results as rows of a map or as a weighted contraction."""
+
+    def __init__(self, lead: tuple, n_rows: int, n_cols: int, weights: Optional[Tensor], normalize_rows: bool,
+                 dtype, device):
+        self.weights, self.normalize_rows = weights, normalize_rows
+        shape = lead + ((weights.shape[1] if weights is not None else n_rows), n_cols)
+        self.out = torch.zeros(shape, dtype=dtype, device=device)
+
+    def add(self, block: Tensor, rows: Tensor, start: int, stop: int) -> None:
+        """block: (B, M, r, N) map rows ``rows`` (positions start:stop of the requested rows)."""
+        if self.weights is None:
+            self.out[:, :, start:stop] = block
+            return
+        if self.normalize_rows:
+            sums = block.sum(-1, keepdim=True)
+            block = torch.where(sums > 0, block / torch.where(sums > 0, sums, torch.ones_like(sums)), 0.0)
+        self.out += torch.einsum("bkr,bmrn->bmkn", self.weights[:, :, rows].to(block.dtype), block)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, budget: int = DEFAULT_BUDGET):
+        self.budget = budget
+
+    @staticmethod
+    def compute_dtype(attn: Attention) -> torch.dtype:
+        return torch.float64 if attn.q.dtype == torch.float64 else torch.float32
+
+    def _rows(self, attn: Attention, rows: Optional[Tensor], weights: Optional[Tensor]) -> Tensor:
+        N = attn.q.shape[2]
+        if weights is not None or rows is None:
+            return torch.arange(N, device=attn.q.device)
+        return rows.to(attn.q.device)
+
+    def attention_maps(self, attn, grams, row_scale, rows=None, weights=None, normalize_rows=False, want_alpha=False):
+        dtype = self.compute_dtype(attn)
+        B, H, N, _ = attn.q.shape
+        M = grams.shape[2]
+        rows = self._rows(attn, rows, weights)
+        grams, row_scale = grams.to(dtype), row_scale.to(dtype)
+        g_heads = grams[..., :H, :H]  # (B, N, M, H, H)
+        g_cross = grams[..., :H, H]  # (B, N, M, H): alpha-residual cross terms
+        g_self = grams[..., H, H]  # (B, N, M)
+        result = _Output((B, M), len(rows), N, weights, normalize_rows, dtype, attn.q.device)
+        alphas = torch.zeros(B, H, len(rows), N, dtype=dtype, device=attn.q.device) if want_alpha else None
+        size = max(1, self.budget // max(1, B * N * H * M))
+        cols = torch.arange(N, device=attn.q.device)
+        for start, stop in _blocks(len(rows), size):
+            r = rows[start:stop]
+            alpha, vis = block_alpha(attn, r, dtype)  # (B, H, R, N)
+            a = alpha.permute(0, 3, 2, 1)  # (B, N, R, H): per key, the rows' head coefficients
+            ga = torch.einsum("bjrh,bjmhg->bmrjg", a, g_heads)
+            quad = (ga * a.permute(0, 2, 1, 3)[:, None]).sum(-1)  # (B, M, R, N)
+            # the residual row of kappa: [i == j] (2 alpha^T G[:, H] + G[H, H]) on the diagonal
+            diag = kappa_diag_mask(r, cols, vis)  # (B, R, N)
+            b_idx, r_idx, j_idx = diag.nonzero(as_tuple=True)
+            extra = 2 * torch.einsum("nh,nmh->nm", alpha[b_idx, :, r_idx, j_idx], g_cross[b_idx, j_idx]) + g_self[b_idx, j_idx]
+            quad[b_idx, :, r_idx, j_idx] += extra
+            maps = quad.clamp_min(0).sqrt() * row_scale[:, r].permute(0, 2, 1)[..., None] * vis[:, None]
+            result.add(maps, r, start, stop)
+            if want_alpha:
+                alphas[:, :, start:stop] = alpha
+        return result.out, alphas
+
+    def ff_maps(self, attn, parts: FFParts, rows=None, weights=None, normalize_rows=False):
+        dtype = self.compute_dtype(attn)
+        B, H, N, _ = attn.q.shape
+        rows = self._rows(attn, rows, weights)
+        p = {k: (v.to(dtype) if isinstance(v, Tensor) else v) for k, v in vars(parts).items()}
+        F = p["ff_parts"].shape[-1]
+        D = p["res_parts"].shape[-1]
+        result = _Output((B, parts.n_scopes), len(rows), N, weights, normalize_rows, dtype, attn.q.device)
+        # a (query block x key block) tile holds (B, R, C, max(F, D)) elements
+        pair_budget = max(1, self.budget // (B * max(F, D)))
+        row_size = max(1, min(len(rows), self.budget // max(1, B * N * H), int(pair_budget ** 0.5)))
+        col_size = max(1, pair_budget // row_size)
+        cols_all = torch.arange(N, device=attn.q.device)
+        for start, stop in _blocks(len(rows), row_size):
+            r = rows[start:stop]
+            alpha, vis = block_alpha(attn, r, dtype)
+            block = torch.zeros(B, parts.n_scopes, len(r), N, dtype=dtype, device=attn.q.device)
+            in_scale = p["in_scale"][:, r, None, None]
+            for c0, c1 in _blocks(N, col_size):
+                cols = cols_all[c0:c1]
+                kappa = torch.cat([alpha[..., c0:c1].permute(0, 2, 3, 1),
+                                   kappa_diag_mask(r, cols, vis[..., c0:c1]).to(dtype)[..., None]], -1)  # (B, R, C, H+1)
+                hidden = torch.einsum("brcx,bcxf->brcf", kappa, p["ff_parts"][:, c0:c1]) * (in_scale * p["coef_in"][:, r, None])
+                if p["gate_parts"] is not None:
+                    gate = torch.einsum("brcx,bcxf->brcf", kappa, p["gate_parts"][:, c0:c1])
+                    hidden += gate * (in_scale * p["coef_gate"][:, r, None])
+                ff = hidden @ p["w_out"]  # (B, R, C, D)
+                del hidden
+                total = ff + torch.einsum("brcx,bcxd->brcd", kappa, p["res_parts"][:, c0:c1]) * p["res_scale"][:, r, None, None]
+                block[:, 0, :, c0:c1] = ff.norm(dim=-1)
+                block[:, 1, :, c0:c1] = total.norm(dim=-1)
+                if parts.n_scopes == 3:
+                    if parts.out_center:
+                        total -= total.mean(-1, keepdim=True)
+                    if p["out_weight"] is not None:
+                        total *= p["out_weight"]
+                    block[:, 2, :, c0:c1] = total.norm(dim=-1) * p["out_scale"][:, r, None]
+            result.add(block * vis[:, None], r, start, stop)
+        return result.out

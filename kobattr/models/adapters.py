@@ -1,0 +1,206 @@
+"""Declarative per-family adapters: where each piece of a transformer layer lives in a Hugging Face model.
+
+An adapter is data, in the TransformerLens spirit: module paths relative to one layer module, the norm
+kind, the LN placement, how projection weights are stored, which config key names the activation, and
+the masking rules (causal, sliding window). Everything model-specific that capture needs is here; the
+capture machinery itself is family-agnostic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..layer import FeedForward, Norm
+
+# Hugging Face activation names -> kobattr element-wise activation. "gelu_new" (GPT-2) and
+# "gelu_pytorch_tanh" are both the tanh approximation; "gelu" is the exact erf form.
+ACTIVATION_NAMES = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
+}
+# The gated form of each element-wise activation (the activation acts on the gate).
+GATED_NAMES = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}
+
+
+class UnsupportedModelError(ValueError):
+    """The model's family, activation or configuration is not one kobattr can capture exactly."""
+
+
+def _no_window(config, layer_index: int) -> int:
+    return 0
+
+
+def _mistral_window(config, layer_index: int) -> int:
+    # transformers masks key j from query i unless i - j < sliding_window (masking_utils.sliding_window_overlay:
+    # kv_idx > q_idx - sliding_window), which is exactly Layer.window.
+    return config.sliding_window or 0
+
+
+def _qwen2_window(config, layer_index: int) -> int:
+    # Qwen2Config turns sliding_window into None unless use_sliding_window, and marks the windowed layers
+    # (index >= max_window_layers) in layer_types; the others attend fully.
+    if config.layer_types[layer_index] == "sliding_attention":
+        return config.sliding_window
+    return 0
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where one family keeps its layer pieces. Paths are dotted attribute names inside a layer module,
+    except ``layers`` (the ModuleList of layers, inside ``model.base_model``)."""
+
+    family: str
+    model_types: tuple[str, ...]
+    layers: str
+    attention: str  # the module that calls transformers' attention interface
+    out_proj: str  # W_O and b_O
+    ln1: str
+    ln2: str
+    ffn_in: str
+    ffn_out: str
+    ffn_gate: Optional[str] = None
+    norm: str = "layernorm"
+    placement: str = "post"
+    weights_in_out: bool = False  # GPT-2's Conv1D stores (in, out); nn.Linear stores (out, in)
+    activation_key: str = "hidden_act"
+    causal: bool = False
+    window: Callable[[object, int], int] = _no_window
+    # Decoders with left padding need position ids counted from the first real token (as generate() does),
+    # otherwise a padded text is positioned differently from the same text alone.
+    positions_from_padding: bool = False
+
+    # ------------------------------------------------------------------ modules
+    def layer_modules(self, model: nn.Module) -> nn.ModuleList:
+        return model.base_model.get_submodule(self.layers)
+
+    def attention_module(self, layer_module: nn.Module) -> nn.Module:
+        return layer_module.get_submodule(self.attention)
+
+    def y_module(self, layer_module: nn.Module) -> nn.Module:
+        """The norm whose input is the post-attention residual sum y = x + Attn (LN1 post-LN, LN2 pre-LN)."""
+        return layer_module.get_submodule(self.ln1 if self.placement == "post" else self.ln2)
+
+    # ------------------------------------------------------------------ weights
+    def activation(self, config) -> str:
+        """The kobattr activation of this family's FFN, from the config; unknown names are rejected."""
+        name = getattr(config, self.activation_key, None)
+        if not isinstance(name, str) or name not in ACTIVATION_NAMES:
+            raise UnsupportedModelError(
+                f"{self.family} config has {self.activation_key}={name!r}; kobattr supports {sorted(ACTIVATION_NAMES)}."
+            )
+        activation = ACTIVATION_NAMES[name]
+        if self.ffn_gate is None:
+            return activation
+        if activation not in GATED_NAMES:
+            raise UnsupportedModelError(f"{self.family} has a gated FFN with {name!r}, which kobattr cannot gate.")
+        return GATED_NAMES[activation]
+
+    def weight(self, linear: nn.Module) -> Tensor:
+        """A projection's weight as (in, out), the layout ``x @ W`` uses."""
+        w = linear.weight.detach()
+        return w if self.weights_in_out else w.T
+
+    def out_projection(self, layer_module: nn.Module, n_heads: int) -> tuple[Tensor, Optional[Tensor]]:
+        """(w_o (H, Dh, D), b_o (D,) or None) from the output projection."""
+        proj = layer_module.get_submodule(self.out_proj)
+        w = self.weight(proj)
+        return w.reshape(n_heads, w.shape[0] // n_heads, w.shape[1]), _bias(proj)
+
+    def norms(self, layer_module: nn.Module) -> tuple[Norm, Norm]:
+        return tuple(self._norm(layer_module.get_submodule(path)) for path in (self.ln1, self.ln2))
+
+    def _norm(self, module: nn.Module) -> Norm:
+        # nn.LayerNorm keeps eps; the Llama-style RMSNorms keep variance_epsilon.
+        eps = getattr(module, "eps", None)
+        if eps is None:
+            eps = module.variance_epsilon
+        return Norm(self.norm, weight=module.weight.detach(), bias=_bias(module), eps=float(eps))
+
+    def feed_forward(self, layer_module: nn.Module, config) -> FeedForward:
+        ffn_in = layer_module.get_submodule(self.ffn_in)
+        ffn_out = layer_module.get_submodule(self.ffn_out)
+        gate = None if self.ffn_gate is None else layer_module.get_submodule(self.ffn_gate)
+        return FeedForward(
+            activation=self.activation(config),
+            w_in=self.weight(ffn_in),
+            w_out=self.weight(ffn_out),
+            b_in=_bias(ffn_in),
+            b_out=_bias(ffn_out),
+            w_gate=None if gate is None else self.weight(gate),
+            b_gate=None if gate is None else _bias(gate),
+        )
+
+
+def _bias(module: nn.Module) -> Optional[Tensor]:
+    bias = getattr(module, "bias", None)
+    return bias.detach() if isinstance(bias, torch.Tensor) else None
+
+
+_ENCODER_PATHS = dict(
+    layers="encoder.layer",
+    attention="attention.self",
+    out_proj="attention.output.dense",
+    ln1="attention.output.LayerNorm",
+    ln2="output.LayerNorm",
+    ffn_in="intermediate.dense",
+    ffn_out="output.dense",
+)
+_LLAMA_PATHS = dict(
+    layers="layers",
+    attention="self_attn",
+    out_proj="self_attn.o_proj",
+    ln1="input_layernorm",
+    ln2="post_attention_layernorm",
+    ffn_in="mlp.up_proj",
+    ffn_gate="mlp.gate_proj",
+    ffn_out="mlp.down_proj",
+    norm="rmsnorm",
+    placement="pre",
+    causal=True,
+    positions_from_padding=True,
+)
+
+ADAPTERS = (
+    Adapter("BERT", ("bert",), **_ENCODER_PATHS),
+    Adapter("RoBERTa", ("roberta",), **_ENCODER_PATHS),
+    Adapter(
+        "GPT-2",
+        ("gpt2",),
+        layers="h",
+        attention="attn",
+        out_proj="attn.c_proj",
+        ln1="ln_1",
+        ln2="ln_2",
+        ffn_in="mlp.c_fc",
+        ffn_out="mlp.c_proj",
+        placement="pre",
+        weights_in_out=True,
+        activation_key="activation_function",
+        causal=True,
+        positions_from_padding=True,
+    ),
+    Adapter("Llama", ("llama",), **_LLAMA_PATHS),
+    Adapter("Mistral", ("mistral",), **_LLAMA_PATHS, window=_mistral_window),
+    Adapter("Qwen2", ("qwen2",), **_LLAMA_PATHS, window=_qwen2_window),
+)
+SUPPORTED_FAMILIES = tuple(adapter.family for adapter in ADAPTERS)
+_BY_MODEL_TYPE = {model_type: adapter for adapter in ADAPTERS for model_type in adapter.model_types}
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The adapter for a Hugging Face model, chosen by ``config.model_type``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _BY_MODEL_TYPE:
+        supported = ", ".join(f"{a.family} ({'/'.join(a.model_types)})" for a in ADAPTERS)
+        raise UnsupportedModelError(
+            f"kobattr cannot capture model_type {model_type!r} ({type(model).__name__}); supported families: {supported}."
+        )
+    return _BY_MODEL_TYPE[model_type]

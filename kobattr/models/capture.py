@@ -1,0 +1,306 @@
+"""Capture complete :class:`~kobattr.layer.Layer` objects from unmodified Hugging Face transformers models.
+
+How it works, without forcing eager attention:
+
+* Two attention functions, ``kobattr_sdpa`` and ``kobattr_eager``, are registered in transformers'
+  ``AttentionInterface`` (and the matching mask builders in ``AttentionMaskInterface``, so the model builds
+  exactly the masks SDPA / eager would get). Each records query and key (after RoPE), value (before GQA
+  repetition), the mask and the scale, then calls the real SDPA / eager function, so the model's output is
+  unchanged. ``config._attn_implementation`` points at them only while a capture runs.
+* A forward pre-hook on each layer module records its input x; a forward hook builds the Layer as soon as
+  the layer has run, checks that the mask the model used is the structured one (key_valid, causal,
+  window), hands it to ``on_layer`` and forgets it, so peak memory is one layer's activations.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
+
+from ..layer import Layer
+from .adapters import Adapter, get_adapter
+
+
+class CaptureError(RuntimeError):
+    """What the model computed differs from what the captured Layer says (mask, window, attention calls)."""
+
+
+OnLayer = Callable[[int, Layer], None]
+
+
+# ----------------------------------------------------------------------------- attention interface
+@dataclass
+class _AttentionCall:
+    q: Tensor  # (batch, head, query, Dh)
+    k: Tensor  # (batch, kv_head, key, Dh)
+    v: Tensor
+    mask: Optional[Tensor]  # bool (SDPA) or additive float (eager), (batch|1, 1, query, key), or None
+    scale: float
+    inner: str  # "sdpa" or "eager": decides what a missing mask means
+    module_causal: bool  # SDPA's is_causal fallback when the mask is None
+    sliding_window: Optional[int]
+
+
+_active_recorder: ContextVar[Optional["_Recorder"]] = ContextVar("kobattr_active_recorder", default=None)
+
+
+def _eager_attention(module: nn.Module) -> Callable:
+    # Each modeling file defines its own eager_attention_forward (GQA repetition, defaults); use the module's.
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def _recording_attention(inner: str) -> Callable:
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        recorder = _active_recorder.get()
+        if recorder is not None:
+            recorder.record_attention(module, _AttentionCall(
+                q=query,
+                k=key,
+                v=value,
+                mask=attention_mask,
+                scale=float(scaling) if scaling is not None else query.shape[-1] ** -0.5,
+                inner=inner,
+                module_causal=bool(kwargs["is_causal"] if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True)),
+                sliding_window=kwargs.get("sliding_window"),
+            ))
+        real = sdpa_attention_forward if inner == "sdpa" else _eager_attention(module)
+        return real(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+    return attention
+
+
+_RECORDING_IMPLEMENTATIONS = {"sdpa": "kobattr_sdpa", "eager": "kobattr_eager"}
+for _inner, _mask_builder in (("sdpa", sdpa_mask), ("eager", eager_mask)):
+    AttentionInterface.register(_RECORDING_IMPLEMENTATIONS[_inner], _recording_attention(_inner))
+    AttentionMaskInterface.register(_RECORDING_IMPLEMENTATIONS[_inner], _mask_builder)
+
+
+@contextmanager
+def _recording_attention_implementation(config):
+    """Point the model at the recording twin of its attention implementation for the duration of the block.
+
+    Eager models keep eager; every other implementation (SDPA, flash, flex) is recorded through SDPA, which
+    computes the same attention up to rounding."""
+    original = config._attn_implementation
+    config._attn_implementation = _RECORDING_IMPLEMENTATIONS["eager" if original == "eager" else "sdpa"]
+    try:
+        yield
+    finally:
+        config._attn_implementation = original
+
+
+# ----------------------------------------------------------------------------- recording
+class _Recorder:
+    """Collects one layer at a time and hands each finished Layer to ``on_layer``."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, wanted: list[int], on_layer: OnLayer, key_valid):
+        self.adapter = adapter
+        self.config = model.config
+        self.layer_modules = adapter.layer_modules(model)
+        self.wanted = set(wanted)
+        self.last = max(wanted)
+        self.on_layer = on_layer
+        self.key_valid = key_valid
+        self.layer_of_attention = {adapter.attention_module(m): i for i, m in enumerate(self.layer_modules)}
+        self.inputs: dict[int, Tensor] = {}
+        self.calls: dict[int, _AttentionCall] = {}
+
+    def record_attention(self, module: nn.Module, call: _AttentionCall) -> None:
+        index = self.layer_of_attention.get(module)
+        if index not in self.wanted:
+            return
+        if index in self.calls:
+            raise CaptureError(f"layer {index} called its attention twice in one forward; kobattr captures one self-attention per layer.")
+        self.calls[index] = call
+
+    @contextmanager
+    def hooks(self):
+        handles = []
+        for index in sorted(self.wanted):
+            module = self.layer_modules[index]
+            handles.append(module.register_forward_pre_hook(self._input_hook(index), with_kwargs=True))
+            handles.append(module.register_forward_hook(self._output_hook(index)))
+        token = _active_recorder.set(self)
+        try:
+            yield
+        finally:
+            _active_recorder.reset(token)
+            for handle in handles:
+                handle.remove()
+
+    def _input_hook(self, index: int):
+        def hook(module, args, kwargs):
+            self.inputs[index] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def _output_hook(self, index: int):
+        def hook(module, args, output):
+            layer = self._build(index, module, self.inputs.pop(index), self.calls.pop(index, None))
+            self.on_layer(index, layer)
+            del layer
+            if index == self.last:
+                raise _AllLayersCaptured
+
+        return hook
+
+    def _build(self, index: int, module: nn.Module, x: Tensor, call: Optional[_AttentionCall]) -> Layer:
+        if call is None:
+            raise CaptureError(
+                f"layer {index} ran without calling transformers' attention interface, so its q, k and v were not seen; "
+                "the model's attention module bypasses AttentionInterface."
+            )
+        device = call.q.device
+        w_o, b_o = self.adapter.out_projection(module, call.q.shape[1])
+        ln1, ln2 = self.adapter.norms(module)
+        layer = Layer(
+            q=call.q,
+            k=call.k,
+            v=call.v,
+            w_o=w_o,
+            b_o=b_o,
+            x=x.to(device),  # with a device_map the layer input may still be on the previous layer's device
+            ln1=ln1,
+            ln2=ln2,
+            ffn=self.adapter.feed_forward(module, self.config),
+            placement=self.adapter.placement,
+            scale=call.scale,
+            key_valid=None if self.key_valid is None else self.key_valid.to(device),
+            causal=self.adapter.causal,
+            window=self.adapter.window(self.config, index),
+        ).validate()
+        _check_mask(index, layer, call)
+        return layer
+
+
+class _AllLayersCaptured(Exception):
+    """Raised from the last requested layer's hook: the rest of the forward pass is not needed."""
+
+
+# ----------------------------------------------------------------------------- mask verification
+def _model_visibility(call: _AttentionCall, batch: int, n: int) -> Tensor:
+    """(batch, query, key) bool: which keys the model's attention call let each query see."""
+    mask = call.mask
+    if mask is None:
+        # SDPA falls back to its is_causal flag (only for more than one query); eager adds nothing.
+        causal = call.inner == "sdpa" and call.module_causal and n > 1
+        seen = torch.ones(n, n, dtype=torch.bool, device=call.q.device)
+        return (seen.tril() if causal else seen).expand(batch, n, n)
+    if mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[-2:]) != (n, n):
+        raise CaptureError(f"the model's attention mask has shape {tuple(mask.shape)}; kobattr expects (batch, 1, {n}, {n}), one mask shared by all heads.")
+    mask = mask[:, 0]
+    if mask.dtype == torch.bool:
+        return mask.expand(batch, n, n)
+    seen = mask == 0
+    blocked = mask <= torch.finfo(mask.dtype).min
+    if not (seen | blocked).all():
+        raise CaptureError("the model's additive attention mask carries biases other than 0 and -inf, which kobattr's Layer cannot describe.")
+    return seen.expand(batch, n, n)
+
+
+def _check_mask(index: int, layer: Layer, call: _AttentionCall) -> None:
+    """Raise CaptureError unless the model's mask equals the structured one on every real query row."""
+    if call.sliding_window is not None and call.sliding_window != layer.window:
+        raise CaptureError(f"layer {index} attends with sliding_window={call.sliding_window} but the adapter says window={layer.window}.")
+    expected = layer.visible()
+    used = _model_visibility(call, layer.batch, layer.seq_len) & layer.valid[:, :, None]  # padding rows are never attributed
+    wrong = (used != expected).nonzero()
+    if len(wrong):
+        b, i, j = wrong[0].tolist()
+        raise CaptureError(
+            f"layer {index}: the model's attention mask differs from kobattr's (causal={layer.causal}, window={layer.window}, "
+            f"padding from attention_mask) at {len(wrong)} places, first at batch {b}, query {i}, key {j} "
+            f"(model: {'visible' if used[b, i, j] else 'masked'}); the model does not mask the way its family adapter says."
+        )
+
+
+# ----------------------------------------------------------------------------- public API
+def capture(model: nn.Module, inputs: dict, on_layer: OnLayer, layers: Optional[Iterable[int]] = None) -> None:
+    """Run ``model`` on ``inputs`` and call ``on_layer(index, layer)`` for each requested layer, in order.
+
+    ``inputs`` is a tokenizer batch (input_ids, attention_mask, ...). ``on_layer`` runs inside the layer's
+    forward hook, right after the layer has run, so a caller that computes its attributions there and keeps
+    only the results holds one layer's activations at a time. ``layers`` selects layer indices (negative ones
+    count from the end; None = all); the forward pass stops after the last requested layer. The model runs
+    under torch.no_grad() in eval mode (its training flags are restored afterwards); every tensor of a Layer
+    lives on that layer's device.
+    """
+    adapter = get_adapter(model)
+    adapter.activation(model.config)  # reject an unknown activation before running anything
+    wanted = _layer_indices(layers, len(adapter.layer_modules(model)))
+    if not wanted:
+        return
+    mask = inputs.get("attention_mask")
+    recorder = _Recorder(model, adapter, wanted, on_layer, key_valid=None if mask is None else mask.bool())
+    with torch.no_grad(), _eval_mode(model), _recording_attention_implementation(model.config), recorder.hooks():
+        try:
+            model.base_model(**_model_inputs(adapter, inputs))
+        except _AllLayersCaptured:
+            pass
+
+
+def residual_stream(model: nn.Module, inputs: dict) -> list[Tensor]:
+    """The model's own residual stream, from plain forward hooks under its current attention implementation:
+    entry 0 is the input of layer 0 and entry l + 1 the output of layer l (before any final norm).
+    Inputs are prepared as :func:`capture` prepares them. Meant for checking captured layers."""
+    adapter = get_adapter(model)
+    layer_modules = adapter.layer_modules(model)
+    stream: list[Tensor] = []
+
+    def keep_input(module, args, kwargs):
+        stream.append(args[0] if args else kwargs["hidden_states"])
+
+    def keep_output(module, args, output):
+        stream.append(output[0] if isinstance(output, tuple) else output)
+
+    handles = [layer_modules[0].register_forward_pre_hook(keep_input, with_kwargs=True)]
+    handles += [m.register_forward_hook(keep_output) for m in layer_modules]
+    try:
+        with torch.no_grad(), _eval_mode(model):
+            model.base_model(**_model_inputs(adapter, inputs))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stream
+
+
+def _layer_indices(layers: Optional[Iterable[int]], n_layers: int) -> list[int]:
+    if layers is None:
+        return list(range(n_layers))
+    indices = []
+    for index in layers:
+        if not isinstance(index, int) or not -n_layers <= index < n_layers:
+            raise IndexError(f"layer index {index!r} is out of range for a model with {n_layers} layers.")
+        indices.append(index % n_layers)
+    return sorted(set(indices))
+
+
+def _model_inputs(adapter: Adapter, inputs: dict) -> dict:
+    """The keyword arguments for the base model: no KV cache, and for decoders position ids that start at each
+    text's first real token (what generate() does), so left padding does not shift positions."""
+    kwargs = dict(inputs, use_cache=False)
+    mask = inputs.get("attention_mask")
+    if adapter.positions_from_padding and mask is not None and "position_ids" not in inputs:
+        positions = mask.long().cumsum(-1) - 1
+        kwargs["position_ids"] = positions.masked_fill(mask == 0, 1)
+    return kwargs
+
+
+@contextmanager
+def _eval_mode(model: nn.Module):
+    training = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in training.items():
+            module.training = flag
