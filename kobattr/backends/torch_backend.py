@@ -3,8 +3,8 @@
 A query block holds full rows of alpha, (B, H, block, N), so the softmax needs no second pass.
 Attention maps evaluate kappa^T G_j kappa per pair (H^2 work, no D); FF maps build the
 (block, key block, F) pre-activation parts from the per-key parts and reduce the GEMM with W_out
-to norms right away. Block sizes keep every intermediate under ``budget`` elements, far below
-N * N * D for long inputs.
+to norms right away. Block sizes keep every intermediate under ``budget`` elements and blocks
+under max(N / 8, 32) rows and keys, so from N = 256 on no intermediate comes near N * N * D.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class TorchBackend(Backend):
         g_self = grams[..., H, H]  # (B, N, M)
         result = _Output((B, M), len(rows), N, weights, normalize_rows, dtype, attn.q.device)
         alphas = torch.zeros(B, H, len(rows), N, dtype=dtype, device=attn.q.device) if want_alpha else None
-        size = max(1, self.budget // max(1, B * N * H * M))
+        size = max(1, min(self.budget // max(1, B * N * H * M), max(N // 8, 32)))
         cols = torch.arange(N, device=attn.q.device)
         for start, stop in _blocks(len(rows), size):
             r = rows[start:stop]
@@ -118,8 +118,8 @@ class TorchBackend(Backend):
         result = _Output((B, parts.n_scopes), len(rows), N, weights, normalize_rows, dtype, attn.q.device)
         # a (query block x key block) tile holds (B, R, C, max(F, D)) elements
         pair_budget = max(1, self.budget // (B * max(F, D)))
-        row_size = max(1, min(len(rows), self.budget // max(1, B * N * H), int(pair_budget ** 0.5)))
-        col_size = max(1, pair_budget // row_size)
+        row_size = max(1, min(len(rows), self.budget // max(1, B * N * H), int(pair_budget ** 0.5), max(N // 8, 32)))
+        col_size = max(1, min(pair_budget // row_size, max(N // 8, 32)))
         cols_all = torch.arange(N, device=attn.q.device)
         for start, stop in _blocks(len(rows), row_size):
             r = rows[start:stop]

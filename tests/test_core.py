@@ -1,0 +1,157 @@
+"""The torch backend against the materialising reference, and the reference against a plain forward."""
+
+import math
+
+import pytest
+import torch
+from random_layers import KINDS, random_layer
+
+from kobattr.core import attribute
+from kobattr.layer import LayerInputError
+from kobattr.methods import methods_for
+from kobattr.reference import reference
+
+TARGET = {  # the real hidden state each method's parts (plus bias) must sum to
+    "post": {"attn_n": "attn", "attnres_n": "y", "attnresln_n": "mid", "atb": "mid", "atbff": "ffn_out",
+             "atbffres": "ffn_res", "atbffresln": "out"},
+    "pre": {"attn_n": "attn", "attnres_n": "y", "atb": "y", "attnresln_n": "mid", "atbln": "mid",
+            "atblnff": "ffn_out", "atblnffres": "out"},
+}
+
+
+def assert_close(actual, expected, rtol, what):
+    scale = expected.abs().max().clamp_min(1e-12)
+    err = ((actual - expected).abs() / scale).max().item()
+    assert err <= rtol, f"{what}: relative error {err:.2e} > {rtol:.0e}"
+
+
+def compare(res, ref, rtol, rows=None):
+    for m in res.methods:
+        expected = ref["maps"][m] if rows is None else ref["maps"][m][:, rows]
+        assert_close(res.maps[m], expected, rtol, f"map {m}")
+        r_res, r_ref = res.ratios[m], ref["ratios"][m]
+        assert torch.equal(r_res.isnan(), r_ref.isnan()), f"padding rows of ratio {m}"
+        assert_close(r_res.nan_to_num(0), r_ref.nan_to_num(0), rtol, f"ratio {m}")
+        if m in ref["bias"]:
+            assert_close(res.bias_norms[m], ref["bias"][m].norm(dim=-1), rtol, f"bias {m}")
+
+
+CASES = [
+    ("bert", dict(N=7)), ("bert", dict(N=97, pad=5)), ("bert", dict(N=1)), ("bert", dict(N=257, B=1)),
+    ("gpt2", dict(N=7)), ("gpt2", dict(N=97, pad=3)), ("gpt2", dict(N=1)),
+    ("llama", dict(N=7)), ("llama", dict(N=97, window=16, pad=4)), ("llama", dict(N=257, B=1, window=64)),
+    ("post_geglu", dict(N=7, pad=2)), ("post_relu", dict(N=7, causal=True)),
+]
+
+
+@pytest.mark.parametrize("kind,kw", CASES, ids=[f"{k}-{'-'.join(f'{a}{b}' for a, b in kw.items())}" for k, kw in CASES])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_torch_backend_matches_reference(kind, kw, dtype):
+    layer = random_layer(kind, dtype=dtype, **kw)
+    ref = reference(layer, methods="all")
+    res = attribute(layer, methods="all", heads=True, backend="torch", budget=1 << 14)
+    compare(res, ref, 1e-12 if dtype == torch.float64 else 1e-5)
+    for m in ("attn_w", "attn_n"):
+        assert_close(res.head_maps[m], ref["head_maps"][m], 1e-12 if dtype == torch.float64 else 1e-5, f"heads {m}")
+    assert_close(res.value_norms, ref["value_norms"], 1e-5, "value norms")
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_reference_is_complete_against_plain_forward(kind):
+    """Parts plus bias terms equal the layer's real intermediate and output hidden states."""
+    layer = random_layer(kind, N=9, pad=2, window=5)
+    ref = reference(layer, methods="all")
+    real = layer.forward()
+    valid = layer.valid[..., None]
+    for m, state in TARGET[layer.placement].items():
+        torch.testing.assert_close(ref["total"][m], real[state] * valid, rtol=1e-10, atol=1e-10, msg=m)
+    res = attribute(layer, methods="all", backend="torch")
+    for m, err in res.completeness.items():
+        assert err.max() < 1e-10, m
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_output_modes(kind):
+    layer = random_layer(kind, N=23, pad=3, dtype=torch.float64)
+    ref = reference(layer, methods="all")
+    rows = [0, 5, 22, 7]
+    res = attribute(layer, methods="all", rows=rows, heads=True, backend="torch")
+    compare(res, ref, 1e-12, rows=rows)
+    assert_close(res.head_maps["attn_n"], ref["head_maps"]["attn_n"][:, :, rows], 1e-12, "head rows")
+    weights = torch.rand(2, 3, 23, dtype=torch.float64)
+    for normalize in (False, True):
+        con = attribute(layer, methods="all", weights=weights, normalize_rows=normalize, backend="torch", budget=1 << 12)
+        for m in con.methods:
+            full = ref["maps"][m]
+            if normalize:
+                sums = full.sum(-1, keepdim=True)
+                full = torch.where(sums > 0, full / sums.clamp_min(1e-300), 0.0)
+            assert_close(con.maps[m], weights @ full, 1e-12, f"contraction {m} normalize={normalize}")
+
+
+def test_batch_elements_are_independent():
+    layer = random_layer("gpt2", N=11, B=2, pad=4)
+    res = attribute(layer, methods="all", backend="torch")
+    single = attribute(layer.__class__(**{**layer.__dict__, **{
+        n: getattr(layer, n)[:1] for n in ("q", "k", "v", "x", "key_valid")}}), methods="all", backend="torch")
+    for m in res.methods:
+        torch.testing.assert_close(res.maps[m][:1], single.maps[m])
+
+
+def test_component_analysis_matches_reference():
+    layer = random_layer("bert", N=13)
+    ref = reference(layer, methods="all")
+    res = attribute(layer, methods=["atbffresln"], backend="torch")
+    for c, change in ref["context_change"].items():
+        torch.testing.assert_close(res.context_change[c], change)
+    assert [p[:2] for p in res.ff_amp[0]] == [p[:2] for p in ref["ff_amp"][0]]
+    scipy_stats = pytest.importorskip("scipy.stats")
+    vis = layer.visible()[0]
+    rho = scipy_stats.spearmanr(ref["maps"]["atb"][0][vis].numpy(), ref["maps"]["atbff"][0][vis].numpy())[0]
+    assert math.isclose(1 - rho, ref["context_change"]["ff"][0].item(), rel_tol=1e-9)
+
+
+def test_riemann_option_converges_to_exact():
+    layer = random_layer("gpt2", N=5)
+    exact = attribute(layer, methods=["atblnff"], backend="torch")
+    coarse = attribute(layer, methods=["atblnff"], backend="torch", ig="riemann", ig_steps=20)
+    fine = attribute(layer, methods=["atblnff"], backend="torch", ig="riemann", ig_steps=2000)
+    err = lambda r: (r.maps["atblnff"] - exact.maps["atblnff"]).abs().max()  # noqa: E731
+    assert err(fine) < err(coarse) / 50
+    torch.testing.assert_close(reference(layer, ["atblnff"], ig="riemann", ig_steps=20)["maps"]["atblnff"], coarse.maps["atblnff"])
+
+
+def test_method_lists_per_placement():
+    assert "atbffresln" in methods_for("post") and "atbffresln" not in methods_for("pre")
+    with pytest.raises(ValueError, match="post-LN"):
+        attribute(random_layer("gpt2"), methods=["atbffresln"])
+    with pytest.raises(ValueError, match="unknown method"):
+        attribute(random_layer("bert"), methods=["nope"])
+
+
+@pytest.mark.parametrize("breakage,message", [
+    (lambda L: setattr(L, "k", L.k[:, :, :-1]), "k must be"),
+    (lambda L: setattr(L, "x", L.x.float()), "share one dtype"),
+    (lambda L: setattr(L, "q", L.q[:, :3]), "multiple of the number of key/value heads"),
+    (lambda L: L.x.__setitem__((0, 0, 0), float("nan")), "NaN or inf"),
+    (lambda L: setattr(L, "w_o", L.w_o[:, :, :-1]), "w_o must be"),
+    (lambda L: setattr(L, "key_valid", torch.ones(2, 3, dtype=torch.bool)), "key_valid"),
+    (lambda L: setattr(L, "window", -1), "window"),
+])
+def test_bad_input_gets_a_clear_error(breakage, message):
+    layer = random_layer("llama", N=7)
+    breakage(layer)
+    with pytest.raises(LayerInputError, match=message):
+        attribute(layer, methods="all")
+
+
+def test_empty_sequence_and_bad_rows():
+    layer = random_layer("bert", N=4)
+    empty = layer.__class__(**{**layer.__dict__, **{n: getattr(layer, n)[:, :, :0] for n in ("q", "k", "v")},
+                               "x": layer.x[:, :0]})
+    with pytest.raises(LayerInputError, match="empty"):
+        attribute(empty)
+    with pytest.raises(LayerInputError, match="rows"):
+        attribute(layer, rows=[4])
+    with pytest.raises(LayerInputError, match="weights"):
+        attribute(layer, weights=torch.ones(3, 5))
