@@ -1,0 +1,159 @@
+"""Reference vs torch backend: time and peak memory on a BERT-base-shaped layer (random weights).
+
+    python benchmarks/core_bench.py [--sizes 128 512 1024 2048 4096] [--methods attnresln_n atbffresln]
+
+Every measurement runs in a fresh subprocess, so peak memory is that run's own peak (RSS on CPU,
+torch.cuda.max_memory_allocated on GPU) above the process's baseline after building the inputs.
+The materialising reference runs only up to --reference-max N (and is skipped where its estimated
+memory exceeds --memory-limit GiB). Prints a table with ratios and writes JSON to
+benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BERT_BASE = dict(H=12, Dh=64, D=768, F=3072)
+
+
+def build_layer(N: int, device: str, seed: int = 0):
+    import torch
+
+    from kobattr.layer import FeedForward, Layer, Norm
+
+    H, Dh, D, F = BERT_BASE.values()
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device)  # noqa: E731
+    norm = lambda: Norm("layernorm", 1 + r(D, scale=0.1), r(D, scale=0.1), 1e-12)  # noqa: E731
+    ffn = FeedForward("gelu", r(D, F, scale=D ** -0.5), r(F, D, scale=F ** -0.5), r(F, scale=0.1), r(D, scale=0.1))
+    return Layer.from_weights(x=r(1, N, D), w_q=r(D, D, scale=D ** -0.5), w_k=r(D, D, scale=D ** -0.5),
+                              w_v=r(D, D, scale=D ** -0.5), w_o=r(D, D, scale=D ** -0.5), n_heads=H,
+                              b_v=r(D, scale=0.1), b_o=r(D, scale=0.1), placement="post", ln1=norm(), ln2=norm(),
+                              ffn=ffn)
+
+
+def reference_bytes(N: int, method: str) -> float:
+    """Rough peak of the reference: (N, N, D) fp32 tensors alive at once, plus alpha."""
+    H, _, D, F = BERT_BASE.values()
+    tensors = 4 if method not in ("atbff", "atbffres", "atbffresln") else 8
+    return 4.0 * N * N * (tensors * D + 2 * H)
+
+
+def run_one(impl: str, method: str, N: int, device: str) -> dict:
+    """One measurement, in this process."""
+    import torch
+
+    from kobattr.core import attribute
+    from kobattr.reference import reference
+
+    layer = build_layer(N, device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    if impl == "reference":
+        reference(layer, methods=[method], dtype=torch.float32)
+    else:
+        attribute(layer, methods=[method], backend=impl)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return dict(impl=impl, method=method, N=N, device=device, seconds=time.perf_counter() - start,
+                peak_bytes=max(peak, 0))
+
+
+def measure(impl: str, method: str, N: int, device: str, timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--one", impl, method, str(N), device]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(impl=impl, method=method, N=N, device=device, error=f"timeout after {timeout:.0f} s")
+    if out.returncode != 0:
+        return dict(impl=impl, method=method, N=N, device=device, error=(out.stderr.strip().splitlines() or ["?"])[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 512, 1024, 2048, 4096])
+    parser.add_argument("--methods", nargs="+", default=["attnresln_n", "atbffresln"])
+    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--reference-max", type=int, default=1024)
+    parser.add_argument("--memory-limit", type=float, default=14.0, help="GiB the reference may use")
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--one", nargs=4, metavar=("IMPL", "METHOD", "N", "DEVICE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        impl, method, N, device = args.one
+        print(json.dumps(run_one(impl, method, int(N), device)))
+        return
+
+    rows = []
+    for method in args.methods:
+        for N in args.sizes:
+            ref = None
+            if N <= args.reference_max:
+                need = reference_bytes(N, method) / 2**30
+                if need > args.memory_limit:
+                    ref = dict(impl="reference", method=method, N=N, error=f"skipped: needs ~{need:.0f} GiB")
+                else:
+                    ref = measure("reference", method, N, args.device, args.timeout)
+            ours = measure(args.backend, method, N, args.device, args.timeout)
+            rows.append(dict(method=method, N=N, reference=ref, backend=ours))
+            print(_format_row(rows[-1]), flush=True)
+
+    machine = dict(device=args.device, platform=platform.platform(), processor=platform.processor(),
+                   cpus=os.cpu_count(), python=platform.python_version())
+    if args.device == "cuda":
+        import torch
+
+        machine["gpu"] = torch.cuda.get_device_name()
+    out = Path(args.out or Path(__file__).parent / "results" / f"core_{args.device}_{platform.node() or 'host'}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(machine=machine, backend=args.backend, layer=BERT_BASE, rows=rows), indent=1))
+    print(f"wrote {out}")
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def _fmt(r):
+    if r is None:
+        return f"{'-':>10} {'-':>10}"
+    if "error" in r:
+        return f"{r['error'][:21]:>21}"
+    return f"{r['seconds']:9.2f}s {r['peak_bytes'] / 2**20:8.0f}MiB"
+
+
+def _format_row(row) -> str:
+    ref, ours = row["reference"], row["backend"]
+    ratio = ""
+    if ref and ours and "error" not in ref and "error" not in ours:
+        ratio = (f"  time x{ref['seconds'] / ours['seconds']:.2f} faster, "
+                 f"memory x{ref['peak_bytes'] / max(ours['peak_bytes'], 1):.1f} smaller")
+    return f"{row['method']:<12} N={row['N']:<6} reference {_fmt(ref)} | backend {_fmt(ours)}{ratio}"
+
+
+if __name__ == "__main__":
+    main()
