@@ -33,6 +33,7 @@ class LayerAttribution:
     value_norms      (B, H, N) ||f^h(x_j)||
     bias_norms[m]    (B, N) norm of the part of row i that goes to no token (vector methods)
     completeness[m]  (B, N) ||sum_j vec_ij + bias_i - real hidden state_i|| / ||real_i||
+    model_error      (B, N) relative error of the layer's plain forward vs the ``targets`` given
     context_change   component -> (B,) 1 - Spearman (full maps with an FF method)
     ff_amp           top-k (query, key, amplification) per batch element (full maps with an FF method)
     """
@@ -43,6 +44,7 @@ class LayerAttribution:
     value_norms: Tensor
     bias_norms: dict
     completeness: dict
+    model_error: Optional[Tensor] = None
     rows: Optional[Tensor] = None
     contracted: bool = False
     backend: str = "torch"
@@ -98,8 +100,12 @@ class _Prepared:
 
         # (sum over keys, diagonal, bias, real hidden state) of every vector method
         ln_bias = norm.split(self.b_o) * s + norm.bias_vector(D, y)
-        real = _plain_forward(L, dtype, y, any(m in FF_METHODS for m in methods))
-        real.update({k: t.to(dtype) for k, t in (targets or {}).items()})
+        real = _plain_forward(L, dtype, y, any(m in FF_METHODS for m in methods) or bool(targets))
+        # how far this layer's own forward is from the model's real hidden states (B, N)
+        self.model_error = torch.zeros_like(self.inv_s)
+        for key, t in (targets or {}).items():
+            self.model_error = torch.maximum(self.model_error, _relative_error(real[key], t.to(dtype), L.valid))
+            real[key] = t.to(dtype)
         self.vectors = {
             "attn_n": (attn_sum, attn_diag, self.b_o.expand_as(y), real["attn"]),
             "attnres_n": (attn_sum + x, attn_diag + x, self.b_o.expand_as(y), real["y"]),
@@ -291,7 +297,7 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, weight
     nan_pad = torch.where(valid, 0.0, float("nan")).to(prep.dtype)
     value_norms = _value_norms(layer, prep.dtype) * valid[:, None]
     result = LayerAttribution(methods=methods, maps={m: maps[m] for m in methods}, ratios={}, value_norms=value_norms,
-                              bias_norms={}, completeness={}, rows=rows, contracted=weights is not None,
+                              bias_norms={}, completeness={}, model_error=prep.model_error, rows=rows, contracted=weights is not None,
                               backend=impl.name)
     mean_self = prep.alpha_diag.mean(1)
     for m in methods:
