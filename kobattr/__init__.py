@@ -1,3 +1,32 @@
-"""kobattr: token-wise attribution analysis of transformers without N x N x d tensors."""
+"""kobattr: token-wise attribution analysis of transformers without N x N x d tensors.
+
+    import kobattr
+    result = kobattr.analyze(model, "some text", tokenizer=tokenizer, methods=["attnresln_n"])
+    result.maps["attnresln_n"]   # (layer, batch, query, key)
+
+``kobattr.attribute(layer)`` works on one per-layer description (kobattr.Layer) without a model.
+"""
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "analyze": "kobattr.api",
+    "attribute": "kobattr.core",
+    "LayerAttribution": "kobattr.core",
+    "Attribution": "kobattr.result",
+    "Layer": "kobattr.layer",
+    "Norm": "kobattr.layer",
+    "FeedForward": "kobattr.layer",
+    "LayerInputError": "kobattr.layer",
+    "reference": "kobattr.reference",
+    "BackendUnavailable": "kobattr.backends.base",
+}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):  # imports on first use: transformers is slow to import and not always needed
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kobattr' has no attribute {name!r}")

@@ -51,10 +51,10 @@ def analyze(model, inputs, tokenizer=None, methods=None, layers: Optional[Sequen
     outputs: dict[int, Tensor] = {}
     modules = adapter.layer_modules(model)
     n_layers = len(modules)
-    wanted = sorted({(i + n_layers) % n_layers for i in layers}) if layers is not None else list(range(n_layers))
     for i in list(layers or []):
         if not -n_layers <= i < n_layers:
             raise ValueError(f"layer {i} does not exist; the model has {n_layers} layers (0..{n_layers - 1}).")
+    wanted = sorted({(i + n_layers) % n_layers for i in layers}) if layers is not None else list(range(n_layers))
 
     bar = None
     if progress:

@@ -1,7 +1,7 @@
 """Capture kobattr Layers from Hugging Face transformers models (BERT, RoBERTa, GPT-2, Llama, Mistral, Qwen2)."""
 
 from .adapters import SUPPORTED_FAMILIES, Adapter, UnsupportedModelError, get_adapter
-from .capture import CaptureError, capture, residual_stream
+from .recording import CaptureError, capture, residual_stream
 from .default import default_model_path, load_default_model
 
 __all__ = [

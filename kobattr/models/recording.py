@@ -62,16 +62,19 @@ def _recording_attention(inner: str) -> Callable:
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         recorder = _active_recorder.get()
         if recorder is not None:
-            recorder.record_attention(module, _AttentionCall(
+            # SDPA's own rule: an explicit is_causal argument wins over the module attribute.
+            is_causal = kwargs.get("is_causal")
+            call = _AttentionCall(
                 q=query,
                 k=key,
                 v=value,
                 mask=attention_mask,
                 scale=float(scaling) if scaling is not None else query.shape[-1] ** -0.5,
                 inner=inner,
-                module_causal=bool(kwargs["is_causal"] if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True)),
+                module_causal=bool(getattr(module, "is_causal", True) if is_causal is None else is_causal),
                 sliding_window=kwargs.get("sliding_window"),
-            ))
+            )
+            recorder.record_attention(module, call)
         real = sdpa_attention_forward if inner == "sdpa" else _eager_attention(module)
         return real(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
@@ -147,7 +150,6 @@ class _Recorder:
         def hook(module, args, output):
             layer = self._build(index, module, self.inputs.pop(index), self.calls.pop(index, None))
             self.on_layer(index, layer)
-            del layer
             if index == self.last:
                 raise _AllLayersCaptured
 
@@ -161,6 +163,11 @@ class _Recorder:
             )
         device = call.q.device
         w_o, b_o = self.adapter.out_projection(module, call.q.shape[1])
+        if w_o.is_meta:
+            raise CaptureError(
+                f"layer {index}'s weights are offloaded (on the meta device) once the layer has run; "
+                "capture reads them then, so load the model without CPU/disk offload."
+            )
         ln1, ln2 = self.adapter.norms(module)
         layer = Layer(
             q=call.q,

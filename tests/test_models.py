@@ -1,0 +1,285 @@
+"""Capture of Layers from Hugging Face models: real MiniLM weights and tiny random models of every family."""
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    BertConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    RobertaConfig,
+    T5Config,
+)
+
+from kobattr.models import (
+    SUPPORTED_FAMILIES,
+    CaptureError,
+    UnsupportedModelError,
+    capture,
+    default_model_path,
+    get_adapter,
+    load_default_model,
+    residual_stream,
+)
+
+TEXTS = ["The cat sat on the mat because it was warm.", "Attribution is hard.", "A third, medium sentence here."]
+N_TOKENS = 10  # > the sliding window (4) of the tiny Mistral and Qwen2
+
+
+def collect(model, inputs, layers=None):
+    captured = {}
+    capture(model, inputs, lambda index, layer: captured.__setitem__(index, layer), layers=layers)
+    return captured
+
+
+def assert_close_rows(actual, expected, valid, rtol=1e-5):
+    """actual/expected (B, N, ...) agree on the rows where valid (B, N) is True, relative to their scale."""
+    a, e = actual[valid], expected[valid]
+    atol = rtol * e.abs().max().item()
+    torch.testing.assert_close(a, e, rtol=rtol, atol=atol)
+
+
+def alpha(layer):
+    """(B, H, N, N) softmax attention of a captured layer under its structured mask; 0 on padding rows."""
+    group = layer.n_heads // layer.n_kv_heads
+    scores = layer.q @ layer.k.repeat_interleave(group, 1).transpose(-1, -2) * layer.softmax_scale
+    scores = scores.masked_fill(~layer.visible()[:, None], float("-inf"))
+    return torch.softmax(scores, -1).nan_to_num(0.0)
+
+
+# ----------------------------------------------------------------------------- (a) real MiniLM weights
+@pytest.fixture(scope="module")
+def minilm():
+    model, tokenizer = load_default_model()
+    eager, _ = load_default_model(attn_implementation="eager")
+    inputs = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    return model, eager, inputs
+
+
+def test_default_model_path_holds_the_weights():
+    path = default_model_path()
+    assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
+
+
+def test_minilm_layers_reproduce_hidden_states(minilm):
+    model, _, inputs = minilm
+    assert model.config._attn_implementation == "sdpa"
+    layers = collect(model, inputs)
+    assert model.config._attn_implementation == "sdpa"  # restored
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+    valid = inputs["attention_mask"].bool()
+    assert sorted(layers) == list(range(6))
+    for index, layer in layers.items():
+        assert (layer.placement, layer.causal, layer.window, layer.ffn.activation) == ("post", False, 0, "gelu")
+        assert layer.q.shape == (3, 12, valid.shape[1], 32) and layer.w_o.shape == (12, 32, 384)
+        torch.testing.assert_close(layer.x, hidden[index], rtol=0, atol=0)
+        assert_close_rows(layer.forward()["out"], hidden[index + 1], valid)
+
+
+def test_minilm_alpha_matches_eager_attentions(minilm):
+    model, eager, inputs = minilm
+    with torch.no_grad():
+        attentions = eager(**inputs, output_attentions=True).attentions
+    valid = inputs["attention_mask"].bool()
+    for layers in (collect(model, inputs), collect(eager, inputs)):
+        for index, layer in layers.items():
+            a = alpha(layer).transpose(1, 2)  # (B, N, H, N): padding rows selectable by valid
+            assert_close_rows(a, attentions[index].transpose(1, 2), valid)
+
+
+def test_minilm_capture_is_the_same_under_sdpa_and_eager(minilm):
+    model, eager, inputs = minilm
+    from_sdpa, from_eager = collect(model, inputs), collect(eager, inputs)
+    for index in range(6):
+        a, b = from_sdpa[index], from_eager[index]
+        for name in ("q", "k", "v", "x", "w_o", "b_o", "key_valid"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-5)
+        assert (a.scale, a.causal, a.window) == (b.scale, b.causal, b.window)
+
+
+# ----------------------------------------------------------------------------- (b) tiny random models
+LLAMA_DIMS = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=100, max_position_embeddings=64, initializer_range=0.1,
+)
+TINY = {
+    "gpt2": (AutoModelForCausalLM, lambda: GPT2Config(
+        n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64, initializer_range=0.1,
+        bos_token_id=0, eos_token_id=0)),
+    "roberta": (AutoModel, lambda: RobertaConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=100,
+        max_position_embeddings=64, initializer_range=0.1)),
+    "llama": (AutoModelForCausalLM, lambda: LlamaConfig(**LLAMA_DIMS, hidden_act="silu")),
+    "mistral": (AutoModel, lambda: MistralConfig(**LLAMA_DIMS, sliding_window=4)),
+    "qwen2": (AutoModel, lambda: Qwen2Config(
+        **LLAMA_DIMS, use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+}
+DECODERS = ("gpt2", "llama", "mistral", "qwen2")
+EXPECTED = {  # placement, causal, windows per layer, activation, KV heads
+    "gpt2": ("pre", True, [0, 0], "gelu_tanh", 4),
+    "roberta": ("post", False, [0, 0], "gelu", 4),
+    "llama": ("pre", True, [0, 0], "swiglu", 2),
+    "mistral": ("pre", True, [4, 4], "swiglu", 2),
+    "qwen2": ("pre", True, [0, 4], "swiglu", 2),
+}
+
+
+def tiny_model(family, attn_implementation="sdpa"):
+    torch.manual_seed(0)
+    auto, make_config = TINY[family]
+    model = auto.from_config(make_config(), attn_implementation=attn_implementation).eval()
+    with torch.no_grad():  # random norm weights and biases, so that swapping LN1/LN2 or dropping a bias shows
+        for parameter in model.parameters():
+            if parameter.dim() == 1:
+                parameter.add_(0.2 * torch.randn_like(parameter))
+    return model
+
+
+def token_batch(family, lengths, side="right"):
+    """Random token ids for texts of the given lengths, padded on one side to the longest."""
+    generator = torch.Generator().manual_seed(1)
+    n = max(lengths)
+    pad = 1  # RoBERTa's padding_idx; real tokens avoid it, as RoBERTa derives positions from it
+    ids = torch.full((len(lengths), n), pad)
+    mask = torch.zeros(len(lengths), n, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        span = slice(n - length, n) if side == "left" else slice(0, length)
+        ids[row, span] = torch.randint(2, 100, (length,), generator=generator)
+        mask[row, span] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", list(TINY))
+def test_tiny_model_layers_reproduce_the_model(family, attn_implementation):
+    model = tiny_model(family, attn_implementation)
+    inputs = token_batch(family, [N_TOKENS, N_TOKENS])
+    adapter = get_adapter(model)
+    stream = residual_stream(model, inputs)
+    y_seen, mid_seen = [], []  # the input (y) and output (mid) of the norm after the attention residual
+
+    def keep_norm_io(module, args, output):
+        y_seen.append(args[0])
+        mid_seen.append(output)
+
+    handles = [adapter.y_module(block).register_forward_hook(keep_norm_io) for block in adapter.layer_modules(model)]
+    try:
+        layers = collect(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert model.config._attn_implementation == attn_implementation
+    placement, causal, windows, activation, kv_heads = EXPECTED[family]
+    valid = inputs["attention_mask"].bool()
+    for index, layer in layers.items():
+        assert (layer.placement, layer.causal, layer.window) == (placement, causal, windows[index])
+        assert layer.ffn.activation == activation and layer.n_kv_heads == kv_heads and layer.n_heads == 4
+        out = layer.forward()
+        torch.testing.assert_close(layer.x, stream[index], rtol=0, atol=0)
+        assert_close_rows(out["y"], y_seen[index], valid)
+        assert_close_rows(out["mid"], mid_seen[index], valid)
+        assert_close_rows(out["out"], stream[index + 1], valid)
+
+
+def test_tiny_mistral_window_matters():
+    """The window must change the attention of a sequence longer than it, or the test above proves nothing."""
+    model = tiny_model("mistral")
+    layer = collect(model, token_batch("mistral", [N_TOKENS]), layers=[0])[0]
+    unwindowed = dataclasses.replace(layer, window=0)
+    assert not torch.allclose(layer.forward()["out"], unwindowed.forward()["out"])
+
+
+def test_capture_leaves_the_model_unchanged():
+    model = tiny_model("llama")
+    model.train()
+    inputs = token_batch("llama", [N_TOKENS])
+    before = [p.clone() for p in model.parameters()]
+    hooks = [dict(m._forward_hooks) for m in model.modules()]
+    collect(model, inputs)
+    assert model.training and all(m.training for m in model.modules())
+    assert model.config._attn_implementation == "sdpa"
+    assert hooks == [dict(m._forward_hooks) for m in model.modules()]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# ----------------------------------------------------------------------------- (c) padding
+@pytest.mark.parametrize("family,side", [(f, "right") for f in TINY] + [(f, "left") for f in DECODERS])
+def test_padded_batch_rows_equal_each_text_alone(family, side):
+    model = tiny_model(family)
+    lengths = [N_TOKENS, 6, 3]
+    batch = token_batch(family, lengths, side)
+    batched = collect(model, batch)
+    for row, length in enumerate(lengths):
+        span = slice(N_TOKENS - length, N_TOKENS) if side == "left" else slice(0, length)
+        alone = collect(model, {k: v[row : row + 1, span] for k, v in batch.items()})
+        for index, layer in batched.items():
+            single = alone[index]
+            assert layer.key_valid[row].sum() == length
+            for name in ("x", "q", "k", "v"):
+                got = getattr(layer, name)[row : row + 1]
+                got = got[:, span] if name == "x" else got[:, :, span]
+                torch.testing.assert_close(got, getattr(single, name), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(layer.forward()["out"][row : row + 1, span], single.forward()["out"], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- (d) unsupported models
+def test_unsupported_model_names_its_type_and_the_supported_families():
+    model = AutoModel.from_config(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, vocab_size=50, d_kv=16))
+    with pytest.raises(UnsupportedModelError, match="'t5'") as error:
+        capture(model, {"input_ids": torch.ones(1, 3, dtype=torch.long)}, lambda i, layer: None)
+    assert all(family in str(error.value) for family in SUPPORTED_FAMILIES)
+
+
+def test_unknown_activation_is_rejected():
+    config = TINY["gpt2"][1]()
+    config.activation_function = "quick_gelu"
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(UnsupportedModelError, match="quick_gelu"):
+        capture(model, token_batch("gpt2", [4]), lambda i, layer: None)
+
+
+def test_a_mask_the_adapter_does_not_describe_is_an_error():
+    """A BERT configured as a decoder masks causally; the BERT adapter says bidirectional: refuse, loudly."""
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100, is_decoder=True)
+    model = AutoModel.from_config(config).eval()
+    with pytest.raises(CaptureError, match="mask differs"):
+        capture(model, token_batch("gpt2", [5]), lambda i, layer: None)
+    assert model.config._attn_implementation == "sdpa"
+
+
+# ----------------------------------------------------------------------------- (e) streaming
+def test_on_layer_streams_each_layer_as_soon_as_it_has_run():
+    model = tiny_model("llama")
+    events = []
+    blocks = get_adapter(model).layer_modules(model)
+    handles = [b.register_forward_pre_hook(lambda m, a, i=i: events.append(("starts", i))) for i, b in enumerate(blocks)]
+    try:
+        capture(model, token_batch("llama", [5]), lambda index, layer: events.append(("on_layer", index)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert events == [("starts", 0), ("on_layer", 0), ("starts", 1), ("on_layer", 1)]
+
+
+def test_layers_selects_what_is_captured_and_stops_early():
+    model = tiny_model("gpt2")
+    inputs = token_batch("gpt2", [5])
+    calls = []
+    capture(model, inputs, lambda index, layer: calls.append(index), layers=[1])
+    assert calls == [1]
+    ran = []
+    handle = get_adapter(model).layer_modules(model)[1].register_forward_pre_hook(lambda m, a: ran.append(1))
+    try:
+        assert list(collect(model, inputs, layers=[0])) == [0]
+    finally:
+        handle.remove()
+    assert ran == []  # the forward pass stopped after layer 0
+    assert list(collect(model, inputs, layers=[-1])) == [1]
+    with pytest.raises(IndexError, match="out of range"):
+        capture(model, inputs, lambda index, layer: None, layers=[2])
