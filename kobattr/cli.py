@@ -37,9 +37,8 @@ def _texts(args) -> list[str]:
 
 
 def cmd_analyze(args) -> int:
-    from . import plots  # selects a non-interactive matplotlib backend before pyplot loads
+    from . import plots
     from .api import analyze
-    from matplotlib import pyplot as plt
 
     texts = _texts(args)
     model, tokenizer = load_model(args.model)
@@ -62,18 +61,16 @@ def cmd_analyze(args) -> int:
         if not args.no_plots:
             for m in result.methods:
                 for li, layer in enumerate(result.layers):
-                    fig = plots.heatmap(maps[m][li], tokens, path=stem / f"{m}_layer{layer}.png",
-                                        title=f"layer {layer} - {m}")
-                    plt.close(fig)
+                    plots.heatmap(maps[m][li], tokens, path=stem / f"{m}_layer{layer}.png",
+                                  title=f"layer {layer} - {m}")
             plots.html_report(maps, tokens, stem / "report.html", title=text[:80],
                               ratios={m: result.ratios[m][:, 0] for m in result.methods})
     # pooled over every non-pad token of every text: (L, tokens)
     pooled = {m: torch.cat([r.ratios[m].flatten(1) for r in results], dim=1) for m in results[0].methods}
     means = {m: pooled[m].nanmean(dim=1) for m in pooled}
     if not args.no_plots:
-        fig = plots.mixing_ratio_plot({m: v.numpy() for m, v in means.items()}, path=out / "mixing_ratios.png",
-                                      title=f"mean context-mixing ratio ({len(texts)} text(s))")
-        plt.close(fig)
+        plots.mixing_ratio_plot({m: v.numpy() for m, v in means.items()}, path=out / "mixing_ratios.png",
+                                title=f"mean context-mixing ratio ({len(texts)} text(s))")
     print(f"model: {results[0].model_name}  backend: {results[0].backend}  texts: {len(texts)}")
     print("mean context-mixing ratio (%) by layer:")
     print("layer " + " ".join(f"{m:>12}" for m in means))

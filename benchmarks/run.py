@@ -1,12 +1,15 @@
-"""Reference vs torch backend: time and peak memory on a BERT-base-shaped layer (random weights).
+"""Every available backend vs the materialising reference: time and peak memory by N and method,
+on a BERT-base-shaped layer (random weights, H=12, d=768, d_ff=3072).
 
-    python benchmarks/core_bench.py [--sizes 128 512 1024 2048 4096] [--methods attnresln_n atbffresln]
+    python benchmarks/run.py [--sizes 128 512 1024 2048 4096] [--methods attnresln_n atbffresln]
+                             [--backends torch cpu ...] [--backend-max N]
 
 Every measurement runs in a fresh subprocess, so peak memory is that run's own peak (RSS on CPU,
 torch.cuda.max_memory_allocated on GPU) above the process's baseline after building the inputs.
 The materialising reference runs only up to --reference-max N (and is skipped where its estimated
-memory exceeds --memory-limit GiB). Prints a table with ratios and writes JSON to
-benchmarks/results/.
+memory exceeds --memory-limit GiB); a backend beyond --backend-max METHOD=N is skipped (the FF
+scopes cost N^2 * d * d_ff). Prints a table with ratios to the reference, writes JSON to
+benchmarks/results/ and a log-log scaling plot (time and memory vs N) next to it.
 """
 
 from __future__ import annotations
@@ -90,9 +93,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 512, 1024, 2048, 4096])
     parser.add_argument("--methods", nargs="+", default=["attnresln_n", "atbffresln"])
-    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--backends", nargs="+", default=None, help="default: every backend available here")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--reference-max", type=int, default=1024)
+    parser.add_argument("--backend-max", nargs="*", default=["atbffresln=2048"], metavar="METHOD=N",
+                        help="largest N per method for the backends (default atbffresln=2048)")
     parser.add_argument("--memory-limit", type=float, default=14.0, help="GiB the reference may use")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--out", default=None)
@@ -103,7 +108,10 @@ def main() -> None:
         print(json.dumps(run_one(impl, method, int(N), device)))
         return
 
+    backends = args.backends or _available_backends(args.device)
+    backend_max = {k: int(v) for k, v in (item.split("=") for item in args.backend_max)}
     rows = []
+    print(f"{'method':<12} {'N':>6} {'impl':<10} {'time':>10} {'peak':>10}  vs reference")
     for method in args.methods:
         for N in args.sizes:
             ref = None
@@ -113,9 +121,13 @@ def main() -> None:
                     ref = dict(impl="reference", method=method, N=N, error=f"skipped: needs ~{need:.0f} GiB")
                 else:
                     ref = measure("reference", method, N, args.device, args.timeout)
-            ours = measure(args.backend, method, N, args.device, args.timeout)
-            rows.append(dict(method=method, N=N, reference=ref, backend=ours))
-            print(_format_row(rows[-1]), flush=True)
+                rows.append(ref)
+                print(_format_row(ref, None), flush=True)
+            for backend in backends:
+                if N > backend_max.get(method, N):
+                    continue
+                rows.append(measure(backend, method, N, args.device, args.timeout))
+                print(_format_row(rows[-1], ref), flush=True)
 
     machine = dict(device=args.device, platform=platform.platform(), processor=platform.processor(),
                    cpus=os.cpu_count(), python=platform.python_version())
@@ -123,10 +135,18 @@ def main() -> None:
         import torch
 
         machine["gpu"] = torch.cuda.get_device_name()
-    out = Path(args.out or Path(__file__).parent / "results" / f"core_{args.device}_{platform.node() or 'host'}.json")
+    out = Path(args.out or Path(__file__).parent / "results" / f"run_{args.device}_{platform.node() or 'host'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(machine=machine, backend=args.backend, layer=BERT_BASE, rows=rows), indent=1))
-    print(f"wrote {out}")
+    out.write_text(json.dumps(dict(machine=machine, layer=BERT_BASE, rows=rows), indent=1))
+    plot_scaling(rows, out.with_suffix(".png"), title=f"{machine['device']} ({machine.get('gpu', machine['processor'] or platform.machine())}, {machine['cpus']} cores)")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def _available_backends(device: str) -> list[str]:
+    from kobattr.backends import AUTO_ORDER, availability
+
+    usable = availability()
+    return [b for b in AUTO_ORDER.get(device, ("torch",)) if usable[b] is None]
 
 
 def _cuda() -> bool:
@@ -138,21 +158,46 @@ def _cuda() -> bool:
         return False
 
 
-def _fmt(r):
-    if r is None:
-        return f"{'-':>10} {'-':>10}"
+def plot_scaling(rows: list[dict], path: Path, title: str) -> None:
+    """Log-log time and peak memory vs N, one line per (implementation, method)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2))
+    ax_time, ax_mem = fig.subplots(1, 2)
+    series: dict = {}
+    for r in rows:
+        if "error" not in r:
+            series.setdefault((r["impl"], r["method"]), []).append(r)
+    for (impl, method), points in sorted(series.items()):
+        points.sort(key=lambda r: r["N"])
+        n = [p["N"] for p in points]
+        style = "--" if impl == "reference" else "-"
+        ax_time.plot(n, [p["seconds"] for p in points], style, marker="o", label=f"{impl} {method}")
+        ax_mem.plot(n, [max(p["peak_bytes"], 1) / 2**20 for p in points], style, marker="o", label=f"{impl} {method}")
+    for ax, label in ((ax_time, "seconds"), (ax_mem, "peak MiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("N (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_time.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _fmt(r) -> str:
     if "error" in r:
-        return f"{r['error'][:21]:>21}"
+        return f"{r['error'][:32]:>32}"
     return f"{r['seconds']:9.2f}s {r['peak_bytes'] / 2**20:8.0f}MiB"
 
 
-def _format_row(row) -> str:
-    ref, ours = row["reference"], row["backend"]
+def _format_row(r: dict, ref) -> str:
     ratio = ""
-    if ref and ours and "error" not in ref and "error" not in ours:
-        ratio = (f"  time x{ref['seconds'] / ours['seconds']:.2f} faster, "
-                 f"memory x{ref['peak_bytes'] / max(ours['peak_bytes'], 1):.1f} smaller")
-    return f"{row['method']:<12} N={row['N']:<6} reference {_fmt(ref)} | backend {_fmt(ours)}{ratio}"
+    if ref and "error" not in ref and "error" not in r:
+        ratio = (f"  {ref['seconds'] / r['seconds']:6.2f}x faster, "
+                 f"{ref['peak_bytes'] / max(r['peak_bytes'], 1):6.1f}x less memory")
+    return f"{r['method']:<12} {r['N']:>6} {r['impl']:<10} {_fmt(r)}{ratio}"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,77 @@
+"""Every backend that can run here against the materialising reference, end to end through attribute().
+
+The triton backend runs on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py sets it), so the
+small shapes here are enough; cuda needs a GPU and is skipped with its reason otherwise.
+"""
+
+import pytest
+import torch
+from random_layers import random_layer
+
+from kobattr.backends import BACKEND_NAMES, BackendUnavailable, availability, get_backend
+from kobattr.backends.base import Attention
+from kobattr.core import attribute
+from kobattr.reference import reference
+
+AVAILABLE = availability()
+CASES = [("bert", dict(N=7, pad=2)), ("gpt2", dict(N=9)), ("llama", dict(N=11, window=4, pad=3)),
+         ("post_geglu", dict(N=5))]
+
+
+def _skip_unless_available(name):
+    if AVAILABLE[name] is not None:
+        pytest.skip(f"{name}: {AVAILABLE[name]}")
+
+
+@pytest.mark.parametrize("name", [b for b in BACKEND_NAMES if b != "torch"])
+@pytest.mark.parametrize("kind,kw", CASES, ids=[c[0] for c in CASES])
+def test_backend_matches_reference(name, kind, kw):
+    _skip_unless_available(name)
+    layer = random_layer(kind, dtype=torch.float32, **kw)
+    ref = reference(layer, methods="all")
+    try:
+        res = attribute(layer, methods="all", heads=True, backend=name)
+    except BackendUnavailable as err:
+        pytest.skip(str(err))
+    assert res.backend == name
+    for m in res.methods:
+        expected = ref["maps"][m].float()
+        err = ((res.maps[m] - expected).abs().max() / expected.abs().max()).item()
+        assert err < 1e-5, (name, m, err)
+    torch.testing.assert_close(res.head_maps["attn_w"], ref["head_maps"]["attn_w"].float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [b for b in BACKEND_NAMES if b != "torch"])
+def test_backend_output_modes_match_reference(name):
+    _skip_unless_available(name)
+    layer = random_layer("llama", N=13, pad=2, dtype=torch.float32)
+    ref = reference(layer, methods="all")
+    rows = [0, 12, 4]
+    weights = torch.rand(2, 2, 13)
+    try:
+        picked = attribute(layer, methods="all", rows=rows, backend=name)
+        contracted = attribute(layer, methods="all", weights=weights, normalize_rows=True, backend=name)
+    except BackendUnavailable as err:
+        pytest.skip(str(err))
+    for m in picked.methods:
+        full = ref["maps"][m].float()
+        torch.testing.assert_close(picked.maps[m], full[:, rows], rtol=1e-5, atol=1e-6)
+        normed = full / full.sum(-1, keepdim=True).clamp_min(1e-30)
+        torch.testing.assert_close(contracted.maps[m], weights @ normed, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_prefers_a_compiled_backend_on_cpu_tensors_only_if_available():
+    layer = random_layer("bert", dtype=torch.float32)
+    attn = Attention(q=layer.q, k=layer.k, valid=layer.valid, causal=False, window=0, scale=layer.softmax_scale)
+    chosen = get_backend("auto", attn, need_ff=True)
+    assert chosen.name in ("cpu", "torch")
+    assert AVAILABLE[chosen.name] is None
+
+
+def test_explicit_unavailable_backend_says_why():
+    layer = random_layer("bert", dtype=torch.float32)
+    attn = Attention(q=layer.q, k=layer.k, valid=layer.valid, causal=False, window=0, scale=layer.softmax_scale)
+    with pytest.raises(BackendUnavailable, match="cuda"):
+        get_backend("cuda", attn, need_ff=False)
+    with pytest.raises(ValueError, match="unknown backend"):
+        get_backend("tpu", attn, need_ff=False)
