@@ -61,8 +61,9 @@ def cmd_analyze(args) -> int:
         if not args.no_plots:
             for m in result.methods:
                 for li, layer in enumerate(result.layers):
-                    plots.heatmap(maps[m][li], tokens, path=stem / f"{m}_layer{layer}.png",
-                                  title=f"layer {layer} - {m}")
+                    # files, titles and tables count layers from 1, as the plots do
+                    plots.heatmap(maps[m][li], tokens, path=stem / f"{m}_layer{layer + 1}.png",
+                                  title=f"layer {layer + 1} - {m}")
             plots.html_report(maps, tokens, stem / "report.html", title=text[:80],
                               ratios={m: result.ratios[m][:, 0] for m in result.methods})
     # pooled over every non-pad token of every text: (L, tokens)
@@ -75,7 +76,7 @@ def cmd_analyze(args) -> int:
     print("mean context-mixing ratio (%) by layer:")
     print("layer " + " ".join(f"{m:>12}" for m in means))
     for li, layer in enumerate(results[0].layers):
-        print(f"{layer:>5} " + " ".join(f"{100 * means[m][li].item():11.1f}%" for m in means))
+        print(f"{layer + 1:>5} " + " ".join(f"{100 * means[m][li].item():11.1f}%" for m in means))
     worst = max((r.model_error.max().item() for r in results if r.model_error is not None), default=0.0)
     print(f"largest relative error of the captured layers vs the model's hidden states: {worst:.1e}")
     (out / "summary.json").write_text(json.dumps({m: [float(x) for x in v] for m, v in means.items()}, indent=1))

@@ -72,7 +72,7 @@ class Attribution:
         lines = [head]
         for li, layer in enumerate(self.layers):
             cells = " ".join(f"{100 * self.mean_ratio(m)[li].item():11.1f}%" for m in self.methods)
-            lines.append(f"{layer:>5} {cells}")
+            lines.append(f"{layer + 1:>5} {cells}")  # counted from 1, as in the plots
         return "\n".join(lines)
 
     def _full(self, method: str) -> Tensor:

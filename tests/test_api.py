@@ -173,7 +173,7 @@ def test_cli_analyze_end_to_end(tmp_path, capsys):
     assert set(summary) == {"attn_w", "attnresln_n"} and len(summary["attn_w"]) == 6
     for k in ("text000", "text001"):
         assert (out / k / "attribution.safetensors").exists() and (out / k / "report.html").exists()
-        assert (out / k / "attnresln_n_layer5.png").stat().st_size > 1000
+        assert (out / k / "attnresln_n_layer6.png").stat().st_size > 1000
     assert (out / "mixing_ratios.png").exists()
     loaded = [Attribution.load(out / k / "attribution") for k in ("text000", "text001")]
     pooled = torch.cat([r.ratios["attnresln_n"].flatten(1) for r in loaded], 1).nanmean(1)

@@ -37,6 +37,11 @@ def attention_maps_cpu(attn: Attention, grams: Tensor, row_scale: Tensor, rows: 
     As in the torch backend, ``rows`` is ignored when ``weights`` is given (the contraction runs over
     every row) and ``normalize_rows`` only applies to the contraction.
     """
+    named = {"q": attn.q, "k": attn.k, "valid": attn.valid, "grams": grams, "row_scale": row_scale,
+             "rows": rows, "weights": weights}
+    for name, tensor in named.items():
+        if tensor is not None and tensor.device.type != "cpu":
+            raise ValueError(f"attention_maps: the cpu kernel needs CPU tensors, but {name} is on {tensor.device}.")
     q, k = _f32(attn.q), _f32(attn.k)
     B, H, N, Dh = q.shape
     M = grams.shape[2]
