@@ -73,7 +73,7 @@ def _row_pass(layer: Layer, attn: Attention, dtype, budget: int) -> tuple[Tensor
         alpha, _ = block_alpha(attn, rows, dtype)  # (B, H, R, N)
         heads = (alpha.view(B, layer.n_kv_heads, group * len(rows), N) @ v).view(B, H, len(rows), Dh)
         attn_sum[:, rows] = torch.einsum("bhrd,hde->bre", heads, w_o)
-        alpha_diag[:, :, rows] = alpha[:, :, torch.arange(len(rows)), rows]
+        alpha_diag[:, :, rows] = alpha[:, :, torch.arange(len(rows), device=rows.device), rows]
     return attn_sum, alpha_diag
 
 

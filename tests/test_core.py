@@ -155,3 +155,17 @@ def test_empty_sequence_and_bad_rows():
         attribute(layer, rows=[4])
     with pytest.raises(LayerInputError, match="weights"):
         attribute(layer, weights=torch.ones(3, 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_low_precision_error_is_within_twice_the_references(kind, dtype):
+    """flash-attention rule: |backend - fp64 reference| <= 2 |reference in low precision - fp64 reference|."""
+    layer = random_layer(kind, N=33, pad=3, dtype=dtype)
+    exact = reference(layer.to(torch.float64), methods="all")["maps"]
+    low = reference(layer, methods="all", dtype=dtype)["maps"]
+    res = attribute(layer, methods="all", backend="torch")
+    for m in res.methods:
+        ours = (res.maps[m].double() - exact[m]).abs().max()
+        theirs = (low[m].double() - exact[m]).abs().max()
+        assert ours <= 2 * theirs + 1e-6, (m, ours.item(), theirs.item())

@@ -1,0 +1,34 @@
+"""pytest-benchmark suite: each available backend vs the materialising reference on the same input.
+
+    pytest benchmarks/test_bench.py --benchmark-group-by=param:method,param:N --benchmark-columns=mean,stddev,rounds
+
+Each group holds the reference and every backend for one (method, N), so the table's ratio column
+compares them directly. Not part of the CI test command: speed is measured, never asserted.
+"""
+
+import pytest
+import torch
+from run import build_layer
+
+from kobattr.backends import AUTO_ORDER, availability
+from kobattr.core import attribute
+from kobattr.reference import reference
+
+USABLE = [b for b in AUTO_ORDER["cuda" if torch.cuda.is_available() else "cpu"] if availability()[b] is None]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module", params=[128, 256])
+def layer(request):
+    return request.param, build_layer(request.param, DEVICE)
+
+
+@pytest.mark.parametrize("method", ["attnresln_n", "atbffresln"])
+@pytest.mark.parametrize("impl", ["reference"] + USABLE)
+def test_attribution_speed(benchmark, layer, impl, method):
+    N, built = layer
+    benchmark.extra_info.update(N=N, method=method, impl=impl)
+    if impl == "reference":
+        benchmark.pedantic(reference, args=(built, [method]), kwargs=dict(dtype=torch.float32), rounds=2)
+    else:
+        benchmark.pedantic(attribute, args=(built,), kwargs=dict(methods=[method], backend=impl), rounds=2)
