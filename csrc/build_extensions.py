@@ -117,7 +117,7 @@ class BuildExt(build_ext):
     def _build_cpu(self, ext):
         # -Wno-psabi: the vector types pass through always-inline helpers only, never across an ABI.
         flags = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fno-math-errno", "-Wno-psabi"]
-        openmp = self._compiler_accepts("-fopenmp")
+        openmp = self._compiler_supports_openmp()
         if openmp:
             flags.append("-fopenmp")
             ext.extra_link_args.append("-fopenmp")
@@ -132,14 +132,14 @@ class BuildExt(build_ext):
         self.report["_cpu"] = {"built": True, "openmp": openmp, "compiler": self.compiler.compiler_type,
                                "reason": None if openmp else "built without OpenMP: the compiler rejects -fopenmp"}
 
-    def _compiler_accepts(self, flag: str) -> bool:
+    def _compiler_supports_openmp(self) -> bool:
         with tempfile.TemporaryDirectory() as tmp:
             probe = Path(tmp) / "openmp_probe.cpp"
             probe.write_text("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
             try:
-                objects = self.compiler.compile([str(probe)], output_dir=tmp, extra_postargs=[flag])
-                self.compiler.link_executable(objects, "openmp_probe", output_dir=tmp, extra_postargs=[flag])
-            except Exception:
+                objects = self.compiler.compile([str(probe)], output_dir=tmp, extra_postargs=["-fopenmp"])
+                self.compiler.link_executable(objects, "openmp_probe", output_dir=tmp, extra_postargs=["-fopenmp"])
+            except Exception:  # noqa: BLE001 - any failure means: build without OpenMP
                 return False
         return True
 

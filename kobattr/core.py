@@ -243,6 +243,9 @@ def _relative_error(estimate: Tensor, real: Tensor, valid: Tensor) -> Tensor:
     return torch.where(valid, err, torch.zeros_like(err))
 
 
+MAX_OUTPUT_ELEMENTS = 1 << 33  # 32 GiB of fp32 output
+
+
 def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, weights: Optional[Tensor] = None,
               normalize_rows: bool = False, backend: str = "auto", ig: str = "exact", ig_steps: int = 20,
               budget: int = DEFAULT_BUDGET, targets: Optional[dict] = None) -> LayerAttribution:
@@ -275,6 +278,12 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, weight
             raise LayerInputError("weights contains NaN or inf values.")
     need_ff = any(m in FF_METHODS for m in methods)
     full = rows is None and weights is None
+    n_rows = N if rows is None else len(rows)
+    out_elements = B * n_rows * N * (len(methods) + (H if heads else 0))
+    if weights is None and out_elements > MAX_OUTPUT_ELEMENTS:
+        raise LayerInputError(f"the requested maps hold {out_elements / 2**30:.1f} G values ({B} x {n_rows} rows x {N} keys x "
+                              f"{len(methods)} methods{' + heads' if heads else ''}); ask for fewer rows= or use weights= "
+                              "to contract them.")
     prep = _Prepared(layer, methods, ig, ig_steps, budget, targets)
     impl = get_backend(backend, prep.attn, need_ff)
 

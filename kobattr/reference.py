@@ -11,8 +11,11 @@ import torch
 from torch import Tensor
 
 from .ig import ffn_coefficients
-from .layer import Layer
+from .layer import Layer, LayerInputError
 from .methods import COMPONENTS, FF_METHODS, check_methods, contextualization_change, ff_amp, vector_ratio
+
+
+MAX_PAIR_ELEMENTS = 1 << 31  # the (B, N, N, D) tensors above this would not fit a normal machine
 
 
 def reference(layer: Layer, methods=None, dtype: torch.dtype = torch.float64, ig: str = "exact",
@@ -31,6 +34,10 @@ def reference(layer: Layer, methods=None, dtype: torch.dtype = torch.float64, ig
       ff_amp        top-k (query, key, amplification) pairs per batch element (with FF methods)
     """
     methods = check_methods(methods, layer.placement)
+    B, N, D = layer.x.shape
+    if B * N * N * D > MAX_PAIR_ELEMENTS:
+        raise LayerInputError(f"the reference materialises (B, N, N, D) = ({B}, {N}, {N}, {D}) tensors, too large; "
+                              "use kobattr.attribute, which never builds them.")
     L = layer.validate().to(dtype)
     B, H, N, Dh = L.q.shape
     group = H // L.n_kv_heads

@@ -169,3 +169,24 @@ def test_low_precision_error_is_within_twice_the_references(kind, dtype):
         ours = (res.maps[m].double() - exact[m]).abs().max()
         theirs = (low[m].double() - exact[m]).abs().max()
         assert ours <= 2 * theirs + 1e-6, (m, ours.item(), theirs.item())
+
+
+def test_too_large_requests_are_refused_before_any_work():
+    import importlib
+
+    from kobattr import core
+
+    reference_module = importlib.import_module("kobattr.reference")
+
+    layer = random_layer("bert", N=7)
+    old = core.MAX_OUTPUT_ELEMENTS, reference_module.MAX_PAIR_ELEMENTS
+    try:
+        core.MAX_OUTPUT_ELEMENTS = 2 * 7 * 7  # one map of this batch fits, two do not
+        with pytest.raises(LayerInputError, match="rows= or use weights="):
+            attribute(layer, methods=["attn_w", "attn_n"])
+        attribute(layer, methods=["attn_n"], rows=[0])
+        reference_module.MAX_PAIR_ELEMENTS = 100
+        with pytest.raises(LayerInputError, match="reference materialises"):
+            reference(layer)
+    finally:
+        core.MAX_OUTPUT_ELEMENTS, reference_module.MAX_PAIR_ELEMENTS = old
