@@ -1,0 +1,197 @@
+"""GPU benchmark of the Triton pair kernels against the torch backend and SDPA forward.
+
+    python benchmarks/gpu_bench.py [--sizes 1024 4096 16384 65536] [--dtype bfloat16]
+
+For a Llama-7B-shaped layer (H = 32, KV = 8, Dh = 128, d = 4096, d_ff = 11008, causal) and a
+BERT-base one (H = 12, Dh = 64, d = 768, d_ff = 3072, bidirectional), times attention_maps with
+M = 3 Grams (ATTN-N, ATTNRES-N and ATTNRESLN-N of one layer at once) in two output modes: the full
+(B, 3, N, N) map (only where it fits in memory) and the contraction with one weight row over
+normalised rows (what rollout-style aggregation asks for, O(N) output). The speed-of-light anchor
+is torch SDPA forward on the same q/k/v shapes: ``vs_sdpa`` = kernel time / SDPA time. Peak
+memory is what the call allocates beyond its inputs. FF maps are O(N^2 d_ff d): small N only.
+Exits 0 with a message when there is no GPU. Results: benchmarks/results/gpu_<device>.json.
+"""
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from kobattr.backends.base import Attention, FFParts
+
+LAYERS = {
+    "llama-7b": dict(H=32, KV=8, Dh=128, d=4096, d_ff=11008, causal=True, gated=True),
+    "bert-base": dict(H=12, KV=12, Dh=64, d=768, d_ff=3072, causal=False, gated=False),
+}
+MAP_MAX_BYTES = 24 * 2 ** 30  # the full (1, 3, N, N) fp32 map is only timed below this size
+FF_SIZES = (128, 512, 1024)
+
+
+def backends():
+    from kobattr.backends.triton_backend import TritonBackend
+    out = {"triton": TritonBackend()}
+    try:
+        from kobattr.backends.torch_backend import TorchBackend
+        out["torch"] = TorchBackend()
+    except ImportError as err:
+        print(f"torch backend not importable ({err}); comparing against SDPA only")
+    return out
+
+
+def timed(fn, max_seconds=20.0, repeats=5):
+    """(median seconds, peak extra bytes) of fn(); one warm-up call (compiles), fewer repeats if slow."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - start
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(max(1, min(repeats, int(max_seconds / max(first, 1e-4))))):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(begin.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() - base
+
+
+def attention_inputs(layer, N, dtype, M=3):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    H, KV, Dh = layer["H"], layer["KV"], layer["Dh"]
+    q = torch.randn(1, H, N, Dh, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(1, KV, N, Dh, device="cuda", dtype=dtype, generator=g)
+    attn = Attention(q=q, k=k, valid=torch.ones(1, N, dtype=torch.bool, device="cuda"), causal=layer["causal"],
+                     window=0, scale=Dh ** -0.5)
+    grams = torch.empty(1, N, M, H + 1, H + 1, device="cuda")
+    for start in range(0, N, 8192):  # PSD Grams, built in chunks to keep the temporary small
+        u = torch.randn(1, min(8192, N - start), M, H + 1, 8, device="cuda", generator=g)
+        grams[:, start:start + u.shape[1]] = u @ u.transpose(-1, -2)
+    row_scale = torch.rand(1, N, M, device="cuda", generator=g) + 0.5
+    return attn, grams, row_scale
+
+
+def sdpa_time(layer, N, dtype):
+    attn, _, _ = attention_inputs(layer, N, dtype, M=1)
+    v = torch.randn_like(attn.k)
+    fn = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+        attn.q, attn.k, v, is_causal=attn.causal, enable_gqa=layer["KV"] != layer["H"])
+    return timed(fn)[0]
+
+
+def run_case(impls, fn):
+    row = {}
+    for impl, backend in impls.items():
+        try:
+            seconds, peak = timed(lambda: fn(backend))
+            row[impl] = dict(seconds=seconds, peak_bytes=peak)
+        except torch.cuda.OutOfMemoryError:
+            row[impl] = dict(error="out of memory")
+        except Exception as err:  # record and go on: one failing backend must not hide the others
+            row[impl] = dict(error=f"{type(err).__name__}: {err}"[:300])
+        torch.cuda.empty_cache()
+    return row
+
+
+def check_agreement(impls, layer, dtype):
+    """max |triton - torch| / max |torch| of the full map at N = 512: the GPU-side correctness check."""
+    if "torch" not in impls:
+        return None
+    attn, grams, row_scale = attention_inputs(layer, 512, dtype)
+    ours, _ = impls["triton"].attention_maps(attn, grams, row_scale)
+    ref, _ = impls["torch"].attention_maps(attn, grams, row_scale)
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+def ff_inputs(layer, N, dtype):
+    g = torch.Generator(device="cuda").manual_seed(1)
+    H, D, F = layer["H"], layer["d"], layer["d_ff"]
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    pos = lambda *s: torch.rand(*s, device="cuda", generator=g) + 0.5  # noqa: E731
+    gated = layer["gated"]
+    return FFParts(ff_parts=r(1, N, H + 1, F), gate_parts=r(1, N, H + 1, F) if gated else None,
+                   res_parts=r(1, N, H + 1, D), in_scale=pos(1, N), res_scale=pos(1, N), out_scale=pos(1, N),
+                   coef_in=r(1, N, F), coef_gate=r(1, N, F) if gated else None, w_out=r(F, D) / math.sqrt(F),
+                   out_weight=r(D), out_center=not gated, n_scopes=3)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no GPU (torch.cuda.is_available() is False): GPU benchmark skipped.")
+        return 0
+    dtype = getattr(torch, args.dtype)
+    device = torch.cuda.get_device_name()
+    impls = backends()
+    results = dict(device=device, dtype=args.dtype, torch=torch.__version__, attention=[], ff=[], agreement={})
+    for layer_name in args.layers:
+        layer = LAYERS[layer_name]
+        results["agreement"][layer_name] = check_agreement(impls, layer, dtype)
+        for N in args.sizes:
+            sdpa = sdpa_time(layer, N, dtype)
+            attn, grams, row_scale = attention_inputs(layer, N, dtype)
+            weights = torch.full((1, 1, N), 1.0 / N, device="cuda")
+            modes = {"contract": lambda b: b.attention_maps(attn, grams, row_scale, weights=weights,
+                                                            normalize_rows=True)}
+            if 3 * N * N * 4 <= MAP_MAX_BYTES:
+                modes["map"] = lambda b: b.attention_maps(attn, grams, row_scale)
+            for mode, fn in modes.items():
+                row = run_case(impls, fn)
+                for entry in row.values():
+                    if "seconds" in entry:
+                        entry["vs_sdpa"] = entry["seconds"] / sdpa
+                results["attention"].append(dict(layer=layer_name, N=N, mode=mode, sdpa_seconds=sdpa, **row))
+            del attn, grams, row_scale
+            torch.cuda.empty_cache()
+        for N in FF_SIZES:
+            attn, _, _ = attention_inputs(layer, N, dtype, M=1)
+            parts = ff_inputs(layer, N, dtype)
+            row = run_case(impls, lambda b: b.ff_maps(attn, parts))
+            results["ff"].append(dict(layer=layer_name, N=N, **row))
+            del parts
+            torch.cuda.empty_cache()
+
+    out_dir = Path(__file__).parent / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"gpu_{re.sub(r'[^A-Za-z0-9]+', '_', device).strip('_')}.json"
+    path.write_text(json.dumps(results, indent=2))
+    print_table(results, impls)
+    print(f"\nwritten {path}")
+    return 0
+
+
+def print_table(results, impls):
+    def cell(entry):
+        if entry is None:
+            return "-"
+        if "error" in entry:
+            return entry["error"][:24]
+        text = f"{entry['seconds'] * 1e3:9.2f} ms {entry['peak_bytes'] / 2 ** 30:6.2f} GiB"
+        return text + (f" x{entry['vs_sdpa']:.2f}" if "vs_sdpa" in entry else "")
+
+    print(f"device: {results['device']}  dtype: {results['dtype']}")
+    print("agreement triton vs torch (max rel diff, N=512):", results["agreement"])
+    header = f"{'layer':10} {'mode':8} {'N':>6} {'sdpa ms':>9} " + " ".join(f"{impl:>34}" for impl in impls)
+    print(header)
+    for row in results["attention"]:
+        print(f"{row['layer']:10} {row['mode']:8} {row['N']:6d} {row['sdpa_seconds'] * 1e3:9.2f} "
+              + " ".join(f"{cell(row.get(impl)):>34}" for impl in impls))
+    for row in results["ff"]:
+        print(f"{row['layer']:10} {'ff':8} {row['N']:6d} {'':>9} "
+              + " ".join(f"{cell(row.get(impl)):>34}" for impl in impls))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

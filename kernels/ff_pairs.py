@@ -1,0 +1,292 @@
+"""Feed-forward pair kernels: ||ff_ij||, ||res_ij + ff_ij||, out_scale_i ||C(res_ij + ff_ij) * out_weight||.
+
+Notation and output modes: kobattr/backends/base.py (``ff_maps``). alpha comes from the same
+row log-sum-exp pass and tile recomputation as the attention side (kernels/attention_pairs.py).
+
+Per tile of BLOCK_M queries x BLOCK_N keys (BM * BN pairs):
+- the pre-activation parts sum_r kappa_ij[r] ff_parts_j[r, f] are a batched ``tl.dot`` over the
+  keys, (BN, BM, HP) @ (BN, HP, BLOCK_F), plus the residual slot [i == j] ff_parts_j[H] added on
+  diagonal tiles only (same split as the attention Gram form); scaled by in_scale_i coef_in_i
+  (+ the gate parts times coef_gate_i) this is a BLOCK_F slice of the hidden row of every pair;
+- ff = hidden @ w_out is a tiled GEMM, (BM*BN, BLOCK_F) @ (BLOCK_F, BLOCK_D), accumulated over
+  F for one BLOCK_D slice of the output at a time; the hidden slice is rebuilt for each output
+  slice (HP / BLOCK_D extra work) rather than kept, so nothing d_ff-wide stays in registers;
+- the epilogue adds res_ij (another batched dot over res_parts) and reduces each output slice to
+  sums of squares, so the D-wide vector never leaves registers either.
+Centring (scope 2 with out_center) would need the mean over all of D before the sum of squares;
+instead the launcher centres w_out and res_parts (C is linear) so the GEMM yields C(ff) and C(res)
+directly, and scopes 0/1 add the mean back exactly, ||x||^2 = ||C(x)||^2 + D mean(x)^2, with
+mean(ff_ij) = hidden_ij . mean_d(w_out) and mean(res_ij) from per-key part means: no cancellation.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_pairs import _alpha_tile, _key_range, _pow2, _visible, dot_settings, row_lse
+
+
+@triton.jit
+def _mix_parts(alpha_t, parts_ptr, b, cols, col_ok, diag, has_diagonal, offs, offs_ok, N, width,
+               H: tl.constexpr, HP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """mix[j, i, x] = sum_{h<H} alpha_t[j, i, h] parts[b, j, h, x] + diag[j, i] parts[b, j, H, x] -> (BN, BM, BX).
+
+    alpha_t (BN, BM, HP) fp32; parts_ptr (B, N, H+1, width); x runs over ``offs``.
+    """
+    heads = tl.arange(0, HP)
+    base = (b * N + cols) * ((H + 1) * width)  # (BN,)
+    parts = tl.load(parts_ptr + base[:, None, None] + heads[None, :, None] * width + offs[None, None, :],
+                    mask=col_ok[:, None, None] & (heads < H)[None, :, None] & offs_ok[None, None, :], other=0.0)
+    mix = tl.dot(alpha_t, parts.to(tl.float32), input_precision=DOT_PRECISION)
+    if has_diagonal:
+        residual = tl.load(parts_ptr + base[:, None] + H * width + offs[None, :],
+                           mask=col_ok[:, None] & offs_ok[None, :], other=0.0)
+        mix = mix + diag[:, :, None] * residual.to(tl.float32)[:, None, :]
+    return mix
+
+
+@triton.jit
+def _hidden_slice(alpha_t, ff_ptr, gate_ptr, coef_in_ptr, coef_gate_ptr, in_scale, b, rows, row_ok, cols, col_ok,
+                  diag, has_diagonal, f, f_ok, N, F,
+                  H: tl.constexpr, HP: tl.constexpr, GATED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """hidden[j, i, f] = in_scale_i (coef_in_if sum_r kappa_ij[r] ff_j[r, f]
+                                       + coef_gate_if sum_r kappa_ij[r] gate_j[r, f]).
+
+    ff_ptr, gate_ptr (B, N, H+1, F); coef_in_ptr, coef_gate_ptr (B, N, F); in_scale (BM,) -> (BN, BM, BF).
+    """
+    coef_offs = (b * N + rows)[:, None] * F + f[None, :]
+    coef_mask = row_ok[:, None] & f_ok[None, :]
+    coef = tl.load(coef_in_ptr + coef_offs, mask=coef_mask, other=0.0).to(tl.float32) * in_scale[:, None]
+    hidden = _mix_parts(alpha_t, ff_ptr, b, cols, col_ok, diag, has_diagonal, f, f_ok, N, F, H, HP,
+                        DOT_PRECISION) * coef[None, :, :]
+    if GATED:
+        coef = tl.load(coef_gate_ptr + coef_offs, mask=coef_mask, other=0.0).to(tl.float32) * in_scale[:, None]
+        hidden += _mix_parts(alpha_t, gate_ptr, b, cols, col_ok, diag, has_diagonal, f, f_ok, N, F, H, HP,
+                             DOT_PRECISION) * coef[None, :, :]
+    return hidden
+
+
+@triton.jit
+def _ff_tile(q_ptr, k_ptr, lse_ptr, ff_ptr, gate_ptr, res_ptr, in_scale_ptr, res_scale_ptr, out_scale_ptr,
+             coef_in_ptr, coef_gate_ptr, w_out_ptr, out_weight_ptr, w_out_mean_ptr, res_mean_ptr,
+             b, rows, ridx, row_ok, cols, col_ok, vis, has_diagonal, N, R, F, D, scale_log2,
+             H: tl.constexpr, KV_GROUP: tl.constexpr, DH: tl.constexpr, HP: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
+             BLOCK_DO: tl.constexpr, GATED: tl.constexpr, N_SCOPES: tl.constexpr, CENTER: tl.constexpr,
+             QK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The scope norms of one tile, each (BN, BM) (key-major), 0 on invisible pairs:
+    s0 = ||ff_ij||, s1 = ||res_ij + ff_ij||, s2 = out_scale_i ||C(res_ij + ff_ij) * out_weight||
+    (zeros if N_SCOPES == 2).
+
+    Pointers as in _ff_pairs_kernel; with CENTER, w_out_ptr and res_ptr hold the centred w_out and res_parts.
+    """
+    alpha = _alpha_tile(q_ptr, k_ptr, lse_ptr, b, rows, ridx, row_ok, cols, col_ok, vis, N, R, scale_log2,
+                        H, KV_GROUP, DH, HP, BLOCK_D, QK_FP32, DOT_PRECISION)
+    alpha_t = tl.permute(alpha, (2, 1, 0))  # (BN, BM, HP): batched over keys
+    diag = tl.where(cols[:, None] == rows[None, :], 1.0, 0.0)
+    row_offs = b * N + rows
+    in_scale = tl.load(in_scale_ptr + row_offs, mask=row_ok, other=0.0).to(tl.float32)
+    res_scale = tl.load(res_scale_ptr + row_offs, mask=row_ok, other=0.0).to(tl.float32)
+    sq_ff = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    sq_total = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    sq_out = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    for d0 in range(0, D, BLOCK_DO):
+        dd = d0 + tl.arange(0, BLOCK_DO)
+        d_ok = dd < D
+        ff = tl.zeros((BLOCK_N * BLOCK_M, BLOCK_DO), tl.float32)
+        for f0 in range(0, F, BLOCK_F):
+            f = f0 + tl.arange(0, BLOCK_F)
+            f_ok = f < F
+            hidden = _hidden_slice(alpha_t, ff_ptr, gate_ptr, coef_in_ptr, coef_gate_ptr, in_scale, b, rows, row_ok,
+                                   cols, col_ok, diag, has_diagonal, f, f_ok, N, F, H, HP, GATED, DOT_PRECISION)
+            w_out = tl.load(w_out_ptr + f[:, None] * D + dd[None, :], mask=f_ok[:, None] & d_ok[None, :], other=0.0)
+            ff = tl.dot(tl.reshape(hidden, (BLOCK_N * BLOCK_M, BLOCK_F)), w_out.to(tl.float32), ff,
+                        input_precision=DOT_PRECISION)
+        ff = tl.reshape(ff, (BLOCK_N, BLOCK_M, BLOCK_DO))
+        total = ff + _mix_parts(alpha_t, res_ptr, b, cols, col_ok, diag, has_diagonal, dd, d_ok, N, D, H, HP,
+                                DOT_PRECISION) * res_scale[None, :, None]
+        sq_ff += tl.sum(ff * ff, 2)
+        sq_total += tl.sum(total * total, 2)
+        if N_SCOPES == 3:
+            weighted = total * tl.load(out_weight_ptr + dd, mask=d_ok, other=0.0).to(tl.float32)[None, None, :]
+            sq_out += tl.sum(weighted * weighted, 2)
+    if CENTER:
+        # add back what centring removed from scopes 0 and 1: D * mean^2
+        mean_ff = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        for f0 in range(0, F, BLOCK_F):
+            f = f0 + tl.arange(0, BLOCK_F)
+            f_ok = f < F
+            hidden = _hidden_slice(alpha_t, ff_ptr, gate_ptr, coef_in_ptr, coef_gate_ptr, in_scale, b, rows, row_ok,
+                                   cols, col_ok, diag, has_diagonal, f, f_ok, N, F, H, HP, GATED, DOT_PRECISION)
+            w_mean = tl.load(w_out_mean_ptr + f, mask=f_ok, other=0.0)
+            mean_ff += tl.sum(hidden * w_mean[None, None, :], 2)
+        heads = tl.arange(0, HP)
+        mean_base = (b * N + cols) * (H + 1)
+        res_mean = tl.load(res_mean_ptr + mean_base[:, None] + heads[None, :],
+                           mask=col_ok[:, None] & (heads < H)[None, :], other=0.0)
+        res_mean_diag = tl.load(res_mean_ptr + mean_base + H, mask=col_ok, other=0.0)
+        mean_res = (tl.sum(alpha_t * res_mean[:, None, :], 2) + diag * res_mean_diag[:, None]) * res_scale[None, :]
+        sq_ff += D * mean_ff * mean_ff
+        mean_total = mean_ff + mean_res
+        sq_total += D * mean_total * mean_total
+    vis_t = tl.trans(vis)
+    out_scale = tl.load(out_scale_ptr + row_offs, mask=row_ok, other=0.0).to(tl.float32)
+    return (tl.where(vis_t, tl.sqrt(sq_ff), 0.0), tl.where(vis_t, tl.sqrt(sq_total), 0.0),
+            tl.where(vis_t, out_scale[None, :] * tl.sqrt(sq_out), 0.0))
+
+
+@triton.jit
+def _ff_pairs_kernel(
+    q_ptr,  # (B, H, N, DH)
+    k_ptr,  # (B, H // KV_GROUP, N, DH)
+    valid_ptr,  # (B, N) int8
+    rows_ptr,  # (R,) int64, read if HAS_ROWS
+    lse_ptr,  # (B, H, R) fp32 from _row_lse_kernel
+    ff_ptr,  # (B, N, H+1, F)
+    gate_ptr,  # (B, N, H+1, F), read if GATED
+    res_ptr,  # (B, N, H+1, D), centred over D if CENTER
+    in_scale_ptr, res_scale_ptr, out_scale_ptr,  # (B, N) each
+    coef_in_ptr,  # (B, N, F)
+    coef_gate_ptr,  # (B, N, F), read if GATED
+    w_out_ptr,  # (F, D), centred over D if CENTER
+    out_weight_ptr,  # (D,), read if N_SCOPES == 3
+    w_out_mean_ptr,  # (F,) mean over D of the uncentred w_out, read if CENTER
+    res_mean_ptr,  # (B, N, H+1) mean over D of the uncentred res_parts, read if CENTER
+    map_ptr,  # (B, N_SCOPES, R, N) fp32, written if STORE_MAP
+    row_sum_ptr,  # (B, N_SCOPES, R) fp32, written if SUM_ROWS
+    weights_ptr,  # (B, N_SCOPES, K, R) fp32 with strides (weights_b_stride, weights_s_stride, R, 1), read if CONTRACT
+    out_ptr,  # (B, N_SCOPES, K, N) fp32, zeroed, accumulated into if CONTRACT
+    N, R, K, F, D, scale_log2, window, weights_b_stride, weights_s_stride,
+    H: tl.constexpr, KV_GROUP: tl.constexpr, DH: tl.constexpr, HP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
+    BLOCK_DO: tl.constexpr, GATED: tl.constexpr, N_SCOPES: tl.constexpr, CENTER: tl.constexpr,
+    HAS_ROWS: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+    STORE_MAP: tl.constexpr, SUM_ROWS: tl.constexpr, CONTRACT: tl.constexpr, BLOCK_K: tl.constexpr,
+    QK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """map[b, s, r, j] = scope s of pair (i = rows[r], j) (see _ff_tile), and what the flags ask of it:
+    STORE_MAP: the map; SUM_ROWS: its sums over j;
+    CONTRACT: out[b, s, k, j] += sum_r weights[b, s, k, r] map[b, s, r, j]
+    (atomically, as in kernels/attention_pairs.py).
+
+    One program per block of BLOCK_M query rows, looping over the key tiles those rows can see.
+    """
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    ridx = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = ridx < R
+    if HAS_ROWS:
+        rows = tl.load(rows_ptr + ridx, mask=row_ok, other=0)
+    else:
+        rows = ridx.to(tl.int64)
+    row_valid = tl.load(valid_ptr + b * N + rows, mask=row_ok, other=0) != 0
+    row_lo = tl.min(tl.where(row_ok, rows, N))
+    row_hi = tl.max(tl.where(row_ok, rows, -1))
+    sum0 = tl.zeros((BLOCK_M,), tl.float32)
+    sum1 = tl.zeros((BLOCK_M,), tl.float32)
+    sum2 = tl.zeros((BLOCK_M,), tl.float32)
+    lo, hi = _key_range(rows, row_ok, N, window, CAUSAL, WINDOWED, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        col_valid = tl.load(valid_ptr + b * N + cols, mask=col_ok, other=0) != 0
+        vis = _visible(rows, row_valid, cols, col_valid, window, CAUSAL, WINDOWED)
+        has_diagonal = (start <= row_hi) & (start + BLOCK_N > row_lo)
+        s0, s1, s2 = _ff_tile(q_ptr, k_ptr, lse_ptr, ff_ptr, gate_ptr, res_ptr, in_scale_ptr, res_scale_ptr,
+                              out_scale_ptr, coef_in_ptr, coef_gate_ptr, w_out_ptr, out_weight_ptr, w_out_mean_ptr,
+                              res_mean_ptr, b, rows, ridx, row_ok, cols, col_ok, vis, has_diagonal, N, R, F, D,
+                              scale_log2, H, KV_GROUP, DH, HP, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_F, BLOCK_DO, GATED,
+                              N_SCOPES, CENTER, QK_FP32, DOT_PRECISION)
+        if STORE_MAP:
+            offs = (b * N_SCOPES * R + ridx[None, :]) * N + cols[:, None]  # (BN, BM), scope 0
+            mask = row_ok[None, :] & col_ok[:, None]
+            tl.store(map_ptr + offs, s0, mask=mask)
+            tl.store(map_ptr + offs + R * N, s1, mask=mask)
+            if N_SCOPES == 3:
+                tl.store(map_ptr + offs + 2 * R * N, s2, mask=mask)
+        if SUM_ROWS:
+            sum0 += tl.sum(s0, 0)
+            sum1 += tl.sum(s1, 0)
+            sum2 += tl.sum(s2, 0)
+        if CONTRACT:
+            for k0 in range(0, K, BLOCK_K):
+                kidx = k0 + tl.arange(0, BLOCK_K)
+                w_offs = weights_ptr + b * weights_b_stride + kidx[:, None] * R + ridx[None, :]
+                w_mask = (kidx < K)[:, None] & row_ok[None, :]
+                out_offs = out_ptr + (b * N_SCOPES * K + kidx[:, None]) * N + cols[None, :]
+                out_mask = (kidx < K)[:, None] & col_ok[None, :]
+                part = tl.dot(tl.load(w_offs, mask=w_mask, other=0.0), tl.trans(s0), input_precision=DOT_PRECISION)
+                tl.atomic_add(out_offs, part, mask=out_mask, sem="relaxed")
+                part = tl.dot(tl.load(w_offs + weights_s_stride, mask=w_mask, other=0.0), tl.trans(s1),
+                              input_precision=DOT_PRECISION)
+                tl.atomic_add(out_offs + K * N, part, mask=out_mask, sem="relaxed")
+                if N_SCOPES == 3:
+                    part = tl.dot(tl.load(w_offs + 2 * weights_s_stride, mask=w_mask, other=0.0), tl.trans(s2),
+                                  input_precision=DOT_PRECISION)
+                    tl.atomic_add(out_offs + 2 * K * N, part, mask=out_mask, sem="relaxed")
+    if SUM_ROWS:
+        offs = b * N_SCOPES * R + ridx
+        tl.store(row_sum_ptr + offs, sum0, mask=row_ok)
+        tl.store(row_sum_ptr + offs + R, sum1, mask=row_ok)
+        if N_SCOPES == 3:
+            tl.store(row_sum_ptr + offs + 2 * R, sum2, mask=row_ok)
+
+
+def ff_tile_sizes():
+    """Tile of the FF kernel: BM x BN pairs, the hidden slice BLOCK_F wide, the output slice BLOCK_DO wide."""
+    return dict(BLOCK_M=16, BLOCK_N=4, BLOCK_D=16, BLOCK_F=32, BLOCK_DO=64)
+
+
+def ff_maps(q, k, valid, causal, window, scale, ff_parts, gate_parts, res_parts, in_scale, res_scale, out_scale,
+            coef_in, coef_gate, w_out, out_weight, out_center, n_scopes, rows=None, weights=None,
+            normalize_rows=False):
+    """The ``ff_maps`` primitive of kobattr/backends/base.py on contiguous CUDA (or interpreted) tensors.
+
+    Shapes as in base.py. Returns (B, n_scopes, R, N) or, with weights (B, K, N), (B, n_scopes, K, N) float32.
+    """
+    B, H, N, DH = q.shape
+    F, D = w_out.shape
+    dev, f32 = q.device, torch.float32
+    center = bool(out_center) and n_scopes == 3
+    valid8 = valid.to(torch.int8)
+    gated = gate_parts is not None
+    w_out_mean = res_mean = in_scale  # placeholders, never read unless CENTER
+    if center:
+        w_out_mean = w_out.to(f32).mean(1)
+        w_out = (w_out.to(f32) - w_out_mean[:, None]).contiguous()
+        res_mean = res_parts.to(f32).mean(-1).contiguous()
+        res_parts = (res_parts.to(f32) - res_mean[..., None]).contiguous()
+    qk_fp32, precision = dot_settings(q.dtype)
+    tile = ff_tile_sizes()
+    block_m = tile["BLOCK_M"]
+    shape = dict(H=H, KV_GROUP=H // k.shape[1], DH=DH, HP=_pow2(H), **tile, GATED=gated, N_SCOPES=n_scopes,
+                 CENTER=center, CAUSAL=causal,
+                 WINDOWED=window > 0, QK_FP32=qk_fp32, DOT_PRECISION=precision)
+    scale_log2 = scale * 1.4426950408889634
+    tensors = (ff_parts, gate_parts if gated else ff_parts, res_parts, in_scale, res_scale, out_scale, coef_in,
+               coef_gate if gated else coef_in, w_out, out_weight if out_weight is not None else in_scale,
+               w_out_mean, res_mean)
+
+    def run(rows, lse, store_map=False, sum_rows=False, weights=None):
+        R = N if rows is None else rows.numel()
+        maps = torch.zeros(B, n_scopes, R, N, device=dev, dtype=f32) if store_map else lse
+        sums = torch.empty(B, n_scopes, R, device=dev, dtype=f32) if sum_rows else lse
+        contract = weights is not None
+        K = weights.shape[-2] if contract else 0
+        out = torch.zeros(B, n_scopes, K, N, device=dev, dtype=f32) if contract else lse
+        _ff_pairs_kernel[(triton.cdiv(R, block_m), B)](
+            q, k, valid8, rows if rows is not None else lse, lse, *tensors, maps, sums,
+            weights if contract else lse, out, N, R, K, F, D, scale_log2, window,
+            weights.stride(0) if contract else 0, K * R if contract and weights.dim() == 4 else 0,
+            HAS_ROWS=rows is not None, STORE_MAP=store_map, SUM_ROWS=sum_rows, CONTRACT=contract,
+            BLOCK_K=_pow2(min(K, 64)), num_stages=1, **shape,
+        )
+        return maps if store_map else sums if sum_rows else out
+
+    if weights is None:
+        return run(rows, row_lse(q, k, valid8, causal, window, scale, rows), store_map=True)
+    lse = row_lse(q, k, valid8, causal, window, scale)
+    if normalize_rows:
+        sums = run(None, lse, sum_rows=True)
+        weights = torch.where(sums[:, :, None] > 0, weights[:, None] / sums[:, :, None].clamp_min(1e-30), 0.0)
+    return run(None, lse, weights=weights.to(f32).contiguous())

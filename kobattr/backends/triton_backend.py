@@ -1,0 +1,102 @@
+"""The Triton backend: the two pair primitives of base.py as fused GPU kernels (kobattr/kernels/).
+
+Nothing N x N x d (nor N x N x H) is materialised: alpha is recomputed tile by tile from q and k,
+see kernels/attention_pairs.py and kernels/ff_pairs.py for the kernel designs. Triton is imported
+lazily so that this module imports (and says why it cannot run) on machines without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .base import Attention, Backend, BackendUnavailable, FFParts
+
+MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEADS = 64
+MAX_HEAD_SIZE = 256
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _parts(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A per-key/per-row input as the kernels read it: contiguous, fp32 unless already a model dtype."""
+    if t is None:
+        return None
+    return (t if t.dtype in MODEL_DTYPES else t.float()).contiguous()
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    @classmethod
+    def unavailable_reason(cls) -> Optional[str]:
+        if importlib.util.find_spec("triton") is None:
+            return "the triton backend needs the triton package, which is not installed."
+        if not _interpreting() and not torch.cuda.is_available():
+            return "the triton backend needs a CUDA device (or TRITON_INTERPRET=1 to run its kernels on the CPU)."
+        return None
+
+    def cannot_run(self, attn: Attention, need_ff: bool) -> Optional[str]:
+        reason = self.unavailable_reason()
+        if reason is not None:
+            return reason
+        q, k = attn.q, attn.k
+        if q.device.type != "cuda" and not _interpreting():
+            return f"the triton backend needs CUDA tensors (got {q.device.type}; TRITON_INTERPRET=1 runs CPU tensors)."
+        if q.dtype not in MODEL_DTYPES or k.dtype != q.dtype:
+            return ("the triton backend takes float32, float16 or bfloat16 q and k of one dtype "
+                    f"(got {q.dtype}, {k.dtype}).")
+        B, H, N, Dh = q.shape
+        if H > MAX_HEADS:
+            return f"the triton backend takes at most {MAX_HEADS} heads (got {H})."
+        if Dh > MAX_HEAD_SIZE:
+            return f"the triton backend takes head sizes up to {MAX_HEAD_SIZE} (got {Dh})."
+        if k.shape[1] == 0 or H % k.shape[1]:
+            return f"the number of heads ({H}) is not a multiple of the number of KV heads ({k.shape[1]})."
+        return None
+
+    def _check(self, attn: Attention, need_ff: bool) -> None:
+        reason = self.cannot_run(attn, need_ff)
+        if reason is not None:
+            raise BackendUnavailable(reason)
+
+    @staticmethod
+    def _common(attn: Attention, rows: Optional[Tensor], weights: Optional[Tensor]):
+        dev = attn.q.device
+        return dict(
+            q=attn.q.contiguous(), k=attn.k.contiguous(), valid=attn.valid.to(dev).contiguous(),
+            causal=bool(attn.causal), window=int(attn.window), scale=float(attn.scale),
+            rows=None if rows is None else rows.to(device=dev, dtype=torch.int64).contiguous(),
+            weights=None if weights is None else weights.to(device=dev, dtype=torch.float32).contiguous(),
+        )
+
+    def attention_maps(self, attn: Attention, grams: Tensor, row_scale: Tensor, rows: Optional[Tensor] = None,
+                       weights: Optional[Tensor] = None, normalize_rows: bool = False,
+                       want_alpha: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        self._check(attn, need_ff=False)
+        from kobattr.kernels.attention_pairs import attention_maps
+
+        return attention_maps(grams=grams.float().contiguous(), row_scale=row_scale.float().contiguous(),
+                              normalize_rows=normalize_rows, want_alpha=want_alpha, **self._common(attn, rows, weights))
+
+    def ff_maps(self, attn: Attention, parts: FFParts, rows: Optional[Tensor] = None,
+                weights: Optional[Tensor] = None, normalize_rows: bool = False) -> Tensor:
+        self._check(attn, need_ff=True)
+        from kobattr.kernels.ff_pairs import ff_maps
+
+        return ff_maps(
+            ff_parts=_parts(parts.ff_parts), gate_parts=_parts(parts.gate_parts), res_parts=_parts(parts.res_parts),
+            in_scale=parts.in_scale.float().contiguous(), res_scale=parts.res_scale.float().contiguous(),
+            out_scale=parts.out_scale.float().contiguous(), coef_in=_parts(parts.coef_in),
+            coef_gate=_parts(parts.coef_gate), w_out=_parts(parts.w_out),
+            out_weight=None if parts.out_weight is None else parts.out_weight.float().contiguous(),
+            out_center=bool(parts.out_center), n_scopes=int(parts.n_scopes), normalize_rows=normalize_rows,
+            **self._common(attn, rows, weights),
+        )

@@ -1,0 +1,176 @@
+"""Every Triton kernel and constexpr variant compiles to PTX and cubin for sm_80 and sm_90.
+
+No GPU needed: ``triton.compile`` with an explicit GPUTarget runs the whole real pipeline (TTIR,
+TTGIR, LLVM, ptxas), which catches what the interpreter forgives (layouts of 3D dots, shapes a
+real tl.dot rejects, shared memory beyond what the architecture has).
+
+The compiling happens in worker processes started with TRITON_INTERPRET=0 (this file run as a
+script): once triton was imported with TRITON_INTERPRET=1, as tests/conftest.py does, its own
+standard library (tl.sum, tl.max, ...) consists of interpreted functions that cannot be compiled.
+One worker per CPU core; each test then checks the result of its variant.
+"""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+# shared memory per block on the architectures (opt-in maximum)
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+CAPABILITIES = (80, 90)
+DTYPES = ("fp32", "fp16", "bf16")
+TARGETS = list(itertools.product(CAPABILITIES, DTYPES))
+
+INT_ARGS = {"N", "R", "K", "F", "D", "window", "weights_b_stride", "weights_m_stride", "weights_s_stride"}
+MODEL_DTYPE_PTRS = {"q_ptr", "k_ptr", "ff_ptr", "gate_ptr", "res_ptr", "coef_in_ptr", "coef_gate_ptr", "w_out_ptr"}
+
+# Compiling takes 5-60 s a kernel on a small CPU, so each list below is a covering set rather than
+# the full product: every kernel on every (capability, dtype), every value of every flag, every
+# launcher mode combination, the head sizes 32/64/80/128, H padded to HP = 16/32/64 and GQA.
+
+# (H, KV_GROUP, DH, HAS_ROWS, CAUSAL, WINDOWED)
+LSE_VARIANTS = [(12, 1, 64, False, False, False), (32, 4, 128, True, True, False), (4, 2, 80, False, True, True),
+                (64, 8, 32, True, False, True), (40, 8, 128, False, False, True), (12, 3, 80, True, True, True)]
+
+# (H, KV_GROUP, DH, M, HAS_ROWS, CAUSAL, WINDOWED, (STORE_MAP, SUM_ROWS, CONTRACT, WRITE_ALPHA)):
+# the mode tuples are the ones attention_maps launches; the last is the benchmark's Llama layer
+ATTENTION_VARIANTS = [
+    (12, 1, 64, 3, False, False, False, (True, False, False, False)),
+    (32, 4, 32, 1, True, True, False, (True, False, False, True)),
+    (4, 2, 80, 2, False, True, True, (False, True, False, False)),
+    (64, 8, 32, 1, False, False, True, (False, True, False, True)),
+    (8, 1, 32, 3, False, True, False, (False, False, True, False)),
+    (40, 8, 32, 2, False, False, True, (False, False, True, True)),
+    (16, 2, 32, 1, True, True, True, (False, False, False, True)),
+    (32, 4, 128, 3, False, True, False, (True, False, False, False)),
+]
+ATTENTION_TARGETS = TARGETS + [(80, "fp16"), (80, "bf16")]
+
+# (H, KV_GROUP, DH, GATED, N_SCOPES, CENTER, HAS_ROWS, CAUSAL, WINDOWED, (STORE_MAP, SUM_ROWS, CONTRACT))
+FF_VARIANTS = [
+    (12, 1, 64, False, 2, False, False, False, False, (True, False, False)),
+    (32, 4, 32, True, 3, True, True, True, False, (True, False, False)),
+    (4, 2, 80, False, 3, True, False, True, True, (False, True, False)),
+    (64, 8, 32, True, 2, False, False, False, True, (False, True, False)),
+    (8, 1, 32, True, 3, False, False, True, False, (False, False, True)),
+    (40, 8, 32, False, 3, False, True, False, True, (False, False, True)),
+]
+
+
+def jobs():
+    """id -> (module, kernel, dtype, capability, num_stages, variant) of every compile."""
+    out = {}
+    for i, (target, variant) in enumerate(zip(TARGETS, LSE_VARIANTS)):
+        out[f"lse-{i}"] = ("attention_pairs", "_row_lse_kernel", *target, 2, variant)
+    for i, (target, variant) in enumerate(zip(ATTENTION_TARGETS, ATTENTION_VARIANTS)):
+        out[f"attention-{i}"] = ("attention_pairs", "_attention_pairs_kernel", *target, 1, variant)
+    for i, (target, variant) in enumerate(zip(TARGETS, FF_VARIANTS)):
+        out[f"ff-{i}"] = ("ff_pairs", "_ff_pairs_kernel", *target, 1, variant)
+    return out
+
+
+def constexprs(kernel, dtype, variant):
+    """The constexpr arguments the launchers pass for this variant."""
+    import torch
+
+    from kobattr.kernels import attention_pairs as ap
+    from kobattr.kernels import ff_pairs as fp
+    qk_fp32, precision = ap.dot_settings({"fp32": torch.float32, "fp16": torch.float16,
+                                          "bf16": torch.bfloat16}[dtype])
+    dots = dict(QK_FP32=qk_fp32, DOT_PRECISION=precision)
+    if kernel == "_row_lse_kernel":
+        H, group, dh, has_rows, causal, windowed = variant
+        block = 64 if dh <= 64 else 32
+        return dict(H=H, KV_GROUP=group, DH=dh, BLOCK_M=block, BLOCK_N=block, BLOCK_D=ap._pow2(dh),
+                    HAS_ROWS=has_rows, CAUSAL=causal, WINDOWED=windowed, **dots)
+    if kernel == "_attention_pairs_kernel":
+        H, group, dh, M, has_rows, causal, windowed, (store, sums, contract, alpha) = variant
+        block_m, block_n = ap.pair_tile_sizes(H)
+        return dict(H=H, KV_GROUP=group, M=M, MP=ap._pow2(M, 1), DH=dh, HP=ap._pow2(H), BLOCK_M=block_m,
+                    BLOCK_N=block_n, BLOCK_D=16, HAS_ROWS=has_rows, CAUSAL=causal, WINDOWED=windowed,
+                    STORE_MAP=store, SUM_ROWS=sums, CONTRACT=contract, WRITE_ALPHA=alpha, BLOCK_K=16, **dots)
+    H, group, dh, gated, n_scopes, center, has_rows, causal, windowed, (store, sums, contract) = variant
+    return dict(H=H, KV_GROUP=group, DH=dh, HP=ap._pow2(H), **fp.ff_tile_sizes(), GATED=gated, N_SCOPES=n_scopes,
+                CENTER=center, HAS_ROWS=has_rows, CAUSAL=causal, WINDOWED=windowed, STORE_MAP=store,
+                SUM_ROWS=sums, CONTRACT=contract, BLOCK_K=16, **dots)
+
+
+def signature(kernel, dtype, consts):
+    """The ASTSource signature: model-dtype pointers for q, k and the FF parts, fp32 elsewhere."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in MODEL_DTYPE_PTRS:
+            sig[name] = "*" + dtype
+        elif name == "valid_ptr":
+            sig[name] = "*i8"
+        elif name == "rows_ptr":
+            sig[name] = "*i64"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        elif name in INT_ARGS:
+            sig[name] = "i32"
+        else:
+            sig[name] = "fp32"
+    return sig
+
+
+def compile_job(module, kernel_name, capability, dtype, num_stages, variant):
+    """'ok', or why the compile failed or produced nothing usable."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = getattr(importlib.import_module(f"kobattr.kernels.{module}"), kernel_name)
+    consts = constexprs(kernel_name, dtype, variant)
+    src = ASTSource(fn=kernel, signature=signature(kernel, dtype, consts), constexprs=consts)
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                                  options={"num_warps": 4, "num_stages": num_stages})
+    except Exception as err:  # the message is the test failure
+        return f"compile error: {type(err).__name__}: {err}"[:4000]
+    if not compiled.asm.get("ptx") or not compiled.asm.get("cubin"):
+        return f"no PTX/cubin, asm keys {sorted(compiled.asm)}"
+    if compiled.metadata.shared > SHARED_LIMIT[capability]:
+        return f"{compiled.metadata.shared} bytes of shared memory > {SHARED_LIMIT[capability]} on sm_{capability}"
+    return "ok"
+
+
+def worker(index, count):
+    """Compile every count-th job starting at index; print {id: result} as JSON."""
+    results = {}
+    for job_id in sorted(jobs())[index::count]:
+        results[job_id] = compile_job(*jobs()[job_id])
+    print(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def compile_results():
+    pytest.importorskip("triton")
+    count = max(1, min(os.cpu_count() or 1, 8))
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    procs = [subprocess.Popen([sys.executable, __file__, str(i), str(count)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(count)]
+    results = {}
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=1800)
+        assert proc.returncode == 0, stderr[-4000:]
+        results.update(json.loads(stdout.strip().splitlines()[-1]))
+    return results
+
+
+@pytest.mark.parametrize("job_id", sorted(jobs()))
+def test_kernel_variant_compiles(compile_results, job_id):
+    module, kernel, capability, dtype, _, variant = jobs()[job_id]
+    result = compile_results[job_id]
+    assert result == "ok", f"{kernel} sm_{capability} {dtype} {variant}: {result}"
+
+
+if __name__ == "__main__":
+    worker(int(sys.argv[1]), int(sys.argv[2]))

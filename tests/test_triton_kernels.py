@@ -1,0 +1,259 @@
+"""The Triton kernels against the fp64 primitive oracle, run by the Triton interpreter on the CPU.
+
+tests/conftest.py sets TRITON_INTERPRET=1 before anything imports triton. Shapes stay small (the
+interpreter executes every tile in numpy) but cross tile borders: N = 97 spans several query and
+key tiles, N = 1 and 7 are partial single tiles.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kobattr.backends.base import BackendUnavailable  # noqa: E402
+from kobattr.backends.triton_backend import TritonBackend  # noqa: E402
+from kobattr.kernels import attention_pairs  # noqa: E402
+from primitive_oracle import (oracle_alpha, oracle_attention_maps, oracle_ff_maps, random_attention,  # noqa: E402
+                              random_ff_parts, random_grams)
+
+if TritonBackend.unavailable_reason() is not None:
+    pytest.skip(TritonBackend.unavailable_reason(), allow_module_level=True)
+
+BACKEND = TritonBackend()
+
+# (N, H, KV, Dh, causal, window, pad): masks, GQA (4/2, 4/1), padded heads (12 -> 16) and Dh = 80
+PATTERNS = {
+    "N1": (1, 4, 2, 16, False, 0, 0),
+    "N7-causal-pad": (7, 4, 2, 16, True, 0, 2),
+    "N7-window": (7, 4, 4, 32, False, 3, 0),
+    "N97-causal-window-gqa1": (97, 4, 1, 16, True, 13, 5),
+    "N97-pad-gqa2": (97, 4, 2, 16, False, 0, 20),
+    "N20-H12-dh80": (20, 12, 3, 80, True, 0, 3),
+}
+
+
+def attention(name, dtype=torch.float32, seed=0):
+    N, H, KV, Dh, causal, window, pad = PATTERNS[name]
+    return random_attention(B=2, H=H, KV=KV, N=N, Dh=Dh, causal=causal, window=window, pad=pad, dtype=dtype,
+                            seed=seed)
+
+
+def assert_close(out, ref, rtol=1e-5):
+    """fp32 kernel vs fp64 oracle: the interpreter's fp32 dot is exact, so only fp32 rounding remains."""
+    ref = ref.to(out.dtype)
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=rtol * max(ref.abs().max().item(), 1e-6))
+
+
+def assert_lowprec_close(out, ref64, ref_rounded):
+    """Flash-attention rule: the kernel on rounded inputs is at most 2x as far from the fp64 truth as
+    the fp64 oracle on those rounded inputs is (plus a small absolute floor)."""
+    err = (out.double() - ref64).abs().max().item()
+    budget = 2 * (ref_rounded - ref64).abs().max().item() + 1e-5 * ref64.abs().max().item()
+    assert err <= budget, (err, budget)
+
+
+def rows_for(N):
+    return torch.tensor(sorted({N - 1, 0, N // 2, N // 3}, reverse=True), dtype=torch.int64)
+
+
+# ---------------------------------------------------------------- attention maps
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_attention_full_map_and_alpha(name):
+    attn = attention(name)
+    B, H, N, _ = attn.q.shape
+    grams, row_scale = random_grams(B, N, 3, H)
+    maps, alpha = BACKEND.attention_maps(attn, grams, row_scale, want_alpha=True)
+    assert maps.shape == (B, 3, N, N) and alpha.shape == (B, H, N, N)
+    assert_close(maps, oracle_attention_maps(attn, grams, row_scale))
+    assert_close(alpha, oracle_alpha(attn))
+
+
+@pytest.mark.parametrize("name", ["N1", "N7-causal-pad", "N97-causal-window-gqa1"])
+def test_attention_rows(name):
+    attn = attention(name)
+    B, H, N, _ = attn.q.shape
+    grams, row_scale = random_grams(B, N, 2, H)
+    rows = rows_for(N)
+    maps, alpha = BACKEND.attention_maps(attn, grams, row_scale, rows=rows, want_alpha=True)
+    assert maps.shape == (B, 2, len(rows), N)
+    assert_close(maps, oracle_attention_maps(attn, grams, row_scale, rows=rows))
+    assert_close(alpha, oracle_alpha(attn, rows))
+    maps, alpha = BACKEND.attention_maps(attn, grams, row_scale, rows=rows)
+    assert alpha is None
+    assert_close(maps, oracle_attention_maps(attn, grams, row_scale, rows=rows))
+
+
+@pytest.mark.parametrize("normalize_rows", [False, True])
+@pytest.mark.parametrize("name", ["N7-causal-pad", "N97-causal-window-gqa1", "N97-pad-gqa2"])
+def test_attention_weights_contraction(name, normalize_rows):
+    attn = attention(name)
+    B, H, N, _ = attn.q.shape
+    grams, row_scale = random_grams(B, N, 3, H)
+    weights = torch.rand(B, 3, N, generator=torch.Generator().manual_seed(5))
+    out, alpha = BACKEND.attention_maps(attn, grams, row_scale, weights=weights, normalize_rows=normalize_rows,
+                                        want_alpha=True)
+    assert out.shape == (B, 3, 3, N)
+    assert_close(out, oracle_attention_maps(attn, grams, row_scale, weights=weights, normalize_rows=normalize_rows))
+    assert_close(alpha, oracle_alpha(attn))
+
+
+def test_attention_weights_with_rows_alpha():
+    """weights contract over all rows; alpha still follows ``rows``."""
+    attn = attention("N7-causal-pad")
+    B, H, N, _ = attn.q.shape
+    grams, row_scale = random_grams(B, N, 1, H)
+    weights = torch.rand(B, 1, N, generator=torch.Generator().manual_seed(6))
+    rows = rows_for(N)
+    out, alpha = BACKEND.attention_maps(attn, grams, row_scale, rows=rows, weights=weights, normalize_rows=True,
+                                        want_alpha=True)
+    assert_close(out, oracle_attention_maps(attn, grams, row_scale, weights=weights, normalize_rows=True))
+    assert_close(alpha, oracle_alpha(attn, rows))
+
+
+def test_attention_many_weight_rows_and_heads():
+    """K > BLOCK_K loops over weight blocks; H = 17 pads the head axis to 32."""
+    attn = random_attention(B=1, H=17, KV=1, N=9, Dh=32, causal=True, seed=3)
+    grams, row_scale = random_grams(1, 9, 2, 17)
+    weights = torch.rand(1, 70, 9, generator=torch.Generator().manual_seed(7))
+    out, _ = BACKEND.attention_maps(attn, grams, row_scale, weights=weights)
+    assert_close(out, oracle_attention_maps(attn, grams, row_scale, weights=weights))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["N7-causal-pad", "N97-causal-window-gqa1"])
+def test_attention_low_precision(name, dtype):
+    attn = attention(name)
+    rounded = dataclasses.replace(attn, q=attn.q.to(dtype), k=attn.k.to(dtype))
+    B, H, N, _ = attn.q.shape
+    grams, row_scale = random_grams(B, N, 3, H)
+    maps, alpha = BACKEND.attention_maps(rounded, grams, row_scale, want_alpha=True)
+    assert_lowprec_close(maps, oracle_attention_maps(attn, grams, row_scale),
+                         oracle_attention_maps(rounded, grams, row_scale))
+    assert_lowprec_close(alpha, oracle_alpha(attn), oracle_alpha(rounded))
+
+
+def test_attention_native_half_dot(monkeypatch):
+    """The GPU path for fp16 (q and k dotted in fp16, no upcast); the interpreter's fp16 dot is sound."""
+    native = lambda dtype: (dtype == torch.float32, "tf32")  # noqa: E731
+    monkeypatch.setattr(attention_pairs, "dot_settings", native)
+    attn = attention("N97-pad-gqa2")
+    rounded = dataclasses.replace(attn, q=attn.q.half(), k=attn.k.half())
+    grams, row_scale = random_grams(2, 97, 1, 4)
+    maps, _ = BACKEND.attention_maps(rounded, grams, row_scale)
+    assert_lowprec_close(maps, oracle_attention_maps(attn, grams, row_scale),
+                         oracle_attention_maps(rounded, grams, row_scale))
+
+
+def test_row_lse_of_rows_without_keys_is_finite():
+    """A fully padded batch element: every row sees nothing, maps and alpha are 0, nothing is NaN."""
+    attn = attention("N7-causal-pad")
+    attn.valid[1] = False
+    grams, row_scale = random_grams(2, 7, 1, 4)
+    lse = attention_pairs.row_lse(attn.q, attn.k, attn.valid.to(torch.int8), attn.causal, attn.window, attn.scale)
+    assert torch.isfinite(lse).all()
+    maps, alpha = BACKEND.attention_maps(attn, grams, row_scale, want_alpha=True)
+    assert (maps[1] == 0).all() and (alpha[1] == 0).all()
+    assert_close(maps, oracle_attention_maps(attn, grams, row_scale))
+
+
+# ---------------------------------------------------------------- feed-forward maps
+
+# (gated, n_scopes, center)
+FF_VARIANTS = [(False, 2, False), (True, 2, False), (False, 3, True), (True, 3, False), (True, 3, True)]
+
+
+def ff_case(name, gated, n_scopes, center, D=16, F=32, dtype=torch.float32):
+    attn = attention(name, dtype=dtype)
+    B, H, N, _ = attn.q.shape
+    return attn, random_ff_parts(B, N, H, D=D, F=F, gated=gated, n_scopes=n_scopes, center=center)
+
+
+def ff_maps_oracle_pair(attn, parts, **kw):
+    return BACKEND.ff_maps(attn, parts, **kw), oracle_ff_maps(attn, parts, **kw)
+
+
+@pytest.mark.parametrize("variant", FF_VARIANTS)
+@pytest.mark.parametrize("name", ["N1", "N7-causal-pad", "N7-window"])
+def test_ff_full_map(name, variant):
+    attn, parts = ff_case(name, *variant)
+    out = BACKEND.ff_maps(attn, parts)
+    assert out.shape == (2, variant[1], attn.q.shape[2], attn.q.shape[2])
+    assert_close(out, oracle_ff_maps(attn, parts))
+
+
+@pytest.mark.parametrize("variant", [(True, 3, True), (False, 2, False)])
+def test_ff_wide_tiles(variant):
+    """Several F and D slices (F = 70, D = 80 are not multiples of the tiles), several key tiles, GQA 4/1."""
+    attn, parts = ff_case("N20-H12-dh80", *variant, D=80, F=70)
+    assert_close(*ff_maps_oracle_pair(attn, parts))
+
+
+@pytest.mark.parametrize("variant", [(True, 3, True), (False, 2, False)])
+def test_ff_rows(variant):
+    attn, parts = ff_case("N97-causal-window-gqa1", *variant)
+    rows = rows_for(97)
+    out, ref = ff_maps_oracle_pair(attn, parts, rows=rows)
+    assert out.shape == (2, variant[1], len(rows), 97)
+    assert_close(out, ref)
+
+
+@pytest.mark.parametrize("normalize_rows", [False, True])
+@pytest.mark.parametrize("variant", [(True, 3, True), (False, 2, False), (False, 3, False)])
+def test_ff_weights_contraction(variant, normalize_rows):
+    attn, parts = ff_case("N7-causal-pad", *variant)
+    weights = torch.rand(2, 3, 7, generator=torch.Generator().manual_seed(8))
+    out, ref = ff_maps_oracle_pair(attn, parts, weights=weights, normalize_rows=normalize_rows)
+    assert out.shape == (2, variant[1], 3, 7)
+    assert_close(out, ref)
+
+
+def test_ff_weights_contraction_across_tiles():
+    attn, parts = ff_case("N97-causal-window-gqa1", True, 3, True)
+    weights = torch.rand(2, 2, 97, generator=torch.Generator().manual_seed(9))
+    assert_close(*ff_maps_oracle_pair(attn, parts, weights=weights, normalize_rows=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ff_low_precision(dtype):
+    attn, parts = ff_case("N7-causal-pad", True, 3, True)
+    rounded = dataclasses.replace(attn, q=attn.q.to(dtype), k=attn.k.to(dtype))
+    lowp = dataclasses.replace(parts, **{f: getattr(parts, f).to(dtype) for f in
+                                          ("ff_parts", "gate_parts", "res_parts", "coef_in", "coef_gate", "w_out")})
+    assert_lowprec_close(BACKEND.ff_maps(rounded, lowp), oracle_ff_maps(attn, parts), oracle_ff_maps(rounded, lowp))
+
+
+# ---------------------------------------------------------------- backend plumbing
+
+
+def test_non_contiguous_inputs_are_accepted():
+    attn = attention("N7-causal-pad")
+    B, H, N, Dh = attn.q.shape
+    strided = dataclasses.replace(attn, q=attn.q.transpose(1, 2).contiguous().transpose(1, 2))
+    assert not strided.q.is_contiguous()
+    grams, row_scale = random_grams(B, N, 1, H)
+    maps, _ = BACKEND.attention_maps(strided, grams.transpose(-1, -2), row_scale)
+    assert_close(maps, oracle_attention_maps(attn, grams, row_scale))
+
+
+def test_cannot_run_reasons():
+    attn = attention("N7-causal-pad")
+    assert BACKEND.cannot_run(attn, need_ff=True) is None
+    too_many_heads = random_attention(B=1, H=65, KV=1, N=3)
+    assert "heads" in BACKEND.cannot_run(too_many_heads, need_ff=False)
+    bad_group = random_attention(B=1, H=6, KV=4, N=3)
+    assert "multiple" in BACKEND.cannot_run(bad_group, need_ff=False)
+    as_double = dataclasses.replace(attn, q=attn.q.double(), k=attn.k.double())
+    assert "float32" in BACKEND.cannot_run(as_double, need_ff=False)
+    grams, row_scale = random_grams(1, 3, 1, 65)
+    with pytest.raises(BackendUnavailable):
+        BACKEND.attention_maps(too_many_heads, grams, row_scale)
+
+
+def test_unavailable_without_device_or_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "CUDA" in TritonBackend.unavailable_reason()
