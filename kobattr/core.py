@@ -120,7 +120,7 @@ class _Prepared:
             self._prepare_ff(real, x, y, ig, ig_steps)
 
     def _prepare_ff(self, real, x, y, ig, ig_steps):
-        L, dtype, s = self.layer, self.dtype, self.inv_s[..., None]
+        L, dtype = self.layer, self.dtype
         ffn = _cast_ffn(L.ffn, dtype)
         mid = real["mid"]
         coef_in, coef_gate = ffn_coefficients(ffn, mid, ig, ig_steps)

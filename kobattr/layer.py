@@ -20,7 +20,7 @@ LN1 for pre-LN layers), so W_V and b_V are only needed by :meth:`Layer.from_weig
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch

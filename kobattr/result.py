@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .methods import FF_METHODS, row_normalize
+from .methods import row_normalize
 
 # Methods whose maps carry no residual path: rollout adds it as 0.5 * (map) + 0.5 * I (Abnar & Zuidema).
 NO_RESIDUAL = ("attn_w", "attn_n", "atbff", "atblnff")
