@@ -85,14 +85,17 @@ def row_normalize(m: Tensor) -> Tensor:
     return torch.where(sums > 0, m / torch.where(sums > 0, sums, torch.ones_like(sums)), torch.zeros_like(m))
 
 
-def ff_amp(atb: Tensor, atbff: Tensor, visible: Tensor, k: int = 10) -> list[list[tuple[int, int, float]]]:
+def ff_amp(atb: Tensor, atbff: Tensor, visible: Tensor, k: int = 10,
+           include_diagonal: bool = False) -> list[list[tuple[int, int, float]]]:
     """The top-k (query, key, amplification) pairs per batch element whose share the FF raises most:
     amplification = row-normalised ATBFF minus row-normalised ATB (each row sums to 1), over the
-    visible pairs, the diagonal included (kobattr's choice; spec section 4 leaves it open)."""
-    amp = (row_normalize(atbff) - row_normalize(atb)).masked_fill(~visible, float("-inf"))
+    visible pairs. kobattr's choice (spec section 4 leaves it open): the diagonal (a token's share of
+    itself, which dominates otherwise) is left out unless include_diagonal."""
+    keep = visible if include_diagonal else visible & ~torch.eye(visible.shape[-1], dtype=torch.bool, device=visible.device)
+    amp = (row_normalize(atbff) - row_normalize(atb)).masked_fill(~keep, float("-inf"))
     result = []
     for a in amp:
-        n_visible = int(torch.isfinite(a).sum())
-        values, flat = a.flatten().topk(min(k, n_visible))
+        n_kept = int(torch.isfinite(a).sum())
+        values, flat = a.flatten().topk(min(k, n_kept))
         result.append([(int(f) // a.shape[1], int(f) % a.shape[1], float(v)) for v, f in zip(values, flat)])
     return result

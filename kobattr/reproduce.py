@@ -488,12 +488,12 @@ def _report(results: dict, figures: dict, tokenizer, command: str, runtime_s: fl
         f"(last layer: {last_block:.3f} vs {last_ff:.3f}).",
         "",
         f"Top {TOP_FF_PAIRS} FF-amplified pairs over the corpus (amplification = row-normalised ATBFF minus "
-        "row-normalised ATB, per layer; the diagonal is included; kobattr keeps the top 10 per sentence and layer):",
+        "row-normalised ATB, per layer; a token's share of itself is left out; kobattr keeps the top 10 per sentence and layer):",
         "",
         _pair_table(results["ff_amp_top_2024"]),
         "",
-        f"The same amplification between two different ordinary tokens (a token's share of itself dominates the "
-        f"list above, and {specials['mask']} / {sep} pairs would dominate the rest), top {PAIRS_PER_SENTENCE_LAYER} "
+        f"The same amplification between two different ordinary tokens ({specials['mask']} / {sep} pairs "
+        f"crowd the list above), top {PAIRS_PER_SENTENCE_LAYER} "
         "per sentence and layer, computed here from the ATB and ATBFF maps:",
         "",
         _pair_table(results["ff_amp_top_between_words_2024"]),

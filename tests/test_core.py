@@ -105,6 +105,10 @@ def test_component_analysis_matches_reference():
     for c, change in ref["context_change"].items():
         torch.testing.assert_close(res.context_change[c], change)
     assert [p[:2] for p in res.ff_amp[0]] == [p[:2] for p in ref["ff_amp"][0]]
+    assert all(q != k for q, k, _ in res.ff_amp[0]) and len(res.ff_amp[0]) == 10
+    amp = (ref["maps"]["atbff"][0] / ref["maps"]["atbff"][0].sum(-1, keepdim=True)
+           - ref["maps"]["atb"][0] / ref["maps"]["atb"][0].sum(-1, keepdim=True)).fill_diagonal_(float("-inf"))
+    assert res.ff_amp[0][0][2] == pytest.approx(amp.max().item(), rel=1e-9)
     scipy_stats = pytest.importorskip("scipy.stats")
     vis = layer.visible()[0]
     rho = scipy_stats.spearmanr(ref["maps"]["atb"][0][vis].numpy(), ref["maps"]["atbff"][0][vis].numpy())[0]
