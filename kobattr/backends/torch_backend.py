@@ -84,7 +84,8 @@ class TorchBackend(Backend):
         M = grams.shape[2]
         rows = self._rows(attn, rows, weights)
         grams, row_scale = grams.to(dtype), row_scale.to(dtype)
-        g_heads = grams[..., :H, :H]  # (B, N, M, H, H)
+        # per key j one (H, M * H) matrix, so a block is one batched matmul over keys
+        g_heads = grams[..., :H, :H].permute(0, 1, 3, 2, 4).reshape(B * N, H, M * H).contiguous()
         g_cross = grams[..., :H, H]  # (B, N, M, H): alpha-residual cross terms
         g_self = grams[..., H, H]  # (B, N, M)
         result = _Output((B, M), len(rows), N, weights, normalize_rows, dtype, attn.q.device)
@@ -94,9 +95,10 @@ class TorchBackend(Backend):
         for start, stop in _blocks(len(rows), size):
             r = rows[start:stop]
             alpha, vis = block_alpha(attn, r, dtype)  # (B, H, R, N)
-            a = alpha.permute(0, 3, 2, 1)  # (B, N, R, H): per key, the rows' head coefficients
-            ga = torch.einsum("bjrh,bjmhg->bmrjg", a, g_heads)
-            quad = (ga * a.permute(0, 2, 1, 3)[:, None]).sum(-1)  # (B, M, R, N)
+            R = len(r)
+            a = alpha.permute(0, 3, 2, 1).reshape(B * N, R, H).contiguous()  # per key, the rows' head coefficients
+            ga = torch.bmm(a, g_heads).view(B, N, R, M, H)
+            quad = (ga * a.view(B, N, R, 1, H)).sum(-1).permute(0, 3, 2, 1)  # (B, M, R, N)
             # the residual row of kappa: [i == j] (2 alpha^T G[:, H] + G[H, H]) on the diagonal
             diag = kappa_diag_mask(r, cols, vis)  # (B, R, N)
             b_idx, r_idx, j_idx = diag.nonzero(as_tuple=True)
