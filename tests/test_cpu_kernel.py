@@ -149,7 +149,7 @@ def test_raw_call_rejects_bad_arguments(overrides, message):
 def test_rows_out_of_range_are_rejected():
     attn = random_attention(B=1, N=5)
     grams, row_scale = random_grams(1, 5, 1, 4)
-    with pytest.raises(ValueError, match=r"rows must lie in \[0, N=5\), got row 5"):
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, N=5\), got values from 0 to 5"):
         attention_maps_cpu(attn, grams, row_scale, rows=torch.tensor([0, 5]))
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .base import Attention
+from .kernel_args import prepare_kernel_args
 from .torch_backend import TorchBackend
 
 try:
@@ -25,71 +26,22 @@ except ImportError as error:  # not built (no nvcc at install time), or built fo
     _IMPORT_ERROR = str(error)
 
 
-def _f32(t: Tensor) -> Tensor:
-    return t.to(torch.float32).contiguous()
-
-
 def attention_maps_cuda(attn: Attention, grams: Tensor, row_scale: Tensor, rows: Optional[Tensor] = None,
                         weights: Optional[Tensor] = None, normalize_rows: bool = False,
                         want_alpha: bool = False) -> tuple[Tensor, Optional[Tensor]]:
-    """The attention_maps primitive of base.py in float32 through kobattr._cuda (tensors on one GPU).
-
-    As in the torch backend, ``rows`` is ignored when ``weights`` is given and ``normalize_rows`` only
-    applies to the contraction.
-    """
+    """The attention_maps primitive of base.py in float32 through kobattr._cuda (tensors on one GPU)."""
+    args = prepare_kernel_args(attn, grams, row_scale, rows, weights, normalize_rows, want_alpha)
+    if not args.n_rows:
+        return args.out, args.alpha
     device = attn.q.device
-    named = {"q": attn.q, "k": attn.k, "valid": attn.valid, "grams": grams, "row_scale": row_scale}
-    if weights is not None:
-        named["weights"] = weights
-    elif rows is not None:
-        named["rows"] = rows
-    for name, tensor in named.items():
-        if tensor.device != device:
-            raise ValueError(f"attention_maps: every tensor must be on {device} like q, but {name} is on {tensor.device}.")
-    q, k = _f32(attn.q), _f32(attn.k)
-    B, H, N, Dh = q.shape
-    M = grams.shape[2]
-    grams, row_scale = _f32(grams), _f32(row_scale)
-    valid = attn.valid.to(torch.bool).contiguous()
-    if weights is not None:
-        rows = None
-        weights = _f32(weights)
-    else:
-        normalize_rows = False
-    if rows is not None:
-        rows = rows.to(torch.int64).contiguous()
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= N):
-            raise ValueError(f"attention_maps: rows must lie in [0, N={N}), got values from {int(rows.min())} "
-                             f"to {int(rows.max())}.")
-    R = N if rows is None else rows.numel()
-    K = 0 if weights is None else weights.shape[1]
-    if tuple(grams.shape) != (B, N, M, H + 1, H + 1):
-        raise ValueError(f"attention_maps: grams must have shape (B, N, M, H+1, H+1) = {(B, N, M, H + 1, H + 1)}, "
-                         f"got {tuple(grams.shape)}.")
-    expected = {"k": (k, (B, k.shape[1], N, Dh)), "valid": (valid, (B, N)), "row_scale": (row_scale, (B, N, M))}
-    if weights is not None:
-        expected["weights"] = (weights, (B, K, N))
-    for name, (tensor, shape) in expected.items():
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"attention_maps: {name} must have shape {shape} to match q {tuple(q.shape)} and "
-                             f"grams {tuple(grams.shape)}, got {tuple(tensor.shape)}.")
-    out = torch.empty((B, M, K if weights is not None else R, N), dtype=torch.float32, device=device)
-    alpha = torch.empty((B, H, R, N), dtype=torch.float32, device=device) if want_alpha else None
-    if R == 0:
-        return out, alpha
-    lse = torch.empty((B, H, R), dtype=torch.float32, device=device)
-    row_sums = torch.empty((B, M, R), dtype=torch.float32, device=device) if normalize_rows else None
-    address = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+    B, H = args.q.shape[:2]
+    lse = torch.empty((B, H, args.n_rows), dtype=torch.float32, device=device)
+    row_sums = (torch.empty((B, args.grams.shape[2], args.n_rows), dtype=torch.float32, device=device)
+                if args.normalize_rows else None)
     with torch.cuda.device(device):
-        _cuda.attention_maps(
-            q=q.data_ptr(), k=k.data_ptr(), valid=valid.data_ptr(), grams=grams.data_ptr(),
-            row_scale=row_scale.data_ptr(), rows=address(rows), weights=address(weights), out=out.data_ptr(),
-            alpha=address(alpha), lse=lse.data_ptr(), row_sums=address(row_sums), batch=B, heads=H,
-            kv_heads=k.shape[1], seq_len=N, head_dim=Dh, n_grams=M, n_rows=R, n_weight_rows=K,
-            causal=bool(attn.causal), window=int(attn.window), scale=float(attn.scale),
-            normalize_rows=bool(normalize_rows), stream=torch.cuda.current_stream(device).cuda_stream,
-        )
-    return out, alpha
+        _cuda.attention_maps(**args.pointers(), lse=lse.data_ptr(), row_sums=0 if row_sums is None else row_sums.data_ptr(),
+                             stream=torch.cuda.current_stream(device).cuda_stream)
+    return args.out, args.alpha
 
 
 class CUDABackend(TorchBackend):
