@@ -2,35 +2,21 @@
 // (tensor.data_ptr()) so that no torch headers are needed and the extension builds in seconds.
 #include <pybind11/pybind11.h>
 
+#include "pack_args.h"
+
 #include "cpu/attention_pairs.h"
 
 namespace py = pybind11;
 
 namespace {
 
-template <typename T>
-T* as_pointer(uintptr_t address) {
-    return reinterpret_cast<T*>(address);
-}
-
 void attention_maps(uintptr_t q, uintptr_t k, uintptr_t valid, uintptr_t grams, uintptr_t row_scale, uintptr_t rows,
                     uintptr_t weights, uintptr_t out, uintptr_t alpha, int64_t batch, int64_t heads, int64_t kv_heads,
                     int64_t seq_len, int64_t head_dim, int64_t n_grams, int64_t n_rows, int64_t n_weight_rows,
                     bool causal, int64_t window, double scale, bool normalize_rows, int64_t num_threads) {
-    kobattr::AttentionPairsArgs args;
-    args.q = as_pointer<const float>(q);
-    args.k = as_pointer<const float>(k);
-    args.valid = as_pointer<const uint8_t>(valid);
-    args.grams = as_pointer<const float>(grams);
-    args.row_scale = as_pointer<const float>(row_scale);
-    args.rows = as_pointer<const int64_t>(rows);
-    args.weights = as_pointer<const float>(weights);
-    args.out = as_pointer<float>(out);
-    args.alpha = as_pointer<float>(alpha);
-    args.batch = batch, args.heads = heads, args.kv_heads = kv_heads, args.seq_len = seq_len;
-    args.head_dim = head_dim, args.n_grams = n_grams, args.n_rows = n_rows, args.n_weight_rows = n_weight_rows;
-    args.causal = causal, args.window = window, args.scale = static_cast<float>(scale);
-    args.normalize_rows = normalize_rows;
+    const kobattr::AttentionPairsArgs args = kobattr::pack_attention_args(
+        q, k, valid, grams, row_scale, rows, weights, out, alpha, batch, heads, kv_heads, seq_len, head_dim, n_grams,
+        n_rows, n_weight_rows, causal, window, scale, normalize_rows);
     kobattr::attention_maps_cpu(args, num_threads);
 }
 

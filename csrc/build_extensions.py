@@ -30,9 +30,9 @@ from setuptools.command.build_ext import build_ext
 
 CSRC = "csrc"
 DEFAULT_CUDA_ARCHS = "80;90"
-CPU_HEADERS = [f"{CSRC}/attention_pairs_args.h", f"{CSRC}/cpu/attention_pairs.h"]
+CPU_HEADERS = [f"{CSRC}/attention_pairs_args.h", f"{CSRC}/pack_args.h", f"{CSRC}/cpu/attention_pairs.h"]
 CUDA_SOURCE = f"{CSRC}/cuda/attention_pairs.cu"
-CUDA_HEADERS = [f"{CSRC}/attention_pairs_args.h", f"{CSRC}/cuda/attention_pairs.h"]
+CUDA_HEADERS = [f"{CSRC}/attention_pairs_args.h", f"{CSRC}/pack_args.h", f"{CSRC}/cuda/attention_pairs.h"]
 
 
 def ext_modules() -> list[Extension]:
