@@ -1,8 +1,9 @@
 """attribute(): every method for one layer, through a backend, without N x N x D tensors.
 
 The work splits into O(N) preparation here (a blocked row pass for the attention output and
-alpha_ii, per-key Gram matrices and FF parts, per-row norm scales and IG coefficients) and the
-pair primitives of the chosen backend (kobattr/backends/base.py). Mixing ratios, bias terms and
+alpha_ii, per-key Gram matrices and FF parts, per-row norm scales and IG coefficients), driven by
+the method registry (kobattr/methods.py), and the pair primitives of the implementations chosen per
+primitive (kobattr/backends/). Mixing ratios, bias terms and
 completeness need no pairs: the sums over keys are linear in per-row vectors.
 """
 
@@ -19,23 +20,25 @@ from .backends.base import Attention, FFParts
 from .backends.torch_backend import DEFAULT_BUDGET, block_alpha
 from .ig import ffn_coefficients
 from .layer import Layer, LayerInputError
-from .methods import (COMPONENTS, FF_METHODS, HEAD_METHODS, check_methods, contextualization_change, ff_amp,
-                      methods_for, vector_ratio)
+from .methods import (REGISTRY, STRUCTURES, check_methods, contextualization_change, ff_amp, ff_methods, form,
+                      row_normalize, vector_ratio)
 
 
 @dataclass
 class LayerAttribution:
     """The attributions of one layer (shape vocabulary: B batch, R rows, N keys, H heads, K weight rows).
 
-    maps[m]          (B, R, N) rows of method m's map (R = N for full maps), or (B, K, N) = weights @ map
+    maps[m]          (B, R, N) rows of method m's map (R = N for full maps), or (B, K, N) = contract @ map
     head_maps[m]     (B, H, R, N) per-head maps of attn_w / attn_n when heads=True
     ratios[m]        (B, N) context-mixing ratio of every row (NaN on padding)
     value_norms      (B, H, N) ||f^h(x_j)||
-    bias_norms[m]    (B, N) norm of the part of row i that goes to no token (vector methods)
-    completeness[m]  (B, N) ||sum_j vec_ij + bias_i - real hidden state_i|| / ||real_i||
+    bias_norms[m]    (B, N) norm of the part of row i that goes to no token (vector and FF methods)
+    completeness[m]  (B, N) FF methods: ||sum_j vec_ij + bias_i - real hidden state_i|| / ||real_i||
     model_error      (B, N) relative error of the layer's plain forward vs the ``targets`` given
     context_change   component -> (B,) 1 - Spearman (full maps with an FF method)
     ff_amp           top-k (query, key, amplification) per batch element (full maps with an FF method)
+    backends         primitive -> the implementation that computed it
+    spot_check[m]    (B,) largest relative error of the sampled rows vs the reference (verify > 0)
     """
 
     methods: tuple
@@ -47,7 +50,8 @@ class LayerAttribution:
     model_error: Optional[Tensor] = None
     rows: Optional[Tensor] = None
     contracted: bool = False
-    backend: str = "torch"
+    backends: dict = field(default_factory=dict)
+    spot_check: dict = field(default_factory=dict)
     head_maps: dict = field(default_factory=dict)
     context_change: dict = field(default_factory=dict)
     ff_amp: list = field(default_factory=list)
@@ -78,53 +82,64 @@ def _row_pass(layer: Layer, attn: Attention, dtype, budget: int) -> tuple[Tensor
 
 
 class _Prepared:
-    """Per-row vectors and per-key parts of one layer, in the compute dtype."""
+    """Per-row vectors and per-key parts of one layer, in the compute dtype, as the registry's forms need them."""
 
     def __init__(self, layer: Layer, methods, ig: str, ig_steps: int, budget: int, targets: Optional[dict]):
         self.layer = L = layer
+        self.structure = L.placement
         self.dtype = dtype = torch.float64 if layer.x.dtype == torch.float64 else torch.float32
         self.attn = Attention(q=L.q, k=L.k, valid=L.valid, causal=L.causal, window=L.window, scale=L.softmax_scale)
         B, H, N, Dh = L.q.shape
-        D = L.d_model
-        x = L.x.to(dtype)
+        self.x = x = L.x.to(dtype)
         self.b_o = L.out_bias.to(dtype)
-        attn_sum, self.alpha_diag = _row_pass(L, self.attn, dtype, budget)
+        self.attn_sum, self.alpha_diag = _row_pass(L, self.attn, dtype, budget)
         group = H // L.n_kv_heads
         v_diag = L.v.to(dtype).repeat_interleave(group, 1) * self.alpha_diag[..., None]
-        attn_diag = torch.einsum("bhnd,hde->bne", v_diag, L.w_o.to(dtype))  # sum_h alpha^h_ii f^h(x_i)
-        y = x + attn_sum + self.b_o
-        # the norm right after the residual: LN1 (post-LN), LN2 (pre-LN)
-        self.norm = norm = _cast_norm(L.ln1 if L.placement == "post" else L.ln2, dtype)
-        self.inv_s = norm.inv_std(y)  # (B, N)
-        s = self.inv_s[..., None]
-
-        # (sum over keys, diagonal, bias, real hidden state) of every vector method
-        ln_bias = norm.split(self.b_o) * s + norm.bias_vector(D, y)
-        real = _plain_forward(L, dtype, y, any(m in FF_METHODS for m in methods) or bool(targets))
+        self.attn_diag = torch.einsum("bhnd,hde->bne", v_diag, L.w_o.to(dtype))  # sum_h alpha^h_ii f^h(x_i)
+        self.y = y = x + self.attn_sum + self.b_o
+        self._norms: dict = {}  # Layer norm attribute -> (norm in the compute dtype, 1 / s(y) (B, N))
+        need_ff = bool(ff_methods(methods, self.structure))
+        self.real = _plain_forward(L, dtype, y, need_ff or bool(targets))
         # how far this layer's own forward is from the model's real hidden states (B, N)
-        self.model_error = torch.zeros_like(self.inv_s)
+        self.model_error = torch.zeros(B, N, dtype=dtype, device=x.device)
         for key, t in (targets or {}).items():
-            self.model_error = torch.maximum(self.model_error, _relative_error(real[key], t.to(dtype), L.valid))
-            real[key] = t.to(dtype)
-        self.vectors = {
-            "attn_n": (attn_sum, attn_diag, self.b_o.expand_as(y), real["attn"]),
-            "attnres_n": (attn_sum + x, attn_diag + x, self.b_o.expand_as(y), real["y"]),
-            "attnresln_n": (norm.split(attn_sum + x) * s, norm.split(attn_diag + x) * s, ln_bias, real["mid"]),
-        }
-        scope_vectors = {"atb": "attnresln_n" if L.placement == "post" else "attnres_n", "atbln": "attnresln_n"}
-        for m, src in scope_vectors.items():
-            self.vectors[m] = self.vectors[src]
+            self.model_error = torch.maximum(self.model_error, _relative_error(self.real[key], t.to(dtype), L.valid))
+            self.real[key] = t.to(dtype)
+        self.vectors: dict = {}  # method -> (sum over keys, diagonal, bias, real hidden state), each (B, N, D)
+        for m in methods:
+            f = form(m, self.structure)
+            if f.kind == "vector":
+                self.vectors[m] = self.vector_parts(f)
+        self.ff = self._prepare_ff(ig, ig_steps) if need_ff else None
 
-        self.ff = None
-        if any(m in FF_METHODS for m in methods):
-            self._prepare_ff(real, x, y, ig, ig_steps)
+    def split_norm(self, name: str):
+        """(norm, 1 / s(y)) of the Layer norm ``name`` that follows the attention residual."""
+        if name not in self._norms:
+            norm = _cast_norm(getattr(self.layer, name), self.dtype)
+            self._norms[name] = (norm, norm.inv_std(self.y))
+        return self._norms[name]
 
-    def _prepare_ff(self, real, x, y, ig, ig_steps):
-        L, dtype = self.layer, self.dtype
+    def vector_parts(self, f) -> tuple:
+        """(sum over keys, diagonal, bias, real hidden state) of an attention-side vector form."""
+        total, diag, bias = self.attn_sum, self.attn_diag, self.b_o.expand_as(self.y)
+        if f.residual:
+            total, diag = total + self.x, diag + self.x
+        if f.norm is not None:
+            norm, inv_s = self.split_norm(f.norm)
+            s = inv_s[..., None]
+            total, diag = norm.split(total) * s, norm.split(diag) * s
+            bias = norm.split(self.b_o) * s + norm.bias_vector(self.layer.d_model, self.y)
+        return total, diag, bias, self.real[f.target]
+
+    def _prepare_ff(self, ig, ig_steps) -> FFParts:
+        L, dtype, x, y = self.layer, self.dtype, self.x, self.y
         ffn = _cast_ffn(L.ffn, dtype)
-        mid = real["mid"]
+        mid = self.real["mid"]
         coef_in, coef_gate = ffn_coefficients(ffn, mid, ig, ig_steps)
-        w_sum, w_diag, w_bias, _ = self.vectors["attnresln_n"]  # the split FFN input
+        # the FFN reads the norm split that follows the attention residual
+        split_form = form("attnresln_n", self.structure)
+        norm, inv_s = self.split_norm(split_form.norm)
+        w_sum, w_diag, w_bias, _ = self.vector_parts(split_form)
 
         def ff_linear(w):
             hidden = (w @ ffn.w_in) * coef_in
@@ -143,6 +158,7 @@ class _Prepared:
         B, H, N, _ = L.q.shape
         D, F = L.d_model, ffn.w_in.shape[1]
         gated = coef_gate is not None
+        post = self.structure == "post"
         ff_parts = torch.empty(B, N, H + 1, F, dtype=dtype, device=x.device)
         gate_parts = torch.empty_like(ff_parts) if gated else None
         res_parts = torch.empty(B, N, H + 1, D, dtype=dtype, device=x.device)
@@ -150,34 +166,33 @@ class _Prepared:
         for start in range(0, N, step):
             keys = slice(start, min(start + step, N))
             raw = torch.cat([_head_vectors(L, keys, dtype), x[:, keys, None]], 2)  # (B, C, H+1, D)
-            split = self.norm.split(raw)
-            res_parts[:, keys] = split if L.placement == "post" else raw
+            split = norm.split(raw)
+            # the stream the FFN output is added to: post-LN the FFN input, pre-LN y
+            res_parts[:, keys] = split if post else raw
             ff_parts[:, keys] = split @ ffn.w_in
             if gated:
                 gate_parts[:, keys] = split @ ffn.w_gate
 
-        if L.placement == "post":
+        if post:
             ln2 = _cast_norm(L.ln2, dtype)
-            s2 = ln2.inv_std(real["ffn_res"])
+            s2 = ln2.inv_std(self.real["ffn_res"])[..., None]
             res_sum, res_diag, res_bias = w_sum + ff_sum, w_diag + ff_diag, w_bias + ff_bias
-            self.vectors["atbff"] = (ff_sum, ff_diag, ff_bias, real["ffn_out"])
-            self.vectors["atbffres"] = (res_sum, res_diag, res_bias, real["ffn_res"])
-            self.vectors["atbffresln"] = (ln2.split(res_sum) * s2[..., None], ln2.split(res_diag) * s2[..., None],
-                                          ln2.split(res_bias) * s2[..., None] + ln2.bias_vector(D, y), real["out"])
-            self.ff_scopes = ("atbff", "atbffres", "atbffresln")
-            out_weight, out_center, out_scale = ln2.weight, ln2.kind == "layernorm", s2
-            res_scale = self.inv_s
+            scope_vectors = [(ff_sum, ff_diag, ff_bias), (res_sum, res_diag, res_bias),
+                             (ln2.split(res_sum) * s2, ln2.split(res_diag) * s2, ln2.split(res_bias) * s2 + ln2.bias_vector(D, y))]
+            out_weight, out_center, out_scale, res_scale = ln2.weight, ln2.kind == "layernorm", s2[..., 0], inv_s
         else:
-            u_sum, u_diag, _, _ = self.vectors["attnres_n"]
-            self.vectors["atblnff"] = (ff_sum, ff_diag, ff_bias, real["ffn_out"])
-            self.vectors["atblnffres"] = (u_sum + ff_sum, u_diag + ff_diag, self.b_o + ff_bias, real["out"])
-            self.ff_scopes = ("atblnff", "atblnffres")
-            out_weight, out_center, out_scale = None, False, torch.ones_like(self.inv_s)
-            res_scale = torch.ones_like(self.inv_s)
-        self.ff = FFParts(ff_parts=ff_parts, gate_parts=gate_parts, res_parts=res_parts, in_scale=self.inv_s,
-                          res_scale=res_scale, out_scale=out_scale, coef_in=coef_in, coef_gate=coef_gate,
-                          w_out=ffn.w_out, out_weight=out_weight, out_center=out_center,
-                          n_scopes=len(self.ff_scopes))
+            u_sum, u_diag, _, _ = self.vector_parts(form("attnres_n", self.structure))
+            scope_vectors = [(ff_sum, ff_diag, ff_bias), (u_sum + ff_sum, u_diag + ff_diag, self.b_o + ff_bias)]
+            out_weight, out_center, out_scale, res_scale = None, False, torch.ones_like(inv_s), torch.ones_like(inv_s)
+        self.ff_scopes = []  # the FF-kind scope methods in the order of the primitive's output
+        for m in STRUCTURES[self.structure].scopes:
+            f = form(m, self.structure)
+            if f.kind == "ff":
+                self.vectors[m] = (*scope_vectors[f.ff_scope], self.real[f.target])
+                self.ff_scopes.append(m)
+        return FFParts(ff_parts=ff_parts, gate_parts=gate_parts, res_parts=res_parts, in_scale=inv_s,
+                       res_scale=res_scale, out_scale=out_scale, coef_in=coef_in, coef_gate=coef_gate,
+                       w_out=ffn.w_out, out_weight=out_weight, out_center=out_center, n_scopes=len(scope_vectors))
 
     def grams(self, methods) -> tuple[Tensor, Tensor]:
         """Per-key Gram matrices (B, N, M, H+1, H+1) and row scales (B, N, M) of attention-side methods
@@ -187,22 +202,23 @@ class _Prepared:
         M = len(methods)
         grams = torch.empty(B, N, M, H + 1, H + 1, dtype=dtype, device=L.x.device)
         scales = torch.ones(B, N, M, dtype=dtype, device=L.x.device)
-        weight_rows = {"attn_w": torch.cat([torch.full((H,), 1.0 / H), torch.zeros(1)]),
-                       "attnres_w": torch.cat([torch.full((H,), 0.5 / H), torch.full((1,), 0.5)])}
-        x = L.x.to(dtype)
+        x = self.x
+        forms = [form(m, self.structure) for m in methods]
         step = max(1, (1 << 22) // max(1, B * (H + 1) * L.d_model))
         for start in range(0, N, step):
             keys = slice(start, min(start + step, N))
-            f = _head_vectors(L, keys, dtype)  # (B, C, H, D)
-            for mi, m in enumerate(methods):
-                if m in weight_rows:  # mean_h alpha (+ [i == j]) is a quadratic form of rank 1: w w^T
-                    w = weight_rows[m].to(dtype=dtype, device=x.device)
+            f_heads = _head_vectors(L, keys, dtype)  # (B, C, H, D)
+            for mi, f in enumerate(forms):
+                if f.kind == "weights":  # mean_h alpha (+ [i == j]) is a quadratic form of rank 1: w w^T
+                    share = 0.5 if f.residual else 1.0
+                    w = torch.cat([torch.full((H,), share / H), torch.full((1,), 1.0 - share)]).to(dtype=dtype, device=x.device)
                     grams[:, keys, mi] = w[:, None] * w[None, :]
                     continue
-                rows = torch.cat([f, x[:, keys, None] if m != "attn_n" else torch.zeros_like(f[:, :, :1])], 2)
-                if m in ("attnresln_n", "atbln") or (m == "atb" and L.placement == "post"):
-                    rows = self.norm.split(rows)
-                    scales[:, keys, mi] = self.inv_s[:, keys]
+                rows = torch.cat([f_heads, x[:, keys, None] if f.residual else torch.zeros_like(f_heads[:, :, :1])], 2)
+                if f.norm is not None:
+                    norm, inv_s = self.split_norm(f.norm)
+                    rows = norm.split(rows)
+                    scales[:, keys, mi] = inv_s[:, keys]
                 grams[:, keys, mi] = rows @ rows.transpose(-1, -2)
         return grams, scales
 
@@ -246,90 +262,167 @@ def _relative_error(estimate: Tensor, real: Tensor, valid: Tensor) -> Tensor:
 MAX_OUTPUT_ELEMENTS = 1 << 33  # 32 GiB of fp32 output
 
 
-def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, weights: Optional[Tensor] = None,
-              normalize_rows: bool = False, backend: str = "auto", ig: str = "exact", ig_steps: int = 20,
-              budget: int = DEFAULT_BUDGET, targets: Optional[dict] = None) -> LayerAttribution:
+def as_indices(value, name: str) -> list[int]:
+    """A non-empty list of ints from an int, a list / tuple / range of ints, or an integer numpy array or
+    torch tensor; LayerInputError with a sentence for anything else (booleans, floats, generators)."""
+    what = f"{name} must be an int or a list, tuple, range or integer array of ints"
+    if isinstance(value, Tensor) or type(value).__module__ == "numpy":
+        array = torch.as_tensor(value) if isinstance(value, Tensor) else torch.from_numpy(__import__("numpy").asarray(value))
+        if array.dtype == torch.bool or array.is_floating_point() or array.is_complex():
+            raise LayerInputError(f"{what}, got a {array.dtype} array.")
+        items = array.flatten().tolist()
+    elif isinstance(value, (list, tuple, range)):
+        items = list(value)
+        bad = [v for v in items if isinstance(v, bool) or not _is_int(v)]
+        if bad:
+            raise LayerInputError(f"{what}, got {bad[0]!r} in {items!r}.")
+        items = [int(v) for v in items]
+    elif _is_int(value) and not isinstance(value, bool):
+        items = [int(value)]
+    else:
+        raise LayerInputError(f"{what}, got {type(value).__name__} {value!r}.")
+    if not items:
+        raise LayerInputError(f"{name} is empty; give at least one index, or None for all.")
+    return items
+
+
+def _is_int(v) -> bool:
+    if isinstance(v, Tensor):
+        return v.dim() == 0 and not v.is_floating_point() and v.dtype != torch.bool
+    return isinstance(v, int) or (type(v).__module__ == "numpy" and getattr(v, "dtype", None) is not None
+                                  and v.dtype.kind in "iu")
+
+
+def check_rows(rows, n: int, device) -> Optional[Tensor]:
+    """Query rows as an int64 tensor on ``device`` (None = all), or LayerInputError with a sentence."""
+    if rows is None:
+        return None
+    items = as_indices(rows, "rows")
+    if min(items) < 0 or max(items) >= n:
+        raise LayerInputError(f"rows must be query indices in [0, {n}), got {items}.")
+    return torch.tensor(items, dtype=torch.long, device=device)
+
+
+def _check_contract(contract, batch: int, n: int, device) -> Optional[Tensor]:
+    if contract is None:
+        return None
+    contract = torch.as_tensor(contract, device=device)
+    if contract.dtype == torch.bool or not (contract.is_floating_point() or contract.dtype in (torch.int32, torch.int64)):
+        raise LayerInputError(f"contract must be a float tensor of shape (K, N) or (B, K, N), got dtype {contract.dtype}.")
+    if contract.dim() == 2:
+        contract = contract.expand(batch, *contract.shape)
+    if contract.dim() != 3 or contract.shape[0] != batch or contract.shape[2] != n or contract.shape[1] == 0:
+        raise LayerInputError(f"contract must be (K, N) or (B, K, N) with B = {batch}, N = {n} and K >= 1, "
+                              f"got {tuple(contract.shape)}.")
+    if not torch.isfinite(contract).all():
+        raise LayerInputError("contract contains NaN or inf values.")
+    return contract
+
+
+def _compute_maps(prep: _Prepared, impls: dict, attn_methods, rows, contract, normalize_rows, want_alpha):
+    """{method: (B, R or K, N)} of the attention-side and FF methods, and alpha (B, H, R, N) if wanted."""
+    maps, alpha = {}, None
+    if attn_methods or want_alpha:
+        grams, scales = prep.grams(attn_methods or ["attn_w"])
+        out, alpha = impls["attention_maps"].attention_maps(prep.attn, grams, scales, rows=rows, weights=contract,
+                                                            normalize_rows=normalize_rows, want_alpha=want_alpha)
+        maps.update({m: out[:, i] for i, m in enumerate(attn_methods)})
+    if prep.ff is not None:
+        out = impls["ff_maps"].ff_maps(prep.attn, prep.ff, rows=rows, weights=contract, normalize_rows=normalize_rows)
+        maps.update({m: out[:, form(m, prep.structure).ff_scope] for m in prep.ff_scopes})
+    return maps, alpha
+
+
+def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contract: Optional[Tensor] = None,
+              normalize_rows: bool = False, backend="auto", ig: str = "exact", ig_steps: int = 20,
+              budget: int = DEFAULT_BUDGET, targets: Optional[dict] = None, verify: int = 2,
+              verify_seed: int = 0) -> LayerAttribution:
     """Attributions of one layer.
 
-    methods: names from kobattr.methods (default DEFAULT_METHODS; "all" for every method of the
-        layer's placement). rows: query rows to return (None = all). heads: also per-head maps of
-        attn_w and attn_n. weights: (B, K, N) or (K, N) to get weights @ map instead of the map
-        (rollout vectors, column sums) without building it; normalize_rows divides each map row by
-        its sum first. ig: "exact" (closed form / quadrature) or "riemann" with ig_steps steps.
+    methods: names from the registry (kobattr.methods; default: the registry's defaults; "all" for every
+        method of the layer's block structure). rows: query rows to return (None = all). heads: also
+        per-head maps of attn_w and attn_n. contract: (B, K, N) or (K, N) to get contract @ map instead of
+        the map (rollout vectors, column sums) without building it, over the selected rows. normalize_rows:
+        divide each map row by its sum first (full maps, rows= and contractions alike).
+        backend: "auto", an implementation name, or {primitive: name}; what ran is in result.backends.
+        ig: "exact" (closed form / quadrature) or "riemann" with ig_steps steps.
         targets: the model's real hidden states (keys of Layer.forward, e.g. {"out": ...}) that
         completeness is measured against; missing ones come from a plain forward of the layer.
+        verify: recompute this many sampled query rows of every returned map per batch element with the
+        materialising reference (0 disables); result.spot_check holds the errors and
+        kobattr.VerificationError is raised above the dtype's tolerance. verify_seed seeds the sample.
     """
     layer.validate()
     methods = check_methods(methods, layer.placement)
     B, H, N, _ = layer.q.shape
-    if rows is not None:
-        rows = torch.as_tensor(rows, dtype=torch.long, device=layer.q.device).flatten()
-        if rows.numel() == 0 or rows.min() < 0 or rows.max() >= N:
-            raise LayerInputError(f"rows must be non-empty query indices in [0, {N}), got {rows.tolist()}.")
-    if weights is not None:
-        if rows is not None or heads:
-            raise LayerInputError("weights (a contraction over query rows) cannot be combined with rows or heads.")
-        weights = torch.as_tensor(weights, device=layer.q.device)
-        if weights.dim() == 2:
-            weights = weights.expand(B, *weights.shape)
-        if weights.dim() != 3 or weights.shape[0] != B or weights.shape[2] != N:
-            raise LayerInputError(f"weights must be (K, N) or (B, K, N) with B = {B}, N = {N}, got {tuple(weights.shape)}.")
-        if not torch.isfinite(weights).all():
-            raise LayerInputError("weights contains NaN or inf values.")
-    need_ff = any(m in FF_METHODS for m in methods)
-    full = rows is None and weights is None
+    rows = check_rows(rows, N, layer.q.device)
+    contract = _check_contract(contract, B, N, layer.q.device)
+    if contract is not None and heads:
+        raise LayerInputError("per-head maps (heads=True) cannot be contracted; drop heads or contract.")
+    if isinstance(verify, bool) or not isinstance(verify, int) or verify < 0:
+        raise LayerInputError(f"verify must be a number of sampled rows >= 0 (0 disables the spot check), got {verify!r}.")
+    structure = layer.placement
+    need_ff = bool(ff_methods(methods, structure))
+    full = rows is None and contract is None
     n_rows = N if rows is None else len(rows)
     out_elements = B * n_rows * N * (len(methods) + (H if heads else 0))
-    if weights is None and out_elements > MAX_OUTPUT_ELEMENTS:
+    if contract is None and out_elements > MAX_OUTPUT_ELEMENTS:
         raise LayerInputError(f"the requested maps hold {out_elements / 2**30:.1f} G values ({B} x {n_rows} rows x {N} keys x "
-                              f"{len(methods)} methods{' + heads' if heads else ''}); ask for fewer rows= or use weights= "
+                              f"{len(methods)} methods{' + heads' if heads else ''}); ask for fewer rows= or use contract= "
                               "to contract them.")
     prep = _Prepared(layer, methods, ig, ig_steps, budget, targets)
-    impl = get_backend(backend, prep.attn, need_ff)
+    impls = get_backend(backend, prep.attn, need_ff)
 
     # attention-side maps (an FF run with full maps also computes every scope, for the component analysis)
-    scope_methods = methods_for(layer.placement)[5:] if need_ff and full else ()
-    attn_methods = [m for m in dict.fromkeys(methods + scope_methods) if m not in FF_METHODS]
-    maps = {}
-    want_alpha = heads and any(m in HEAD_METHODS for m in methods)
-    alpha = None
-    if attn_methods or want_alpha:
-        grams, scales = prep.grams(attn_methods or ["attn_w"])
-        out, alpha = impl.attention_maps(prep.attn, grams, scales, rows=rows, weights=weights,
-                                         normalize_rows=normalize_rows, want_alpha=want_alpha)
-        maps.update({m: out[:, i] for i, m in enumerate(attn_methods)})
-    if need_ff:
-        out = impl.ff_maps(prep.attn, prep.ff, rows=rows, weights=weights, normalize_rows=normalize_rows)
-        maps.update({m: out[:, i] for i, m in enumerate(prep.ff_scopes)})
+    scope_methods = STRUCTURES[structure].scopes if need_ff and full else ()
+    attn_methods = [m for m in dict.fromkeys(methods + scope_methods) if form(m, structure).kind != "ff"]
+    want_alpha = heads and any(REGISTRY[m].heads for m in methods)
+    maps, alpha = _compute_maps(prep, impls, attn_methods, rows, contract, normalize_rows, want_alpha)
 
     valid = layer.valid
     nan_pad = torch.where(valid, 0.0, float("nan")).to(prep.dtype)
     value_norms = _value_norms(layer, prep.dtype) * valid[:, None]
-    result = LayerAttribution(methods=methods, maps={m: maps[m] for m in methods}, ratios={}, value_norms=value_norms,
-                              bias_norms={}, completeness={}, model_error=prep.model_error, rows=rows, contracted=weights is not None,
-                              backend=impl.name)
-    mean_self = prep.alpha_diag.mean(1)
-    for m in methods:
-        if m == "attn_w":
-            result.ratios[m] = 1 - mean_self + nan_pad
-        elif m == "attnres_w":
-            result.ratios[m] = 0.5 * (1 - mean_self) + nan_pad
-        else:
-            total, diag, bias, real = prep.vectors[m]
-            result.ratios[m] = vector_ratio(total - diag, diag) + nan_pad
-            result.bias_norms[m] = bias.norm(dim=-1) * valid
-            result.completeness[m] = _relative_error(total + bias, real, valid)
+    head_maps = {}
     if want_alpha:
         if "attn_w" in methods:
-            result.head_maps["attn_w"] = alpha
+            head_maps["attn_w"] = alpha
         if "attn_n" in methods:
-            result.head_maps["attn_n"] = alpha * value_norms[:, :, None, :]
-    if need_ff and full:
+            head_maps["attn_n"] = alpha * value_norms[:, :, None, :]
+    context_change, amp = {}, []
+    if need_ff and full:  # from the maps as computed, before any row normalisation
         vis = layer.visible()
-        result.context_change = {c: contextualization_change(maps[a], maps[b], vis)
-                                 for c, (a, b) in COMPONENTS[layer.placement].items()}
-        before, after = ("atb", "atbff") if layer.placement == "post" else ("atbln", "atblnff")
-        result.ff_amp = ff_amp(maps[before], maps[after], vis)
+        struct = STRUCTURES[structure]
+        context_change = {c: contextualization_change(maps[a], maps[b], vis) for c, (a, b) in struct.components.items()}
+        amp = ff_amp(maps[struct.ff_amp[0]], maps[struct.ff_amp[1]], vis)
+    if normalize_rows and contract is None:  # the primitives normalise rows only inside a contraction
+        maps = {m: row_normalize(t) for m, t in maps.items()}
+        head_maps = {m: row_normalize(t) for m, t in head_maps.items()}
+    result = LayerAttribution(methods=methods, maps={m: maps[m] for m in methods}, ratios={}, value_norms=value_norms,
+                              bias_norms={}, completeness={}, model_error=prep.model_error, rows=rows,
+                              contracted=contract is not None, head_maps=head_maps, context_change=context_change,
+                              ff_amp=amp, backends={p: impl.name for p, impl in impls.items()})
+    mean_self = prep.alpha_diag.mean(1)
+    for m in methods:
+        f = form(m, structure)
+        if f.kind == "weights":
+            share = 0.5 if f.residual else 1.0
+            result.ratios[m] = share * (1 - mean_self) + nan_pad
+            continue
+        total, diag, bias, real = prep.vectors[m]
+        result.ratios[m] = vector_ratio(total - diag, diag) + nan_pad
+        result.bias_norms[m] = bias.norm(dim=-1) * valid
+        if f.kind == "ff":  # an identity for the attention-side vectors; a real test through the FFN's IG split
+            result.completeness[m] = _relative_error(total + bias, real, valid)
+    if verify:
+        from .verify import spot_check
+
+        def rerun(sub_rows, sub_contract):
+            sub_maps, _ = _compute_maps(prep, impls, [m for m in methods if form(m, structure).kind != "ff"],
+                                        sub_rows, sub_contract, normalize_rows, False)
+            return sub_maps
+
+        result.spot_check = spot_check(layer, result, impls, rerun, k=verify, seed=verify_seed, contract=contract,
+                                       normalize_rows=normalize_rows, ig=ig, ig_steps=ig_steps)
     return result
 
 

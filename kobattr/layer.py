@@ -214,6 +214,12 @@ class Layer:
 
         return replace(self, **{f.name: cast(getattr(self, f.name)) for f in fields(self)})
 
+    def select(self, index: int) -> "Layer":
+        """The layer of batch element ``index`` alone (batch dimension kept, of size 1)."""
+        one = slice(index, index + 1)
+        return replace(self, q=self.q[one], k=self.k[one], v=self.v[one], x=self.x[one],
+                       key_valid=None if self.key_valid is None else self.key_valid[one])
+
     # --------------------------------------------------------------- checking
     def validate(self) -> "Layer":
         """Raise LayerInputError with a sentence naming the problem, or return self."""

@@ -1,56 +1,175 @@
-"""The methods kobattr computes, their names, and the small helpers every implementation shares.
+"""The method registry: one MethodSpec per method, read by everything that computes, checks or shows one.
 
-| name         | paper                   | map (row i = query, column j = key)            |
-|--------------|-------------------------|------------------------------------------------|
-| attn_w       | Clark et al. 2019       | mean_h alpha^h_ij                              |
-| attnres_w    | Kobayashi et al. 2021   | 0.5 mean_h alpha^h_ij + 0.5 [i == j]           |
-| attn_n       | Kobayashi et al. 2020   | ||sum_h alpha^h_ij f^h(x_j)||                  |
-| attnres_n    | Kobayashi et al. 2021   | ||u_ij||, u_ij = attn part + [i == j] x_i       |
-| attnresln_n  | Kobayashi et al. 2021   | ||g_i(u_ij)||, g from the norm after the residual (LN1 post-LN, LN2 pre-LN) |
-| atb...       | Kobayashi et al. 2024   | the FF scopes (post-LN: atb, atbff, atbffres, atbffresln; pre-LN: atb, atbln, atblnff, atblnffres) |
+Row i of a map is the query (output) token, column j the source (key) token. Definitions and
+conventions: docs/methods.md. Adding a method means one REGISTRY entry plus its computation in the
+reference (kobattr/reference.py) and, if it needs new per-key parts, in core's preparation.
+
+A method takes a *form* in each block structure it applies to (kobattr.layer.PLACEMENTS):
+  weights  mean_h alpha^h_ij (+ [i == j] with residual), mixed 50/50 when the residual is in
+  vector   the norm of sum_h alpha^h_ij f^h(x_j) (+ [i == j] x_i with residual), optionally split by the
+           norm that follows the residual (``norm``: the Layer attribute holding it)
+  ff       scope ``ff_scope`` of the feed-forward primitive: 0 ||FF_ij||, 1 ||res_ij + FF_ij||,
+           2 ||g(res_ij + FF_ij)|| with g the norm after the FFN residual
+``target`` names the real hidden state (a key of Layer.forward) that the parts plus the bias sum to.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 from torch import Tensor
 
-WEIGHT_METHODS = ("attn_w", "attnres_w")
-ATTENTION_METHODS = WEIGHT_METHODS + ("attn_n", "attnres_n", "attnresln_n")
-POST_LN_SCOPES = ("atb", "atbff", "atbffres", "atbffresln")
-PRE_LN_SCOPES = ("atb", "atbln", "atblnff", "atblnffres")
-FF_METHODS = ("atbff", "atbffres", "atbffresln", "atblnff", "atblnffres")
-HEAD_METHODS = ("attn_w", "attn_n")
-DEFAULT_METHODS = ("attn_w", "attn_n", "attnres_n", "attnresln_n")
+PAPERS = {
+    "clark2019": "Clark et al. 2019, What Does BERT Look At? An Analysis of BERT's Attention",
+    "kobayashi2020": "Kobayashi et al. 2020, Attention is Not Only a Weight: Analyzing Transformers with Vector Norms",
+    "kobayashi2021": "Kobayashi et al. 2021, Incorporating Residual and Normalization Layers into Analysis of "
+                     "Masked Language Models",
+    "kobayashi2024": "Kobayashi et al. 2024, Analyzing Feed-Forward Blocks in Transformers through the Lens of "
+                     "Attention Maps",
+}
+KINDS = ("weights", "vector", "ff")
+PRIMITIVES = ("attention_maps", "ff_maps")
 
-# contextualization change of a component: (map before, map after), spec section 4
-COMPONENTS = {
-    "post": {"ff": ("atb", "atbff"), "res": ("atbff", "atbffres"), "ln": ("atbffres", "atbffresln")},
-    "pre": {"ln": ("atb", "atbln"), "ff": ("atbln", "atblnff"), "res": ("atblnff", "atblnffres")},
+
+@dataclass(frozen=True)
+class Form:
+    """How a method is computed in one block structure (see the module docstring)."""
+
+    kind: str
+    residual: bool  # the map contains the residual path (rollout uses it as it is)
+    target: Optional[str] = None  # the real hidden state parts + bias sum to (vector and ff forms)
+    norm: Optional[str] = None  # vector forms: the Layer norm split after the residual ("ln1", "ln2")
+    ff_scope: Optional[int] = None  # ff forms: index into the ff_maps output
+
+    @property
+    def primitive(self) -> str:
+        return "ff_maps" if self.kind == "ff" else "attention_maps"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    display: str
+    paper: str  # a key of PAPERS
+    forms: dict  # block structure -> Form
+    heads: bool = False  # per-head maps with heads=True
+    default: bool = False  # computed when no methods are named
+
+    @property
+    def structures(self) -> tuple:
+        return tuple(self.forms)
+
+
+@dataclass(frozen=True)
+class Structure:
+    """A block structure: its FF scopes in order, the component whose contextualization change each pair
+    of consecutive scopes measures, and the maps FF-amp compares."""
+
+    name: str
+    description: str
+    scopes: tuple
+    components: dict  # component -> (map before, map after)
+    ff_amp: tuple  # (map before the FFN, map of the FFN's share)
+
+
+def _weights(residual):
+    return Form("weights", residual)
+
+
+def _vector(residual, target, norm=None):
+    return Form("vector", residual, target, norm)
+
+
+def _ff(scope, target, residual):
+    return Form("ff", residual, target, ff_scope=scope)
+
+
+_REGISTRY = [
+    MethodSpec("attn_w", "ATTN-W", "clark2019", {"post": _weights(False), "pre": _weights(False)},
+               heads=True, default=True),
+    MethodSpec("attnres_w", "ATTNRES-W", "kobayashi2021", {"post": _weights(True), "pre": _weights(True)}),
+    MethodSpec("attn_n", "ATTN-N", "kobayashi2020", {"post": _vector(False, "attn"), "pre": _vector(False, "attn")},
+               heads=True, default=True),
+    MethodSpec("attnres_n", "ATTNRES-N", "kobayashi2021", {"post": _vector(True, "y"), "pre": _vector(True, "y")},
+               default=True),
+    MethodSpec("attnresln_n", "ATTNRESLN-N", "kobayashi2021",
+               {"post": _vector(True, "mid", "ln1"), "pre": _vector(True, "mid", "ln2")}, default=True),
+    MethodSpec("atb", "ATB", "kobayashi2024", {"post": _vector(True, "mid", "ln1"), "pre": _vector(True, "y")}),
+    MethodSpec("atbln", "ATBLN", "kobayashi2024", {"pre": _vector(True, "mid", "ln2")}),
+    MethodSpec("atbff", "ATBFF", "kobayashi2024", {"post": _ff(0, "ffn_out", False)}),
+    MethodSpec("atblnff", "ATBLNFF", "kobayashi2024", {"pre": _ff(0, "ffn_out", False)}),
+    MethodSpec("atbffres", "ATBFFRES", "kobayashi2024", {"post": _ff(1, "ffn_res", True)}),
+    MethodSpec("atblnffres", "ATBLNFFRES", "kobayashi2024", {"pre": _ff(1, "out", True)}),
+    MethodSpec("atbffresln", "ATBFFRESLN", "kobayashi2024", {"post": _ff(2, "out", True)}),
+]
+REGISTRY: dict[str, MethodSpec] = {spec.name: spec for spec in _REGISTRY}
+
+STRUCTURES = {
+    "post": Structure("post", "post-LN: y = x + Attn(x), out = LN2(LN1(y) + FF(LN1(y)))",
+                      scopes=("atb", "atbff", "atbffres", "atbffresln"),
+                      components={"ff": ("atb", "atbff"), "res": ("atbff", "atbffres"), "ln": ("atbffres", "atbffresln")},
+                      ff_amp=("atb", "atbff")),
+    "pre": Structure("pre", "pre-LN: y = x + Attn(LN1(x)), out = y + FF(LN2(y))",
+                     scopes=("atb", "atbln", "atblnff", "atblnffres"),
+                     components={"ln": ("atb", "atbln"), "ff": ("atbln", "atblnff"), "res": ("atblnff", "atblnffres")},
+                     ff_amp=("atbln", "atblnff")),
 }
 
 
-def methods_for(placement: str) -> tuple[str, ...]:
-    scopes = POST_LN_SCOPES if placement == "post" else PRE_LN_SCOPES
-    return ATTENTION_METHODS + tuple(s for s in scopes if s not in ATTENTION_METHODS)
+def form(method: str, structure: str) -> Form:
+    return REGISTRY[method].forms[structure]
 
 
-def check_methods(methods, placement: str) -> tuple[str, ...]:
-    """Normalise a method list ("all", a name, or names) for a layer placement, or raise ValueError."""
-    available = methods_for(placement)
+def methods_for(structure: str) -> tuple[str, ...]:
+    """Every method defined for a block structure, in registry order."""
+    return tuple(name for name, spec in REGISTRY.items() if structure in spec.forms)
+
+
+def default_methods(structure: str) -> tuple[str, ...]:
+    return tuple(m for m in methods_for(structure) if REGISTRY[m].default)
+
+
+def ff_methods(methods, structure: str) -> tuple[str, ...]:
+    """The methods among ``methods`` that need the feed-forward primitive."""
+    return tuple(m for m in methods if form(m, structure).kind == "ff")
+
+
+def has_residual(method: str, structure: str) -> bool:
+    return form(method, structure).residual
+
+
+def display_name(method: str) -> str:
+    return REGISTRY[method].display
+
+
+def check_methods(methods, structure: str) -> tuple[str, ...]:
+    """Normalise a method request (None, "all", a name, or names) for a block structure, or raise ValueError."""
+    available = methods_for(structure)
     if methods is None:
-        return DEFAULT_METHODS
+        return default_methods(structure)
     if isinstance(methods, str):
-        methods = available if methods == "all" else (methods,)
-    methods = tuple(dict.fromkeys(m.lower().replace("-", "_") for m in methods))
-    for m in methods:
+        methods = (methods,)
+    elif not isinstance(methods, (list, tuple)):
+        raise ValueError(f"methods must be a name, a list of names or 'all', got {type(methods).__name__}.")
+    if any(not isinstance(m, str) for m in methods):
+        bad = next(m for m in methods if not isinstance(m, str))
+        raise ValueError(f"method names must be strings, got {bad!r} in {list(methods)!r}.")
+    names = tuple(dict.fromkeys(m.strip().lower().replace("-", "_") for m in methods))
+    if "all" in names:
+        if len(names) > 1:
+            raise ValueError(f"'all' cannot be mixed with method names (got {list(methods)!r}); ask for 'all' or for names.")
+        return available
+    if not names:
+        raise ValueError("no methods requested; name at least one or ask for 'all'.")
+    for m in names:
         if m not in available:
-            other = "pre" if placement == "post" else "post"
-            hint = f" ({m} is defined for {other}-LN layers)" if m in methods_for(other) else ""
-            raise ValueError(f"unknown method {m!r} for a {placement}-LN layer{hint}; choose from {', '.join(available)} or 'all'.")
-    if not methods:
-        raise ValueError("no methods requested.")
-    return methods
+            elsewhere = [s for s in STRUCTURES if s != structure and m in methods_for(s)]
+            hint = f" ({m} is defined for {', '.join(elsewhere)} layers)" if elsewhere else ""
+            raise ValueError(f"unknown method {m!r} for a {structure} layer{hint}; choose from "
+                             f"{', '.join(available)} or 'all'.")
+    return names
 
 
 def vector_ratio(context: Tensor, self_part: Tensor) -> Tensor:

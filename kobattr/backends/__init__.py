@@ -1,65 +1,84 @@
-"""Backend selection, in one place.
+"""Implementation selection, per primitive, in one place.
 
-Each backend declares whether it can run on this machine (``unavailable_reason``) and whether it
-takes a given input (``cannot_run``); ``backend="auto"`` picks the first that can, and an explicit
-name that cannot run raises BackendUnavailable with the backend's own reason.
+Each implementation (kobattr/backends/*.py) declares the primitives it implements and what it takes
+(``Backend.refusals``). For every primitive a layer needs (attention_maps, ff_maps), ``select`` picks
+the first implementation in the preference order that takes the input; when none does, the error lists
+every implementation's reasons. ``backend=`` is "auto", an implementation name (used for every
+primitive it implements; the others are chosen automatically) or a dict {primitive: name}.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Optional
+from typing import Optional, Union
 
 from .base import Attention, Backend, BackendUnavailable
 
 BACKEND_NAMES = ("torch", "triton", "cpu", "cuda")
-_MODULES = {
-    "torch": ("kobattr.backends.torch_backend", "TorchBackend"),
-    "triton": ("kobattr.backends.triton_backend", "TritonBackend"),
-    "cpu": ("kobattr.backends.cpu_backend", "CPUBackend"),
-    "cuda": ("kobattr.backends.cuda_backend", "CUDABackend"),
+PRIMITIVES = ("attention_maps", "ff_maps")
+_FACTORIES = {
+    "torch": ("kobattr.backends.torch_backend", "TorchBackend", {}),
+    "triton": ("kobattr.backends.triton_backend", "TritonBackend", {}),
+    "cpu": ("kobattr.backends.compiled_backend", "CompiledBackend", {"device": "cpu"}),
+    "cuda": ("kobattr.backends.compiled_backend", "CompiledBackend", {"device": "cuda"}),
 }
 # preference order of backend="auto" by tensor device
 AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
 
-def backend_class(name: str):
-    """The backend class, or a string saying why it cannot even be imported."""
-    module, cls = _MODULES[name]
+def implementation(name: str) -> Union[Backend, str]:
+    """The implementation ``name``, or a sentence saying why it cannot even be imported."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {', '.join(BACKEND_NAMES)}.")
+    module, cls, kwargs = _FACTORIES[name]
     try:
-        return getattr(importlib.import_module(module), cls)
+        return getattr(importlib.import_module(module), cls)(**kwargs)
     except ImportError as err:
         return f"the {name} backend could not be imported ({err})."
 
 
 def availability() -> dict[str, Optional[str]]:
-    """name -> None if the backend can run on this machine, else the reason it cannot."""
+    """name -> None if the implementation can run on this machine, else the reason it cannot."""
     out = {}
     for name in BACKEND_NAMES:
-        cls = backend_class(name)
-        out[name] = cls if isinstance(cls, str) else cls.unavailable_reason()
+        impl = implementation(name)
+        out[name] = impl if isinstance(impl, str) else impl.unavailable_reason()
     return out
 
 
-def get_backend(name: str, attn: Attention, need_ff: bool) -> Backend:
-    """The backend ``name`` ("auto" or one of BACKEND_NAMES) for this input."""
-    if name == "auto":
-        reasons = []
-        for candidate in AUTO_ORDER.get(attn.q.device.type, ("torch",)):
-            try:
-                return get_backend(candidate, attn, need_ff)
-            except BackendUnavailable as err:
-                reasons.append(str(err))
-        raise BackendUnavailable("no backend can run this input: " + " ".join(reasons))
-    if name not in BACKEND_NAMES:
-        raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {', '.join(BACKEND_NAMES)}.")
-    cls = backend_class(name)
-    if isinstance(cls, str):
-        raise BackendUnavailable(cls)
-    reason = cls.unavailable_reason()
-    if reason is None:
-        backend = cls()
-        reason = backend.cannot_run(attn, need_ff)
-        if reason is None:
-            return backend
-    raise BackendUnavailable(f"backend {name!r} cannot run: {reason}")
+def _preferences(backend, primitive: str, device: str) -> tuple[tuple[str, ...], bool]:
+    """(names to try in order, whether the user named them explicitly) for one primitive."""
+    if isinstance(backend, dict):
+        unknown = set(backend) - set(PRIMITIVES)
+        if unknown:
+            raise ValueError(f"backend keys must be primitives ({', '.join(PRIMITIVES)}), got {sorted(unknown)}.")
+        backend = backend.get(primitive, "auto")
+    if not isinstance(backend, str):
+        raise ValueError(f"backend must be 'auto', a name ({', '.join(BACKEND_NAMES)}) or a dict per primitive, "
+                         f"got {backend!r}.")
+    if backend == "auto":
+        return AUTO_ORDER.get(device, ("torch",)), False
+    impl = implementation(backend)
+    if isinstance(impl, Backend) and primitive not in impl.primitives:
+        return AUTO_ORDER.get(device, ("torch",)), False  # a name applies to the primitives it implements
+    return (backend,), True
+
+
+def select(backend, primitive: str, attn: Attention) -> Backend:
+    """The implementation that runs ``primitive`` on this input, or BackendUnavailable with every reason."""
+    names, explicit = _preferences(backend, primitive, attn.q.device.type)
+    reasons = []
+    for name in names:
+        impl = implementation(name)
+        refused = [impl] if isinstance(impl, str) else impl.refusals(primitive, attn)
+        if not refused:
+            return impl
+        reasons.append(f"{name}: {' '.join(refused)}")
+    what = f"backend {names[0]!r}" if explicit else "no implementation"
+    raise BackendUnavailable(f"{what} cannot run {primitive} on this input; " + "; ".join(reasons))
+
+
+def get_backend(name, attn: Attention, need_ff: bool) -> dict[str, Backend]:
+    """{primitive: implementation} for the primitives a layer needs (ff_maps only if need_ff)."""
+    wanted = PRIMITIVES if need_ff else PRIMITIVES[:1]
+    return {p: select(name, p, attn) for p in wanted}

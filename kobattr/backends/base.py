@@ -1,7 +1,7 @@
 """What a backend computes: the two pair-norm primitives every method reduces to.
 
 kobattr turns every norm-based method into per-key Gram matrices / per-key parts and per-row
-vectors (computed once, O(N) memory, in kobattr/prepare.py). A backend only has to evaluate the
+vectors (computed once, O(N) memory, by kobattr/core.py). A backend only has to evaluate the
 pairs, never storing an (N, N, D) tensor. Notation for one batch element:
 
     alpha^h_ij = softmax_j(scale * q^h_i . k^{g(h)}_j) over the keys j visible from query i
@@ -32,7 +32,8 @@ ff_maps  (post-LN ATBFF, ATBFFRES, ATBFFRESLN; pre-LN ATBLNFF, ATBLNFFRES)
 
 Output modes shared by both: ``rows`` (R,) int64 selects query rows (None = all N, R = N);
 ``weights`` (B, K, N) float32 asks instead for the contraction out[b, m, k, j] =
-sum_i weights[b, k, i] * map[b, m, i, j], with ``normalize_rows`` dividing each map row by its
+sum_i weights[b, k, i] * map[b, m, i, j] over the selected rows i (all rows without ``rows``;
+weights stays indexed by the absolute row), with ``normalize_rows`` dividing each map row by its
 sum first (rows summing to 0 stay 0), returning (B, M, K, N) without building the map.
 """
 
@@ -80,18 +81,49 @@ class FFParts:
 
 
 class Backend:
-    """A way to evaluate the pair primitives. Subclasses set ``name`` and implement the methods."""
+    """An implementation of some of the pair primitives, declaring what it takes (xformers style).
+
+    Subclasses set ``name``, ``primitives`` (the ones they implement), ``devices`` and ``dtypes`` (of q
+    and k), optionally ``max_heads`` / ``max_head_size``, and implement those primitives. Dispatch
+    (kobattr/backends/__init__.py) asks ``refusals`` and reports every reason when nothing fits.
+    """
 
     name = "?"
+    primitives: tuple = ()
+    devices: tuple = ("cpu", "cuda")
+    dtypes: tuple = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+    max_heads: Optional[int] = None
+    max_head_size: Optional[int] = None
 
     @classmethod
     def unavailable_reason(cls) -> Optional[str]:
-        """None if the backend can run on this machine, else a sentence saying why not."""
+        """None if the implementation can run on this machine, else a sentence saying why not."""
         return None
 
-    def cannot_run(self, attn: Attention, need_ff: bool) -> Optional[str]:
-        """None if this backend takes this input, else a sentence saying why not."""
-        return None
+    def refusals(self, primitive: str, attn: Attention) -> list[str]:
+        """Every reason this implementation cannot run ``primitive`` on this input (empty: it can)."""
+        if primitive not in self.primitives:
+            return [f"{self.name} does not implement {primitive}."]
+        reasons = []
+        machine = self.unavailable_reason()
+        if machine is not None:
+            reasons.append(machine)
+        device = attn.q.device.type
+        if device not in self.devices:
+            reasons.append(f"{self.name} takes {' or '.join(self.devices)} tensors, not {device}.")
+        if attn.q.dtype not in self.dtypes or attn.k.dtype != attn.q.dtype:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            reasons.append(f"{self.name} takes q and k of one dtype among {names}, got {attn.q.dtype} and {attn.k.dtype}.")
+        B, H, N, Dh = attn.q.shape
+        if self.max_heads is not None and H > self.max_heads:
+            reasons.append(f"{self.name} takes at most {self.max_heads} heads, got {H}.")
+        if self.max_head_size is not None and Dh > self.max_head_size:
+            reasons.append(f"{self.name} takes head sizes up to {self.max_head_size}, got {Dh}.")
+        return reasons
+
+    def uses_tf32(self, attn: Attention) -> bool:
+        """Whether float32 dot products of this implementation run in TF32 (looser spot-check tolerance)."""
+        return False
 
     def attention_maps(self, attn: Attention, grams: Tensor, row_scale: Tensor, rows: Optional[Tensor] = None,
                        weights: Optional[Tensor] = None, normalize_rows: bool = False,

@@ -64,6 +64,7 @@ class _Output:
 
 class TorchBackend(Backend):
     name = "torch"
+    primitives = ("attention_maps", "ff_maps")
 
     def __init__(self, budget: int = DEFAULT_BUDGET):
         self.budget = budget
@@ -72,17 +73,15 @@ class TorchBackend(Backend):
     def compute_dtype(attn: Attention) -> torch.dtype:
         return torch.float64 if attn.q.dtype == torch.float64 else torch.float32
 
-    def _rows(self, attn: Attention, rows: Optional[Tensor], weights: Optional[Tensor]) -> Tensor:
-        N = attn.q.shape[2]
-        if weights is not None or rows is None:
-            return torch.arange(N, device=attn.q.device)
-        return rows.to(attn.q.device)
+    @staticmethod
+    def _rows(attn: Attention, rows: Optional[Tensor]) -> Tensor:
+        return torch.arange(attn.q.shape[2], device=attn.q.device) if rows is None else rows.to(attn.q.device)
 
     def attention_maps(self, attn, grams, row_scale, rows=None, weights=None, normalize_rows=False, want_alpha=False):
         dtype = self.compute_dtype(attn)
         B, H, N, _ = attn.q.shape
         M = grams.shape[2]
-        rows = self._rows(attn, rows, weights)
+        rows = self._rows(attn, rows)
         grams, row_scale = grams.to(dtype), row_scale.to(dtype)
         # per key j one (H, M * H) matrix, so a block is one batched matmul over keys
         g_heads = grams[..., :H, :H].permute(0, 1, 3, 2, 4).reshape(B * N, H, M * H).contiguous()
@@ -113,7 +112,7 @@ class TorchBackend(Backend):
     def ff_maps(self, attn, parts: FFParts, rows=None, weights=None, normalize_rows=False):
         dtype = self.compute_dtype(attn)
         B, H, N, _ = attn.q.shape
-        rows = self._rows(attn, rows, weights)
+        rows = self._rows(attn, rows)
         p = {k: (v.to(dtype) if isinstance(v, Tensor) else v) for k, v in vars(parts).items()}
         F = p["ff_parts"].shape[-1]
         D = p["res_parts"].shape[-1]

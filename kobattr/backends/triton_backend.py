@@ -34,6 +34,14 @@ def _parts(t: Optional[Tensor]) -> Optional[Tensor]:
 
 class TritonBackend(Backend):
     name = "triton"
+    primitives = ("attention_maps", "ff_maps")
+    dtypes = MODEL_DTYPES  # the kernels compute in float32; a float64 layer would lose its precision
+    max_heads = MAX_HEADS
+    max_head_size = MAX_HEAD_SIZE
+
+    @property
+    def devices(self) -> tuple:
+        return ("cuda", "cpu") if _interpreting() else ("cuda",)
 
     @classmethod
     def unavailable_reason(cls) -> Optional[str]:
@@ -43,29 +51,10 @@ class TritonBackend(Backend):
             return "the triton backend needs a CUDA device (or TRITON_INTERPRET=1 to run its kernels on the CPU)."
         return None
 
-    def cannot_run(self, attn: Attention, need_ff: bool) -> Optional[str]:
-        reason = self.unavailable_reason()
-        if reason is not None:
-            return reason
-        q, k = attn.q, attn.k
-        if q.device.type != "cuda" and not _interpreting():
-            return f"the triton backend needs CUDA tensors (got {q.device.type}; TRITON_INTERPRET=1 runs CPU tensors)."
-        if q.dtype not in MODEL_DTYPES or k.dtype != q.dtype:
-            return ("the triton backend takes float32, float16 or bfloat16 q and k of one dtype "
-                    f"(got {q.dtype}, {k.dtype}).")
-        B, H, N, Dh = q.shape
-        if H > MAX_HEADS:
-            return f"the triton backend takes at most {MAX_HEADS} heads (got {H})."
-        if Dh > MAX_HEAD_SIZE:
-            return f"the triton backend takes head sizes up to {MAX_HEAD_SIZE} (got {Dh})."
-        if k.shape[1] == 0 or H % k.shape[1]:
-            return f"the number of heads ({H}) is not a multiple of the number of KV heads ({k.shape[1]})."
-        return None
-
-    def _check(self, attn: Attention, need_ff: bool) -> None:
-        reason = self.cannot_run(attn, need_ff)
-        if reason is not None:
-            raise BackendUnavailable(reason)
+    def _check(self, primitive: str, attn: Attention) -> None:
+        reasons = self.refusals(primitive, attn)
+        if reasons:
+            raise BackendUnavailable(" ".join(reasons))
 
     @staticmethod
     def _common(attn: Attention, rows: Optional[Tensor], weights: Optional[Tensor]):
@@ -80,7 +69,7 @@ class TritonBackend(Backend):
     def attention_maps(self, attn: Attention, grams: Tensor, row_scale: Tensor, rows: Optional[Tensor] = None,
                        weights: Optional[Tensor] = None, normalize_rows: bool = False,
                        want_alpha: bool = False) -> tuple[Tensor, Optional[Tensor]]:
-        self._check(attn, need_ff=False)
+        self._check("attention_maps", attn)
         from kobattr.kernels.attention_pairs import attention_maps
 
         return attention_maps(grams=grams.float().contiguous(), row_scale=row_scale.float().contiguous(),
@@ -88,7 +77,7 @@ class TritonBackend(Backend):
 
     def ff_maps(self, attn: Attention, parts: FFParts, rows: Optional[Tensor] = None,
                 weights: Optional[Tensor] = None, normalize_rows: bool = False) -> Tensor:
-        self._check(attn, need_ff=True)
+        self._check("ff_maps", attn)
         from kobattr.kernels.ff_pairs import ff_maps
 
         return ff_maps(

@@ -1,0 +1,106 @@
+"""Spot checks: every returned map verifies itself against the materialising reference on a few rows.
+
+For each batch element, ``k`` query rows are sampled (seeded) among the returned rows whose token is
+not padding, and the reference (kobattr/reference.py, float64) recomputes them from the captured
+Layer alone: alpha from q and k, the value vectors, norms and FFN from the layer's weights. Nothing an
+implementation computed (row statistics, Gram quadratic forms, kernel outputs) is reused. A contracted
+result is checked by rerunning the implementations with the contraction restricted to the sampled rows
+S and comparing with contract[:, S] @ reference[S].
+
+Error of a row: max_j |got_ij - ref_ij| / max_j |ref_ij| (0 when both rows are all zero, inf when only
+the reference row is). The largest over the sampled rows (and heads) is the method's error.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .backends.base import Attention
+from .methods import form, row_normalize
+from .reference import reference
+
+# the largest spot-check error accepted, by the dtype the implementation computed in
+TOLERANCES = {"float64": 1e-9, "float32": 1e-4, "tf32": 5e-3, "float16": 2e-2, "bfloat16": 5e-2}
+
+
+class VerificationError(RuntimeError):
+    """A returned map disagrees with the reference on its sampled rows by more than the dtype's tolerance."""
+
+
+def tolerance(dtype: torch.dtype, tf32: bool = False) -> float:
+    name = str(dtype).replace("torch.", "")
+    if tf32 and name == "float32":
+        name = "tf32"
+    if name not in TOLERANCES:
+        raise ValueError(f"no spot-check tolerance for {dtype}; known: {', '.join(TOLERANCES)}.")
+    return TOLERANCES[name]
+
+
+def row_errors(got: Tensor, ref: Tensor) -> Tensor:
+    """(..., R) error of each row of (..., R, N) maps, as the module docstring defines it."""
+    got, ref = got.double(), ref.double()
+    scale = ref.abs().amax(-1)
+    diff = (got - ref).abs().amax(-1)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.where(scale > 0, diff / safe, torch.where(diff > 0, float("inf"), 0.0))
+
+
+def sample_rows(candidates: Tensor, valid: Tensor, k: int, seed: int) -> Tensor:
+    """Up to k of the row positions 0..len(candidates)-1, preferring rows whose token is valid."""
+    g = torch.Generator().manual_seed(seed)
+    pool = valid[candidates].nonzero().flatten().cpu()
+    if pool.numel() == 0:
+        pool = torch.arange(len(candidates))
+    return pool[torch.randperm(pool.numel(), generator=g)[:k]].sort().values
+
+
+def spot_check(layer, result, impls: dict, rerun, k: int, seed: int, contract, normalize_rows: bool,
+               ig: str, ig_steps: int) -> dict:
+    """{method: (B,) float64 error} of ``result`` (a LayerAttribution); raises VerificationError."""
+    B, H, N, _ = layer.q.shape
+    requested = result.rows if result.rows is not None else torch.arange(N, device=layer.q.device)
+    valid = layer.valid
+    samples = [sample_rows(requested, valid[b], k, seed * 1_000_003 + b) for b in range(B)]
+    errors = {m: torch.zeros(B, dtype=torch.float64) for m in result.methods}
+
+    rerun_maps = None
+    if contract is not None:  # the implementations again, contracted over the sampled rows only
+        positions = torch.cat(samples).unique()
+        keep = torch.zeros(B, N, dtype=torch.bool, device=contract.device)
+        for b, s in enumerate(samples):
+            keep[b, requested[s.to(requested.device)]] = True
+        rerun_maps = rerun(requested[positions.to(requested.device)], contract * keep[:, None, :])
+
+    for b, s in enumerate(samples):
+        rows = requested[s.to(requested.device)]
+        ref = reference(layer.select(b), methods=list(result.methods), rows=rows, ig=ig, ig_steps=ig_steps)
+        for m in result.methods:
+            expected = ref["maps"][m][0].to(layer.q.device)  # (S, N)
+            if normalize_rows:
+                expected = row_normalize(expected)
+            if contract is None:
+                err = row_errors(result.maps[m][b, s.to(layer.q.device)], expected).max()
+                if m in result.head_maps:
+                    ref_heads = ref["head_maps"][m][0].to(layer.q.device)
+                    if normalize_rows:
+                        ref_heads = row_normalize(ref_heads)
+                    err = torch.maximum(err, row_errors(result.head_maps[m][b][:, s.to(layer.q.device)], ref_heads).max())
+            else:
+                expected = contract[b][:, rows].double() @ expected.double()  # (K, N)
+                err = row_errors(rerun_maps[m][b], expected).max()
+            errors[m][b] = err.item()
+
+    dtype = layer.q.dtype
+    attn = Attention(q=layer.q, k=layer.k, valid=valid, causal=layer.causal, window=layer.window, scale=layer.softmax_scale)
+    for m, err in errors.items():
+        primitive = form(m, layer.placement).primitive
+        impl = impls[primitive]
+        tol = tolerance(dtype, impl.uses_tf32(attn))
+        worst = int(err.argmax())
+        if not err[worst] <= tol:
+            raise VerificationError(
+                f"spot check failed: {m} from implementation {impl.name!r} ({primitive}) differs from the reference by "
+                f"{err[worst]:.2e} (relative) on batch element {worst}, sampled rows {requested[samples[worst]].tolist()}; "
+                f"the tolerance for {str(dtype).replace('torch.', '')} is {tol:.0e}.")
+    return errors
