@@ -76,6 +76,8 @@ class Adapter:
     # Decoders with left padding need position ids counted from the first real token (as generate() does),
     # otherwise a padded text is positioned differently from the same text alone.
     positions_from_padding: bool = False
+    # the most tokens a text may have: learned absolute positions stop there (None: no hard limit, e.g. RoPE)
+    max_tokens: Callable[[object], Optional[int]] = lambda config: None
 
     # ------------------------------------------------------------------ modules
     def layer_modules(self, model: nn.Module) -> nn.ModuleList:
@@ -169,8 +171,10 @@ _LLAMA_PATHS = dict(
 )
 
 ADAPTERS = (
-    Adapter("BERT", ("bert",), **_ENCODER_PATHS),
-    Adapter("RoBERTa", ("roberta",), **_ENCODER_PATHS),
+    Adapter("BERT", ("bert",), **_ENCODER_PATHS, max_tokens=lambda config: config.max_position_embeddings),
+    # RoBERTa's positions start after its padding index
+    Adapter("RoBERTa", ("roberta",), **_ENCODER_PATHS,
+            max_tokens=lambda config: config.max_position_embeddings - config.pad_token_id - 1),
     Adapter(
         "GPT-2",
         ("gpt2",),
@@ -186,6 +190,7 @@ ADAPTERS = (
         activation_key="activation_function",
         causal=True,
         positions_from_padding=True,
+        max_tokens=lambda config: config.n_positions,
     ),
     Adapter("Llama", ("llama",), **_LLAMA_PATHS),
     Adapter("Mistral", ("mistral",), **_LLAMA_PATHS, window=_mistral_window),
