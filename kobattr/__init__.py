@@ -19,6 +19,8 @@ _LAZY = {
     "FeedForward": "kobattr.layer",
     "LayerInputError": "kobattr.layer",
     "BackendUnavailable": "kobattr.backends.base",
+    "VerificationError": "kobattr.verify",
+    "REGISTRY": "kobattr.methods",
 }
 __all__ = list(_LAZY)
 

@@ -61,7 +61,7 @@ def spot_check(layer, result, impls: dict, rerun, k: int, seed: int, contract, n
     B, H, N, _ = layer.q.shape
     requested = result.rows if result.rows is not None else torch.arange(N, device=layer.q.device)
     valid = layer.valid
-    samples = [sample_rows(requested, valid[b], k, seed * 1_000_003 + b) for b in range(B)]
+    samples = [sample_rows(requested, valid[b], k, seed * 1_000_003 + b).to(requested.device) for b in range(B)]
     errors = {m: torch.zeros(B, dtype=torch.float64) for m in result.methods}
 
     rerun_maps = None
@@ -69,23 +69,23 @@ def spot_check(layer, result, impls: dict, rerun, k: int, seed: int, contract, n
         positions = torch.cat(samples).unique()
         keep = torch.zeros(B, N, dtype=torch.bool, device=contract.device)
         for b, s in enumerate(samples):
-            keep[b, requested[s.to(requested.device)]] = True
-        rerun_maps = rerun(requested[positions.to(requested.device)], contract * keep[:, None, :])
+            keep[b, requested[s]] = True
+        rerun_maps = rerun(requested[positions], contract * keep[:, None, :])
 
     for b, s in enumerate(samples):
-        rows = requested[s.to(requested.device)]
+        rows = requested[s]
         ref = reference(layer.select(b), methods=list(result.methods), rows=rows, ig=ig, ig_steps=ig_steps)
         for m in result.methods:
             expected = ref["maps"][m][0].to(layer.q.device)  # (S, N)
             if normalize_rows:
                 expected = row_normalize(expected)
             if contract is None:
-                err = row_errors(result.maps[m][b, s.to(layer.q.device)], expected).max()
+                err = row_errors(result.maps[m][b, s], expected).max()
                 if m in result.head_maps:
                     ref_heads = ref["head_maps"][m][0].to(layer.q.device)
                     if normalize_rows:
                         ref_heads = row_normalize(ref_heads)
-                    err = torch.maximum(err, row_errors(result.head_maps[m][b][:, s.to(layer.q.device)], ref_heads).max())
+                    err = torch.maximum(err, row_errors(result.head_maps[m][b][:, s], ref_heads).max())
             else:
                 expected = contract[b][:, rows].double() @ expected.double()  # (K, N)
                 err = row_errors(rerun_maps[m][b], expected).max()

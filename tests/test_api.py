@@ -35,11 +35,19 @@ def test_minilm_decomposition_is_complete_against_the_model(minilm, minilm_resul
     res = minilm_result
     assert res.layers == tuple(range(6)) and res.placement == "post"
     assert res.model_error.max() < 1e-5
+    assert set(res.completeness) == {"atbff", "atbffres", "atbffresln"}
     for m, err in res.completeness.items():
         assert err.max() < 1e-5, m  # parts + bias = the model's own hidden state
-    # the output of the last scope is the model's hidden state itself
-    stream = residual_stream(model, tokenizer(TEXTS, return_tensors="pt", padding=True))
-    assert len(stream) == 7
+    # the captured layers stream exactly the model's own residual stream: input of layer l, output of l
+    batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    stream = residual_stream(model, batch)
+    layers = {}
+    capture(model, batch, lambda i, layer: layers.__setitem__(i, layer))
+    valid = batch["attention_mask"].bool()
+    for i, layer in layers.items():
+        torch.testing.assert_close(layer.x[valid], stream[i][valid])
+        torch.testing.assert_close(layer.forward()["out"][valid], stream[i + 1][valid], rtol=1e-5, atol=1e-5)
+    assert len(layers) == len(stream) - 1 == 6
 
 
 def test_minilm_attention_weights_equal_the_models_own(minilm, minilm_result):
@@ -101,7 +109,7 @@ def test_rows_and_contraction_modes_through_analyze(minilm, minilm_result):
     rows = analyze(model, TEXTS, tokenizer=tokenizer, methods=["attnresln_n"], rows=[0, 3], backend="torch")
     torch.testing.assert_close(rows.maps["attnresln_n"], minilm_result.maps["attnresln_n"][:, :, [0, 3]])
     ones = torch.ones(1, rows.attention_mask.shape[1])
-    colsum = analyze(model, TEXTS, tokenizer=tokenizer, methods=["attnresln_n"], weights=ones, backend="torch")
+    colsum = analyze(model, TEXTS, tokenizer=tokenizer, methods=["attnresln_n"], contract=ones, backend="torch")
     torch.testing.assert_close(colsum.maps["attnresln_n"][:, :, 0], minilm_result.maps["attnresln_n"].sum(2))
     with pytest.raises(ValueError, match="full maps"):
         rows.rollout("attnresln_n")
@@ -111,9 +119,9 @@ def test_save_load_round_trip(tmp_path, minilm_result):
     path = minilm_result.save(tmp_path / "res" / "attribution")
     assert path.exists()
     back = Attribution.load(tmp_path / "res" / "attribution")
-    for field in ("methods", "layers", "tokens", "placement", "contracted", "ff_amp", "model_name", "backend"):
+    for field in ("methods", "layers", "tokens", "placement", "contracted", "ff_amp", "model_name", "backends"):
         assert getattr(back, field) == getattr(minilm_result, field), field
-    for group in ("maps", "ratios", "bias_norms", "completeness", "head_maps", "context_change"):
+    for group in ("maps", "ratios", "bias_norms", "completeness", "head_maps", "context_change", "spot_check"):
         a, b = getattr(minilm_result, group), getattr(back, group)
         assert a.keys() == b.keys()
         for k in a:

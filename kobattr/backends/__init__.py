@@ -74,8 +74,8 @@ def select(backend, primitive: str, attn: Attention) -> Backend:
         if not refused:
             return impl
         reasons.append(f"{name}: {' '.join(refused)}")
-    what = f"backend {names[0]!r}" if explicit else "no implementation"
-    raise BackendUnavailable(f"{what} cannot run {primitive} on this input; " + "; ".join(reasons))
+    what = f"backend {names[0]!r} cannot run" if explicit else "no implementation can run"
+    raise BackendUnavailable(f"{what} {primitive} on this input; " + "; ".join(reasons))
 
 
 def get_backend(name, attn: Attention, need_ff: bool) -> dict[str, Backend]:

@@ -26,7 +26,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from ..layer import Layer
+from ..layer import Layer, LayerInputError
 from .adapters import Adapter, get_adapter
 
 
@@ -184,7 +184,11 @@ class _Recorder:
             key_valid=None if self.key_valid is None else self.key_valid.to(device),
             causal=self.adapter.causal,
             window=self.adapter.window(self.config, index),
-        ).validate()
+        )
+        try:
+            layer.validate()
+        except LayerInputError as err:
+            raise LayerInputError(f"layer {index}: {err}") from None
         _check_mask(index, layer, call)
         return layer
 
