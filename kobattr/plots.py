@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -246,6 +247,14 @@ def _embeddable_json(text: str) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
+def _fill_template(template: str, values: Mapping[str, str]) -> str:
+    """The template with each {{NAME}} slot replaced by values[NAME], in one pass over the template only:
+    the values are never searched for slots, so a title or token that contains "{{DATA}}" stays text."""
+    parts = re.split(r"\{\{([A-Z]+)\}\}", template)
+    # re.split with a group alternates literal text (even indices) and slot names (odd indices)
+    return "".join(part if i % 2 == 0 else values[part] for i, part in enumerate(parts))
+
+
 def html_report(maps: Mapping[str, object], tokens: Sequence[str], path, title: str = "kobattr",
                 ratios: Optional[Mapping[str, object]] = None) -> Path:
     """Write one self-contained HTML page to explore the maps token by token; returns its path.
@@ -272,8 +281,7 @@ def html_report(maps: Mapping[str, object], tokens: Sequence[str], path, title: 
     payload = ('{"tokens":' + json.dumps(tokens, ensure_ascii=False)
                + ',"methods":' + json.dumps(list(arrays), ensure_ascii=False)
                + ',"maps":' + keyed(arrays) + ',"ratios":' + keyed(ratio_arrays) + "}")
-    page = (_HTML_TEMPLATE.replace("{{TITLE}}", html.escape(title))
-            .replace("{{DATA}}", _embeddable_json(payload)))  # DATA last: nothing in it gets re-substituted
+    page = _fill_template(_HTML_TEMPLATE, {"TITLE": html.escape(str(title)), "DATA": _embeddable_json(payload)})
     path = Path(path)
     path.write_text(page, encoding="utf-8")
     return path

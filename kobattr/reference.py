@@ -21,8 +21,12 @@ MAX_PAIR_ELEMENTS = 1 << 31  # the (B, R, N, D) tensors above this would not fit
 
 
 def reference(layer: Layer, methods=None, dtype: torch.dtype = torch.float64, ig: str = "exact",
-              ig_steps: int = 20, rows: Optional[Tensor] = None) -> dict:
+              ig_steps: int = 20, rows: Optional[Tensor] = None, value_vectors: Optional[Tensor] = None) -> dict:
     """Every output of kobattr for one layer, materialised, for all query rows or only ``rows`` (R,).
+
+    ``value_vectors`` (B, H, N, D): f^h(x_j) as already computed (the spot checks pass the preparation
+    step's; the sum over heads then runs in their dtype); by default they are computed here from v and
+    W_O, one block of keys at a time.
 
     Returns a dict with (R = N without rows)
       maps[m]       (B, R, N) layer map of method m (0 where j is invisible from i or i is padding)
@@ -42,12 +46,21 @@ def reference(layer: Layer, methods=None, dtype: torch.dtype = torch.float64, ig
     if B * R * N * D > MAX_PAIR_ELEMENTS:
         raise LayerInputError(f"the reference materialises (B, R, N, D) = ({B}, {R}, {N}, {D}) tensors, too large; "
                               "use kobattr.attribute, which never builds them.")
-    L = layer.validate().to(dtype)
+    return materialise(layer.validate().to(dtype), methods, ig, ig_steps, rows, value_vectors)
+
+
+def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional[Tensor],
+                value_vectors: Optional[Tensor]) -> dict:
+    """reference() for a validated layer already in the compute dtype and checked method names."""
+    structure = L.placement
+    dtype = L.x.dtype
     B, H, N, Dh = L.q.shape
+    D = L.d_model
     rows = torch.arange(N, device=L.q.device) if rows is None else torch.as_tensor(rows, device=L.q.device).long()
+    R = len(rows)
     full = R == N and torch.equal(rows, torch.arange(N, device=rows.device))
     group = H // L.n_kv_heads
-    vis = L.visible()[:, rows]  # (B, R, N)
+    vis = L.visible(rows)  # (B, R, N)
     valid = L.valid
     eye = (rows[:, None] == torch.arange(N, device=rows.device)[None]).to(dtype) * vis  # [i == j]
     x_rows = L.x[:, rows]
@@ -57,9 +70,15 @@ def reference(layer: Layer, methods=None, dtype: torch.dtype = torch.float64, ig
     v = L.v.repeat_interleave(group, 1)
     scores = (L.q[:, :, rows] @ k.transpose(-1, -2)) * L.softmax_scale
     alpha = torch.softmax(scores.masked_fill(~vis[:, None], float("-inf")), -1).nan_to_num(0.0)
-    f = torch.einsum("bhjd,hde->bhje", v, L.w_o)  # (B, H, N, D)
 
-    a = torch.einsum("bhij,bhje->bije", alpha, f)  # ATTN-N vectors, (B, R, N, D)
+    a = torch.empty(B, R, N, D, dtype=dtype, device=L.q.device)  # ATTN-N vectors sum_h alpha^h_ij f^h(x_j)
+    value_norms = torch.empty(B, H, N, dtype=dtype, device=L.q.device)
+    step = max(1, (1 << 24) // (B * H * D))
+    for start in range(0, N, step):  # (B, H, keys, D) at a time, never (B, H, N, D) beside a
+        keys = slice(start, min(start + step, N))
+        f = torch.einsum("bhjd,hde->bhje", v[:, :, keys], L.w_o) if value_vectors is None else value_vectors[:, :, keys]
+        a[:, :, keys] = torch.einsum("bhij,bhje->bije", alpha[..., keys].to(f.dtype), f)
+        value_norms[..., keys] = f.norm(dim=-1)
     u = a + eye[..., None] * x_rows[:, :, None, :]  # the residual x_i goes wholly to cell (i, i)
     b_o = L.out_bias
     y = x_rows + a.sum(2) + b_o
@@ -119,7 +138,7 @@ def reference(layer: Layer, methods=None, dtype: torch.dtype = torch.float64, ig
 
     rowmask = valid[:, rows, None].to(dtype)
     out = dict(maps={}, head_maps={}, ratios={}, bias={}, total={}, alpha=alpha,
-               value_norms=f.norm(dim=-1) * valid[:, None].to(dtype))
+               value_norms=value_norms * valid[:, None].to(dtype))
     diag_alpha = (alpha * eye[:, None]).sum(-1).mean(1)  # mean_h alpha^h_ii, (B, R)
     nan_pad = torch.where(valid[:, rows], 0.0, float("nan")).to(dtype)
     for m in methods:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .api import analyze
-from .methods import COMPONENTS, contextualization_change, row_normalize, spearman
+from .methods import STRUCTURES, contextualization_change, display_name, row_normalize, spearman
 from .models import get_adapter
 from .result import join_pieces
 
@@ -40,8 +40,6 @@ SUPPORTED_FAMILIES = ("BERT", "RoBERTa")
 MASK_RATE = 0.12  # BERT's pre-training masks 15% of tokens, 80% of them with [MASK]; the 2021 paper uses 12%
 MASK_SEED = 0
 TABLE_METHODS = ("attn_w", "attn_n", "attnres_w", "attnres_n", "attnresln_n")
-DISPLAY_NAMES = {"attn_w": "ATTN-W", "attn_n": "ATTN-N", "attnres_w": "ATTNRES-W", "attnres_n": "ATTNRES-N",
-                 "attnresln_n": "ATTNRESLN-N"}
 # Kobayashi et al. 2021, Table 1: mean context-mixing ratio (%) of BERT-base
 PAPER_BERT_BASE_MEAN = {"attn_w": 97.1, "attn_n": 85.2, "attnres_w": 48.6, "attnres_n": 22.3, "attnresln_n": 18.8}
 NOOP_METHODS = ("attn_w", "attn_n")
@@ -162,7 +160,8 @@ class _Measured:
     ff_pairs_between_words: list  # the same over pairs of two different ordinary tokens, from the ATB and ATBFF maps
     worst_completeness: float
     worst_model_error: float
-    backend: str
+    worst_spot_check: float
+    backends: str
 
 
 def _measure(model, tokenizer, corpus: MaskedCorpus, batch_size: int, backend: str, progress: bool) -> _Measured:
@@ -173,15 +172,16 @@ def _measure(model, tokenizer, corpus: MaskedCorpus, batch_size: int, backend: s
     order = sorted(range(count), key=lambda s: (len(corpus.input_ids[s]), s))
     batches = [order[k:k + batch_size] for k in range(0, count, batch_size)]
     ratios = {m: [None] * count for m in TABLE_METHODS}
-    changes = {c: [None] * count for c in (*COMPONENTS["post"], "block")}
+    changes = {c: [None] * count for c in (*STRUCTURES["post"].components, "block")}
     share_sums: dict = {}
     ff_pairs, ff_pairs_between_words, query_rows = [], [], 0
     special_ids = set(tokenizer.all_special_ids)
-    worst_completeness, worst_model_error, used_backend = 0.0, 0.0, ""
+    worst_completeness, worst_model_error, worst_spot_check, used_backends = 0.0, 0.0, 0.0, set()
     for sentences in tqdm(batches, desc="reproduce: batches", disable=not progress, file=sys.stderr):
         batch = padded_batch([corpus.input_ids[s] for s in sentences], tokenizer.pad_token_id)
         result = analyze(model, batch, tokenizer=tokenizer, methods="all", backend=backend)
-        used_backend = result.backend
+        used_backends |= {f"{p}={name}" for per_layer in result.backends for p, name in per_layer.items()}
+        worst_spot_check = max(worst_spot_check, *(e.max().item() for e in result.spot_check.values()))
         worst_completeness = max(worst_completeness, *(e.max().item() for e in result.completeness.values()))
         worst_model_error = max(worst_model_error, result.model_error.max().item())
         for b, s in enumerate(sentences):
@@ -195,7 +195,7 @@ def _measure(model, tokenizer, corpus: MaskedCorpus, batch_size: int, backend: s
                 shares = row_normalize(result.maps[m][:, b, :n, :n].double()) @ categories  # (L, n, C)
                 share_sums[m] = share_sums.get(m, 0) + shares.sum(dim=1)
             query_rows += n
-            for c in COMPONENTS["post"]:
+            for c in STRUCTURES["post"].components:
                 changes[c][s] = result.context_change[c][:, b].double()
             # the whole block after attention (ATB -> ATBFFRESLN): smaller than the FF's change alone
             # means RES and LN undo part of what the FF did
@@ -212,7 +212,7 @@ def _measure(model, tokenizer, corpus: MaskedCorpus, batch_size: int, backend: s
                 ff_pairs_between_words += [(amp, s, layer, q, k, tokens[q], tokens[k])
                                            for q, k, amp in between_words[li]]
     return _Measured(ratios, share_sums, query_rows, changes, ff_pairs, ff_pairs_between_words, worst_completeness,
-                     worst_model_error, used_backend)
+                     worst_model_error, worst_spot_check, ", ".join(sorted(used_backends)))
 
 
 def _amplification_between_words(atb: Tensor, atbff: Tensor, ordinary: Tensor) -> list[list[tuple[int, int, float]]]:
@@ -271,8 +271,9 @@ def _summarise(measured: _Measured, corpus: MaskedCorpus, tokenizer, model, mode
         "corpus": {"sentences": len(corpus.texts), "tokens": int(pooled["attn_w"].shape[1]),
                    "ordinary_tokens": corpus.ordinary_count, "masked_tokens": corpus.masked_count,
                    "mask_rate": MASK_RATE, "mask_seed": MASK_SEED},
-        "backend": measured.backend,
+        "backends": measured.backends,
         "worst_completeness_error": measured.worst_completeness,
+        "worst_spot_check_error": measured.worst_spot_check,
         "worst_model_error": measured.worst_model_error,
         "table_2021": table,
         "mixing_ratio_per_layer_2021": per_layer,
@@ -311,7 +312,7 @@ def _write_figures(results: dict, out: Path) -> dict[str, str]:
              "change": "context_change_2024.png"}
 
     per_layer = results["mixing_ratio_per_layer_2021"]
-    plots.mixing_ratio_plot({DISPLAY_NAMES[m]: np.array(v) / 100 for m, v in per_layer.items()},
+    plots.mixing_ratio_plot({display_name(m): np.array(v) / 100 for m, v in per_layer.items()},
                             path=out / files["mixing"],
                             spread={"ATTNRESLN-N": np.array(results["attnresln_n_quartiles_per_layer"]) / 100},
                             title="mean context-mixing ratio (ATTNRESLN-N band: 25th-75th percentile)")
@@ -321,7 +322,7 @@ def _write_figures(results: dict, out: Path) -> dict[str, str]:
     for ax, m in zip(axes, NOOP_METHODS):
         for category, shares in results["noop_2020"][m].items():
             ax.plot(layers, shares, marker="o", markersize=4, label=category)
-        ax.set_title(f"{DISPLAY_NAMES[m]}: share of each row by key category")
+        ax.set_title(f"{display_name(m)}: share of each row by key category")
         ax.set_xlabel("layer")
         ax.set_xticks(layers)
         ax.grid(alpha=0.3)
@@ -361,7 +362,7 @@ def format_table_2021(results: dict) -> str:
     lines = ["| method | mean (%) | max (%) | min (%) | paper BERT-base mean (%) | paper max / min |",
              "|---|---:|---:|---:|---:|:---:|"]
     for m, row in results["table_2021"].items():
-        lines.append(f"| {DISPLAY_NAMES[m]} | {row['mean']:.1f} | {row['max']:.1f} | {row['min']:.1f} "
+        lines.append(f"| {display_name(m)} | {row['mean']:.1f} | {row['max']:.1f} | {row['min']:.1f} "
                      f"| {row['paper_bert_base_mean']:.1f} | — |")
     return "\n".join(lines)
 
@@ -404,7 +405,7 @@ def _report(results: dict, figures: dict, tokenizer, command: str, runtime_s: fl
         f"# kobattr reproduce: {model['name']}",
         "",
         f"- Command: `{command}`",
-        f"- Runtime: {runtime_s:.0f} s wall ({torch.get_num_threads()} torch threads, backend `{results['backend']}`;"
+        f"- Runtime: {runtime_s:.0f} s wall ({torch.get_num_threads()} torch threads, backends `{results['backends']}`;"
         " model loading excluded)",
         f"- Model: {model['family']}, {model['layers']} layers, hidden size {model['hidden_size']}, "
         f"{model['heads']} heads, FFN width {model['intermediate_size']}",
@@ -412,7 +413,8 @@ def _report(results: dict, figures: dict, tokenizer, command: str, runtime_s: fl
         f"with specials; {corpus['masked_tokens']} of {corpus['ordinary_tokens']} ordinary tokens replaced by "
         f"`{specials['mask']}` (rate {corpus['mask_rate']}, torch.Generator seed {corpus['mask_seed']})",
         f"- Decomposition check: worst relative completeness error {results['worst_completeness_error']:.1e}, "
-        f"worst captured-layer error {results['worst_model_error']:.1e} (parts + bias vs the model's own states)",
+        f"worst captured-layer error {results['worst_model_error']:.1e} (parts + bias vs the model's own states), "
+        f"worst spot-check error {results['worst_spot_check_error']:.1e} (sampled rows vs the reference)",
         "- Every number below is in results.json. Layers are numbered from 1.",
         "",
         "## 1. Context-mixing ratio (Kobayashi et al. 2021, Table 1)",
@@ -429,8 +431,8 @@ def _report(results: dict, figures: dict, tokenizer, command: str, runtime_s: fl
                                              if "minilm" in model["name"].lower() else "") +
          ". Compare the ordering and the rough magnitude, not the digits."),
         "",
-        f"Ordering here: {' > '.join(DISPLAY_NAMES[m] for m in ordering)}; "
-        f"paper: {' > '.join(DISPLAY_NAMES[m] for m in paper_ordering)}"
+        f"Ordering here: {' > '.join(display_name(m) for m in ordering)}; "
+        f"paper: {' > '.join(display_name(m) for m in paper_ordering)}"
         f" ({'the same' if ordering == paper_ordering else 'different'}).",
         "",
         "## 2. Weights vs norms received by special tokens (Kobayashi et al. 2020)",
@@ -441,7 +443,7 @@ def _report(results: dict, figures: dict, tokenizer, command: str, runtime_s: fl
         "",
         f"![weights vs norms]({figures['noop']})",
         "",
-        _per_layer_table({f"{DISPLAY_NAMES[m]} {specials[c]}": noop[m][c] for c in CATEGORIES for m in NOOP_METHODS},
+        _per_layer_table({f"{display_name(m)} {specials[c]}": noop[m][c] for c in CATEGORIES for m in NOOP_METHODS},
                          ".1f"),
         "",
         f"Finding to check: {sep} and punctuation get large weights but small norms. Averaged over layers, {sep} gets "
@@ -456,7 +458,7 @@ def _report(results: dict, figures: dict, tokenizer, command: str, runtime_s: fl
         "",
         f"![mixing ratio by layer]({figures['mixing']})",
         "",
-        _per_layer_table({DISPLAY_NAMES[m]: v for m, v in results["mixing_ratio_per_layer_2021"].items()}, ".1f"),
+        _per_layer_table({display_name(m): v for m, v in results["mixing_ratio_per_layer_2021"].items()}, ".1f"),
         "",
         f"Spearman's rho between a token's ATTNRESLN-N ratio and its frequency rank (rank 1 = most frequent, counted "
         f"over the ordinary tokens of this corpus before masking; ties share their average rank), over "

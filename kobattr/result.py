@@ -6,6 +6,7 @@ H heads, K weight rows (contractions).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,11 +15,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .methods import row_normalize
+from .methods import has_residual, row_normalize
 
-# Methods whose maps carry no residual path: rollout adds it as 0.5 * (map) + 0.5 * I (Abnar & Zuidema).
-NO_RESIDUAL = ("attn_w", "attn_n", "atbff", "atblnff")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one .safetensors file, metadata in its header
 
 
 @dataclass
@@ -36,6 +35,8 @@ class Attribution:
     model_error      (L, B) worst relative error of kobattr's own forward of the captured layer vs the
                      model's real layer output (checks that the captured Layer is the model's)
     context_change   component -> (L, B) 1 - Spearman (with an FF method and full maps)
+    backends         per analysed layer, {primitive: implementation that computed it}
+    spot_check[m]    (L, B) largest relative error of the sampled rows vs the reference (verify > 0)
     ff_amp           per layer, per batch element: top (query, key, amplification) pairs
     tokens           per batch element, the token strings (padding included)
     attention_mask   (B, N) bool
@@ -58,7 +59,18 @@ class Attribution:
     context_change: dict = field(default_factory=dict)
     ff_amp: list = field(default_factory=list)
     model_name: str = ""
-    backend: str = ""
+    backends: list = field(default_factory=list)
+    spot_check: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        L, B = len(self.layers), self.attention_mask.shape[0]
+        n = self.attention_mask.shape[1]
+        mode = "contracted" if self.contracted else ("rows " + str(self.rows.tolist()) if self.rows is not None else "full maps")
+        used = sorted({f"{p}={name}" for per_layer in self.backends for p, name in per_layer.items()})
+        checked = max((float(e.max()) for e in self.spot_check.values()), default=None)
+        return (f"Attribution({self.model_name or 'model'}, {self.placement}, layers {[i for i in self.layers]}, "
+                f"{B} text(s) x {n} tokens, {mode}, methods {', '.join(self.methods)}; backends {', '.join(used) or '?'}; "
+                f"spot check {'off' if checked is None else f'max error {checked:.1e}'})")
 
     # -------------------------------------------------------------- summaries
     def mean_ratio(self, method: str) -> Tensor:
@@ -85,8 +97,8 @@ class Attribution:
     def rollout(self, method: str) -> Tensor:
         """(B, N, N) attention rollout through the analysed layers, first to last.
 
-        Each layer's map is row-normalised; for methods without a residual path (attn_w, attn_n,
-        atbff, atblnff) the residual is added first as 0.5 * map_normalised + 0.5 * I, the others
+        Each layer's map is row-normalised; for methods without a residual path (the registry's
+        has_residual: attn_w, attn_n, atbff, atblnff) the residual is added first as 0.5 * map_normalised + 0.5 * I, the others
         already contain it (on the diagonal or inside the vectors) and are used as they are.
         Padding rows stay 0. Row i of the result: how much each input token flows into token i.
         """
@@ -97,7 +109,7 @@ class Attribution:
         out = eye.clone()
         for layer in maps:
             step = row_normalize(layer)
-            if method in NO_RESIDUAL:
+            if not has_residual(method, self.placement):
                 step = 0.5 * step + 0.5 * eye
             out = step @ out
         return out
@@ -115,45 +127,35 @@ class Attribution:
 
     # ---------------------------------------------------------------- save/load
     def save(self, path) -> Path:
-        """Write ``path``.safetensors (tensors) and ``path``.json (metadata); lossless."""
-        from safetensors.torch import save_file
+        """Write everything to one ``path.safetensors`` file (the suffix is appended unless ``path`` ends
+        with it, so "run.v1" and "run.v2" stay two files); returns the path written.
 
-        path = Path(path)
+        Tensors (tensor fields and dicts of tensors) are the file's tensors, every other field is JSON in
+        its header (``metadata["kobattr"]``), so ``load`` gives back an equal Attribution. The file is
+        written to a temporary name in the same directory, synced and renamed onto ``path``: a crash
+        leaves the previous file or none, never a partial one.
+        """
+        path = attribution_path(path)
+        _check_consistency(self, path, saving=True)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"attention_mask": self.attention_mask.to(torch.uint8), "value_norms": self.value_norms}
-        if self.model_error is not None:
-            tensors["model_error"] = self.model_error
-        for group in ("maps", "ratios", "bias_norms", "completeness", "head_maps", "context_change"):
-            for m, t in getattr(self, group).items():
-                tensors[f"{group}.{m}"] = t
-        if self.rows is not None:
-            tensors["rows"] = self.rows
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path.with_suffix(".safetensors")))
-        meta = dict(format=FORMAT_VERSION, methods=list(self.methods), layers=list(self.layers), tokens=self.tokens,
-                    placement=self.placement, contracted=self.contracted, ff_amp=self.ff_amp,
-                    model_name=self.model_name, backend=self.backend)
-        path.with_suffix(".json").write_text(json.dumps(meta, ensure_ascii=False, indent=1))
-        return path.with_suffix(".safetensors")
+        tensors, header = _encode(self)
+        _write_atomically(path, tensors, {_META_KEY: json.dumps(header, ensure_ascii=False, allow_nan=True)})
+        return path
 
     @classmethod
     def load(cls, path) -> "Attribution":
-        from safetensors.torch import load_file
+        """The Attribution that ``save`` wrote to ``path`` (with or without the .safetensors suffix).
 
-        path = Path(path)
-        meta = json.loads(path.with_suffix(".json").read_text())
-        if meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{path} was written by an incompatible kobattr (format {meta.get('format')}).")
-        tensors = load_file(str(path.with_suffix(".safetensors")))
-        groups = {g: {} for g in ("maps", "ratios", "bias_norms", "completeness", "head_maps", "context_change")}
-        for key, t in tensors.items():
-            if "." in key:
-                group, m = key.split(".", 1)
-                groups[group][m] = t
-        ff_amp = [[[tuple(p) for p in per_batch] for per_batch in per_layer] for per_layer in meta["ff_amp"]]
-        return cls(methods=tuple(meta["methods"]), layers=tuple(meta["layers"]), tokens=meta["tokens"],
-                   attention_mask=tensors["attention_mask"].bool(), value_norms=tensors["value_norms"],
-                   placement=meta["placement"], model_error=tensors.get("model_error"), rows=tensors.get("rows"), contracted=meta["contracted"],
-                   ff_amp=ff_amp, model_name=meta["model_name"], backend=meta["backend"], **groups)
+        Raises AttributionFileError when the file is truncated, corrupt, of another format version or
+        inconsistent (metadata that does not match the tensors), FileNotFoundError when it is missing.
+        """
+        path = attribution_path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist (Attribution.save writes <name>{SUFFIX}).")
+        header, tensors = _read(path)
+        result = _decode(cls, header, tensors, path)
+        _check_consistency(result, path)
+        return result
 
 
 SPECIAL = ("[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]", "<s>", "</s>", "<pad>", "<unk>", "<mask>", "<|endoftext|>")
@@ -204,3 +206,258 @@ def merge_pieces(maps: Tensor, groups: list[list[int]]) -> Tensor:
         assign[w, g] = 1.0
     rows_mean = assign / assign.sum(1, keepdim=True)
     return rows_mean @ maps @ assign.T
+
+
+# ------------------------------------------------------------------------------------------- persistence
+# One .safetensors file per Attribution. Every dataclass field is stored by what it holds, so a new field
+# round-trips without being listed here: a Tensor is the tensor "<field>", a non-empty dict of tensors is
+# the tensors "<field>/<key>" (key order kept in the header), anything else is JSON in the header
+# (tuples tagged so that they come back as tuples). The header also holds a SHA-256 of every tensor.
+# _SHAPES says which dimensions load() checks against the metadata: L = len(layers), B and N from
+# attention_mask, * = not checked here; a dict field's tensors are each checked. Unnamed fields load unchecked.
+SUFFIX = ".safetensors"
+_META_KEY = "kobattr"
+_TUPLE = "__tuple__"
+_SHAPES = {
+    "attention_mask": "BN",
+    "maps": "LB*N", "head_maps": "LB**N", "value_norms": "LB*N",
+    "ratios": "LBN", "bias_norms": "LBN",
+    "completeness": "LB", "model_error": "LB", "context_change": "LB", "spot_check": "LB",
+}
+
+
+class AttributionFileError(ValueError):
+    """A file that Attribution.load refuses: truncated, corrupt, of another format or inconsistent."""
+
+
+def attribution_path(path) -> Path:
+    """``path`` with ".safetensors" appended unless it already ends so (dots in the name are kept)."""
+    path = Path(path)
+    return path if path.name.endswith(SUFFIX) else path.with_name(path.name + SUFFIX)
+
+
+def _to_json(value, where: str):
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, tuple):
+        return {_TUPLE: [_to_json(v, where) for v in value]}
+    if isinstance(value, list):
+        return [_to_json(v, where) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) and k != _TUPLE for k in value):
+        return {k: _to_json(v, where) for k, v in value.items()}
+    raise TypeError(f"Attribution.{where} holds {type(value).__name__} {value!r:.60}, which save() cannot store: "
+                    "fields must be tensors, dicts of tensors or JSON values "
+                    "(str-keyed dicts, lists, tuples, numbers).")
+
+
+def _from_json(value):
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    if isinstance(value, dict):
+        if set(value) == {_TUPLE}:
+            return tuple(_from_json(v) for v in value[_TUPLE])
+        return {k: _from_json(v) for k, v in value.items()}
+    return value
+
+
+def _digest(t: Tensor) -> str:
+    h = hashlib.sha256(f"{t.dtype} {tuple(t.shape)}\n".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _encode(result) -> tuple[dict, dict]:
+    """(tensors by name, header) of an Attribution, as described above."""
+    import dataclasses
+
+    tensors, fields = {}, {}
+    for f in dataclasses.fields(result):
+        value = getattr(result, f.name)
+        if isinstance(value, Tensor):
+            tensors[f.name] = value
+            fields[f.name] = {"kind": "tensor"}
+        elif isinstance(value, dict) and value and all(isinstance(v, Tensor) for v in value.values()):
+            bad = [k for k in value if not isinstance(k, str) or not k]
+            if bad:
+                raise TypeError(f"Attribution.{f.name} has key {bad[0]!r}; save() needs non-empty str keys.")
+            tensors.update({f"{f.name}/{k}": v for k, v in value.items()})
+            fields[f.name] = {"kind": "tensors", "keys": list(value)}
+        else:
+            fields[f.name] = {"kind": "json", "value": _to_json(value, f.name)}
+    seen, ready = set(), {}
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        if t.numel():  # safetensors refuses tensors that share memory: give each its own
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                t = t.clone()
+            seen.add(t.untyped_storage().data_ptr())
+        ready[name] = t
+    header = {"format": FORMAT_VERSION, "fields": fields, "sha256": {k: _digest(t) for k, t in ready.items()}}
+    return ready, header
+
+
+def _write_atomically(path: Path, tensors: dict, metadata: dict) -> None:
+    """Write a safetensors file to a temporary name beside ``path``, fsync it, rename it onto ``path``."""
+    import os
+    import secrets
+
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        mode = os.stat(tmp).st_mode & 0o777  # 0o666 minus the umask, as open() gives
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, mode)  # safetensors recreates the file with mode 0o600
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable; not possible on every platform
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _read(path: Path) -> tuple[dict, dict]:
+    """(header, tensors by name) of a file written by save(); AttributionFileError when it is not one."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types on truncated or garbled files
+        raise AttributionFileError(f"{path} cannot be read as a safetensors file; it is truncated or corrupt "
+                                   f"({type(err).__name__}: {err}).") from err
+    if _META_KEY not in metadata:
+        legacy = path.with_name(path.name[: -len(SUFFIX)] + ".json")
+        if legacy.is_file():
+            raise AttributionFileError(f"{path} is in attribution format 1 (metadata in {legacy.name}); this "
+                                       f"kobattr reads format {FORMAT_VERSION} only, so re-run the analysis.")
+        raise AttributionFileError(f"{path} has no kobattr metadata in its header; it was not written by "
+                                   "Attribution.save.")
+    try:
+        header = json.loads(metadata[_META_KEY])
+        version = header["format"]
+    except (ValueError, TypeError, KeyError) as err:
+        raise AttributionFileError(f"{path} has unreadable kobattr metadata ({err}).") from err
+    if version != FORMAT_VERSION:
+        raise AttributionFileError(f"{path} is in attribution format {version}; this kobattr reads format "
+                                   f"{FORMAT_VERSION} only.")
+    return header, tensors
+
+
+def _decode(cls, header: dict, tensors: dict, path: Path):
+    import dataclasses
+
+    def refuse(what: str):
+        raise AttributionFileError(f"{path} is inconsistent: {what}.")
+
+    fields, digests = header.get("fields"), header.get("sha256")
+    if not isinstance(fields, dict) or not isinstance(digests, dict):
+        refuse("its metadata lacks the field and checksum tables")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    listed = {}
+    for name, spec in fields.items():
+        if name not in known:
+            refuse(f"it has a field {name!r} that this kobattr's Attribution does not have")
+        kind = spec.get("kind") if isinstance(spec, dict) else None
+        if kind == "tensor":
+            listed[name] = (name, None)
+        elif kind == "tensors":
+            listed.update({f"{name}/{k}": (name, k) for k in spec.get("keys", [])})
+        elif kind != "json":
+            refuse(f"field {name!r} has an unknown storage kind {kind!r}")
+    if set(listed) != set(tensors):
+        missing, extra = sorted(set(listed) - set(tensors)), sorted(set(tensors) - set(listed))
+        refuse(f"the metadata lists tensors the file lacks ({', '.join(missing)})" if missing else
+               f"the file holds tensors its metadata does not list ({', '.join(extra)})")
+    for name, t in tensors.items():
+        if digests.get(name) != _digest(t):
+            raise AttributionFileError(f"{path} is corrupt: tensor {name!r} does not match its SHA-256 checksum.")
+    values = {}
+    for name, spec in fields.items():
+        if spec["kind"] == "json":
+            values[name] = _from_json(spec.get("value"))
+        elif spec["kind"] == "tensors":
+            values[name] = {}
+    for tensor_name, (name, key) in listed.items():
+        if key is None:
+            values[name] = tensors[tensor_name]
+    for name, spec in fields.items():  # dict entries in their saved order
+        if spec["kind"] == "tensors":
+            values[name] = {k: tensors[f"{name}/{k}"] for k in spec.get("keys", [])}
+    required = [n for n, f in known.items() if n not in values and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    if required:
+        refuse(f"it lacks the field(s) {', '.join(required)}")
+    return cls(**values)
+
+
+def _check_consistency(result, path: Path, saving: bool = False) -> None:
+    """Refuse (AttributionFileError) a result whose metadata does not match its tensors; save() checks too,
+    so that it never writes what load() would refuse."""
+
+    def refuse(what: str):
+        if saving:
+            raise AttributionFileError(f"cannot save to {path}: the Attribution is inconsistent: {what}.")
+        raise AttributionFileError(f"{path} is inconsistent: {what}.")
+
+    mask = result.attention_mask
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
+        refuse("attention_mask is not a (batch, tokens) bool tensor")
+    B, N = mask.shape
+    layers, methods = result.layers, result.methods
+    if not isinstance(layers, tuple) or not layers or not all(isinstance(i, int) for i in layers):
+        refuse("layers is not a non-empty tuple of layer indices")
+    if not isinstance(methods, tuple) or not methods:
+        refuse("methods is not a non-empty tuple of method names")
+    L = len(layers)
+    sizes = {"L": (L, "the number of layers"), "B": (B, "the batch size"), "N": (N, "the number of tokens")}
+    for name, spec in _SHAPES.items():
+        value = getattr(result, name, None)
+        for key, t in (value.items() if isinstance(value, dict) else [(None, value)]):
+            if t is None:
+                continue
+            label = name if key is None else f"{name}[{key!r}]"
+            if not isinstance(t, Tensor) or t.dim() != len(spec):
+                refuse(f"{label} is not a {len(spec)}-dimensional tensor")
+            for dim, (letter, size) in enumerate(zip(spec, t.shape)):
+                if letter in sizes and size != sizes[letter][0]:
+                    refuse(f"{label} has {size} in dimension {dim} but {sizes[letter][1]} is {sizes[letter][0]}")
+    for m in methods:
+        for group in ("maps", "ratios"):
+            if m not in getattr(result, group):
+                refuse(f"method {m!r} is listed but has no {group}")
+    if not isinstance(result.tokens, list) or len(result.tokens) != B or any(len(t) != N for t in result.tokens):
+        refuse(f"tokens is not {B} list(s) of {N} tokens like attention_mask")
+    if not isinstance(result.contracted, bool):
+        refuse("contracted is not true or false")
+    rows = result.rows
+    if rows is not None:
+        if not isinstance(rows, Tensor) or rows.dim() != 1 or rows.numel() == 0 or rows.is_floating_point():
+            refuse("rows is not a non-empty 1-D tensor of query indices")
+        if rows.min() < 0 or rows.max() >= N:
+            refuse(f"rows holds indices outside [0, {N})")
+    if not result.contracted:  # full maps or the selected rows
+        R = N if rows is None else len(rows)
+        for group, dim in (("maps", 2), ("head_maps", 3)):
+            for m, t in getattr(result, group).items():
+                if t.shape[dim] != R:
+                    refuse(f"{group}[{m!r}] has {t.shape[dim]} query rows but "
+                           + (f"rows selects {R}" if rows is not None else f"full maps have {N}"))
+    for name in ("ff_amp", "backends"):
+        value = getattr(result, name, None)
+        if isinstance(value, list) and len(value) not in (0, L):
+            refuse(f"{name} has {len(value)} entries for {L} layer(s)")

@@ -2,8 +2,10 @@
 
 For each batch element, ``k`` query rows are sampled (seeded) among the returned rows whose token is
 not padding, and the reference (kobattr/reference.py, float64) recomputes them from the captured
-Layer alone: alpha from q and k, the value vectors, norms and FFN from the layer's weights. Nothing an
-implementation computed (row statistics, Gram quadratic forms, kernel outputs) is reused. A contracted
+Layer: alpha from q and k, norms and FFN from the layer's weights, and the value vectors f^h(x_j) of
+the preparation step (plain torch, tested against the reference; recomputed where they were too large
+to keep). Nothing an implementation computed (row statistics, Gram quadratic forms, kernel outputs)
+is reused. A contracted
 result is checked by rerunning the implementations with the contraction restricted to the sampled rows
 S and comparing with contract[:, S] @ reference[S].
 
@@ -18,7 +20,7 @@ from torch import Tensor
 
 from .backends.base import Attention
 from .methods import form, row_normalize
-from .reference import reference
+from .reference import materialise
 
 # the largest spot-check error accepted, by the dtype the implementation computed in
 TOLERANCES = {"float64": 1e-9, "float32": 1e-4, "tf32": 5e-3, "float16": 2e-2, "bfloat16": 5e-2}
@@ -56,8 +58,9 @@ def sample_rows(candidates: Tensor, valid: Tensor, k: int, seed: int) -> Tensor:
 
 
 def spot_check(layer, result, impls: dict, rerun, k: int, seed: int, contract, normalize_rows: bool,
-               ig: str, ig_steps: int) -> dict:
-    """{method: (B,) float64 error} of ``result`` (a LayerAttribution); raises VerificationError."""
+               ig: str, ig_steps: int, value_vectors=None) -> dict:
+    """{method: (B,) float64 error} of ``result`` (a LayerAttribution); raises VerificationError.
+    ``value_vectors`` (B, H, N, D): f^h(x_j) from the preparation step, reused where given."""
     B, H, N, _ = layer.q.shape
     requested = result.rows if result.rows is not None else torch.arange(N, device=layer.q.device)
     valid = layer.valid
@@ -74,7 +77,9 @@ def spot_check(layer, result, impls: dict, rerun, k: int, seed: int, contract, n
 
     for b, s in enumerate(samples):
         rows = requested[s]
-        ref = reference(layer.select(b), methods=list(result.methods), rows=rows, ig=ig, ig_steps=ig_steps)
+        # the layer was validated before it was attributed
+        ref = materialise(layer.select(b).to(torch.float64), result.methods, ig, ig_steps, rows,
+                          None if value_vectors is None else value_vectors[b:b + 1])
         for m in result.methods:
             expected = ref["maps"][m][0].to(layer.q.device)  # (S, N)
             if normalize_rows:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from random_layers import random_layer
 
-from kobattr.backends import BACKEND_NAMES, BackendUnavailable, availability, get_backend
+from kobattr.backends import BACKEND_NAMES, BackendUnavailable, availability, implementation, select
 from kobattr.backends.base import Attention
 from kobattr.core import attribute
 from kobattr.reference import reference
@@ -33,7 +33,8 @@ def test_backend_matches_reference(name, kind, kw):
         res = attribute(layer, methods="all", heads=True, backend=name)
     except BackendUnavailable as err:
         pytest.skip(str(err))
-    assert res.backend == name
+    assert res.backends["attention_maps"] == name
+    assert res.backends["ff_maps"] == (name if "ff_maps" in implementation(name).primitives else "torch")
     for m in res.methods:
         expected = ref["maps"][m].float()
         err = ((res.maps[m] - expected).abs().max() / expected.abs().max()).item()
@@ -50,7 +51,8 @@ def test_backend_output_modes_match_reference(name):
     weights = torch.rand(2, 2, 13)
     try:
         picked = attribute(layer, methods="all", rows=rows, backend=name)
-        contracted = attribute(layer, methods="all", weights=weights, normalize_rows=True, backend=name)
+        contracted = attribute(layer, methods="all", contract=weights, normalize_rows=True, backend=name)
+        picked_contracted = attribute(layer, methods="all", rows=rows, contract=weights, backend=name)
     except BackendUnavailable as err:
         pytest.skip(str(err))
     for m in picked.methods:
@@ -58,20 +60,21 @@ def test_backend_output_modes_match_reference(name):
         torch.testing.assert_close(picked.maps[m], full[:, rows], rtol=1e-5, atol=1e-6)
         normed = full / full.sum(-1, keepdim=True).clamp_min(1e-30)
         torch.testing.assert_close(contracted.maps[m], weights @ normed, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(picked_contracted.maps[m], weights[:, :, rows] @ full[:, rows], rtol=1e-5, atol=1e-5)
 
 
 def test_auto_prefers_a_compiled_backend_on_cpu_tensors_only_if_available():
     layer = random_layer("bert", dtype=torch.float32)
     attn = Attention(q=layer.q, k=layer.k, valid=layer.valid, causal=False, window=0, scale=layer.softmax_scale)
-    chosen = get_backend("auto", attn, need_ff=True)
-    assert chosen.name in ("cpu", "torch")
-    assert AVAILABLE[chosen.name] is None
+    chosen = select("auto", "attention_maps", attn)
+    assert chosen.name == ("cpu" if AVAILABLE["cpu"] is None else "torch")
+    assert select("auto", "ff_maps", attn).name == "torch"
 
 
 def test_explicit_unavailable_backend_says_why():
     layer = random_layer("bert", dtype=torch.float32)
     attn = Attention(q=layer.q, k=layer.k, valid=layer.valid, causal=False, window=0, scale=layer.softmax_scale)
     with pytest.raises(BackendUnavailable, match="cuda"):
-        get_backend("cuda", attn, need_ff=False)
+        select("cuda", "attention_maps", attn)
     with pytest.raises(ValueError, match="unknown backend"):
-        get_backend("tpu", attn, need_ff=False)
+        select("tpu", "attention_maps", attn)
