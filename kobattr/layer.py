@@ -316,16 +316,8 @@ class Layer:
     def visible(self, rows: Optional[Tensor] = None) -> Tensor:
         """(B, R, N) bool: key j visible to query i (mask, causality, window, padding) for the query
         rows ``rows`` (None: all, R = N)."""
-        idx = torch.arange(self.seq_len, device=self.q.device)
-        rows = idx if rows is None else rows.to(self.q.device)
-        diff = rows[:, None] - idx[None, :]
-        ok = torch.ones_like(diff, dtype=torch.bool)
-        if self.causal:
-            ok &= diff >= 0
-        if self.window:
-            ok &= diff < self.window
-        valid = self.valid
-        return ok[None] & valid[:, None, :] & valid[:, rows, None]
+        keys = torch.arange(self.seq_len, device=self.q.device)
+        return visible(keys if rows is None else rows.to(self.q.device), keys, self.valid, self.causal, self.window)
 
     def forward(self) -> dict:
         """An independent plain forward of this layer: the hidden states the decompositions must sum to.
@@ -393,6 +385,18 @@ class Layer:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return cls(q=q, k=k, v=v, w_o=w_o.reshape(n_heads, Dh, D), x=x, b_o=b_o, **kwargs)
+
+
+def visible(rows: Tensor, keys: Tensor, valid: Tensor, causal: bool, window: int) -> Tensor:
+    """(B, R, C) bool, kobattr's one visibility rule in Python: key j is visible to query i when both are
+    valid (not padding), j <= i if causal, and i - j < window if window > 0."""
+    diff = rows[:, None] - keys[None, :]
+    ok = torch.ones_like(diff, dtype=torch.bool)
+    if causal:
+        ok &= diff >= 0
+    if window:
+        ok &= diff < window
+    return ok[None] & valid[:, rows, None] & valid[:, None, keys]
 
 
 def apply_rope(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -45,6 +45,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..layer import visible
+
 
 class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run this input; the message says why."""
@@ -137,10 +139,4 @@ class Backend:
 
 def visible_block(attn: Attention, rows: Tensor, cols: Tensor) -> Tensor:
     """(B, len(rows), len(cols)) bool visibility of keys ``cols`` from queries ``rows``."""
-    diff = rows[:, None] - cols[None, :]
-    ok = torch.ones_like(diff, dtype=torch.bool)
-    if attn.causal:
-        ok &= diff >= 0
-    if attn.window:
-        ok &= diff < attn.window
-    return ok[None] & attn.valid[:, rows, None] & attn.valid[:, None, cols]
+    return visible(rows, cols, attn.valid, attn.causal, attn.window)
