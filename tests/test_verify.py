@@ -87,3 +87,19 @@ def test_tolerances():
     assert tolerance(torch.float32) == TOLERANCES["float32"] == 1e-4
     assert tolerance(torch.float32, tf32=True) == 5e-3
     assert tolerance(torch.float64) == 1e-9 and tolerance(torch.bfloat16) == 5e-2 and tolerance(torch.float16) == 2e-2
+
+
+def test_analyze_checks_every_layer_and_text(monkeypatch):
+    from test_models import tiny_model, token_batch
+
+    from kobattr.api import analyze
+
+    model, batch = tiny_model("llama"), token_batch("llama", [7, 4])
+    res = analyze(model, batch, methods="all", backend="torch")
+    assert set(res.spot_check) == set(res.methods)
+    for err in res.spot_check.values():
+        assert err.shape == (2, 2) and 0 < err.max() < 1e-5
+    assert res.backends == [{"attention_maps": "torch", "ff_maps": "torch"}] * 2
+    _corrupt(monkeypatch, "ff_maps")
+    with pytest.raises(VerificationError, match=r"layer 0: spot check failed: atblnff"):
+        analyze(model, batch, methods="all", backend="torch")
