@@ -100,14 +100,14 @@ def materialised_maps(attn, vectors, row_scale):
 def worker(case: dict) -> dict:
     import torch
 
-    from kobattr.backends.cpu_backend import CPUBackend
+    from kobattr.backends.compiled_backend import CompiledBackend
     from kobattr.backends.torch_backend import TorchBackend
 
     shape = SHAPES[case["shape"]]
     method, N, M = case["method"], case["N"], case["M"]
     attn, grams, row_scale, vectors = make_inputs(shape, N, M, with_vectors=method == "materialise")
     run = {
-        "cpu": lambda: CPUBackend().attention_maps(attn, grams, row_scale)[0],
+        "cpu": lambda: CompiledBackend("cpu").attention_maps(attn, grams, row_scale)[0],
         "torch": lambda: TorchBackend().attention_maps(attn, grams, row_scale)[0],
         "materialise": lambda: materialised_maps(attn, vectors, row_scale),
     }[method]
@@ -123,7 +123,7 @@ def worker(case: dict) -> dict:
               "output_mib": round(out.numel() * 4 / 2**20)}
     if method == "materialise":
         # The same map from the C++ kernel, as a check that the three methods compute one thing.
-        fused = CPUBackend().attention_maps(attn, grams, row_scale)[0]
+        fused = CompiledBackend("cpu").attention_maps(attn, grams, row_scale)[0]
         result["max_rel_diff_vs_cpu"] = float((fused - out).abs().max() / out.abs().max())
     return result
 
