@@ -108,3 +108,12 @@ def test_a_name_applies_to_the_primitives_it_implements():
     assert res.backends == {"attention_maps": "cpu", "ff_maps": "torch"}
     assert isinstance(select("cpu", "ff_maps", _attention(layer)), TorchBackend)
     assert form("atblnff", "pre").primitive == "ff_maps"
+
+
+def test_an_implementation_without_a_block_feature_is_skipped_with_its_reason(monkeypatch):
+    layer = random_layer("llama", N=9, window=4, dtype=torch.float32)  # causal, windowed, GQA
+    monkeypatch.setattr(TorchBackend, "features", frozenset({"causal", "gqa"}))
+    with pytest.raises(BackendUnavailable, match="torch does not compute sliding-window attention"):
+        attribute(layer, methods=["attn_n"], backend="torch")
+    if AVAILABLE["cpu"] is None:  # auto passes over it to one that computes windows
+        assert attribute(layer, methods=["attn_n"]).backends == {"attention_maps": "cpu"}

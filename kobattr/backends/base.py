@@ -48,6 +48,22 @@ from torch import Tensor
 from ..layer import visible
 
 
+# block features an input may need, and how a refusal names them
+FEATURES = {"causal": "causal attention", "window": "sliding-window attention",
+            "gqa": "grouped-query attention (fewer KV heads than query heads)"}
+
+
+def required_features(attn: "Attention") -> set:
+    needed = set()
+    if attn.causal:
+        needed.add("causal")
+    if attn.window:
+        needed.add("window")
+    if attn.k.shape[1] != attn.q.shape[1]:
+        needed.add("gqa")
+    return needed
+
+
 class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run this input; the message says why."""
 
@@ -96,6 +112,7 @@ class Backend:
     dtypes: tuple = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
     max_heads: Optional[int] = None
     max_head_size: Optional[int] = None
+    features: frozenset = frozenset(FEATURES)  # the block features of FEATURES it computes
 
     @classmethod
     def unavailable_reason(cls) -> Optional[str]:
@@ -121,6 +138,8 @@ class Backend:
             reasons.append(f"{self.name} takes at most {self.max_heads} heads, got {H}.")
         if self.max_head_size is not None and Dh > self.max_head_size:
             reasons.append(f"{self.name} takes head sizes up to {self.max_head_size}, got {Dh}.")
+        for feature in sorted(required_features(attn) - self.features):
+            reasons.append(f"{self.name} does not compute {FEATURES[feature]}.")
         return reasons
 
     def uses_tf32(self, attn: Attention) -> bool:
