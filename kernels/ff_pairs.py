@@ -1,16 +1,16 @@
 """Feed-forward pair kernels: ||ff_ij||, ||res_ij + ff_ij||, out_scale_i ||C(res_ij + ff_ij) * out_weight||.
 
-Notation and output modes: kobattr/backends/base.py (``ff_maps``). alpha comes from the same
-row log-sum-exp pass and tile recomputation as the attention side (kernels/attention_pairs.py).
+Notation and output modes: kobattr/backends/base.py (``ff_maps``). The query rows, the keys they
+see, the row log-sum-exp pass and the alpha tiles are those of the attention side (kernels/rows.py).
 
 Per tile of BLOCK_M queries x BLOCK_N keys (BM * BN pairs):
 - the pre-activation parts sum_r kappa_ij[r] ff_parts_j[r, f] are a batched ``tl.dot`` over the
   keys, (BN, BM, HP) @ (BN, HP, BLOCK_F), plus the residual slot [i == j] ff_parts_j[H] added on
   diagonal tiles only (same split as the attention Gram form); scaled by in_scale_i coef_in_i
   (+ the gate parts times coef_gate_i) this is a BLOCK_F slice of the hidden row of every pair;
-- ff = hidden @ w_out is a tiled GEMM, (BM*BN, BLOCK_F) @ (BLOCK_F, BLOCK_D), accumulated over
-  F for one BLOCK_D slice of the output at a time; the hidden slice is rebuilt for each output
-  slice (HP / BLOCK_D extra work) rather than kept, so nothing d_ff-wide stays in registers;
+- ff = hidden @ w_out is a tiled GEMM, (BM*BN, BLOCK_F) @ (BLOCK_F, BLOCK_DO), accumulated over
+  F for one BLOCK_DO slice of the output at a time; the hidden slice is rebuilt for each output
+  slice (HP / BLOCK_DO extra work) rather than kept, so nothing d_ff-wide stays in registers;
 - the epilogue adds res_ij (another batched dot over res_parts) and reduces each output slice to
   sums of squares, so the D-wide vector never leaves registers either.
 Centring (scope 2 with out_center) would need the mean over all of D before the sum of squares;
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_pairs import _alpha_tile, _key_range, _pow2, _visible, dot_settings, row_lse
+from .rows import alpha_tile, dot_settings, key_tile, pow2, query_block, row_lse
 
 
 @triton.jit
@@ -74,14 +74,13 @@ def _ff_tile(q_ptr, k_ptr, lse_ptr, ff_ptr, gate_ptr, res_ptr, in_scale_ptr, res
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
              BLOCK_DO: tl.constexpr, GATED: tl.constexpr, N_SCOPES: tl.constexpr, CENTER: tl.constexpr,
              QK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The scope norms of one tile, each (BN, BM) (key-major), 0 on invisible pairs:
-    s0 = ||ff_ij||, s1 = ||res_ij + ff_ij||, s2 = out_scale_i ||C(res_ij + ff_ij) * out_weight||
-    (zeros if N_SCOPES == 2).
+    """s0 = ||ff_ij||, s1 = ||res_ij + ff_ij||, s2 = out_scale_i ||C(res_ij + ff_ij) * out_weight|| (zeros if
+    N_SCOPES == 2): the scope norms of one tile, each (BN, BM) (key-major), 0 on invisible pairs.
 
     Pointers as in _ff_pairs_kernel; with CENTER, w_out_ptr and res_ptr hold the centred w_out and res_parts.
     """
-    alpha = _alpha_tile(q_ptr, k_ptr, lse_ptr, b, rows, ridx, row_ok, cols, col_ok, vis, N, R, scale_log2,
-                        H, KV_GROUP, DH, HP, BLOCK_D, QK_FP32, DOT_PRECISION)
+    alpha = alpha_tile(q_ptr, k_ptr, lse_ptr, b, rows, ridx, row_ok, cols, col_ok, vis, N, R, scale_log2,
+                       H, KV_GROUP, DH, HP, BLOCK_D, QK_FP32, DOT_PRECISION)
     alpha_t = tl.permute(alpha, (2, 1, 0))  # (BN, BM, HP): batched over keys
     diag = tl.where(cols[:, None] == rows[None, :], 1.0, 0.0)
     row_offs = b * N + rows
@@ -141,7 +140,7 @@ def _ff_pairs_kernel(
     k_ptr,  # (B, H // KV_GROUP, N, DH)
     valid_ptr,  # (B, N) int8
     rows_ptr,  # (R,) int64, read if HAS_ROWS
-    lse_ptr,  # (B, H, R) fp32 from _row_lse_kernel
+    lse_ptr,  # (B, H, R) fp32 from rows._row_lse_kernel
     ff_ptr,  # (B, N, H+1, F)
     gate_ptr,  # (B, N, H+1, F), read if GATED
     res_ptr,  # (B, N, H+1, D), centred over D if CENTER
@@ -169,29 +168,17 @@ def _ff_pairs_kernel(
     CONTRACT: out[b, s, k, j] += sum_r weights[b, s, k, r] map[b, s, r, j]
     (atomically, as in kernels/attention_pairs.py).
 
-    One program per block of BLOCK_M query rows, looping over the key tiles those rows can see.
+    One program per (block of BLOCK_M query rows, b), looping over the key tiles those rows can see.
     """
-    pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    ridx = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = ridx < R
-    if HAS_ROWS:
-        rows = tl.load(rows_ptr + ridx, mask=row_ok, other=0)
-    else:
-        rows = ridx.to(tl.int64)
-    row_valid = tl.load(valid_ptr + b * N + rows, mask=row_ok, other=0) != 0
-    row_lo = tl.min(tl.where(row_ok, rows, N))
-    row_hi = tl.max(tl.where(row_ok, rows, -1))
+    ridx, row_ok, rows, row_valid, row_first, row_last, key_lo, key_hi = query_block(
+        rows_ptr, valid_ptr, b, N, R, window, BLOCK_M, BLOCK_N, HAS_ROWS, CAUSAL, WINDOWED)
     sum0 = tl.zeros((BLOCK_M,), tl.float32)
     sum1 = tl.zeros((BLOCK_M,), tl.float32)
     sum2 = tl.zeros((BLOCK_M,), tl.float32)
-    lo, hi = _key_range(rows, row_ok, N, window, CAUSAL, WINDOWED, BLOCK_N)
-    for start in range(lo, hi, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        col_valid = tl.load(valid_ptr + b * N + cols, mask=col_ok, other=0) != 0
-        vis = _visible(rows, row_valid, cols, col_valid, window, CAUSAL, WINDOWED)
-        has_diagonal = (start <= row_hi) & (start + BLOCK_N > row_lo)
+    for start in range(key_lo, key_hi, BLOCK_N):
+        cols, col_ok, vis, has_diagonal = key_tile(valid_ptr, b, start, rows, row_valid, row_first, row_last, N,
+                                                   window, BLOCK_N, CAUSAL, WINDOWED)
         s0, s1, s2 = _ff_tile(q_ptr, k_ptr, lse_ptr, ff_ptr, gate_ptr, res_ptr, in_scale_ptr, res_scale_ptr,
                               out_scale_ptr, coef_in_ptr, coef_gate_ptr, w_out_ptr, out_weight_ptr, w_out_mean_ptr,
                               res_mean_ptr, b, rows, ridx, row_ok, cols, col_ok, vis, has_diagonal, N, R, F, D,
@@ -233,7 +220,8 @@ def _ff_pairs_kernel(
 
 
 def ff_tile_sizes():
-    """Tile of the FF kernel: BM x BN pairs, the hidden slice BLOCK_F wide, the output slice BLOCK_DO wide."""
+    """Tile of the FF kernel: BM x BN pairs, q and k chunks BLOCK_D wide, the hidden slice BLOCK_F wide,
+    the output slice BLOCK_DO wide."""
     return dict(BLOCK_M=16, BLOCK_N=4, BLOCK_D=16, BLOCK_F=32, BLOCK_DO=64)
 
 
@@ -242,11 +230,15 @@ def ff_maps(q, k, valid, causal, window, scale, ff_parts, gate_parts, res_parts,
             normalize_rows=False):
     """The ``ff_maps`` primitive of kobattr/backends/base.py on contiguous CUDA (or interpreted) tensors.
 
-    Shapes as in base.py. Returns (B, n_scopes, R, N) or, with weights (B, K, N), (B, n_scopes, K, N) float32.
+    Shapes as in base.py. Returns (B, n_scopes, R, N) or, with weights (B, K, N), their contraction over
+    the selected rows (B, n_scopes, K, N) float32.
     """
     B, H, N, DH = q.shape
     F, D = w_out.shape
+    R = N if rows is None else rows.numel()
     dev, f32 = q.device, torch.float32
+    if R == 0:  # nothing to launch: no rows, and a contraction over no rows is 0
+        return torch.zeros(B, n_scopes, 0 if weights is None else weights.shape[1], N, device=dev, dtype=f32)
     center = bool(out_center) and n_scopes == 3
     valid8 = valid.to(torch.int8)
     gated = gate_parts is not None
@@ -256,19 +248,19 @@ def ff_maps(q, k, valid, causal, window, scale, ff_parts, gate_parts, res_parts,
         w_out = (w_out.to(f32) - w_out_mean[:, None]).contiguous()
         res_mean = res_parts.to(f32).mean(-1).contiguous()
         res_parts = (res_parts.to(f32) - res_mean[..., None]).contiguous()
-    qk_fp32, precision = dot_settings(q.dtype)
+    dots = dot_settings(q.dtype)
     tile = ff_tile_sizes()
     block_m = tile["BLOCK_M"]
-    shape = dict(H=H, KV_GROUP=H // k.shape[1], DH=DH, HP=_pow2(H), **tile, GATED=gated, N_SCOPES=n_scopes,
-                 CENTER=center, CAUSAL=causal,
-                 WINDOWED=window > 0, QK_FP32=qk_fp32, DOT_PRECISION=precision)
+    shape = dict(H=H, KV_GROUP=H // k.shape[1], DH=DH, HP=pow2(H), **tile, GATED=gated, N_SCOPES=n_scopes,
+                 CENTER=center, HAS_ROWS=rows is not None, CAUSAL=causal, WINDOWED=window > 0, QK_FP32=dots[0],
+                 DOT_PRECISION=dots[1])
     scale_log2 = scale * 1.4426950408889634
     tensors = (ff_parts, gate_parts if gated else ff_parts, res_parts, in_scale, res_scale, out_scale, coef_in,
                coef_gate if gated else coef_in, w_out, out_weight if out_weight is not None else in_scale,
                w_out_mean, res_mean)
+    lse = row_lse(q, k, valid8, causal, window, scale, rows, dots)
 
-    def run(rows, lse, store_map=False, sum_rows=False, weights=None):
-        R = N if rows is None else rows.numel()
+    def run(store_map=False, sum_rows=False, weights=None):
         maps = torch.zeros(B, n_scopes, R, N, device=dev, dtype=f32) if store_map else lse
         sums = torch.empty(B, n_scopes, R, device=dev, dtype=f32) if sum_rows else lse
         contract = weights is not None
@@ -278,15 +270,16 @@ def ff_maps(q, k, valid, causal, window, scale, ff_parts, gate_parts, res_parts,
             q, k, valid8, rows if rows is not None else lse, lse, *tensors, maps, sums,
             weights if contract else lse, out, N, R, K, F, D, scale_log2, window,
             weights.stride(0) if contract else 0, K * R if contract and weights.dim() == 4 else 0,
-            HAS_ROWS=rows is not None, STORE_MAP=store_map, SUM_ROWS=sum_rows, CONTRACT=contract,
-            BLOCK_K=_pow2(min(K, 64)), num_stages=1, **shape,
+            STORE_MAP=store_map, SUM_ROWS=sum_rows, CONTRACT=contract, BLOCK_K=pow2(min(K, 64)), num_stages=1,
+            **shape,
         )
         return maps if store_map else sums if sum_rows else out
 
     if weights is None:
-        return run(rows, row_lse(q, k, valid8, causal, window, scale, rows), store_map=True)
-    lse = row_lse(q, k, valid8, causal, window, scale)
+        return run(store_map=True)
+    # the kernel reads weights by output row r: those of the selected rows, (B, K, R)
+    weights = (weights if rows is None else weights[:, :, rows]).to(f32)
     if normalize_rows:
-        sums = run(None, lse, sum_rows=True)
+        sums = run(sum_rows=True)
         weights = torch.where(sums[:, :, None] > 0, weights[:, None] / sums[:, :, None].clamp_min(1e-30), 0.0)
-    return run(None, lse, weights=weights.to(f32).contiguous())
+    return run(weights=weights.contiguous())

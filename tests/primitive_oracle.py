@@ -24,14 +24,18 @@ def oracle_kappa(attn: Attention) -> torch.Tensor:
 
 
 def _finish(maps, vis, rows, weights, normalize_rows):
-    """maps (B, M, N, N) -> the requested output mode."""
+    """maps (B, M, N, N) -> the requested output mode: the rows ``rows`` (all without), or with weights
+    (B, K, N) their contraction sum_r weights[b, k, rows[r]] map[b, m, rows[r], j]."""
     maps = maps * vis[:, None]
-    if weights is not None:
-        if normalize_rows:
-            sums = maps.sum(-1, keepdim=True)
-            maps = torch.where(sums > 0, maps / sums.clamp_min(1e-300), torch.zeros_like(maps))
-        return torch.einsum("bki,bmij->bmkj", weights.double(), maps)
-    return maps if rows is None else maps[:, :, rows]
+    if rows is not None:
+        maps = maps[:, :, rows]
+    if weights is None:
+        return maps
+    if normalize_rows:
+        sums = maps.sum(-1, keepdim=True)
+        maps = torch.where(sums > 0, maps / sums.clamp_min(1e-300), torch.zeros_like(maps))
+    weights = weights.double() if rows is None else weights.double()[:, :, rows]
+    return torch.einsum("bkr,bmrj->bmkj", weights, maps)
 
 
 def oracle_attention_maps(attn, grams, row_scale, rows=None, weights=None, normalize_rows=False):
@@ -45,6 +49,16 @@ def oracle_alpha(attn, rows=None):
     kappa, _ = oracle_kappa(attn)
     alpha = kappa[..., :-1].permute(0, 3, 1, 2)
     return alpha if rows is None else alpha[:, :, rows]
+
+
+def scrambled_layout(t):
+    """``t`` (B, N, M, ...) with the same values, stored with axes 1 and 2 swapped (and, for the Gram
+    matrices, their rows and columns): a kernel that read the storage as if it were contiguous would take
+    another key's or method's values."""
+    order = [0, 2, 1, *range(3, t.dim())]
+    if t.dim() == 5:
+        order[3:] = [4, 3]
+    return t.permute(order).contiguous().permute(order)  # each swap is its own inverse
 
 
 def oracle_ff_maps(attn, p: FFParts, rows=None, weights=None, normalize_rows=False):
@@ -79,7 +93,8 @@ def random_attention(B=2, H=4, KV=2, N=7, Dh=16, causal=False, window=0, pad=0, 
 
 
 def random_grams(B, N, M, H, seed=1):
-    """PSD Gram matrices (B, N, M, H+1, H+1) and positive row scales (B, N, M)."""
+    """PSD Gram matrices (B, N, M, H+1, H+1), distinct for every key and method, and positive row scales
+    (B, N, M)."""
     g = torch.Generator().manual_seed(seed)
     U = torch.randn(B, N, M, H + 1, 8, generator=g)
     return U @ U.transpose(-1, -2), torch.rand(B, N, M, generator=g) + 0.5

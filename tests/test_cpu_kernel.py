@@ -1,16 +1,24 @@
-"""The C++ CPU kernel (kobattr._cpu through CPUBackend) against the fp64 primitive oracle."""
+"""The C++ CPU kernel (kobattr._cpu through compiled_attention_maps) against the fp64 primitive oracle."""
 
 import pytest
 import torch
 
 from kobattr.backends.base import Attention
-from kobattr.backends.cpu_backend import CPUBackend, attention_maps_cpu
-from primitive_oracle import oracle_alpha, oracle_attention_maps, random_attention, random_grams
+from kobattr.backends.kernel_args import compiled_attention_maps
+from primitive_oracle import oracle_alpha, oracle_attention_maps, random_attention, random_grams, scrambled_layout
 
 
 def test_extension_is_built():
     # kobattr._cpu is built on every install: its absence is a failure, not a skip.
-    assert CPUBackend.unavailable_reason() is None, CPUBackend.unavailable_reason()
+    from kobattr import _cpu
+
+    assert _cpu.device_type == "cpu"
+
+
+def cpu_maps(attn, grams, row_scale, **options):
+    from kobattr import _cpu
+
+    return compiled_attention_maps(_cpu, attn, grams, row_scale, **options)
 
 
 def close(actual, expected, rtol=1e-5):
@@ -29,6 +37,7 @@ PATTERNS = {
     "window": dict(window=5),
     "causal_window_padding": dict(causal=True, window=4, pad=2),
 }
+SELECTED_ROWS = torch.tensor([96, 0, 5, 5, 64, 63, 95])  # unordered, repeated, across query tiles (N = 97)
 
 
 @pytest.mark.parametrize("N", [1, 7, 97, 257])
@@ -39,7 +48,7 @@ def test_full_map_and_alpha(N, pattern, H, KV):
     options["pad"] = min(options.get("pad", 0), N - 1)
     attn = random_attention(B=2, H=H, KV=KV, N=N, **options)
     grams, row_scale = random_grams(2, N, 3, H)
-    maps, alpha = CPUBackend().attention_maps(attn, grams, row_scale, want_alpha=True)
+    maps, alpha = cpu_maps(attn, grams, row_scale, want_alpha=True)
     close(maps, oracle_attention_maps(attn, grams, row_scale))
     close(alpha, oracle_alpha(attn))
 
@@ -48,10 +57,9 @@ def test_full_map_and_alpha(N, pattern, H, KV):
 def test_selected_rows(pattern):
     attn = random_attention(B=2, N=97, **PATTERNS[pattern])
     grams, row_scale = random_grams(2, 97, 2, 4)
-    rows = torch.tensor([96, 0, 5, 5, 64, 63, 95])  # unordered, repeated, across query tiles
-    maps, alpha = CPUBackend().attention_maps(attn, grams, row_scale, rows=rows, want_alpha=True)
-    close(maps, oracle_attention_maps(attn, grams, row_scale, rows=rows))
-    close(alpha, oracle_alpha(attn, rows=rows))
+    maps, alpha = cpu_maps(attn, grams, row_scale, rows=SELECTED_ROWS, want_alpha=True)
+    close(maps, oracle_attention_maps(attn, grams, row_scale, rows=SELECTED_ROWS))
+    close(alpha, oracle_alpha(attn, rows=SELECTED_ROWS))
 
 
 @pytest.mark.parametrize("N", [7, 257])
@@ -61,17 +69,55 @@ def test_weights_contraction(N, normalize_rows, pattern):
     attn = random_attention(B=2, H=4, KV=2, N=N, **PATTERNS[pattern])
     grams, row_scale = random_grams(2, N, 3, 4)
     weights = torch.rand(2, 3, N, generator=torch.Generator().manual_seed(5))
-    out, alpha = CPUBackend().attention_maps(attn, grams, row_scale, weights=weights,
-                                             normalize_rows=normalize_rows, want_alpha=True)
+    out, alpha = cpu_maps(attn, grams, row_scale, weights=weights, normalize_rows=normalize_rows, want_alpha=True)
     close(out, oracle_attention_maps(attn, grams, row_scale, weights=weights, normalize_rows=normalize_rows))
     close(alpha, oracle_alpha(attn))
+
+
+@pytest.mark.parametrize("normalize_rows", [False, True])
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("H,KV", [(4, 2), (4, 1)])
+def test_weights_contraction_over_selected_rows(normalize_rows, pattern, H, KV):
+    """rows with weights: the contraction runs over the selected rows only, weights indexed by position."""
+    attn = random_attention(B=2, H=H, KV=KV, N=97, **PATTERNS[pattern])
+    grams, row_scale = random_grams(2, 97, 2, H)
+    weights = torch.rand(2, 3, 97, generator=torch.Generator().manual_seed(6))
+    out, alpha = cpu_maps(attn, grams, row_scale, rows=SELECTED_ROWS, weights=weights, normalize_rows=normalize_rows,
+                          want_alpha=True)
+    assert out.shape == (2, 2, 3, 97)
+    close(out, oracle_attention_maps(attn, grams, row_scale, rows=SELECTED_ROWS, weights=weights,
+                                     normalize_rows=normalize_rows))
+    close(alpha, oracle_alpha(attn, rows=SELECTED_ROWS))
+
+
+def test_no_selected_rows():
+    attn = random_attention(B=2, N=9)
+    grams, row_scale = random_grams(2, 9, 2, 4)
+    none = torch.zeros(0, dtype=torch.int64)
+    maps, alpha = cpu_maps(attn, grams, row_scale, rows=none, want_alpha=True)
+    assert maps.shape == (2, 2, 0, 9) and alpha.shape == (2, 4, 0, 9)
+    out, _ = cpu_maps(attn, grams, row_scale, rows=none, weights=torch.ones(2, 3, 9), normalize_rows=True)
+    assert out.shape == (2, 2, 3, 9) and torch.all(out == 0)
+
+
+def test_inputs_in_any_layout():
+    """Non-contiguous inputs are copied into the layout the kernel reads: with distinct Gram matrices per
+    key and method stored method-major, reading the storage as it lies would mix keys and methods up.
+    (Transposing a Gram matrix alone cannot show: kappa^T G kappa = kappa^T G^T kappa.)"""
+    attn = random_attention(B=2, N=33, causal=True, pad=3)
+    grams, row_scale = random_grams(2, 33, 3, 4)
+    strided = Attention(q=attn.q.transpose(1, 2).contiguous().transpose(1, 2), k=attn.k[..., ::1], valid=attn.valid,
+                        causal=True, window=0, scale=attn.scale)
+    assert not strided.q.is_contiguous()
+    maps, _ = cpu_maps(strided, scrambled_layout(grams), scrambled_layout(row_scale))
+    close(maps, oracle_attention_maps(attn, grams, row_scale))
 
 
 @pytest.mark.parametrize("H,KV", [(1, 1), (40, 8)])  # the key tile adapts to H: 64 keys at H=1, 12 at H=40
 def test_head_counts_change_the_key_tile(H, KV):
     attn = random_attention(B=1, H=H, KV=KV, N=70, causal=True, pad=0)
     grams, row_scale = random_grams(1, 70, 1, H)
-    maps, alpha = CPUBackend().attention_maps(attn, grams, row_scale, want_alpha=True)
+    maps, alpha = cpu_maps(attn, grams, row_scale, want_alpha=True)
     close(maps, oracle_attention_maps(attn, grams, row_scale))
     close(alpha, oracle_alpha(attn))
 
@@ -80,7 +126,7 @@ def test_fully_padded_batch_element_is_zero():
     attn = random_attention(B=2, N=9)
     attn.valid[1] = False
     grams, row_scale = random_grams(2, 9, 1, 4)
-    maps, _ = CPUBackend().attention_maps(attn, grams, row_scale)
+    maps, _ = cpu_maps(attn, grams, row_scale)
     assert torch.all(maps[1] == 0)
     close(maps, oracle_attention_maps(attn, grams, row_scale))
 
@@ -88,16 +134,8 @@ def test_fully_padded_batch_element_is_zero():
 def test_half_precision_inputs_are_converted():
     attn = random_attention(B=1, N=33, dtype=torch.bfloat16)
     grams, row_scale = random_grams(1, 33, 1, 4)
-    maps, _ = CPUBackend().attention_maps(attn, grams, row_scale)
+    maps, _ = cpu_maps(attn, grams, row_scale)
     close(maps, oracle_attention_maps(attn, grams, row_scale))
-
-
-def test_float64_inputs_keep_their_precision():
-    attn = random_attention(B=1, N=17, dtype=torch.float64)
-    grams, row_scale = random_grams(1, 17, 2, 4)
-    maps, _ = CPUBackend().attention_maps(attn, grams.double(), row_scale.double())
-    assert maps.dtype == torch.float64
-    torch.testing.assert_close(maps, oracle_attention_maps(attn, grams, row_scale), rtol=1e-10, atol=1e-12)
 
 
 def test_thread_counts_agree():
@@ -106,38 +144,51 @@ def test_thread_counts_agree():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single, _ = CPUBackend().attention_maps(attn, grams, row_scale)
+        single, _ = cpu_maps(attn, grams, row_scale)
         torch.set_num_threads(2)
-        double, _ = CPUBackend().attention_maps(attn, grams, row_scale)
+        double, _ = cpu_maps(attn, grams, row_scale)
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(single, double, rtol=0, atol=0)
 
 
 def raw_call(**overrides):
-    """kobattr._cpu.attention_maps on a valid small problem, with some arguments replaced."""
+    """kobattr._cpu.attention_maps on a valid small problem (B=1, H=4, KV=2, N=5, Dh=16, M=1), with some
+    arguments replaced."""
     from kobattr import _cpu
 
     attn = random_attention(B=1, H=4, KV=2, N=5)
     grams, row_scale = random_grams(1, 5, 1, 4)
-    out = torch.empty(1, 1, 5, 5)
-    keep = [attn.q, attn.k, attn.valid, grams, row_scale, out]
-    args = dict(q=attn.q.data_ptr(), k=attn.k.data_ptr(), valid=attn.valid.data_ptr(), grams=grams.data_ptr(),
-                row_scale=row_scale.data_ptr(), rows=0, weights=0, out=out.data_ptr(), alpha=0, batch=1, heads=4,
-                kv_heads=2, seq_len=5, head_dim=16, n_grams=1, n_rows=5, n_weight_rows=0, causal=False, window=0,
-                scale=0.25, normalize_rows=False, num_threads=1)
+    args = dict(q=attn.q, k=attn.k, valid=attn.valid, grams=grams, row_scale=row_scale, rows=None, weights=None,
+                out=torch.empty(1, 1, 5, 5), alpha=None, causal=False, window=0, scale=0.25, normalize_rows=False,
+                num_threads=1)
     args.update(overrides)
     _cpu.attention_maps(**args)
-    return keep
+
+
+def test_raw_call_runs():
+    raw_call()
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (dict(q=0), "q must point to"),
-    (dict(grams=0), "grams must point to"),
-    (dict(kv_heads=3), "must be a multiple of the number of key heads KV=3"),
-    (dict(head_dim=0), "every size must be at least 1"),
+    (dict(q=torch.zeros(1, 4, 5, 16, dtype=torch.float64)),
+     r"q must be a contiguous float32 tensor of shape \(B, H, N, Dh\) on cpu; got a contiguous float64 tensor "
+     r"of shape \[1, 4, 5, 16\] on cpu\."),
+    (dict(q=torch.zeros(1, 5, 4, 16).transpose(1, 2)), "got a non-contiguous float32 tensor"),
+    (dict(q=torch.zeros(4, 5, 16)), r"q must be a contiguous float32 tensor of shape \(B, H, N, Dh\)"),
+    (dict(k=torch.zeros(1, 2, 6, 16)), r"k must be a contiguous float32 tensor of shape \(B=1, KV, N=5, Dh=16\)"),
+    (dict(k=torch.zeros(1, 3, 5, 16)), "must be a multiple of the number of key heads KV=3"),
+    (dict(valid=torch.ones(1, 5, dtype=torch.uint8)), r"valid must be a contiguous bool tensor of shape \(B=1, N=5\)"),
+    (dict(grams=torch.zeros(1, 5, 1, 4, 4)),
+     r"grams must be a contiguous float32 tensor of shape \(B=1, N=5, M, H\+1=5, H\+1=5\) on cpu; got a "
+     r"contiguous float32 tensor of shape \[1, 5, 1, 4, 4\]"),
+    (dict(row_scale=torch.zeros(1, 5, 2)), r"row_scale must be a contiguous float32 tensor of shape \(B=1, N=5, M=1\)"),
+    (dict(rows=torch.tensor([0, 5])), r"rows must lie in \[0, N=5\), got values from 0 to 5"),
+    (dict(rows=torch.tensor([0, 1], dtype=torch.int32)), r"rows must be a contiguous int64 tensor of shape \(R\)"),
+    (dict(weights=torch.ones(1, 2, 5)), r"out must be a contiguous float32 tensor of shape \(B=1, M=1, K=2, N=5\)"),
+    (dict(out=torch.empty(1, 1, 5, 4)), r"out must be a contiguous float32 tensor of shape \(B=1, M=1, R=5, N=5\)"),
+    (dict(alpha=torch.empty(1, 4, 4, 5)), r"alpha must be a contiguous float32 tensor of shape \(B=1, H=4, R=5, N=5\)"),
     (dict(window=-1), "sliding window must be 0"),
-    (dict(n_rows=4), "must equal the sequence length"),
     (dict(normalize_rows=True), "normalize_rows only applies"),
     (dict(scale=float("nan")), "scale must be a finite"),
 ])
@@ -146,22 +197,26 @@ def test_raw_call_rejects_bad_arguments(overrides, message):
         raw_call(**overrides)
 
 
-def test_rows_out_of_range_are_rejected():
-    attn = random_attention(B=1, N=5)
-    grams, row_scale = random_grams(1, 5, 1, 4)
-    with pytest.raises(ValueError, match=r"rows must lie in \[0, N=5\), got values from 0 to 5"):
-        attention_maps_cpu(attn, grams, row_scale, rows=torch.tensor([0, 5]))
-
-
-def test_mismatched_shapes_are_rejected():
-    attn = random_attention(B=1, N=5)
-    grams, row_scale = random_grams(1, 6, 1, 4)
-    with pytest.raises(ValueError, match="grams must have shape"):
-        attention_maps_cpu(attn, grams, row_scale)
-
-
-def test_cannot_run_names_non_cpu_tensors():
+def test_tensors_on_another_device_are_rejected():
     attn = random_attention(B=1, N=5)
     meta = Attention(q=attn.q.to("meta"), k=attn.k, valid=attn.valid, causal=False, window=0, scale=1.0)
-    assert "needs CPU tensors" in CPUBackend().cannot_run(meta, need_ff=False)
-    assert CPUBackend().cannot_run(attn, need_ff=True) is None
+    grams, row_scale = random_grams(1, 5, 1, 4)
+    with pytest.raises(ValueError, match="this extension runs on cpu tensors, but q is a contiguous float32 tensor"):
+        cpu_maps(meta, grams, row_scale)
+    with pytest.raises(ValueError, match=r"grams must be .* on cpu; got .* on meta"):
+        cpu_maps(attn, grams.to("meta"), row_scale)
+
+
+# ---------------------------------------------------------------- the backend class (kobattr/backends/compiled_backend.py)
+
+
+def test_backend_refuses_float64_and_other_devices():
+    from kobattr.backends.compiled_backend import CompiledBackend
+
+    backend = CompiledBackend("cpu")
+    attn = random_attention(B=1, N=5)
+    assert backend.refusals("attention_maps", attn) == []
+    as_double = random_attention(B=1, N=5, dtype=torch.float64)
+    assert any("float64" in reason for reason in backend.refusals("attention_maps", as_double))
+    meta = Attention(q=attn.q.to("meta"), k=attn.k.to("meta"), valid=attn.valid, causal=False, window=0, scale=1.0)
+    assert any("not meta" in reason for reason in backend.refusals("attention_maps", meta))

@@ -1,5 +1,12 @@
-"""csrc/cuda compiles with nvcc for sm_80 and sm_90 (no GPU needed; skipped only where nvcc is absent)."""
+"""csrc/cuda compiles with nvcc for sm_80 and sm_90, and kobattr._cuda builds and checks its tensors.
 
+No GPU needed; skipped only where nvcc is absent. The kernels (csrc/cuda/attention_pairs.cu) include no
+torch header and are compiled by nvcc alone; the binding (csrc/cuda/bindings.cpp) is compiled against
+torch by the host compiler, so the last test builds the whole extension the way an install does.
+"""
+
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,3 +38,35 @@ def test_the_install_command_builds_an_object(tmp_path):
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert obj.stat().st_size > 0
+
+
+CHECK_BUILT_MODULE = """
+import importlib.util, sys, torch
+spec = importlib.util.spec_from_file_location("kobattr._cuda", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+q = torch.zeros(1, 2, 3, 4)
+try:
+    module.attention_maps(q=q, k=q, valid=torch.ones(1, 3, dtype=torch.bool), grams=torch.zeros(1, 3, 1, 3, 3),
+                          row_scale=torch.ones(1, 3, 1), rows=None, weights=None, out=torch.empty(1, 1, 3, 3),
+                          alpha=None, causal=False, window=0, scale=1.0, normalize_rows=False, stream=0)
+except ValueError as error:
+    print(module.device_type, error)
+"""
+
+
+def test_the_extension_builds_and_checks_tensors_before_any_launch(tmp_path):
+    """KOBATTR_BUILD_CUDA=1 (a failure is an error) builds kobattr._cuda; it imports without a GPU and
+    rejects CPU tensors with a sentence, before touching the CUDA runtime."""
+    lib, temp = tmp_path / "lib", tmp_path / "temp"
+    env = dict(os.environ, KOBATTR_BUILD_CUDA="1", KOBATTR_NVCC=NVCC)
+    done = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(lib), "--build-temp",
+                           str(temp)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((lib / "kobattr" / "_build_info.json").read_text())
+    assert report["_cuda"]["built"] is True and report["_cuda"]["archs"] == ["sm_80", "sm_90"]
+    built = next((lib / "kobattr").glob("_cuda*.so"))
+    shown = subprocess.run([sys.executable, "-c", CHECK_BUILT_MODULE, str(built)], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("cuda attention_maps: this extension runs on cuda tensors, but q is a contiguous "
+                                   "float32 tensor of shape [1, 2, 3, 4] on cpu."), shown.stdout

@@ -36,15 +36,16 @@ LSE_VARIANTS = [(12, 1, 64, False, False, False), (32, 4, 128, True, True, False
                 (64, 8, 32, True, False, True), (40, 8, 128, False, False, True), (12, 3, 80, True, True, True)]
 
 # (H, KV_GROUP, DH, M, HAS_ROWS, CAUSAL, WINDOWED, (STORE_MAP, SUM_ROWS, CONTRACT, WRITE_ALPHA)):
-# the mode tuples are the ones attention_maps launches; the last is the benchmark's Llama layer
+# the mode tuples are the ones attention_maps launches, each with and without rows; the last is the
+# benchmark's Llama layer
 ATTENTION_VARIANTS = [
     (12, 1, 64, 3, False, False, False, (True, False, False, False)),
     (32, 4, 32, 1, True, True, False, (True, False, False, True)),
-    (4, 2, 80, 2, False, True, True, (False, True, False, False)),
+    (4, 2, 80, 2, True, True, True, (False, True, False, False)),
     (64, 8, 32, 1, False, False, True, (False, True, False, True)),
     (8, 1, 32, 3, False, True, False, (False, False, True, False)),
     (40, 8, 32, 2, False, False, True, (False, False, True, True)),
-    (16, 2, 32, 1, True, True, True, (False, False, False, True)),
+    (16, 2, 32, 1, True, True, True, (False, False, True, True)),
     (32, 4, 128, 3, False, True, False, (True, False, False, False)),
 ]
 ATTENTION_TARGETS = TARGETS + [(80, "fp16"), (80, "bf16")]
@@ -53,7 +54,7 @@ ATTENTION_TARGETS = TARGETS + [(80, "fp16"), (80, "bf16")]
 FF_VARIANTS = [
     (12, 1, 64, False, 2, False, False, False, False, (True, False, False)),
     (32, 4, 32, True, 3, True, True, True, False, (True, False, False)),
-    (4, 2, 80, False, 3, True, False, True, True, (False, True, False)),
+    (4, 2, 80, False, 3, True, True, True, True, (False, True, False)),
     (64, 8, 32, True, 2, False, False, False, True, (False, True, False)),
     (8, 1, 32, True, 3, False, False, True, False, (False, False, True)),
     (40, 8, 32, False, 3, False, True, False, True, (False, False, True)),
@@ -64,7 +65,7 @@ def jobs():
     """id -> (module, kernel, dtype, capability, num_stages, variant) of every compile."""
     out = {}
     for i, (target, variant) in enumerate(zip(TARGETS, LSE_VARIANTS)):
-        out[f"lse-{i}"] = ("attention_pairs", "_row_lse_kernel", *target, 2, variant)
+        out[f"lse-{i}"] = ("rows", "_row_lse_kernel", *target, 2, variant)
     for i, (target, variant) in enumerate(zip(ATTENTION_TARGETS, ATTENTION_VARIANTS)):
         out[f"attention-{i}"] = ("attention_pairs", "_attention_pairs_kernel", *target, 1, variant)
     for i, (target, variant) in enumerate(zip(TARGETS, FF_VARIANTS)):
@@ -78,22 +79,23 @@ def constexprs(kernel, dtype, variant):
 
     from kobattr.kernels import attention_pairs as ap
     from kobattr.kernels import ff_pairs as fp
-    qk_fp32, precision = ap.dot_settings({"fp32": torch.float32, "fp16": torch.float16,
+    from kobattr.kernels import rows as kr
+    qk_fp32, precision = kr.dot_settings({"fp32": torch.float32, "fp16": torch.float16,
                                           "bf16": torch.bfloat16}[dtype])
     dots = dict(QK_FP32=qk_fp32, DOT_PRECISION=precision)
     if kernel == "_row_lse_kernel":
         H, group, dh, has_rows, causal, windowed = variant
         block = 64 if dh <= 64 else 32
-        return dict(H=H, KV_GROUP=group, DH=dh, BLOCK_M=block, BLOCK_N=block, BLOCK_D=ap._pow2(dh),
+        return dict(H=H, KV_GROUP=group, DH=dh, BLOCK_M=block, BLOCK_N=block, BLOCK_D=kr.pow2(dh),
                     HAS_ROWS=has_rows, CAUSAL=causal, WINDOWED=windowed, **dots)
     if kernel == "_attention_pairs_kernel":
         H, group, dh, M, has_rows, causal, windowed, (store, sums, contract, alpha) = variant
         block_m, block_n = ap.pair_tile_sizes(H)
-        return dict(H=H, KV_GROUP=group, M=M, MP=ap._pow2(M, 1), DH=dh, HP=ap._pow2(H), BLOCK_M=block_m,
+        return dict(H=H, KV_GROUP=group, M=M, MP=kr.pow2(M, 1), DH=dh, HP=kr.pow2(H), BLOCK_M=block_m,
                     BLOCK_N=block_n, BLOCK_D=16, HAS_ROWS=has_rows, CAUSAL=causal, WINDOWED=windowed,
                     STORE_MAP=store, SUM_ROWS=sums, CONTRACT=contract, WRITE_ALPHA=alpha, BLOCK_K=16, **dots)
     H, group, dh, gated, n_scopes, center, has_rows, causal, windowed, (store, sums, contract) = variant
-    return dict(H=H, KV_GROUP=group, DH=dh, HP=ap._pow2(H), **fp.ff_tile_sizes(), GATED=gated, N_SCOPES=n_scopes,
+    return dict(H=H, KV_GROUP=group, DH=dh, HP=kr.pow2(H), **fp.ff_tile_sizes(), GATED=gated, N_SCOPES=n_scopes,
                 CENTER=center, HAS_ROWS=has_rows, CAUSAL=causal, WINDOWED=windowed, STORE_MAP=store,
                 SUM_ROWS=sums, CONTRACT=contract, BLOCK_K=16, **dots)
 

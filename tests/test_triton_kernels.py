@@ -14,9 +14,9 @@ pytest.importorskip("triton")
 
 from kobattr.backends.base import BackendUnavailable  # noqa: E402
 from kobattr.backends.triton_backend import TritonBackend  # noqa: E402
-from kobattr.kernels import attention_pairs  # noqa: E402
+from kobattr.kernels import attention_pairs, rows as kernel_rows  # noqa: E402
 from primitive_oracle import (oracle_alpha, oracle_attention_maps, oracle_ff_maps, random_attention,  # noqa: E402
-                              random_ff_parts, random_grams)
+                              random_ff_parts, random_grams, scrambled_layout)
 
 if TritonBackend.unavailable_reason() is not None:
     pytest.skip(TritonBackend.unavailable_reason(), allow_module_level=True)
@@ -101,17 +101,35 @@ def test_attention_weights_contraction(name, normalize_rows):
     assert_close(alpha, oracle_alpha(attn))
 
 
-def test_attention_weights_with_rows_alpha():
-    """weights contract over all rows; alpha still follows ``rows``."""
-    attn = attention("N7-causal-pad")
+@pytest.mark.parametrize("normalize_rows", [False, True])
+@pytest.mark.parametrize("name", ["N1", "N7-causal-pad", "N7-window", "N97-causal-window-gqa1", "N97-pad-gqa2"])
+def test_attention_weights_contraction_over_selected_rows(name, normalize_rows):
+    """rows with weights: the contraction runs over the selected rows only (a repeated row counts twice),
+    weights indexed by position; alpha follows ``rows``."""
+    attn = attention(name)
     B, H, N, _ = attn.q.shape
-    grams, row_scale = random_grams(B, N, 1, H)
-    weights = torch.rand(B, 1, N, generator=torch.Generator().manual_seed(6))
-    rows = rows_for(N)
-    out, alpha = BACKEND.attention_maps(attn, grams, row_scale, rows=rows, weights=weights, normalize_rows=True,
-                                        want_alpha=True)
-    assert_close(out, oracle_attention_maps(attn, grams, row_scale, weights=weights, normalize_rows=True))
+    grams, row_scale = random_grams(B, N, 2, H)
+    weights = torch.rand(B, 3, N, generator=torch.Generator().manual_seed(6))
+    rows = torch.cat([rows_for(N), torch.tensor([N // 2])])
+    out, alpha = BACKEND.attention_maps(attn, grams, row_scale, rows=rows, weights=weights,
+                                        normalize_rows=normalize_rows, want_alpha=True)
+    assert out.shape == (B, 2, 3, N)
+    assert_close(out, oracle_attention_maps(attn, grams, row_scale, rows=rows, weights=weights,
+                                            normalize_rows=normalize_rows))
     assert_close(alpha, oracle_alpha(attn, rows))
+
+
+def test_no_selected_rows():
+    attn = attention("N7-causal-pad")
+    grams, row_scale = random_grams(2, 7, 2, 4)
+    none = torch.zeros(0, dtype=torch.int64)
+    maps, alpha = BACKEND.attention_maps(attn, grams, row_scale, rows=none, want_alpha=True)
+    assert maps.shape == (2, 2, 0, 7) and alpha.shape == (2, 4, 0, 7)
+    out, _ = BACKEND.attention_maps(attn, grams, row_scale, rows=none, weights=torch.ones(2, 3, 7))
+    assert out.shape == (2, 2, 3, 7) and (out == 0).all()
+    parts = random_ff_parts(2, 7, 4)
+    out = BACKEND.ff_maps(attn, parts, rows=none, weights=torch.ones(2, 3, 7), normalize_rows=True)
+    assert out.shape == (2, 3, 3, 7) and (out == 0).all()
 
 
 def test_attention_many_weight_rows_and_heads():
@@ -153,7 +171,8 @@ def test_row_lse_of_rows_without_keys_is_finite():
     attn = attention("N7-causal-pad")
     attn.valid[1] = False
     grams, row_scale = random_grams(2, 7, 1, 4)
-    lse = attention_pairs.row_lse(attn.q, attn.k, attn.valid.to(torch.int8), attn.causal, attn.window, attn.scale)
+    lse = kernel_rows.row_lse(attn.q, attn.k, attn.valid.to(torch.int8), attn.causal, attn.window, attn.scale, None,
+                              kernel_rows.dot_settings(attn.q.dtype))
     assert torch.isfinite(lse).all()
     maps, alpha = BACKEND.attention_maps(attn, grams, row_scale, want_alpha=True)
     assert (maps[1] == 0).all() and (alpha[1] == 0).all()
@@ -217,6 +236,20 @@ def test_ff_weights_contraction_across_tiles():
     assert_close(*ff_maps_oracle_pair(attn, parts, weights=weights, normalize_rows=True))
 
 
+@pytest.mark.parametrize("normalize_rows", [False, True])
+@pytest.mark.parametrize("name,variant", [("N7-causal-pad", (True, 3, True)), ("N7-window", (False, 2, False)),
+                                          ("N97-causal-window-gqa1", (True, 3, False)),
+                                          ("N97-pad-gqa2", (False, 3, True))])
+def test_ff_weights_contraction_over_selected_rows(name, variant, normalize_rows):
+    attn, parts = ff_case(name, *variant)
+    N = attn.q.shape[2]
+    weights = torch.rand(2, 3, N, generator=torch.Generator().manual_seed(10))
+    rows = torch.cat([rows_for(N), torch.tensor([N // 2])])
+    out, ref = ff_maps_oracle_pair(attn, parts, rows=rows, weights=weights, normalize_rows=normalize_rows)
+    assert out.shape == (2, variant[1], 3, N)
+    assert_close(out, ref)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_ff_low_precision(dtype):
     attn, parts = ff_case("N7-causal-pad", True, 3, True)
@@ -230,24 +263,25 @@ def test_ff_low_precision(dtype):
 
 
 def test_non_contiguous_inputs_are_accepted():
+    """Inputs in another memory layout reach the kernels in the one they read: with distinct Gram matrices
+    per key and method stored method-major, reading the storage as it lies would mix keys and methods up.
+    (Transposing a Gram matrix alone cannot show: kappa^T G kappa = kappa^T G^T kappa.)"""
     attn = attention("N7-causal-pad")
     B, H, N, Dh = attn.q.shape
     strided = dataclasses.replace(attn, q=attn.q.transpose(1, 2).contiguous().transpose(1, 2))
     assert not strided.q.is_contiguous()
-    grams, row_scale = random_grams(B, N, 1, H)
-    maps, _ = BACKEND.attention_maps(strided, grams.transpose(-1, -2), row_scale)
+    grams, row_scale = random_grams(B, N, 3, H)
+    maps, _ = BACKEND.attention_maps(strided, scrambled_layout(grams), scrambled_layout(row_scale))
     assert_close(maps, oracle_attention_maps(attn, grams, row_scale))
 
 
-def test_cannot_run_reasons():
+def test_refusal_reasons():
     attn = attention("N7-causal-pad")
-    assert BACKEND.cannot_run(attn, need_ff=True) is None
+    assert BACKEND.refusals("ff_maps", attn) == []
     too_many_heads = random_attention(B=1, H=65, KV=1, N=3)
-    assert "heads" in BACKEND.cannot_run(too_many_heads, need_ff=False)
-    bad_group = random_attention(B=1, H=6, KV=4, N=3)
-    assert "multiple" in BACKEND.cannot_run(bad_group, need_ff=False)
+    assert any("heads" in reason for reason in BACKEND.refusals("attention_maps", too_many_heads))
     as_double = dataclasses.replace(attn, q=attn.q.double(), k=attn.k.double())
-    assert "float32" in BACKEND.cannot_run(as_double, need_ff=False)
+    assert any("float32" in reason for reason in BACKEND.refusals("attention_maps", as_double))
     grams, row_scale = random_grams(1, 3, 1, 65)
     with pytest.raises(BackendUnavailable):
         BACKEND.attention_maps(too_many_heads, grams, row_scale)

@@ -7,6 +7,8 @@
 // of a tile, stored contiguously, as explicit vectors (no -ffast-math needed, NaN semantics kept).
 #include "cpu/attention_pairs.h"
 
+#include "pair_rules.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -121,10 +123,7 @@ bool tile_hidden(const Plan& p, int64_t query_tile, int64_t key_tile) {
         last = std::max(last, pos);
     }
     const int64_t j0 = key_tile * p.key_tile, j1 = std::min<int64_t>(j0 + p.key_tile, p.N) - 1;
-    if (last < 0) return true;
-    if (p.a.causal && j0 > last) return true;
-    if (p.a.window && first - j1 >= p.a.window) return true;
-    return false;
+    return keys_hidden(first, last, j0, j1, p.a.causal, p.a.window);
 }
 
 // Copies keys [j0, j0 + key_tile) of key head g, zero past N, so the micro-kernel needs no bounds.
@@ -135,23 +134,21 @@ KOBATTR_INLINE void load_keys(const Plan& p, int64_t b, int64_t g, int64_t j0, f
     std::fill(keys + n_keys * p.Dh, keys + p.key_tile * p.Dh, 0.0f);
 }
 
-// visible[j][i] = [query i sees key j0 + j] as an all-ones/zero mask: valid query and key,
-// causal j <= i, window i - j < window.
+// visible[j][i] = [query i sees key j0 + j] (the rule of ../pair_rules.h) as an all-ones/zero mask.
 KOBATTR_INLINE void visibility(const Plan& p, int64_t b, int64_t query_tile, int64_t j0, int32_t* visible) {
     const int32_t* pos = p.q_pos.data() + query_tile * kQueryTile;
     const uint8_t* valid = p.a.valid + b * p.N;
     int32_t query_ok[kQueryTile];
     for (int i = 0; i < kQueryTile; ++i) query_ok[i] = (pos[i] >= 0 && valid[pos[i]]) ? -1 : 0;
+    // clamped so that it fits the int32 lanes without changing the rule (i - j <= N - 1)
     const int32_t window = static_cast<int32_t>(std::min<int64_t>(p.a.window, p.N + 1));
     for (int j = 0; j < p.key_tile; ++j) {
         const int32_t key = static_cast<int32_t>(j0 + j);
         const int32_t key_ok = (key < p.N && valid[key]) ? -1 : 0;
         for (int v = 0; v < kVectors; ++v) {
-            const VecI position = load(pos + v * kLanes);
-            VecI ok = load(query_ok + v * kLanes) & key_ok;
-            if (p.a.causal) ok &= splat(key) <= position;
-            if (window) ok &= (position - key) < window;
-            store(visible + j * kQueryTile + v * kLanes, ok);
+            const VecI valid_pair = load(query_ok + v * kLanes) & key_ok;
+            store(visible + j * kQueryTile + v * kLanes,
+                  kobattr::visible(valid_pair, load(pos + v * kLanes), splat(key), p.a.causal, window));
         }
     }
 }
@@ -282,15 +279,9 @@ KOBATTR_HOT void pair_tile(const Plan& p, int64_t b, int64_t query_tile, int64_t
 #pragma GCC unroll 4
                 for (int u = 0; u < kBlock; ++u) store(quad + (v + u) * kLanes, acc[u]);
             }
-            // The residual slot kappa_H = [i == j] adds sum_h (G_hH + G_Hh) alpha_h + G_HH on the diagonal.
             const int32_t key = static_cast<int32_t>(j0 + j);
-            for (int i = 0; i < kQueryTile; ++i) {
-                if (pos[i] != key || visible[j * kQueryTile + i] == 0) continue;
-                float diagonal = G[H * (H + 1) + H];
-                for (int64_t h = 0; h < H; ++h)
-                    diagonal += (G[h * (H + 1) + H] + G[H * (H + 1) + h]) * alpha[h * kQueryTile + i];
-                quad[i] += diagonal;
-            }
+            for (int i = 0; i < kQueryTile; ++i)
+                if (pos[i] == key && visible[j * kQueryTile + i] != 0) quad[i] += residual_term(G, H, alpha + i, kQueryTile);
             const float* row_scale = w.row_scale.data() + m * kQueryTile;
             for (int i = 0; i < kQueryTile; ++i) {
                 // quad < 0 only by rounding; NaN must stay NaN, so no std::max.
@@ -364,7 +355,7 @@ Plan make_plan(const AttentionPairsArgs& a) {
     p.key_tile = static_cast<int>(std::clamp<int64_t>(keys_for_cache / kKeyStep * kKeyStep, kKeyStep, 64));
     p.n_key_tiles = (p.N + p.key_tile - 1) / p.key_tile;
     p.q_pos.assign(p.padded_rows, -1);
-    for (int64_t r = 0; r < p.R; ++r) p.q_pos[r] = static_cast<int32_t>(a.rows ? a.rows[r] : r);
+    for (int64_t r = 0; r < p.R; ++r) p.q_pos[r] = static_cast<int32_t>(query_position(a.rows, r));
     p.q_t.assign(a.batch * p.H * p.Dh * p.padded_rows, 0.0f);
     p.lse.assign(a.batch * p.H * p.padded_rows, kInf);
     return p;
@@ -373,12 +364,11 @@ Plan make_plan(const AttentionPairsArgs& a) {
 }  // namespace
 
 void attention_maps_cpu(const AttentionPairsArgs& a, int64_t num_threads) {
-    check_attention_pairs_args(a);
-    for (int64_t r = 0; a.rows && r < a.n_rows; ++r)
-        require(a.rows[r] >= 0 && a.rows[r] < a.seq_len,
-                "rows must lie in [0, N=" + std::to_string(a.seq_len) + "), got row " + std::to_string(a.rows[r]) +
-                    " at position " + std::to_string(r) + ".");
-    if (a.n_rows == 0) return;
+    if (a.n_rows == 0) {
+        // a contraction over no rows is 0; an empty map has nothing to fill
+        if (a.weights) std::fill(a.out, a.out + a.batch * a.n_grams * a.n_weight_rows * a.seq_len, 0.0f);
+        return;
+    }
     Plan p = make_plan(a);
     const int64_t B = a.batch, H = p.H, Dh = p.Dh;
     const int threads = thread_count(num_threads);
@@ -468,8 +458,10 @@ void attention_maps_cpu(const AttentionPairsArgs& a, int64_t num_threads) {
                     for (int64_t k = 0; k < K; ++k)
                         for (int i = 0; i < kQueryTile; ++i) {
                             const int64_t r = qt * kQueryTile + i;
+                            // weights are indexed by the row's position, whichever rows are selected
                             w.row_weight[(m * K + k) * kQueryTile + i] =
-                                r < p.R ? a.weights[(b * K + k) * p.N + r] * inv_row_sum[(b * M + m) * p.padded_rows + r]
+                                r < p.R ? a.weights[(b * K + k) * p.N + p.q_pos[r]] *
+                                              inv_row_sum[(b * M + m) * p.padded_rows + r]
                                         : 0.0f;
                         }
                 contract_tile(p, w);

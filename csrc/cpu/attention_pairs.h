@@ -5,8 +5,8 @@
 
 namespace kobattr {
 
-// Checks `args` (std::invalid_argument with a sentence saying what is wrong) and fills args.out and,
-// when set, args.alpha, using `num_threads` OpenMP threads (0 = the OpenMP default).
+// Fills args.out and, when set, args.alpha, using `num_threads` OpenMP threads (0 = the OpenMP default).
+// `args` comes from attention_maps_args (../tensor_args.h), which checked everything.
 void attention_maps_cpu(const AttentionPairsArgs& args, int64_t num_threads);
 
 }  // namespace kobattr

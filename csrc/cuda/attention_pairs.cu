@@ -13,6 +13,7 @@
 #include <string>
 
 #include "cuda/attention_pairs.h"
+#include "pair_rules.h"
 
 namespace kobattr {
 namespace {
@@ -32,20 +33,18 @@ struct TileStage {
 
 __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// [query at position i sees key j]: valid query and key, causal j <= i, window i - j < window.
+// [query at position i sees key j] (the rule of ../pair_rules.h); i < 0 marks a lane past the selected rows.
 __device__ __forceinline__ bool is_visible(const AttentionPairsArgs& a, int64_t b, int64_t i, int64_t j) {
     if (i < 0 || j >= a.seq_len) return false;
-    if (!a.valid[b * a.seq_len + i] || !a.valid[b * a.seq_len + j]) return false;
-    if (a.causal && j > i) return false;
-    if (a.window && i - j >= a.window) return false;
-    return true;
+    const bool valid_pair = a.valid[b * a.seq_len + i] && a.valid[b * a.seq_len + j];
+    return visible(valid_pair, i, j, a.causal, a.window);
 }
 
 // The block's query positions into stage.position (call before anything reads them).
 __device__ void load_positions(const AttentionPairsArgs& a, int64_t r0, TileStage& stage) {
     if (threadIdx.x < kTile) {
         const int64_t r = r0 + threadIdx.x;
-        stage.position[threadIdx.x] = r < a.n_rows ? (a.rows ? a.rows[r] : r) : -1;
+        stage.position[threadIdx.x] = r < a.n_rows ? query_position(a.rows, r) : -1;
     }
     __syncthreads();
 }
@@ -59,8 +58,7 @@ __device__ bool tile_hidden(const AttentionPairsArgs& a, const TileStage& stage,
         first = min(first, pos);
         last = max(last, pos);
     }
-    const int64_t j1 = min(j0 + kTile, a.seq_len) - 1;
-    return last < 0 || (a.causal && j0 > last) || (a.window && first - j1 >= a.window);
+    return keys_hidden(first, last, j0, min(j0 + kTile, a.seq_len) - 1, a.causal, a.window);
 }
 
 // s = scale * q^h_{position[t % 16]} . k^{g(h)}_{j0 + t / 16}, every thread of the block taking part.
@@ -169,13 +167,7 @@ pair_kernel(AttentionPairsArgs a, const float* lse, float* row_sums, Mode mode, 
                 for (int64_t s = 0; s < H; ++s) inner += __ldg(G + p * (H + 1) + s) * alpha_tile[s * kPlane + slot];
                 quad += alpha_tile[p * kPlane + slot] * inner;
             }
-            // The residual slot kappa_H = [i == j] adds sum_h (G_hH + G_Hh) alpha_h + G_HH on the diagonal.
-            if (pos == j) {
-                float diagonal = __ldg(G + H * (H + 1) + H);
-                for (int64_t h = 0; h < H; ++h)
-                    diagonal += (__ldg(G + h * (H + 1) + H) + __ldg(G + H * (H + 1) + h)) * alpha_tile[h * kPlane + slot];
-                quad += diagonal;
-            }
+            if (pos == j) quad += residual_term(G, H, alpha_tile + slot, kPlane);
         }
         // quad < 0 only by rounding; NaN must stay NaN, so no fmaxf.
         const float value = visible ? a.row_scale[(b * N + pos) * M + m] * sqrtf(quad < 0.0f ? 0.0f : quad) : 0.0f;
@@ -213,43 +205,41 @@ void check_cuda(cudaError_t status, const std::string& what) {
         throw std::runtime_error("attention_maps: " + what + " failed: " + cudaGetErrorString(status) + ".");
 }
 
-// A pointer the kernels read or write must be device (or managed) memory of the current device.
-void check_device_pointer(const void* pointer, const char* name, int device) {
-    if (pointer == nullptr) return;  // required pointers were checked by check_attention_pairs_args
-    cudaPointerAttributes attributes;
-    const cudaError_t status = cudaPointerGetAttributes(&attributes, pointer);
-    if (status != cudaSuccess) {
-        cudaGetLastError();  // clear the error so that the next CUDA call does not report it
-        throw std::invalid_argument(std::string("attention_maps: ") + name +
-                                    " is not a CUDA allocation (" + cudaGetErrorString(status) + ").");
-    }
-    require(attributes.type == cudaMemoryTypeDevice || attributes.type == cudaMemoryTypeManaged,
-            std::string(name) + " must point to GPU memory (a CUDA tensor's data_ptr()), but it points to host memory.");
-    require(attributes.type == cudaMemoryTypeManaged || attributes.device == device,
-            std::string(name) + " lives on cuda:" + std::to_string(attributes.device) + " but the current device is cuda:" +
-                std::to_string(device) + "; call under torch.cuda.device(" + std::to_string(attributes.device) + ").");
+// Limits of this launch configuration, beyond what the tensor checks of ../tensor_args.h cover.
+void require(bool ok, const std::string& message) {
+    if (!ok) throw std::invalid_argument("attention_maps: " + message);
 }
+
+// Makes `device` current for the launches and restores the caller's device afterwards.
+class DeviceGuard {
+  public:
+    explicit DeviceGuard(int device) {
+        check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
+        if (device != previous_) check_cuda(cudaSetDevice(device), "cudaSetDevice");
+    }
+    ~DeviceGuard() { cudaSetDevice(previous_); }
+    DeviceGuard(const DeviceGuard&) = delete;
+    DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+  private:
+    int previous_ = 0;
+};
 
 }  // namespace
 
-void attention_maps_cuda(const AttentionPairsArgs& a, float* lse, float* row_sums, void* stream_handle) {
-    check_attention_pairs_args(a);
-    require(lse != nullptr, "the lse workspace must point to a (B, H, R) float32 GPU buffer, got a null pointer.");
-    require(!a.normalize_rows || row_sums != nullptr,
-            "normalize_rows needs the row_sums workspace, a (B, M, N) float32 GPU buffer; got a null pointer.");
+void attention_maps_cuda(const AttentionPairsArgs& a, float* lse, float* row_sums, int device, void* stream_handle) {
     require(a.batch <= 65535, "the CUDA kernel handles at most 65535 batch elements per call, got B=" +
                                   std::to_string(a.batch) + "; split the batch.");
-    if (a.n_rows == 0) return;
     const int64_t query_tiles = (a.n_rows + kTile - 1) / kTile, key_tiles = (a.seq_len + kTile - 1) / kTile;
     require(query_tiles * a.heads <= INT32_MAX && query_tiles * key_tiles <= INT32_MAX,
             "the problem has too many tiles for one CUDA grid (R=" + std::to_string(a.n_rows) +
                 ", N=" + std::to_string(a.seq_len) + "); select fewer rows per call.");
-
-    int device = 0;
-    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-    const void* pointers[] = {a.q, a.k, a.valid, a.grams, a.row_scale, a.rows, a.weights, a.out, a.alpha, lse, row_sums};
-    const char* names[] = {"q", "k", "valid", "grams", "row_scale", "rows", "weights", "out", "alpha", "lse", "row_sums"};
-    for (int p = 0; p < 11; ++p) check_device_pointer(pointers[p], names[p], device);
+    const DeviceGuard guard(device);
+    cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
+    if (a.weights)  // the contraction accumulates into out; over no rows it stays 0
+        check_cuda(cudaMemsetAsync(a.out, 0, sizeof(float) * a.batch * a.n_grams * a.n_weight_rows * a.seq_len, stream),
+                   "clearing out");
+    if (a.n_rows == 0) return;
 
     const size_t alpha_bytes = size_t(a.heads) * kPlane * sizeof(float);
     int max_bytes = 0;
@@ -262,10 +252,6 @@ void attention_maps_cuda(const AttentionPairsArgs& a, float* lse, float* row_sum
     check_cuda(cudaFuncSetAttribute(pair_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(alpha_bytes)),
                "raising the shared memory limit of pair_kernel");
 
-    cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
-    if (a.weights)
-        check_cuda(cudaMemsetAsync(a.out, 0, sizeof(float) * a.batch * a.n_grams * a.n_weight_rows * a.seq_len, stream),
-                   "clearing out");
     if (a.normalize_rows)
         check_cuda(cudaMemsetAsync(row_sums, 0, sizeof(float) * a.batch * a.n_grams * a.n_rows, stream),
                    "clearing row_sums");

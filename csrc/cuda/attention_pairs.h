@@ -1,16 +1,19 @@
 // CUDA entry point of the attention_maps primitive (formulas in ../attention_pairs_args.h). Plain C++ so
-// that the pybind11 binding compiles with the host compiler and no CUDA headers.
+// that the binding compiles with the host compiler and no CUDA headers, and the kernels with nvcc and
+// no torch headers.
 #pragma once
 
 #include "attention_pairs_args.h"
 
 namespace kobattr {
 
-// Checks `args` (std::invalid_argument with a sentence saying what is wrong) and enqueues the kernels on
-// `stream` (a cudaStream_t; 0 = the legacy default stream). Every pointer is device memory:
-//   lse       (B, H, R) float32 workspace
-//   row_sums  (B, M, R) float32 workspace, only when args.normalize_rows (else may be null)
-// The host returns once the kernels are enqueued; launch errors are thrown as std::runtime_error.
-void attention_maps_cuda(const AttentionPairsArgs& args, float* lse, float* row_sums, void* stream);
+// Enqueues the kernels on `stream` (a cudaStream_t; 0 = the legacy default stream) of GPU `device`.
+// `args` comes from attention_maps_args (../tensor_args.h), which checked everything; its pointers and
+// the workspaces are memory of that GPU:
+//   lse       (B, H, R) float32
+//   row_sums  (B, M, R) float32, only when args.normalize_rows (else may be null)
+// Returns once the kernels are enqueued; limits of the launch (batch, grid, shared memory) are thrown
+// as std::invalid_argument, CUDA errors as std::runtime_error.
+void attention_maps_cuda(const AttentionPairsArgs& args, float* lse, float* row_sums, int device, void* stream);
 
 }  // namespace kobattr

@@ -1,0 +1,44 @@
+// The per-pair and per-tile rules that the CPU (cpu/attention_pairs.cpp) and CUDA
+// (cuda/attention_pairs.cu) attention_maps kernels share, written once for the host compiler and nvcc.
+#pragma once
+
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define KOBATTR_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define KOBATTR_HOST_DEVICE inline
+#endif
+
+namespace kobattr {
+
+// Position of output row r: rows[r] when rows are selected, r itself otherwise.
+KOBATTR_HOST_DEVICE int64_t query_position(const int64_t* rows, int64_t r) { return rows ? rows[r] : r; }
+
+// visible_ij = valid_i & valid_j & (j <= i if causal) & (i - j < window if window > 0), the rule of
+// Layer.visible; `valid_pair` is valid_i & valid_j. Also evaluated on GCC vectors of positions (the CPU
+// kernel's lanes), where comparisons give all-ones/zero masks and `&` combines them.
+template <typename Mask, typename Position, typename Offset>
+KOBATTR_HOST_DEVICE Mask visible(Mask valid_pair, Position i, Position j, bool causal, Offset window) {
+    if (causal) valid_pair = valid_pair & (j <= i);
+    if (window > 0) valid_pair = valid_pair & (i - j < window);
+    return valid_pair;
+}
+
+// The same rule over ranges: true when causality or the window hides every key in [first_key, last_key]
+// from every query in [first_query, last_query] (last_query < 0: the tile has no query), so that a
+// kernel can skip the tile.
+KOBATTR_HOST_DEVICE bool keys_hidden(int64_t first_query, int64_t last_query, int64_t first_key, int64_t last_key,
+                                     bool causal, int64_t window) {
+    return last_query < 0 || (causal && first_key > last_query) || (window > 0 && first_query - last_key >= window);
+}
+
+// kappa_ij's last slot is [i == j], so on the diagonal the quadratic form kappa^T G kappa gains
+// sum_h (G[h, H] + G[H, h]) alpha_h + G[H, H]; G is one (H+1, H+1) Gram matrix, alpha_h = alpha[h * stride].
+KOBATTR_HOST_DEVICE float residual_term(const float* G, int64_t H, const float* alpha, int64_t stride) {
+    float term = G[H * (H + 1) + H];
+    for (int64_t h = 0; h < H; ++h) term += (G[h * (H + 1) + H] + G[H * (H + 1) + h]) * alpha[h * stride];
+    return term;
+}
+
+}  // namespace kobattr

@@ -1,0 +1,152 @@
+// The tensor boundary of kobattr._cpu and kobattr._cuda: attention_maps_args checks every tensor of an
+// attention_maps call (dtype, device, contiguity, shape, and the values the kernels index with) and
+// packs pointers and sizes into the AttentionPairsArgs the kernels take. A failed check raises
+// ValueError in Python with a sentence naming the argument, what it must be and what it is.
+//
+// Only device-independent torch headers: both extensions link the libraries every torch build has.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <optional>
+#include <string>
+
+#include "attention_pairs_args.h"
+
+namespace kobattr {
+
+// One axis of an expected shape: its letter in the formulas and its size (kAnySize: taken from the tensor).
+struct Axis {
+    const char* name;
+    int64_t size;
+};
+constexpr int64_t kAnySize = -1;
+
+// The name torch uses in Python (torch.float32), not the C++ one (Float).
+inline const char* dtype_name(at::ScalarType dtype) {
+    switch (dtype) {
+        case at::kFloat: return "float32";
+        case at::kDouble: return "float64";
+        case at::kHalf: return "float16";
+        case at::kBFloat16: return "bfloat16";
+        case at::kLong: return "int64";
+        case at::kInt: return "int32";
+        case at::kShort: return "int16";
+        case at::kChar: return "int8";
+        case at::kByte: return "uint8";
+        case at::kBool: return "bool";
+        default: return c10::toString(dtype);
+    }
+}
+
+// "(B=2, KV, N=7, Dh=16)": the expected shape, with the sizes that are already known.
+inline std::string shape_text(std::initializer_list<Axis> axes) {
+    std::string text = "(";
+    for (const Axis& axis : axes) {
+        if (text.size() > 1) text += ", ";
+        text += axis.name;
+        if (axis.size != kAnySize) text += "=" + std::to_string(axis.size);
+    }
+    return text + ")";
+}
+
+inline std::string describe(const at::Tensor& t) {
+    if (!t.defined()) return "an undefined tensor";
+    return c10::str(t.is_contiguous() ? "a contiguous " : "a non-contiguous ", dtype_name(t.scalar_type()),
+                    " tensor of shape ", t.sizes(), " on ", t.device());
+}
+
+inline void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, const at::Device& device,
+                         std::initializer_list<Axis> axes) {
+    bool ok = t.defined() && t.scalar_type() == dtype && t.device() == device && t.is_contiguous() &&
+              t.dim() == static_cast<int64_t>(axes.size());
+    int64_t d = 0;
+    for (const Axis& axis : axes) {
+        ok = ok && (axis.size == kAnySize || t.size(d) == axis.size);
+        ++d;
+    }
+    TORCH_CHECK_VALUE(ok, "attention_maps: ", name, " must be a contiguous ", dtype_name(dtype), " tensor of shape ",
+                      shape_text(axes), " on ", device, "; got ", describe(t), ".");
+}
+
+// The size of axis `d`, or kAnySize when `t` does not have that axis (its own check then fails).
+inline int64_t size_or_any(const at::Tensor& t, int64_t d) { return t.defined() && t.dim() > d ? t.size(d) : kAnySize; }
+
+// Checks every argument of attention_maps (the outputs out and alpha too, which the caller allocates)
+// and returns the kernels' view of them. `device_type` is the one device type this extension runs on.
+inline AttentionPairsArgs attention_maps_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& valid,
+                                              const at::Tensor& grams, const at::Tensor& row_scale,
+                                              const std::optional<at::Tensor>& rows,
+                                              const std::optional<at::Tensor>& weights, const at::Tensor& out,
+                                              const std::optional<at::Tensor>& alpha, bool causal, int64_t window,
+                                              double scale, bool normalize_rows, at::DeviceType device_type) {
+    TORCH_CHECK_VALUE(q.defined() && q.device().type() == device_type, "attention_maps: this extension runs on ",
+                      c10::DeviceTypeName(device_type, true), " tensors, but q is ", describe(q), ".");
+    const at::Device device = q.device();
+    check_tensor(q, "q", at::kFloat, device, {{"B", kAnySize}, {"H", kAnySize}, {"N", kAnySize}, {"Dh", kAnySize}});
+    const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Dh = q.size(3);
+    TORCH_CHECK_VALUE(B >= 1 && H >= 1 && N >= 1 && Dh >= 1, "attention_maps: q must have at least one batch "
+                      "element, head, token and head dimension; got shape ", q.sizes(), ".");
+    TORCH_CHECK_VALUE(N < (int64_t(1) << 31), "attention_maps: the sequence length N must be below 2^31; got N=", N,
+                      ".");
+    check_tensor(k, "k", at::kFloat, device, {{"B", B}, {"KV", kAnySize}, {"N", N}, {"Dh", Dh}});
+    const int64_t KV = k.size(1);
+    TORCH_CHECK_VALUE(KV >= 1 && H % KV == 0, "attention_maps: the number of query heads H=", H,
+                      " must be a multiple of the number of key heads KV=", KV,
+                      " (grouped-query attention shares each key head among H / KV query heads).");
+    check_tensor(valid, "valid", at::kBool, device, {{"B", B}, {"N", N}});
+    const int64_t M = size_or_any(grams, 2);
+    check_tensor(grams, "grams", at::kFloat, device, {{"B", B}, {"N", N}, {"M", kAnySize}, {"H+1", H + 1}, {"H+1", H + 1}});
+    TORCH_CHECK_VALUE(M >= 1, "attention_maps: grams must hold at least one Gram matrix per key (M >= 1); got shape ",
+                      grams.sizes(), ".");
+    check_tensor(row_scale, "row_scale", at::kFloat, device, {{"B", B}, {"N", N}, {"M", M}});
+
+    int64_t R = N;
+    if (rows) {
+        check_tensor(*rows, "rows", at::kLong, device, {{"R", kAnySize}});
+        R = rows->size(0);
+        if (R > 0) {
+            const int64_t low = rows->min().item<int64_t>(), high = rows->max().item<int64_t>();
+            TORCH_CHECK_VALUE(low >= 0 && high < N, "attention_maps: rows must lie in [0, N=", N,
+                              "), got values from ", low, " to ", high, ".");
+        }
+    }
+    int64_t K = 0;
+    if (weights) {
+        K = size_or_any(*weights, 1);
+        check_tensor(*weights, "weights", at::kFloat, device, {{"B", B}, {"K", kAnySize}, {"N", N}});
+        TORCH_CHECK_VALUE(K >= 1, "attention_maps: weights must have at least one row (K >= 1); got shape ",
+                          weights->sizes(), ".");
+    }
+    TORCH_CHECK_VALUE(!normalize_rows || weights, "attention_maps: normalize_rows only applies to the weights "
+                      "contraction; pass weights too.");
+    TORCH_CHECK_VALUE(window >= 0, "attention_maps: the sliding window must be 0 (none) or positive; got ", window, ".");
+    TORCH_CHECK_VALUE(std::isfinite(scale), "attention_maps: the softmax scale must be a finite number; got ", scale,
+                      ".");
+    if (weights)
+        check_tensor(out, "out", at::kFloat, device, {{"B", B}, {"M", M}, {"K", K}, {"N", N}});
+    else
+        check_tensor(out, "out", at::kFloat, device, {{"B", B}, {"M", M}, {"R", R}, {"N", N}});
+    if (alpha) check_tensor(*alpha, "alpha", at::kFloat, device, {{"B", B}, {"H", H}, {"R", R}, {"N", N}});
+
+    AttentionPairsArgs a;
+    a.q = q.data_ptr<float>();
+    a.k = k.data_ptr<float>();
+    a.valid = reinterpret_cast<const uint8_t*>(valid.data_ptr<bool>());
+    a.grams = grams.data_ptr<float>();
+    a.row_scale = row_scale.data_ptr<float>();
+    a.rows = rows ? rows->data_ptr<int64_t>() : nullptr;
+    a.weights = weights ? weights->data_ptr<float>() : nullptr;
+    a.out = out.data_ptr<float>();
+    a.alpha = alpha ? alpha->data_ptr<float>() : nullptr;
+    a.batch = B, a.heads = H, a.kv_heads = KV, a.seq_len = N, a.head_dim = Dh, a.n_grams = M;
+    a.n_rows = R, a.n_weight_rows = K;
+    a.causal = causal, a.window = window, a.scale = static_cast<float>(scale), a.normalize_rows = normalize_rows;
+    return a;
+}
+
+}  // namespace kobattr

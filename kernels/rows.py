@@ -1,0 +1,178 @@
+"""What every pair kernel does with its block of query rows, written once.
+
+A program of kernels/attention_pairs.py or kernels/ff_pairs.py owns BLOCK_M query rows and loops over
+the key tiles they can see. ``query_block`` reads those rows (``rows`` indirection, padding) and the
+key range they can see, ``key_tile`` the keys of one tile and which of them each row sees: the only
+place where the visibility rule lives in Triton. ``_row_lse_kernel`` computes the softmax statistic
+the pair kernels recompute alpha from, ``alpha_tile`` that recomputation.
+
+Notation: kobattr/backends/base.py. Variants are constexpr flags: HAS_ROWS (rows selected), CAUSAL,
+WINDOWED (sliding window > 0). All offsets are int64 (N up to 128k).
+"""
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def query_block(rows_ptr, valid_ptr, b, N, R, window,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HAS_ROWS: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr):
+    """rows[r] = rows_ptr[r] if HAS_ROWS else r, for the output rows r = ridx of this program, and the keys
+    [key_lo, key_hi) any of them can see (key_lo aligned down to BLOCK_N).
+
+    rows_ptr (R,) int64; valid_ptr (B, N) int8. Returns ridx (BM,) output row indices, row_ok = ridx < R,
+    rows (BM,) int64 positions, row_valid (BM,), row_first / row_last the least / greatest position
+    (N / -1 without rows), key_lo, key_hi.
+    """
+    ridx = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = ridx < R
+    if HAS_ROWS:
+        rows = tl.load(rows_ptr + ridx, mask=row_ok, other=0)
+    else:
+        rows = ridx.to(tl.int64)
+    row_valid = tl.load(valid_ptr + b * N + rows, mask=row_ok, other=0) != 0
+    row_first = tl.min(tl.where(row_ok, rows, N))
+    row_last = tl.max(tl.where(row_ok, rows, -1))
+    key_lo = 0
+    key_hi = N
+    if CAUSAL:
+        key_hi = tl.minimum(row_last + 1, N)
+    if WINDOWED:
+        key_lo = tl.maximum(row_first - window + 1, 0) // BLOCK_N * BLOCK_N
+    return ridx, row_ok, rows, row_valid, row_first, row_last, key_lo, key_hi
+
+
+@triton.jit
+def key_tile(valid_ptr, b, start, rows, row_valid, row_first, row_last, N, window,
+             BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr):
+    """visible[i, j] = valid_i & valid_j & (j <= i if CAUSAL) & (i - j < window if WINDOWED), the rule of
+    Layer.visible, for the rows of query_block and the keys cols = start + [0, BLOCK_N).
+
+    Returns cols (BN,), col_ok = cols < N, visible (BM, BN), and has_diagonal: whether some row's own
+    position is among the keys (the residual slot [i == j] of kappa is nonzero only there).
+    """
+    cols = start + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    col_valid = tl.load(valid_ptr + b * N + cols, mask=col_ok, other=0) != 0
+    visible = row_valid[:, None] & col_valid[None, :]
+    diff = rows[:, None] - cols[None, :]
+    if CAUSAL:
+        visible = visible & (diff >= 0)
+    if WINDOWED:
+        visible = visible & (diff < window)
+    has_diagonal = (start <= row_last) & (start + BLOCK_N > row_first)
+    return cols, col_ok, visible, has_diagonal
+
+
+@triton.jit
+def alpha_tile(q_ptr, k_ptr, lse_ptr, b, rows, ridx, row_ok, cols, col_ok, visible, N, R, scale_log2,
+               H: tl.constexpr, KV_GROUP: tl.constexpr, DH: tl.constexpr, HP: tl.constexpr,
+               BLOCK_D: tl.constexpr, QK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """alpha[h, i, j] = exp2(scale_log2 q^h_i . k^{h // KV_GROUP}_j - lse2[h, i]) if visible else 0 -> (HP, BM, BN).
+
+    q_ptr (B, H, N, DH); k_ptr (B, H // KV_GROUP, N, DH); lse_ptr (B, H, R) indexed by ``ridx``. The
+    logits are one batched ``tl.dot`` over heads, accumulated over DH in chunks of BLOCK_D.
+    """
+    heads = tl.arange(0, HP)
+    head_ok = heads < H
+    q_rows = ((b * H + heads[:, None]) * N + rows[None, :]) * DH  # (HP, BM)
+    k_rows = ((b * (H // KV_GROUP) + heads[:, None] // KV_GROUP) * N + cols[None, :]) * DH  # (HP, BN)
+    q_mask = head_ok[:, None, None] & row_ok[None, :, None]
+    k_mask = head_ok[:, None, None] & col_ok[None, None, :]
+    logits = tl.zeros((HP, rows.shape[0], cols.shape[0]), tl.float32)
+    for d0 in range(0, DH, BLOCK_D):  # a loop, not unrolled: unrolled chunks all sit in shared memory at once
+        d = d0 + tl.arange(0, BLOCK_D)
+        q = tl.load(q_ptr + q_rows[:, :, None] + d[None, None, :], mask=q_mask & (d < DH)[None, None, :], other=0.0)
+        k = tl.load(k_ptr + k_rows[:, None, :] + d[None, :, None], mask=k_mask & (d < DH)[None, :, None], other=0.0)
+        if QK_FP32:
+            q = q.to(tl.float32)
+            k = k.to(tl.float32)
+        logits = tl.dot(q, k, logits, input_precision=DOT_PRECISION)
+    lse = tl.load(lse_ptr + (b * H + heads[:, None]) * R + ridx[None, :], mask=head_ok[:, None] & row_ok[None, :],
+                  other=0.0)
+    shifted = tl.where(visible[None, :, :] & head_ok[:, None, None], logits * scale_log2 - lse[:, :, None],
+                       -float("inf"))
+    return tl.exp2(shifted)
+
+
+@triton.jit
+def _row_lse_kernel(
+    q_ptr,  # (B, H, N, DH)
+    k_ptr,  # (B, H // KV_GROUP, N, DH)
+    valid_ptr,  # (B, N) int8
+    rows_ptr,  # (R,) int64, read if HAS_ROWS
+    lse_ptr,  # (B, H, R) fp32, written
+    N, R, scale_log2, window,
+    H: tl.constexpr, KV_GROUP: tl.constexpr, DH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_ROWS: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+    QK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """lse2[b, h, r] = log2 sum_{j visible from i = rows[r]} exp2(scale_log2 q^h_i . k^{h // KV_GROUP}_j).
+
+    Base-2 log-sum-exp of the scaled logits, online over key tiles; 0 for rows that see no key. One
+    program per (BLOCK_M rows, b, h); BLOCK_D >= DH holds a whole head vector.
+    """
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    kv_head = b * (H // KV_GROUP) + (bh % H) // KV_GROUP
+    ridx, row_ok, rows, row_valid, row_first, row_last, key_lo, key_hi = query_block(
+        rows_ptr, valid_ptr, b, N, R, window, BLOCK_M, BLOCK_N, HAS_ROWS, CAUSAL, WINDOWED)
+    d = tl.arange(0, BLOCK_D)
+    q = tl.load(q_ptr + (bh * N + rows)[:, None] * DH + d[None, :], mask=row_ok[:, None] & (d < DH)[None, :],
+                other=0.0)
+    if QK_FP32:
+        q = q.to(tl.float32)
+    row_max = tl.full((BLOCK_M,), -float("inf"), tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), tl.float32)
+    for start in range(key_lo, key_hi, BLOCK_N):
+        cols, col_ok, visible, _ = key_tile(valid_ptr, b, start, rows, row_valid, row_first, row_last, N, window,
+                                            BLOCK_N, CAUSAL, WINDOWED)
+        k = tl.load(k_ptr + (kv_head * N + cols)[None, :] * DH + d[:, None], mask=col_ok[None, :] & (d < DH)[:, None],
+                    other=0.0)
+        if QK_FP32:
+            k = k.to(tl.float32)
+        logits = tl.where(visible, tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2, -float("inf"))
+        new_max = tl.maximum(row_max, tl.max(logits, 1))
+        safe_max = tl.where(new_max == -float("inf"), 0.0, new_max)  # no inf - inf for rows seeing nothing yet
+        row_sum = row_sum * tl.exp2(row_max - safe_max) + tl.sum(tl.exp2(logits - safe_max[:, None]), 1)
+        row_max = new_max
+    lse = tl.where(row_sum > 0, row_max + tl.log2(tl.where(row_sum > 0, row_sum, 1.0)), 0.0)
+    tl.store(lse_ptr + bh * R + ridx, lse, mask=row_ok)
+
+
+def pow2(n, least=16):
+    """The block size covering n: the next power of two, at least ``least`` (tl.dot needs >= 16)."""
+    return max(least, triton.next_power_of_2(n))
+
+
+def dot_settings(dtype):
+    """(QK_FP32, DOT_PRECISION) for a model dtype: fp32 models dot in "tf32x3" (near-fp32 accuracy on
+    tensor cores), fp16/bf16 ones in "tf32" with q and k in their own dtype, except under the
+    interpreter, whose bf16 dot is wrong, so q and k are upcast first (QK_FP32)."""
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if dtype == torch.float32:
+        return True, "tf32x3"
+    return interpreting, "tf32"
+
+
+def row_lse(q, k, valid8, causal, window, scale, rows, dots):
+    """lse2 (B, H, R) float32 of the scaled logits (base 2) for ``rows`` (None = all N); valid8 (B, N)
+    int8; ``dots`` the (QK_FP32, DOT_PRECISION) of dot_settings."""
+    B, H, N, DH = q.shape
+    R = N if rows is None else rows.numel()
+    lse = torch.empty(B, H, R, device=q.device, dtype=torch.float32)
+    block = 64 if DH <= 64 else 32
+    qk_fp32, precision = dots
+    _row_lse_kernel[(triton.cdiv(R, block), B * H)](
+        q, k, valid8, rows if rows is not None else lse, lse, N, R, scale * math.log2(math.e), window,
+        H=H, KV_GROUP=H // k.shape[1], DH=DH, BLOCK_M=block, BLOCK_N=block, BLOCK_D=pow2(DH),
+        HAS_ROWS=rows is not None, CAUSAL=causal, WINDOWED=window > 0, QK_FP32=qk_fp32, DOT_PRECISION=precision,
+        num_stages=2,
+    )
+    return lse
