@@ -11,7 +11,8 @@ pairs, never storing an (N, N, D) tensor. Notation for one batch element:
                  the last one carries the residual row.
 
 attention_maps  (ATTN-N, ATTNRES-N, ATTNRESLN-N, pre-LN ATB / ATBLN)
-    grams      (B, N, M, H+1, H+1) float32  M Gram matrices per key j
+    grams      (B, N, M, H+1, H+1) float32  M symmetric Gram matrices per key j (implementations may
+                                        read the residual cross term as 2 G[:H, H])
     row_scale  (B, N, M)           float32  per query row multiplier
     map[b, m, i, j] = row_scale[b, i, m] * sqrt(max(kappa_ij^T grams[b, j, m] kappa_ij, 0)),
     0 where j is not visible from i. Optionally alpha itself (B, H, R, N) float32.
@@ -134,6 +135,8 @@ class Backend:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             reasons.append(f"{self.name} takes q and k of one dtype among {names}, got {attn.q.dtype} and {attn.k.dtype}.")
         B, H, N, Dh = attn.q.shape
+        if attn.k.shape[1] == 0 or H % attn.k.shape[1]:
+            reasons.append(f"{H} query heads are not a multiple of {attn.k.shape[1]} key/value heads.")
         if self.max_heads is not None and H > self.max_heads:
             reasons.append(f"{self.name} takes at most {self.max_heads} heads, got {H}.")
         if self.max_head_size is not None and Dh > self.max_head_size:
