@@ -79,7 +79,9 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
         f = torch.einsum("bhjd,hde->bhje", v[:, :, keys], L.w_o) if value_vectors is None else value_vectors[:, :, keys]
         a[:, :, keys] = torch.einsum("bhij,bhje->bije", alpha[..., keys].to(f.dtype), f)
         value_norms[..., keys] = f.norm(dim=-1)
-    u = a + eye[..., None] * x_rows[:, :, None, :]  # the residual x_i goes wholly to cell (i, i)
+    diagonal = (slice(None), torch.arange(R, device=rows.device), rows)  # cell (i, i) of each returned row i
+    u = a.clone()
+    u[diagonal] += eye[diagonal][..., None] * x_rows  # the residual x_i goes wholly to cell (i, i)
     b_o = L.out_bias
     y = x_rows + a.sum(2) + b_o
 
@@ -150,7 +152,7 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
         else:
             vec = vectors[m]
             out["maps"][m] = vec.norm(dim=-1)
-            diag = (vec * eye[..., None]).sum(2)  # (B, R, D): the vector of cell (i, i)
+            diag = vec[diagonal] * eye[diagonal][..., None]  # (B, R, D): the vector of cell (i, i)
             out["ratios"][m] = vector_ratio(vec.sum(2) - diag, diag) + nan_pad
             out["bias"][m] = bias[m] * rowmask
             out["total"][m] = (vec.sum(2) + bias[m]) * rowmask
