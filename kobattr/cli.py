@@ -206,14 +206,11 @@ def _describe(files: list[str]) -> str:
 
 
 def _backend_summary(result) -> str:
-    per_layer = getattr(result, "backends", None)
-    if per_layer:
-        used: dict[str, set] = {}
-        for entry in per_layer:
-            for primitive, name in entry.items():
-                used.setdefault(primitive, set()).add(name)
-        return ", ".join(f"{p} {'/'.join(sorted(n))}" for p, n in used.items())
-    return str(getattr(result, "backend", "") or "?")
+    used: dict[str, set] = {}
+    for entry in result.backends:
+        for primitive, name in entry.items():
+            used.setdefault(primitive, set()).add(name)
+    return ", ".join(f"{p} {'/'.join(sorted(n))}" for p, n in used.items()) or "?"
 
 
 def cmd_analyze(args) -> int:
@@ -237,7 +234,7 @@ def cmd_analyze(args) -> int:
         written.append(path.relative_to(stage).as_posix())
 
     try:
-        ratios, errors, first = [], [], None
+        ratios, errors, spot_errors, first = [], [], [], None
         iterator = texts
         if len(texts) > 1:
             from tqdm.auto import tqdm
@@ -251,6 +248,7 @@ def cmd_analyze(args) -> int:
             ratios.append(result.ratios)
             if result.model_error is not None:
                 errors.append(result.model_error.max().item())
+            spot_errors += [e.max().item() for e in result.spot_check.values()]
             stem = stage / f"text{k:03d}"
             note(result.save(stem / "attribution"))
             if not args.no_plots:
@@ -295,6 +293,8 @@ def cmd_analyze(args) -> int:
     for li, layer in enumerate(first.layers):
         print(f"{layer + 1:>5} " + " ".join(f"{100 * means[m][li].item():11.1f}%" for m in means))
     print(f"largest relative error of the captured layers vs the model's hidden states: {max(errors, default=0.0):.1e}")
+    print(f"largest spot-check error of the maps (2 sampled rows per layer and text vs the reference): "
+          f"{max(spot_errors, default=0.0):.1e}")
     print(f"wrote {out}/: {_describe(written + [MANIFEST])}")
     return 0
 

@@ -112,9 +112,9 @@ class _Prepared:
             if f.kind == "vector":
                 self.vectors[m] = self.vector_parts(f)
         self.ff = self._prepare_ff(ig, ig_steps) if need_ff else None
-        # f^h(x_j) (B, H, N, D) as grams() computes them, kept for the spot checks where they fit
+        # f^h(x_j) as grams() computes them, (keys, (B, C, H, D)) blocks kept for the spot checks where they fit
         fits = B * H * N * L.d_model <= MAX_KEPT_VALUE_VECTORS
-        self.value_vectors = torch.empty(B, H, N, L.d_model, dtype=dtype, device=x.device) if keep_value_vectors and fits else None
+        self.value_blocks: Optional[list] = [] if keep_value_vectors and fits else None
 
     def split_norm(self, name: str):
         """(norm, 1 / s(y)) of the Layer norm ``name`` that follows the attention residual."""
@@ -212,8 +212,8 @@ class _Prepared:
         for start in range(0, N, step):
             keys = slice(start, min(start + step, N))
             f_heads = _head_vectors(L, keys, dtype)  # (B, C, H, D)
-            if self.value_vectors is not None:
-                self.value_vectors[:, :, keys] = f_heads.transpose(1, 2)
+            if self.value_blocks is not None:
+                self.value_blocks.append((keys, f_heads))
             for mi, f in enumerate(forms):
                 if f.kind == "weights":  # mean_h alpha (+ [i == j]) is a quadratic form of rank 1: w w^T
                     share = 0.5 if f.residual else 1.0
@@ -431,7 +431,7 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
         grams_ran = bool(attn_methods) or want_alpha
         result.spot_check = spot_check(layer, result, impls, rerun, k=verify, seed=verify_seed, contract=contract,
                                        normalize_rows=normalize_rows, ig=ig, ig_steps=ig_steps,
-                                       value_vectors=prep.value_vectors if grams_ran else None)
+                                       value_blocks=prep.value_blocks if grams_ran else None)
     return result
 
 

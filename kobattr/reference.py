@@ -21,12 +21,12 @@ MAX_PAIR_ELEMENTS = 1 << 31  # the (B, R, N, D) tensors above this would not fit
 
 
 def reference(layer: Layer, methods=None, dtype: torch.dtype = torch.float64, ig: str = "exact",
-              ig_steps: int = 20, rows: Optional[Tensor] = None, value_vectors: Optional[Tensor] = None) -> dict:
+              ig_steps: int = 20, rows: Optional[Tensor] = None, value_blocks: Optional[list] = None) -> dict:
     """Every output of kobattr for one layer, materialised, for all query rows or only ``rows`` (R,).
 
-    ``value_vectors`` (B, H, N, D): f^h(x_j) as already computed (the spot checks pass the preparation
-    step's; the sum over heads then runs in their dtype); by default they are computed here from v and
-    W_O, one block of keys at a time.
+    ``value_blocks``: f^h(x_j) as already computed, a list of (keys slice, (B, C, H, D) tensor) covering
+    every key (the spot checks pass the preparation step's; the sum over heads then runs in their
+    dtype); by default they are computed here from v and W_O, one block of keys at a time.
 
     Returns a dict with (R = N without rows)
       maps[m]       (B, R, N) layer map of method m (0 where j is invisible from i or i is padding)
@@ -46,11 +46,11 @@ def reference(layer: Layer, methods=None, dtype: torch.dtype = torch.float64, ig
     if B * R * N * D > MAX_PAIR_ELEMENTS:
         raise LayerInputError(f"the reference materialises (B, R, N, D) = ({B}, {R}, {N}, {D}) tensors, too large; "
                               "use kobattr.attribute, which never builds them.")
-    return materialise(layer.validate().to(dtype), methods, ig, ig_steps, rows, value_vectors)
+    return materialise(layer.validate().to(dtype), methods, ig, ig_steps, rows, value_blocks)
 
 
 def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional[Tensor],
-                value_vectors: Optional[Tensor]) -> dict:
+                value_blocks: Optional[list]) -> dict:
     """reference() for a validated layer already in the compute dtype and checked method names."""
     structure = L.placement
     dtype = L.x.dtype
@@ -73,12 +73,14 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
 
     a = torch.empty(B, R, N, D, dtype=dtype, device=L.q.device)  # ATTN-N vectors sum_h alpha^h_ij f^h(x_j)
     value_norms = torch.empty(B, H, N, dtype=dtype, device=L.q.device)
-    step = max(1, (1 << 24) // (B * H * D))
-    for start in range(0, N, step):  # (B, H, keys, D) at a time, never (B, H, N, D) beside a
-        keys = slice(start, min(start + step, N))
-        f = torch.einsum("bhjd,hde->bhje", v[:, :, keys], L.w_o) if value_vectors is None else value_vectors[:, :, keys]
-        a[:, :, keys] = torch.einsum("bhij,bhje->bije", alpha[..., keys].to(f.dtype), f)
-        value_norms[..., keys] = f.norm(dim=-1)
+    if value_blocks is None:  # (B, keys, H, D) at a time, never (B, N, H, D) beside a
+        step = max(1, (1 << 24) // (B * H * D))
+        value_blocks = ((keys, torch.einsum("bhjd,hde->bjhe", v[:, :, keys], L.w_o))
+                        for keys in (slice(s, min(s + step, N)) for s in range(0, N, step)))
+    for keys, f in value_blocks:
+        # per key j: (R x H) alpha^h_ij times (H x D) f^h(x_j)
+        a[:, :, keys] = (alpha[..., keys].permute(0, 3, 2, 1).to(f.dtype) @ f).transpose(1, 2)
+        value_norms[..., keys] = f.norm(dim=-1).transpose(1, 2)
     diagonal = (slice(None), torch.arange(R, device=rows.device), rows)  # cell (i, i) of each returned row i
     u = a.clone()
     u[diagonal] += eye[diagonal][..., None] * x_rows  # the residual x_i goes wholly to cell (i, i)

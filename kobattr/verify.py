@@ -1,8 +1,8 @@
 """Spot checks: every returned map verifies itself against the materialising reference on a few rows.
 
 For each batch element, ``k`` query rows are sampled (seeded) among the returned rows whose token is
-not padding, and the reference (kobattr/reference.py, float64) recomputes them from the captured
-Layer: alpha from q and k, norms and FFN from the layer's weights, and the value vectors f^h(x_j) of
+not padding, and the reference (kobattr/reference.py; float64 for float64 layers, float32 otherwise)
+recomputes them from the captured Layer: alpha from q and k, norms and FFN from the layer's weights, and the value vectors f^h(x_j) of
 the preparation step (plain torch, tested against the reference; recomputed where they were too large
 to keep). Nothing an implementation computed (row statistics, Gram quadratic forms, kernel outputs)
 is reused. A contracted
@@ -58,12 +58,15 @@ def sample_rows(candidates: Tensor, valid: Tensor, k: int, seed: int) -> Tensor:
 
 
 def spot_check(layer, result, impls: dict, rerun, k: int, seed: int, contract, normalize_rows: bool,
-               ig: str, ig_steps: int, value_vectors=None) -> dict:
+               ig: str, ig_steps: int, value_blocks=None) -> dict:
     """{method: (B,) float64 error} of ``result`` (a LayerAttribution); raises VerificationError.
-    ``value_vectors`` (B, H, N, D): f^h(x_j) from the preparation step, reused where given."""
+    ``value_blocks``: f^h(x_j) from the preparation step (see reference()), reused where given."""
     B, H, N, _ = layer.q.shape
     requested = result.rows if result.rows is not None else torch.arange(N, device=layer.q.device)
     valid = layer.valid
+    # float64 for float64 layers; float32 otherwise, whose own error (~1e-6) is 1% of the loosest
+    # tolerance it is held to, at 40% of the cost of float64
+    reference_dtype = torch.float64 if layer.q.dtype == torch.float64 else torch.float32
     samples = [sample_rows(requested, valid[b], k, seed * 1_000_003 + b).to(requested.device) for b in range(B)]
     errors = {m: torch.zeros(B, dtype=torch.float64) for m in result.methods}
 
@@ -78,8 +81,8 @@ def spot_check(layer, result, impls: dict, rerun, k: int, seed: int, contract, n
     for b, s in enumerate(samples):
         rows = requested[s]
         # the layer was validated before it was attributed
-        ref = materialise(layer.select(b).to(torch.float64), result.methods, ig, ig_steps, rows,
-                          None if value_vectors is None else value_vectors[b:b + 1])
+        ref = materialise(layer.select(b).to(reference_dtype), result.methods, ig, ig_steps, rows,
+                          None if value_blocks is None else [(keys, f[b:b + 1]) for keys, f in value_blocks])
         for m in result.methods:
             expected = ref["maps"][m][0].to(layer.q.device)  # (S, N)
             if normalize_rows:
