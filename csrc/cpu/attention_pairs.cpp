@@ -292,30 +292,29 @@ KOBATTR_HOT void pair_tile(const Plan& p, int64_t b, int64_t query_tile, int64_t
     }
 }
 
-// alpha[b, h, r, j0 + j] for the tile's rows and keys (zeros when `hidden`).
-void write_alpha(const Plan& p, int64_t b, int64_t query_tile, int64_t key_tile, bool hidden, const Scratch& w) {
+// dst[b, c, r, j0 + j] = src[c * c_stride + j * j_stride + i] for the tile's rows r and keys j and every
+// channel c < C of a (B, C, R, N) output (zeros when `hidden`): C = H for alpha, M for the maps.
+void write_tile(const Plan& p, float* dst_base, int64_t C, const float* src, int64_t c_stride, int64_t j_stride,
+                int64_t b, int64_t query_tile, int64_t key_tile, bool hidden) {
     const int64_t j0 = key_tile * p.key_tile, n_keys = std::min<int64_t>(p.key_tile, p.N - j0);
-    for (int64_t h = 0; h < p.H; ++h)
+    for (int64_t c = 0; c < C; ++c)
         for (int i = 0; i < kQueryTile; ++i) {
             const int64_t r = query_tile * kQueryTile + i;
             if (r >= p.R) break;
-            float* dst = p.a.alpha + ((b * p.H + h) * p.R + r) * p.N + j0;
+            float* dst = dst_base + ((b * C + c) * p.R + r) * p.N + j0;
             for (int64_t j = 0; j < n_keys; ++j)
-                dst[j] = hidden ? 0.0f : w.alpha[(j * p.H + h) * kQueryTile + i];
+                dst[j] = hidden ? 0.0f : src[c * c_stride + j * j_stride + i];
         }
 }
 
-// out[b, m, r, j0 + j] = map for the tile's rows and keys (zeros when `hidden`).
+// alpha[b, h, r, j0 + j]; the scratch holds alpha as (key, head, row).
+void write_alpha(const Plan& p, int64_t b, int64_t query_tile, int64_t key_tile, bool hidden, const Scratch& w) {
+    write_tile(p, p.a.alpha, p.H, w.alpha.data(), kQueryTile, p.H * kQueryTile, b, query_tile, key_tile, hidden);
+}
+
+// out[b, m, r, j0 + j]; the scratch holds the maps as (method, key, row).
 void write_map(const Plan& p, int64_t b, int64_t query_tile, int64_t key_tile, bool hidden, const Scratch& w) {
-    const int64_t j0 = key_tile * p.key_tile, n_keys = std::min<int64_t>(p.key_tile, p.N - j0);
-    for (int64_t m = 0; m < p.M; ++m)
-        for (int i = 0; i < kQueryTile; ++i) {
-            const int64_t r = query_tile * kQueryTile + i;
-            if (r >= p.R) break;
-            float* dst = p.a.out + ((b * p.M + m) * p.R + r) * p.N + j0;
-            for (int64_t j = 0; j < n_keys; ++j)
-                dst[j] = hidden ? 0.0f : w.maps[(m * p.key_tile + j) * kQueryTile + i];
-        }
+    write_tile(p, p.a.out, p.M, w.maps.data(), p.key_tile * kQueryTile, kQueryTile, b, query_tile, key_tile, hidden);
 }
 
 // contraction[m][k][j] += sum_i row_weight[m][k][i] * maps[m][j][i]
