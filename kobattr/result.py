@@ -63,12 +63,11 @@ class Attribution:
     spot_check: dict = field(default_factory=dict)
 
     def __repr__(self) -> str:
-        L, B = len(self.layers), self.attention_mask.shape[0]
-        n = self.attention_mask.shape[1]
+        B, n = self.attention_mask.shape
         mode = "contracted" if self.contracted else ("rows " + str(self.rows.tolist()) if self.rows is not None else "full maps")
         used = sorted({f"{p}={name}" for per_layer in self.backends for p, name in per_layer.items()})
         checked = max((float(e.max()) for e in self.spot_check.values()), default=None)
-        return (f"Attribution({self.model_name or 'model'}, {self.placement}, layers {[i for i in self.layers]}, "
+        return (f"Attribution({self.model_name or 'model'}, {self.placement}, layers {list(self.layers)}, "
                 f"{B} text(s) x {n} tokens, {mode}, methods {', '.join(self.methods)}; backends {', '.join(used) or '?'}; "
                 f"spot check {'off' if checked is None else f'max error {checked:.1e}'})")
 
@@ -298,18 +297,23 @@ def _encode(result) -> tuple[dict, dict]:
 
 
 def _write_atomically(path: Path, tensors: dict, metadata: dict) -> None:
-    """Write a safetensors file to a temporary name beside ``path``, fsync it, rename it onto ``path``."""
+    from safetensors.torch import save_file
+
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def atomic_write(path: Path, write) -> None:
+    """``write(temporary path)`` beside ``path``, fsync, rename onto ``path``: a crash leaves the previous
+    file or none, never a partial one. The file gets the mode open() would give it (0o666 minus umask)."""
     import os
     import secrets
-
-    from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         mode = os.stat(tmp).st_mode & 0o777  # 0o666 minus the umask, as open() gives
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.chmod(tmp, mode)  # safetensors recreates the file with mode 0o600
+        write(tmp)
+        os.chmod(tmp, mode)  # some writers (safetensors) recreate the file with mode 0o600
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
