@@ -50,8 +50,9 @@ def reference(layer: Layer, methods=None, dtype: torch.dtype = torch.float64, ig
 
 
 def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional[Tensor],
-                value_blocks: Optional[list]) -> dict:
-    """reference() for a validated layer already in the compute dtype and checked method names."""
+                value_blocks: Optional[list], with_heads: bool = True) -> dict:
+    """reference() for a validated layer already in the compute dtype and checked method names;
+    without ``with_heads`` the value norms and head maps (another pass over every f^h(x_j)) are left out."""
     structure = L.placement
     dtype = L.x.dtype
     B, H, N, Dh = L.q.shape
@@ -72,7 +73,7 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
     alpha = torch.softmax(scores.masked_fill(~vis[:, None], float("-inf")), -1).nan_to_num(0.0)
 
     a = torch.empty(B, R, N, D, dtype=dtype, device=L.q.device)  # ATTN-N vectors sum_h alpha^h_ij f^h(x_j)
-    value_norms = torch.empty(B, H, N, dtype=dtype, device=L.q.device)
+    value_norms = torch.zeros(B, H, N, dtype=dtype, device=L.q.device)
     if value_blocks is None:  # (B, keys, H, D) at a time, never (B, N, H, D) beside a
         step = max(1, (1 << 24) // (B * H * D))
         value_blocks = ((keys, torch.einsum("bhjd,hde->bjhe", v[:, :, keys], L.w_o))
@@ -80,7 +81,8 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
     for keys, f in value_blocks:
         # per key j: (R x H) alpha^h_ij times (H x D) f^h(x_j)
         a[:, :, keys] = (alpha[..., keys].permute(0, 3, 2, 1).to(f.dtype) @ f).transpose(1, 2)
-        value_norms[..., keys] = f.norm(dim=-1).transpose(1, 2)
+        if with_heads:
+            value_norms[..., keys] = f.norm(dim=-1).transpose(1, 2)
     diagonal = (slice(None), torch.arange(R, device=rows.device), rows)  # cell (i, i) of each returned row i
     u = a.clone()
     u[diagonal] += eye[diagonal][..., None] * x_rows  # the residual x_i goes wholly to cell (i, i)
@@ -158,9 +160,9 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
             out["ratios"][m] = vector_ratio(vec.sum(2) - diag, diag) + nan_pad
             out["bias"][m] = bias[m] * rowmask
             out["total"][m] = (vec.sum(2) + bias[m]) * rowmask
-        if m == "attn_w":
+        if with_heads and m == "attn_w":
             out["head_maps"][m] = alpha
-        elif m == "attn_n":
+        elif with_heads and m == "attn_n":
             out["head_maps"][m] = alpha * out["value_norms"][:, :, None, :]
     if ff_methods(methods, structure) and full:
         scope_maps = {m: vec.norm(dim=-1) for m, vec in vectors.items()}

@@ -82,7 +82,8 @@ def spot_check(layer, result, impls: dict, rerun, k: int, seed: int, contract, n
         rows = requested[s]
         # the layer was validated before it was attributed
         ref = materialise(layer.select(b).to(reference_dtype), result.methods, ig, ig_steps, rows,
-                          None if value_blocks is None else [(keys, f[b:b + 1]) for keys, f in value_blocks])
+                          None if value_blocks is None else [(keys, f[b:b + 1]) for keys, f in value_blocks],
+                          with_heads=bool(result.head_maps))
         for m in result.methods:
             expected = ref["maps"][m][0].to(layer.q.device)  # (S, N)
             if normalize_rows:
