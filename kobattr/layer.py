@@ -4,11 +4,11 @@ Shape vocabulary used across kobattr:
     B batch, N tokens (query = key positions), H query heads, KV key/value heads,
     Dh head size, D d_model, F FFN width.
 
-A layer is post-LN (BERT, RoBERTa)::
+A layer is post-LN (BERT, RoBERTa, XLM-RoBERTa, ELECTRA, DistilBERT)::
 
     y = x + Attn(x) ;  x~ = LN1(y) ;  out = LN2(x~ + FF(x~))
 
-or pre-LN (GPT-2, Llama, Mistral, Qwen2)::
+or pre-LN (GPT-2, Llama, Mistral, Qwen2, Qwen3, Phi-3)::
 
     y = x + Attn(LN1(x)) ;  out = y + FF(LN2(y))
 

@@ -8,12 +8,17 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     BertConfig,
+    DistilBertConfig,
+    ElectraConfig,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
     Qwen2Config,
+    Qwen3Config,
     RobertaConfig,
     T5Config,
+    XLMRobertaConfig,
 )
 
 from kobattr.models import (
@@ -28,7 +33,7 @@ from kobattr.models import (
 )
 
 TEXTS = ["The cat sat on the mat because it was warm.", "Attribution is hard.", "A third, medium sentence here."]
-N_TOKENS = 10  # > the sliding window (4) of the tiny Mistral and Qwen2
+N_TOKENS = 10  # > the sliding window (4) of the tiny Mistral, Qwen2, Qwen3 and Phi-3
 
 
 def collect(model, inputs, layers=None):
@@ -119,14 +124,33 @@ TINY = {
     "mistral": (AutoModel, lambda: MistralConfig(**LLAMA_DIMS, sliding_window=4)),
     "qwen2": (AutoModel, lambda: Qwen2Config(
         **LLAMA_DIMS, use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    "xlm-roberta": (AutoModel, lambda: XLMRobertaConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=100,
+        max_position_embeddings=64, initializer_range=0.1)),
+    # embedding_size != hidden_size: ELECTRA's embeddings_project runs before layer 0
+    "electra": (AutoModel, lambda: ElectraConfig(
+        embedding_size=32, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        vocab_size=100, max_position_embeddings=64, initializer_range=0.1, hidden_act="relu")),
+    "distilbert": (AutoModel, lambda: DistilBertConfig(
+        dim=64, hidden_dim=128, n_layers=2, n_heads=4, vocab_size=100, max_position_embeddings=64,
+        initializer_range=0.1, activation="gelu")),
+    "qwen3": (AutoModel, lambda: Qwen3Config(
+        **LLAMA_DIMS, head_dim=16, use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    "phi3": (AutoModelForCausalLM, lambda: Phi3Config(
+        **LLAMA_DIMS, sliding_window=4, bos_token_id=0, eos_token_id=0, pad_token_id=0)),
 }
-DECODERS = ("gpt2", "llama", "mistral", "qwen2")
+DECODERS = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3")
 EXPECTED = {  # placement, causal, windows per layer, activation, KV heads
     "gpt2": ("pre", True, [0, 0], "gelu_tanh", 4),
     "roberta": ("post", False, [0, 0], "gelu", 4),
     "llama": ("pre", True, [0, 0], "swiglu", 2),
     "mistral": ("pre", True, [4, 4], "swiglu", 2),
     "qwen2": ("pre", True, [0, 4], "swiglu", 2),
+    "xlm-roberta": ("post", False, [0, 0], "gelu", 4),
+    "electra": ("post", False, [0, 0], "relu", 4),
+    "distilbert": ("post", False, [0, 0], "gelu", 4),
+    "qwen3": ("pre", True, [0, 4], "swiglu", 2),
+    "phi3": ("pre", True, [4, 4], "swiglu", 2),
 }
 
 

@@ -1,4 +1,5 @@
-"""Capture kobattr Layers from Hugging Face transformers models (BERT, RoBERTa, GPT-2, Llama, Mistral, Qwen2)."""
+"""Capture kobattr Layers from Hugging Face transformers models (the families in adapters.ADAPTERS: BERT, RoBERTa,
+XLM-RoBERTa, ELECTRA, DistilBERT, GPT-2, Llama, Mistral, Qwen2, Qwen3, Phi-3)."""
 
 from .adapters import SUPPORTED_FAMILIES, Adapter, UnsupportedModelError, get_adapter
 from .recording import CaptureError, capture, residual_stream

@@ -8,6 +8,7 @@ capture machinery itself is family-agnostic.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -45,8 +46,8 @@ def _mistral_window(config, layer_index: int) -> int:
 
 
 def _qwen2_window(config, layer_index: int) -> int:
-    # Qwen2Config turns sliding_window into None unless use_sliding_window, and marks the windowed layers
-    # (index >= max_window_layers) in layer_types; the others attend fully.
+    # Qwen2Config (and Qwen3Config) turns sliding_window into None unless use_sliding_window, and marks the
+    # windowed layers (index >= max_window_layers) in layer_types; the others attend fully.
     if config.layer_types[layer_index] == "sliding_attention":
         return config.sliding_window
     return 0
@@ -64,7 +65,7 @@ class Adapter:
     out_proj: str  # W_O and b_O
     ln1: str
     ln2: str
-    ffn_in: str
+    ffn_in: str  # projection paths may name a slice of a fused projection: "mlp.gate_up_proj[1/2]"
     ffn_out: str
     ffn_gate: Optional[str] = None
     norm: str = "layernorm"
@@ -110,11 +111,25 @@ class Adapter:
         w = linear.weight.detach()
         return w if self.weights_in_out else w.T
 
+    def projection(self, layer_module: nn.Module, path: str) -> tuple[Tensor, Optional[Tensor]]:
+        """(weight (in, out), bias (out,) or None) of the projection at ``path``. A path ending in ``[i/n]``
+        names the i-th of n equal slices of a fused projection's outputs (``chunk(n, dim=-1)[i]`` of its
+        output, as Phi-3's gate_up_proj is split)."""
+        match = _CHUNK.fullmatch(path)
+        module = layer_module.get_submodule(match["path"] if match else path)
+        w, b = self.weight(module), _bias(module)
+        if match:
+            i, n = int(match["i"]), int(match["n"])
+            if not 0 <= i < n or w.shape[1] % n:
+                raise UnsupportedModelError(f"{self.family}: {path!r} cannot be cut into {n} equal slices of {w.shape[1]} outputs.")
+            w = w.chunk(n, dim=1)[i]
+            b = None if b is None else b.chunk(n)[i]
+        return w, b
+
     def out_projection(self, layer_module: nn.Module, n_heads: int) -> tuple[Tensor, Optional[Tensor]]:
         """(w_o (H, Dh, D), b_o (D,) or None) from the output projection."""
-        proj = layer_module.get_submodule(self.out_proj)
-        w = self.weight(proj)
-        return w.reshape(n_heads, w.shape[0] // n_heads, w.shape[1]), _bias(proj)
+        w, b = self.projection(layer_module, self.out_proj)
+        return w.reshape(n_heads, w.shape[0] // n_heads, w.shape[1]), b
 
     def norms(self, layer_module: nn.Module) -> tuple[Norm, Norm]:
         return tuple(self._norm(layer_module.get_submodule(path)) for path in (self.ln1, self.ln2))
@@ -127,18 +142,21 @@ class Adapter:
         return Norm(self.norm, weight=module.weight.detach(), bias=_bias(module), eps=float(eps))
 
     def feed_forward(self, layer_module: nn.Module, config) -> FeedForward:
-        ffn_in = layer_module.get_submodule(self.ffn_in)
-        ffn_out = layer_module.get_submodule(self.ffn_out)
-        gate = None if self.ffn_gate is None else layer_module.get_submodule(self.ffn_gate)
+        w_in, b_in = self.projection(layer_module, self.ffn_in)
+        w_out, b_out = self.projection(layer_module, self.ffn_out)
+        w_gate, b_gate = (None, None) if self.ffn_gate is None else self.projection(layer_module, self.ffn_gate)
         return FeedForward(
             activation=self.activation(config),
-            w_in=self.weight(ffn_in),
-            w_out=self.weight(ffn_out),
-            b_in=_bias(ffn_in),
-            b_out=_bias(ffn_out),
-            w_gate=None if gate is None else self.weight(gate),
-            b_gate=None if gate is None else _bias(gate),
+            w_in=w_in,
+            w_out=w_out,
+            b_in=b_in,
+            b_out=b_out,
+            w_gate=w_gate,
+            b_gate=b_gate,
         )
+
+
+_CHUNK = re.compile(r"(?P<path>.+)\[(?P<i>\d+)/(?P<n>\d+)\]")
 
 
 def _bias(module: nn.Module) -> Optional[Tensor]:
@@ -170,11 +188,35 @@ _LLAMA_PATHS = dict(
     positions_from_padding=True,
 )
 
+
+def _learned_positions(config) -> int:
+    return config.max_position_embeddings
+
+
+def _positions_after_padding(config) -> int:
+    # RoBERTa-style positions start after the padding index
+    return config.max_position_embeddings - config.pad_token_id - 1
+
+
 ADAPTERS = (
-    Adapter("BERT", ("bert",), **_ENCODER_PATHS, max_tokens=lambda config: config.max_position_embeddings),
-    # RoBERTa's positions start after its padding index
-    Adapter("RoBERTa", ("roberta",), **_ENCODER_PATHS,
-            max_tokens=lambda config: config.max_position_embeddings - config.pad_token_id - 1),
+    Adapter("BERT", ("bert",), **_ENCODER_PATHS, max_tokens=_learned_positions),
+    Adapter("RoBERTa", ("roberta",), **_ENCODER_PATHS, max_tokens=_positions_after_padding),
+    Adapter("XLM-RoBERTa", ("xlm-roberta",), **_ENCODER_PATHS, max_tokens=_positions_after_padding),
+    # ELECTRA's optional embeddings_project (embedding_size != hidden_size) runs before layer 0, outside capture
+    Adapter("ELECTRA", ("electra",), **_ENCODER_PATHS, max_tokens=_learned_positions),
+    Adapter(
+        "DistilBERT",
+        ("distilbert",),
+        layers="transformer.layer",
+        attention="attention",
+        out_proj="attention.out_lin",
+        ln1="sa_layer_norm",
+        ln2="output_layer_norm",
+        ffn_in="ffn.lin1",
+        ffn_out="ffn.lin2",
+        activation_key="activation",
+        max_tokens=_learned_positions,
+    ),
     Adapter(
         "GPT-2",
         ("gpt2",),
@@ -195,6 +237,12 @@ ADAPTERS = (
     Adapter("Llama", ("llama",), **_LLAMA_PATHS),
     Adapter("Mistral", ("mistral",), **_LLAMA_PATHS, window=_mistral_window),
     Adapter("Qwen2", ("qwen2",), **_LLAMA_PATHS, window=_qwen2_window),
+    # Qwen3 adds per-head q/k RMSNorms inside the attention; q and k are recorded after them (and after RoPE)
+    Adapter("Qwen3", ("qwen3",), **_LLAMA_PATHS, window=_qwen2_window),
+    # Phi-3 fuses q/k/v (read from the attention call, so qkv_proj is never needed) and gate/up:
+    # Phi3MLP does gate, up = gate_up_proj(x).chunk(2, dim=-1), so the gate is the first half
+    Adapter("Phi-3", ("phi3",), **{**_LLAMA_PATHS, "ffn_in": "mlp.gate_up_proj[1/2]", "ffn_gate": "mlp.gate_up_proj[0/2]"},
+            window=_mistral_window),
 )
 SUPPORTED_FAMILIES = tuple(adapter.family for adapter in ADAPTERS)
 _BY_MODEL_TYPE = {model_type: adapter for adapter in ADAPTERS for model_type in adapter.model_types}
