@@ -10,13 +10,13 @@ import pytest
 import torch
 from random_layers import random_layer
 from scipy.stats import spearmanr
+from test_cli import run
 from test_inputs import _decoder, byte_tokenizer  # noqa: F401  (fixture)
 
 from kobattr.analyses import heads
 from kobattr.analyses.heads import CATEGORIES, HeadStatistics, head_statistics, read_conllu, token_categories
 from kobattr.api import analyze
 from kobattr.cli import MANIFEST
-from kobattr.cli import main as cli_main
 from kobattr.core import attribute
 from kobattr.models import load_default_model
 
@@ -320,15 +320,6 @@ def test_dependency_probing_runs_on_a_decoder_with_pretokenised_words(byte_token
 
 
 # ------------------------------------------------------------------------------------- CLI
-def run(argv, capsys):
-    try:
-        code = cli_main(argv)
-    except SystemExit as stop:
-        code = stop.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_cli_writes_every_file_and_is_deterministic(tmp_path, capsys):
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
