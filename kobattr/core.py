@@ -273,8 +273,8 @@ def as_indices(value, name: str) -> list[int]:
     """A non-empty list of ints from an int, a list / tuple / range of ints, or an integer numpy array or
     torch tensor; LayerInputError with a sentence for anything else (booleans, floats, generators)."""
     what = f"{name} must be an int or a list, tuple, range or integer array of ints"
-    if isinstance(value, Tensor) or type(value).__module__ == "numpy":
-        array = torch.as_tensor(value) if isinstance(value, Tensor) else torch.from_numpy(__import__("numpy").asarray(value))
+    if isinstance(value, Tensor) or type(value).__module__ == "numpy":  # numpy arrays and scalars
+        array = torch.as_tensor(value)
         if array.dtype == torch.bool or array.is_floating_point() or array.is_complex():
             raise LayerInputError(f"{what}, got a {array.dtype} array.")
         items = array.flatten().tolist()
