@@ -1,9 +1,10 @@
-"""The families added after the first six (issue 11): XLM-RoBERTa, ELECTRA, DistilBERT, Qwen3, Phi-3.
+"""The families added after the first six (issue 11): XLM-RoBERTa, ELECTRA, DistilBERT, Qwen3, Phi-3; and Gemma.
 
 Capture reproducing each tiny model's hidden states (sdpa and eager), padding, and analyze()'s completeness
 and agreement with the reference run for them through the TINY / EXPECTED tables of test_models.py; here:
 analyze() on padded batches, the CLI on saved checkpoints with trained tokenizers, and what is particular
-to each family (ELECTRA's embedding projection, Qwen3's q/k norms, Phi-3's fused projections).
+to each family (ELECTRA's embedding projection, Qwen3's q/k norms, Phi-3's fused projections, Gemma's
+(1 + weight) RMSNorm).
 """
 
 import json
@@ -21,12 +22,12 @@ from kobattr.models.adapters import Adapter
 from kobattr.result import Attribution
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-NEW = ("xlm-roberta", "electra", "distilbert", "qwen3", "phi3")
+NEW = ("xlm-roberta", "electra", "distilbert", "qwen3", "phi3", "gemma")
 TEXTS = ["the cat sat on the mat", "a dog ran"]
 
 
 def test_new_families_are_supported_and_named():
-    assert {"XLM-RoBERTa", "ELECTRA", "DistilBERT", "Qwen3", "Phi-3"} <= set(SUPPORTED_FAMILIES)
+    assert {"XLM-RoBERTa", "ELECTRA", "DistilBERT", "Qwen3", "Phi-3", "Gemma"} <= set(SUPPORTED_FAMILIES)
     assert set(NEW) <= set(TINY)
     for family in NEW:
         assert get_adapter(tiny_model(family)).model_types == (family,)
@@ -58,6 +59,8 @@ SPECIALS = {  # special tokens in the order that gives each family's config its 
 }
 SPECIALS["distilbert"] = SPECIALS["electra"]
 SPECIALS["phi3"] = SPECIALS["qwen3"]
+# Gemma's config pads with 0, ends with 1 and begins with 2
+SPECIALS["gemma"] = (["<pad>", "<eos>", "<bos>"], dict(pad_token="<pad>", eos_token="<eos>", bos_token="<bos>"))
 
 
 def trained_tokenizer(family):
@@ -85,7 +88,7 @@ def test_cli_on_a_saved_tiny_model(family, tmp_path, capsys):
     torch.manual_seed(0)
     model = AutoModel.from_config(config, attn_implementation="sdpa").eval()
     tokenizer = trained_tokenizer(family)
-    if family in ("xlm-roberta", "electra", "distilbert"):
+    if family in ("xlm-roberta", "electra", "distilbert", "gemma"):
         assert tokenizer.pad_token_id == config.pad_token_id
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
@@ -135,6 +138,17 @@ def test_phi3_fused_projections_are_sliced_gate_first():
     gate, up = block.mlp.gate_up_proj.weight.chunk(2, dim=0)
     assert torch.equal(ffn.w_gate, gate.T) and torch.equal(ffn.w_in, up.T)
     assert ffn.w_out.shape == (128, 64) and ffn.b_in is None and ffn.b_gate is None
+
+
+def test_gemma_norms_scale_by_one_plus_weight():
+    model = tiny_model("gemma")
+    block = model.model.layers[0]
+    y = torch.randn(3, 64)
+    for module, norm in zip((block.input_layernorm, block.post_attention_layernorm), get_adapter(model).norms(block)):
+        assert norm.kind == "rmsnorm" and norm.bias is None and norm.eps == module.eps
+        torch.testing.assert_close(norm.weight, module.weight.detach() + 1, rtol=0, atol=0)
+        with torch.no_grad():
+            torch.testing.assert_close(norm(y), module(y))
 
 
 def test_a_slice_that_does_not_divide_the_outputs_is_an_error():

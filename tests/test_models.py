@@ -10,6 +10,7 @@ from transformers import (
     BertConfig,
     DistilBertConfig,
     ElectraConfig,
+    GemmaConfig,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
@@ -138,8 +139,10 @@ TINY = {
         **LLAMA_DIMS, head_dim=16, use_sliding_window=True, sliding_window=4, max_window_layers=1)),
     "phi3": (AutoModelForCausalLM, lambda: Phi3Config(
         **LLAMA_DIMS, sliding_window=4, bos_token_id=0, eos_token_id=0, pad_token_id=0)),
+    # RMSNorm scaling by (1 + weight), GeGLU with tanh GELU (the config default gelu_pytorch_tanh)
+    "gemma": (AutoModelForCausalLM, lambda: GemmaConfig(**LLAMA_DIMS, head_dim=32)),  # heads x head_dim != hidden
 }
-DECODERS = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3")
+DECODERS = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
 EXPECTED = {  # placement, causal, windows per layer, activation, KV heads
     "gpt2": ("pre", True, [0, 0], "gelu_tanh", 4),
     "roberta": ("post", False, [0, 0], "gelu", 4),
@@ -151,6 +154,7 @@ EXPECTED = {  # placement, causal, windows per layer, activation, KV heads
     "distilbert": ("post", False, [0, 0], "gelu", 4),
     "qwen3": ("pre", True, [0, 4], "swiglu", 2),
     "phi3": ("pre", True, [4, 4], "swiglu", 2),
+    "gemma": ("pre", True, [0, 0], "geglu_tanh", 2),
 }
 
 

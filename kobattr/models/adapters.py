@@ -79,6 +79,8 @@ class Adapter:
     positions_from_padding: bool = False
     # the most tokens a text may have: learned absolute positions stop there (None: no hard limit, e.g. RoPE)
     max_tokens: Callable[[object], Optional[int]] = lambda config: None
+    # added to the norm's stored weight to give its scale: Gemma's RMSNorm multiplies by (1 + weight)
+    norm_weight_offset: float = 0.0
 
     # ------------------------------------------------------------------ modules
     def layer_modules(self, model: nn.Module) -> nn.ModuleList:
@@ -135,11 +137,14 @@ class Adapter:
         return tuple(self._norm(layer_module.get_submodule(path)) for path in (self.ln1, self.ln2))
 
     def _norm(self, module: nn.Module) -> Norm:
-        # nn.LayerNorm keeps eps; the Llama-style RMSNorms keep variance_epsilon.
+        # nn.LayerNorm and GemmaRMSNorm keep eps; the Llama-style RMSNorms keep variance_epsilon.
         eps = getattr(module, "eps", None)
         if eps is None:
             eps = module.variance_epsilon
-        return Norm(self.norm, weight=module.weight.detach(), bias=_bias(module), eps=float(eps))
+        weight = module.weight.detach()
+        if self.norm_weight_offset:
+            weight = weight + self.norm_weight_offset
+        return Norm(self.norm, weight=weight, bias=_bias(module), eps=float(eps))
 
     def feed_forward(self, layer_module: nn.Module, config) -> FeedForward:
         w_in, b_in = self.projection(layer_module, self.ffn_in)
@@ -243,6 +248,10 @@ ADAPTERS = (
     # Phi3MLP does gate, up = gate_up_proj(x).chunk(2, dim=-1), so the gate is the first half
     Adapter("Phi-3", ("phi3",), **{**_LLAMA_PATHS, "ffn_in": "mlp.gate_up_proj[1/2]", "ffn_gate": "mlp.gate_up_proj[0/2]"},
             window=_mistral_window),
+    # Gemma: GemmaRMSNorm scales by (1 + weight) (computed in float32, eps inside the root), GeGLU with tanh
+    # GELU (GemmaConfig turns a legacy hidden_act="gelu" into gelu_pytorch_tanh); the sqrt(hidden) embedding
+    # scale is before layer 0, and the attention scale (head_dim ** -0.5) is read from the attention call
+    Adapter("Gemma", ("gemma",), **_LLAMA_PATHS, norm_weight_offset=1.0),
 )
 SUPPORTED_FAMILIES = tuple(adapter.family for adapter in ADAPTERS)
 _BY_MODEL_TYPE = {model_type: adapter for adapter in ADAPTERS for model_type in adapter.model_types}
