@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 from random_layers import random_layer
-from test_models import TINY, tiny_model, token_batch
+from test_models import DECODERS, TINY, tiny_model, token_batch
 
 import kobattr
 from kobattr.api import analyze
@@ -88,12 +88,13 @@ def test_tiny_models_complete_and_equal_the_reference(family):
             assert (res.maps[m][li] - expected).abs().max() <= 1e-5 * expected.abs().max(), (family, li, m)
 
 
-@pytest.mark.parametrize("family", ["roberta", "llama"])
+@pytest.mark.parametrize("family", list(TINY))
 def test_padded_batch_equals_each_text_alone(family):
     model = tiny_model(family)
-    side = "left" if family == "llama" else "right"
+    side = "left" if family in DECODERS else "right"
     batch = token_batch(family, [8, 5], side=side)
     together = analyze(model, batch, methods="all", backend="torch")
+    assert together.spot_check and all(e.max() < 1e-4 for e in together.spot_check.values())
     for b in range(2):
         keep = batch["attention_mask"][b].bool()
         alone = analyze(model, {k: v[b:b + 1, keep] for k, v in batch.items()}, methods="all", backend="torch")

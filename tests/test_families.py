@@ -12,10 +12,9 @@ import os
 
 import pytest
 import torch
-from test_models import DECODERS, TINY, collect, tiny_model, token_batch
+from test_models import TINY, collect, tiny_model, token_batch
 from transformers import AutoModel, PreTrainedTokenizerFast
 
-from kobattr.api import analyze
 from kobattr.cli import main as cli_main
 from kobattr.models import SUPPORTED_FAMILIES, UnsupportedModelError, get_adapter
 from kobattr.models.adapters import Adapter
@@ -31,22 +30,6 @@ def test_new_families_are_supported_and_named():
     assert set(NEW) <= set(TINY)
     for family in NEW:
         assert get_adapter(tiny_model(family)).model_types == (family,)
-
-
-@pytest.mark.parametrize("family", NEW)
-def test_padded_batch_equals_each_text_alone(family):
-    model = tiny_model(family)
-    side = "left" if family in DECODERS else "right"
-    batch = token_batch(family, [8, 5], side=side)
-    together = analyze(model, batch, methods="all", backend="torch")
-    assert together.spot_check and all(e.max() < 1e-4 for e in together.spot_check.values())
-    for b in range(2):
-        keep = batch["attention_mask"][b].bool()
-        alone = analyze(model, {k: v[b:b + 1, keep] for k, v in batch.items()}, methods="all", backend="torch")
-        for m in together.methods:
-            joint = together.maps[m][:, b][:, keep][:, :, keep]
-            torch.testing.assert_close(joint, alone.maps[m][:, 0], rtol=1e-4, atol=1e-5)
-            assert (together.maps[m][:, b][:, ~keep] == 0).all() and (together.maps[m][:, b][:, :, ~keep] == 0).all()
 
 
 # ----------------------------------------------------------------------------- CLI on saved checkpoints
