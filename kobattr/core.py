@@ -428,10 +428,9 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
                                         sub_rows, sub_contract, normalize_rows, False)
             return sub_maps
 
-        grams_ran = bool(attn_methods) or want_alpha
         result.spot_check = spot_check(layer, result, impls, rerun, k=verify, seed=verify_seed, contract=contract,
                                        normalize_rows=normalize_rows, ig=ig, ig_steps=ig_steps,
-                                       value_blocks=prep.value_blocks if grams_ran else None)
+                                       value_blocks=prep.value_blocks or None)  # empty: grams() did not run
     return result
 
 

@@ -145,10 +145,6 @@ class Backend:
             reasons.append(f"{self.name} does not compute {FEATURES[feature]}.")
         return reasons
 
-    def uses_tf32(self, attn: Attention) -> bool:
-        """Whether float32 dot products of this implementation run in TF32 (looser spot-check tolerance)."""
-        return False
-
     def attention_maps(self, attn: Attention, grams: Tensor, row_scale: Tensor, rows: Optional[Tensor] = None,
                        weights: Optional[Tensor] = None, normalize_rows: bool = False,
                        want_alpha: bool = False) -> tuple[Tensor, Optional[Tensor]]:
