@@ -89,7 +89,8 @@ class _Prepared:
         self.layer = L = layer
         self.structure = L.placement
         self.dtype = dtype = torch.float64 if layer.x.dtype == torch.float64 else torch.float32
-        self.attn = Attention(q=L.q, k=L.k, valid=L.valid, causal=L.causal, window=L.window, scale=L.softmax_scale)
+        self.attn = Attention(q=L.q, k=L.k, valid=L.valid, causal=L.causal, window=L.window, scale=L.softmax_scale,
+                              radius=L.radius, softcap=L.softcap)
         B, H, N, Dh = L.q.shape
         self.x = x = L.x.to(dtype)
         self.b_o = L.out_bias.to(dtype)

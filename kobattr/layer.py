@@ -4,13 +4,17 @@ Shape vocabulary used across kobattr:
     B batch, N tokens (query = key positions), H query heads, KV key/value heads,
     Dh head size, D d_model, F FFN width.
 
-A layer is post-LN (BERT, RoBERTa, XLM-RoBERTa, ELECTRA, DistilBERT)::
+A layer has one of five block structures (``Layer.structure``; spec section 6), from ``placement``
+and which norms it has (a norm may be LayerNorm or RMSNorm; ``None`` means no norm there):
 
-    y = x + Attn(x) ;  x~ = LN1(y) ;  out = LN2(x~ + FF(x~))
+    post       y = x + Attn(x) ;  h = LN1(y) ;  out = LN2(h + FF(h))          (BERT, RoBERTa, ELECTRA)
+    pre        y = x + Attn(LN1(x)) ;  out = y + FF(LN2(y))                  (GPT-2, Llama, Qwen)
+    sandwich   y = x + P1(Attn(LN1(x))) ;  out = y + P2(FF(LN2(y)))          (Gemma 2/3)
+    post_only  y = x + P1(Attn(x)) ;  out = y + P2(FF(y))                    (OLMo 2)
+    parallel   out = x + Attn(LN1(x)) + FF(LN2(x))                           (Pythia / GPT-NeoX)
 
-or pre-LN (GPT-2, Llama, Mistral, Qwen2, Qwen3, Phi-3)::
-
-    y = x + Attn(LN1(x)) ;  out = y + FF(LN2(y))
+P1 = ``attn_out_norm``, P2 = ``ffn_out_norm`` (both given with placement "pre": sandwich, or post_only
+when ln1 and ln2 are None).
 
 ``Attn(.)_i = sum_j sum_h alpha^h_ij f^h(.)_j + b_O`` with ``f^h(z_j) = (z_j W_V^h + b_V^h) W_O^h``.
 kobattr takes the value states ``v`` exactly as the model computes them (``b_V`` included, after
@@ -30,7 +34,9 @@ NORM_KINDS = ("layernorm", "rmsnorm")
 ELEMENTWISE_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
 ACTIVATIONS = ELEMENTWISE_ACTIVATIONS + GATED_ACTIVATIONS
-PLACEMENTS = ("post", "pre")
+PLACEMENTS = ("post", "pre", "parallel")
+NORM_FIELDS = ("ln1", "ln2", "attn_out_norm", "ffn_out_norm")
+STRUCTURE_NAMES = ("post", "pre", "sandwich", "post_only", "parallel")
 
 
 class LayerInputError(ValueError):
@@ -141,11 +147,17 @@ class Layer:
         key_valid: (B, N) bool, False for padding tokens (no attribution to or from them).
         causal: a key j is visible to query i only if j <= i.
         window: sliding window; key j is visible to query i only if i - j < window (0 = no window).
+        radius: symmetric window; key j is visible to query i only if |i - j| <= radius (0 = none).
+        softcap: logit soft-capping (Gemma 2): alpha = softmax(c tanh(scale q.k / c)) (0 = none).
         w_o: (H, Dh, D) the output projection split per head; b_o: (D,) optional.
     Residual stream:
         x: (B, N, D) the layer input.
-        placement: "post" (BERT) or "pre" (GPT-2, Llama).
-        ln1, ln2: the two norms. For pre-LN ln1 only matters for :meth:`forward` (v already includes it).
+        placement: "post" (BERT), "pre" (GPT-2, Llama, and the sandwich / post_only structures) or
+            "parallel" (GPT-NeoX); the module docstring lists the structures.
+        ln1, ln2: post: the norms after the two residuals; pre and parallel: the norms before attention
+            and before the FFN (None where there is none). ln1 before attention only matters for
+            :meth:`forward` (v already includes it).
+        attn_out_norm, ffn_out_norm: the norms after attention and after the FFN, before their residual.
         ffn: the feed-forward block.
     """
 
@@ -154,8 +166,8 @@ class Layer:
     v: Tensor
     w_o: Tensor
     x: Tensor
-    ln1: Norm
-    ln2: Norm
+    ln1: Optional[Norm]
+    ln2: Optional[Norm]
     ffn: FeedForward
     placement: str = "post"
     scale: Optional[float] = None
@@ -163,6 +175,10 @@ class Layer:
     key_valid: Optional[Tensor] = None
     causal: bool = False
     window: int = 0
+    radius: int = 0
+    softcap: float = 0.0
+    attn_out_norm: Optional[Norm] = None
+    ffn_out_norm: Optional[Norm] = None
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -184,6 +200,29 @@ class Layer:
     @property
     def d_model(self) -> int:
         return self.x.shape[-1]
+
+    @property
+    def structure(self) -> str:
+        """The block structure (one of STRUCTURE_NAMES, see the module docstring); LayerInputError if the norms
+        given fit none of them."""
+        p1, p2 = self.attn_out_norm is not None, self.ffn_out_norm is not None
+        if self.placement == "pre" and p1 and p2:
+            if self.ln1 is None and self.ln2 is None:
+                return "post_only"
+            if self.ln2 is not None:
+                return "sandwich"
+            raise LayerInputError("a sandwich layer (norms after attention and FFN) needs ln2 before the FFN; "
+                                  "with neither ln1 nor ln2 it is post_only (OLMo 2).")
+        if p1 or p2:
+            raise LayerInputError("norms after attention and after the FFN (attn_out_norm, ffn_out_norm) come together "
+                                  "and only with placement 'pre' (sandwich or post_only); got "
+                                  f"attn_out_norm={'a Norm' if p1 else None}, ffn_out_norm={'a Norm' if p2 else None}, "
+                                  f"placement={self.placement!r}.")
+        if self.placement == "post" and (self.ln1 is None or self.ln2 is None):
+            raise LayerInputError("a post-LN layer needs both ln1 (after the attention residual) and ln2 (after the FFN residual).")
+        if self.placement == "pre" and self.ln2 is None:
+            raise LayerInputError("a pre-LN layer needs ln2 before the FFN (without any norm there it is not a structure kobattr knows).")
+        return self.placement
 
     @property
     def softmax_scale(self) -> float:
@@ -210,7 +249,7 @@ class Layer:
                 return t.to(device=device)
             if isinstance(t, (Norm, FeedForward)):
                 return replace(t, **{f.name: cast(getattr(t, f.name)) for f in fields(t)})
-            return t
+            return t  # None (no norm), flags and numbers
 
         return replace(self, **{f.name: cast(getattr(self, f.name)) for f in fields(self)})
 
@@ -257,9 +296,12 @@ class Layer:
         if len(devices) != 1:
             raise LayerInputError(f"q, k, v, x and w_o must be on one device, got {sorted(map(str, devices))}.")
         self._check_vector("b_o", self.b_o, (D,))
-        for name, norm in (("ln1", self.ln1), ("ln2", self.ln2)):
+        for name in NORM_FIELDS:
+            norm = getattr(self, name)
+            if norm is None:
+                continue
             if not isinstance(norm, Norm) or norm.kind not in NORM_KINDS:
-                raise LayerInputError(f"{name} must be a Norm with kind in {NORM_KINDS}.")
+                raise LayerInputError(f"{name} must be None or a Norm with kind in {NORM_KINDS}.")
             self._check_vector(f"{name}.weight", norm.weight, (D,))
             self._check_vector(f"{name}.bias", norm.bias, (D,))
             if not norm.eps >= 0:
@@ -286,6 +328,11 @@ class Layer:
                 raise LayerInputError(f"key_valid must be a bool tensor of shape (B, N) = ({B}, {N}), got {self.key_valid.dtype} {tuple(self.key_valid.shape)}.")
         if not isinstance(self.window, int) or self.window < 0:
             raise LayerInputError(f"window must be an int >= 0 (0 = no sliding window), got {self.window!r}.")
+        if not isinstance(self.radius, int) or self.radius < 0:
+            raise LayerInputError(f"radius must be an int >= 0 (0 = no symmetric window), got {self.radius!r}.")
+        if not (isinstance(self.softcap, (int, float)) and math.isfinite(self.softcap) and self.softcap >= 0):
+            raise LayerInputError(f"softcap must be a finite number >= 0 (0 = no logit soft-capping), got {self.softcap!r}.")
+        self.structure  # raises for norms that fit no structure
         if self.scale is not None and not (math.isfinite(self.scale) and self.scale > 0):
             raise LayerInputError(f"scale must be a finite positive number, got {self.scale}.")
         for name, t in self._tensors():
@@ -314,10 +361,11 @@ class Layer:
 
     # ------------------------------------------------------------ plain forward
     def visible(self, rows: Optional[Tensor] = None) -> Tensor:
-        """(B, R, N) bool: key j visible to query i (mask, causality, window, padding) for the query
+        """(B, R, N) bool: key j visible to query i (mask, causality, windows, padding) for the query
         rows ``rows`` (None: all, R = N)."""
         keys = torch.arange(self.seq_len, device=self.q.device)
-        return visible(keys if rows is None else rows.to(self.q.device), keys, self.valid, self.causal, self.window)
+        return visible(keys if rows is None else rows.to(self.q.device), keys, self.valid, self.causal, self.window,
+                       self.radius)
 
     def forward(self) -> dict:
         """An independent plain forward of this layer: the hidden states the decompositions must sum to.
@@ -329,22 +377,32 @@ class Layer:
         group = H // self.n_kv_heads
         k = self.k.repeat_interleave(group, 1)
         v = self.v.repeat_interleave(group, 1)
-        scores = (self.q @ k.transpose(-1, -2)) * self.softmax_scale
+        scores = cap_logits((self.q @ k.transpose(-1, -2)) * self.softmax_scale, self.softcap)
         scores = scores.masked_fill(~self.visible()[:, None], float("-inf"))
         probs = torch.softmax(scores, -1).nan_to_num(0.0)
         heads = probs @ v  # (B, H, N, Dh)
         attn = torch.einsum("bhnd,hde->bne", heads, self.w_o) + self.out_bias
+        return self.stream(attn)
+
+    def stream(self, attn: Tensor) -> dict:
+        """The hidden states of the layer from its attention output ``attn`` (B, N, D), b_O included:
+        attn (what attention adds to the stream, after attn_out_norm), y = x + attn, mid (the FFN input),
+        ffn_out (what the FFN adds, after ffn_out_norm), ffn_res (the sum the FFN output joins) and out."""
+        structure = self.structure
+        if self.attn_out_norm is not None:
+            attn = self.attn_out_norm(attn)
         y = self.x + attn
-        if self.placement == "post":
-            mid = self.ln1(y)
-            ffn_out = self.ffn(mid)
-            ffn_res = mid + ffn_out
-            out = self.ln2(ffn_res)
+        if structure == "post":
+            mid = stream = self.ln1(y)
+        elif structure == "parallel":
+            mid, stream = (self.x if self.ln2 is None else self.ln2(self.x)), y
         else:
-            mid = self.ln2(y)
-            ffn_out = self.ffn(mid)
-            ffn_res = y + ffn_out
-            out = ffn_res
+            mid, stream = (y if self.ln2 is None else self.ln2(y)), y
+        ffn_out = self.ffn(mid)
+        if self.ffn_out_norm is not None:
+            ffn_out = self.ffn_out_norm(ffn_out)
+        ffn_res = stream + ffn_out
+        out = self.ln2(ffn_res) if structure == "post" else ffn_res
         return dict(attn=attn, y=y, mid=mid, ffn_out=ffn_out, ffn_res=ffn_res, out=out)
 
     # ----------------------------------------------------------- construction
@@ -371,8 +429,8 @@ class Layer:
         n_kv_heads = n_kv_heads or n_heads
         B, N, D = x.shape
         Dh = w_q.shape[1] // n_heads
-        placement = kwargs.get("placement", "post")
-        h = kwargs["ln1"](x) if placement == "pre" else x
+        ln1 = kwargs.get("ln1") if kwargs.get("placement", "post") != "post" else None
+        h = x if ln1 is None else ln1(x)
 
         def proj(w, b, heads):
             t = h @ w
@@ -387,16 +445,23 @@ class Layer:
         return cls(q=q, k=k, v=v, w_o=w_o.reshape(n_heads, Dh, D), x=x, b_o=b_o, **kwargs)
 
 
-def visible(rows: Tensor, keys: Tensor, valid: Tensor, causal: bool, window: int) -> Tensor:
+def visible(rows: Tensor, keys: Tensor, valid: Tensor, causal: bool, window: int, radius: int = 0) -> Tensor:
     """(B, R, C) bool, kobattr's one visibility rule in Python: key j is visible to query i when both are
-    valid (not padding), j <= i if causal, and i - j < window if window > 0."""
+    valid (not padding), j <= i if causal, i - j < window if window > 0 and |i - j| <= radius if radius > 0."""
     diff = rows[:, None] - keys[None, :]
     ok = torch.ones_like(diff, dtype=torch.bool)
     if causal:
         ok &= diff >= 0
     if window:
         ok &= diff < window
+    if radius:
+        ok &= diff.abs() <= radius
     return ok[None] & valid[:, rows, None] & valid[:, None, keys]
+
+
+def cap_logits(scores: Tensor, softcap: float) -> Tensor:
+    """Logit soft-capping, c tanh(s / c) (Gemma 2), or the scores themselves for c = 0."""
+    return softcap * torch.tanh(scores / softcap) if softcap else scores
 
 
 def apply_rope(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

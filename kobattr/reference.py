@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .ig import ffn_coefficients
-from .layer import Layer, LayerInputError
+from .layer import Layer, LayerInputError, cap_logits
 from .methods import STRUCTURES, check_methods, contextualization_change, ff_amp, ff_methods, form, vector_ratio
 
 MAX_PAIR_ELEMENTS = 1 << 31  # the (B, R, N, D) tensors above this would not fit a normal machine
@@ -69,7 +69,7 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
     # alpha^h_ij and f^h(x_j) = v_j W_O^h (b_V is inside v)
     k = L.k.repeat_interleave(group, 1)
     v = L.v.repeat_interleave(group, 1)
-    scores = (L.q[:, :, rows] @ k.transpose(-1, -2)) * L.softmax_scale
+    scores = cap_logits((L.q[:, :, rows] @ k.transpose(-1, -2)) * L.softmax_scale, L.softcap)
     alpha = torch.softmax(scores.masked_fill(~vis[:, None], float("-inf")), -1).nan_to_num(0.0)
 
     a = torch.empty(B, R, N, D, dtype=dtype, device=L.q.device)  # ATTN-N vectors sum_h alpha^h_ij f^h(x_j)

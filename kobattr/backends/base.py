@@ -4,9 +4,10 @@ kobattr turns every norm-based method into per-key Gram matrices / per-key parts
 vectors (computed once, O(N) memory, by kobattr/core.py). A backend only has to evaluate the
 pairs, never storing an (N, N, D) tensor. Notation for one batch element:
 
-    alpha^h_ij = softmax_j(scale * q^h_i . k^{g(h)}_j) over the keys j visible from query i
-                 (g(h) = h // (H // KV); visible = valid key, valid query, and the causal and
-                 sliding-window rules of Layer.visible: j <= i if causal, i - j < window if window > 0)
+    alpha^h_ij = softmax_j(cap(scale * q^h_i . k^{g(h)}_j)) over the keys j visible from query i
+                 (g(h) = h // (H // KV); cap(s) = c tanh(s / c) with softcap c > 0, else s; visible =
+                 valid key, valid query, and the rules of Layer.visible: j <= i if causal, i - j < window
+                 if window > 0, |i - j| <= radius if radius > 0)
     kappa_ij   = (alpha^0_ij, ..., alpha^{H-1}_ij, [i == j])      a vector of H + 1 coefficients;
                  the last one carries the residual row.
 
@@ -51,6 +52,8 @@ from ..layer import visible
 
 # block features an input may need, and how a refusal names them
 FEATURES = {"causal": "causal attention", "window": "sliding-window attention",
+            "radius": "symmetric sliding-window attention (|i - j| <= radius)",
+            "softcap": "attention logit soft-capping",
             "gqa": "grouped-query attention (fewer KV heads than query heads)"}
 
 
@@ -60,6 +63,10 @@ def required_features(attn: "Attention") -> set:
         needed.add("causal")
     if attn.window:
         needed.add("window")
+    if attn.radius:
+        needed.add("radius")
+    if attn.softcap:
+        needed.add("softcap")
     if attn.k.shape[1] != attn.q.shape[1]:
         needed.add("gqa")
     return needed
@@ -79,6 +86,8 @@ class Attention:
     causal: bool
     window: int
     scale: float
+    radius: int = 0  # symmetric window |i - j| <= radius (0: none)
+    softcap: float = 0.0  # logits c tanh(scale q.k / c) (0: none)
 
 
 @dataclass
@@ -157,4 +166,4 @@ class Backend:
 
 def visible_block(attn: Attention, rows: Tensor, cols: Tensor) -> Tensor:
     """(B, len(rows), len(cols)) bool visibility of keys ``cols`` from queries ``rows``."""
-    return visible(rows, cols, attn.valid, attn.causal, attn.window)
+    return visible(rows, cols, attn.valid, attn.causal, attn.window, attn.radius)

@@ -29,6 +29,7 @@ class CompiledBackend(Backend):
 
     primitives = ("attention_maps",)
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    features = frozenset({"causal", "window", "gqa"})
 
     def __init__(self, device: str):
         self.name = device

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..layer import cap_logits
 from .base import Attention, Backend, FFParts, visible_block
 
 DEFAULT_BUDGET = 1 << 23  # elements per intermediate (32 MiB in fp32)
@@ -31,7 +32,7 @@ def block_alpha(attn: Attention, rows: Tensor, dtype: torch.dtype) -> tuple[Tens
     B, H, R, Dh = q.shape
     KV = k.shape[1]
     # GQA without copying K: group the query heads that share a KV head
-    scores = (q.view(B, KV, H // KV * R, Dh) @ k.transpose(-1, -2)).view(B, H, R, -1) * attn.scale
+    scores = cap_logits((q.view(B, KV, H // KV * R, Dh) @ k.transpose(-1, -2)).view(B, H, R, -1) * attn.scale, attn.softcap)
     vis = visible_block(attn, rows, torch.arange(k.shape[2], device=k.device))
     alpha = torch.softmax(scores.masked_fill(~vis[:, None], float("-inf")), -1).nan_to_num(0.0)
     return alpha, vis

@@ -38,6 +38,7 @@ class TritonBackend(Backend):
     dtypes = MODEL_DTYPES  # the kernels compute in float32; a float64 layer would lose its precision
     max_heads = MAX_HEADS
     max_head_size = MAX_HEAD_SIZE
+    features = frozenset({"causal", "window", "gqa"})
 
     @property
     def devices(self) -> tuple:
