@@ -156,7 +156,7 @@ def _collect(per_layer, methods, batch, mask, tokenizer, adapter, model) -> Attr
         bias_norms={m: stack(lambda r: r.bias_norms[m]) for m in first.bias_norms},
         completeness={m: stack(lambda r: r.completeness[m].amax(-1)) for m in first.completeness},
         model_error=stack(lambda r: r.model_error.amax(-1)),
-        tokens=_tokens(batch["input_ids"], tokenizer), attention_mask=mask.cpu(), placement=adapter.placement,
+        tokens=_tokens(batch["input_ids"], tokenizer), attention_mask=mask.cpu(), structure=adapter.placement,
         rows=None if first.rows is None else first.rows.cpu(), contracted=first.contracted,
         head_maps={m: stack(lambda r: r.head_maps[m]) for m in first.head_maps},
         context_change={c: stack(lambda r: r.context_change[c]) for c in first.context_change},

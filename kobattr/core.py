@@ -19,7 +19,7 @@ from .backends import get_backend
 from .backends.base import Attention, FFParts
 from .backends.torch_backend import DEFAULT_BUDGET, block_alpha
 from .ig import ffn_coefficients
-from .layer import Layer, LayerInputError
+from .layer import NORM_FIELDS, Layer, LayerInputError
 from .methods import (REGISTRY, STRUCTURES, check_methods, contextualization_change, ff_amp, ff_methods, form,
                       row_normalize, vector_ratio)
 
@@ -82,12 +82,19 @@ def _row_pass(layer: Layer, attn: Attention, dtype, budget: int) -> tuple[Tensor
 
 
 class _Prepared:
-    """Per-row vectors and per-key parts of one layer, in the compute dtype, as the registry's forms need them."""
+    """Per-row vectors and per-key parts of one layer, in the compute dtype, as the registry's forms need them.
+
+    Every structure is one chain (spec section 6): t_ij = s1_i P1(a_ij) (a_ij = sum_h alpha^h_ij f^h(x_j);
+    P1 the row-independent part of the norm after attention, s1_i its 1 / s of the whole attention output,
+    or the identity), u_ij = t_ij + [i == j] x_i, then optionally a norm that reads y. A form's per-key rows
+    are [P(P1 f^h(x_j)) for h, P(x_j) / s1_j] with row scale s_i s1_i: the residual row only meets kappa's
+    [i == j], where s1_j = s1_i, so the kernels need no per-row residual coefficient.
+    """
 
     def __init__(self, layer: Layer, methods, ig: str, ig_steps: int, budget: int, targets: Optional[dict],
                  keep_value_vectors: bool = False):
         self.layer = L = layer
-        self.structure = L.placement
+        self.structure = L.structure
         self.dtype = dtype = torch.float64 if layer.x.dtype == torch.float64 else torch.float32
         self.attn = Attention(q=L.q, k=L.k, valid=L.valid, causal=L.causal, window=L.window, scale=L.softmax_scale,
                               radius=L.radius, softcap=L.softcap)
@@ -98,10 +105,14 @@ class _Prepared:
         group = H // L.n_kv_heads
         v_diag = L.v.to(dtype).repeat_interleave(group, 1) * self.alpha_diag[..., None]
         self.attn_diag = torch.einsum("bhnd,hde->bne", v_diag, L.w_o.to(dtype))  # sum_h alpha^h_ii f^h(x_i)
-        self.y = y = x + self.attn_sum + self.b_o
-        self._norms: dict = {}  # Layer norm attribute -> (norm in the compute dtype, 1 / s(y) (B, N))
         need_ff = bool(ff_methods(methods, self.structure))
-        self.real = _plain_forward(L, dtype, y, need_ff or bool(targets))
+        self.cast = cast = _cast_layer(L, dtype)
+        self.real = cast.stream(self.attn_sum + self.b_o, with_ffn=need_ff or bool(targets))
+        self.y = y = self.real["y"]
+        self.p1 = cast.attn_out_norm
+        # 1 / s of the whole attention output (b_O included) for the norm after attention
+        self.s1 = None if self.p1 is None else self.p1.inv_std(self.attn_sum + self.b_o)
+        self._norms: dict = {}  # Layer norm attribute -> (norm in the compute dtype, 1 / s(y) (B, N))
         # how far this layer's own forward is from the model's real hidden states (B, N)
         self.model_error = torch.zeros(B, N, dtype=dtype, device=x.device)
         for key, t in (targets or {}).items():
@@ -120,31 +131,78 @@ class _Prepared:
     def split_norm(self, name: str):
         """(norm, 1 / s(y)) of the Layer norm ``name`` that follows the attention residual."""
         if name not in self._norms:
-            norm = _cast_norm(getattr(self.layer, name), self.dtype)
+            norm = getattr(self.cast, name)
             self._norms[name] = (norm, norm.inv_std(self.y))
         return self._norms[name]
 
+    def attention_parts(self) -> tuple:
+        """(sum over keys, diagonal, bias) of t_ij, what attention adds to the stream."""
+        total, diag, bias = self.attn_sum, self.attn_diag, self.b_o.expand_as(self.y)
+        if self.p1 is not None:
+            s = self.s1[..., None]
+            total, diag = self.p1.split(total) * s, self.p1.split(diag) * s
+            bias = self.p1.split(self.b_o) * s + self.p1.bias_vector(self.layer.d_model, self.y)
+        return total, diag, bias
+
     def vector_parts(self, f) -> tuple:
         """(sum over keys, diagonal, bias, real hidden state) of an attention-side vector form."""
-        total, diag, bias = self.attn_sum, self.attn_diag, self.b_o.expand_as(self.y)
+        total, diag, bias = self.attention_parts()
         if f.residual:
             total, diag = total + self.x, diag + self.x
         if f.norm is not None:
             norm, inv_s = self.split_norm(f.norm)
             s = inv_s[..., None]
             total, diag = norm.split(total) * s, norm.split(diag) * s
-            bias = norm.split(self.b_o) * s + norm.bias_vector(self.layer.d_model, self.y)
+            bias = norm.split(bias) * s + norm.bias_vector(self.layer.d_model, self.y)
         return total, diag, bias, self.real[f.target]
+
+    def form_scale(self, f) -> Tensor:
+        """(B, N) row scale of a vector form's per-key rows."""
+        scale = torch.ones_like(self.y[..., 0]) if self.s1 is None else self.s1
+        if f.norm is not None:
+            scale = scale * self.split_norm(f.norm)[1]
+        return scale
+
+    def form_rows(self, f, raw: Tensor, keys: slice) -> Tensor:
+        """A vector form's per-key rows (B, C, H+1, D) from raw = [f^h(x_j) for h, x_j] of the keys ``keys``."""
+        H = raw.shape[2] - 1
+        heads, res = raw[:, :, :H], raw[:, :, H:]
+        if self.p1 is not None:
+            heads = self.p1.split(heads)
+            res = res / self.s1[:, keys, None, None]  # meets kappa's [i == j] only, where s1_j = s1_i
+        rows = torch.cat([heads, res if f.residual else torch.zeros_like(res)], 2)
+        if f.norm is not None:
+            rows = self.split_norm(f.norm)[0].split(rows)
+        return rows
+
+    def _ff_input(self):
+        """(rows function, row scale, sum, diagonal, bias) of the FFN input's decomposition."""
+        f_in = STRUCTURES[self.structure].ff_input
+        if f_in is not None:
+            f = form(f_in, self.structure)
+            return (lambda raw, keys: self.form_rows(f, raw, keys)), self.form_scale(f), *self.vector_parts(f)[:3]
+        # parallel: the FFN reads ln2(x_i), token i alone; its part goes to kappa's [i == j] row
+        ln2, x = self.cast.ln2, self.x
+        if ln2 is None:
+            scale, bias = torch.ones_like(x[..., 0]), torch.zeros_like(x)
+            split = lambda t: t  # noqa: E731
+        else:
+            scale, bias, split = ln2.inv_std(x), ln2.bias_vector(self.layer.d_model, x).expand_as(x), ln2.split
+        part = split(x) * scale[..., None]
+
+        def rows(raw, keys):
+            H = raw.shape[2] - 1
+            return torch.cat([torch.zeros_like(raw[:, :, :H]), split(raw[:, :, H:])], 2)
+
+        return rows, scale, part, part, bias
 
     def _prepare_ff(self, ig, ig_steps) -> FFParts:
         L, dtype, x, y = self.layer, self.dtype, self.x, self.y
-        ffn = _cast_ffn(L.ffn, dtype)
-        mid = self.real["mid"]
+        struct = STRUCTURES[self.structure]
+        ffn = self.cast.ffn
+        mid = self.real["mid"]  # the FFN's real input
         coef_in, coef_gate = ffn_coefficients(ffn, mid, ig, ig_steps)
-        # the FFN reads the norm split that follows the attention residual
-        split_form = form("attnresln_n", self.structure)
-        norm, inv_s = self.split_norm(split_form.norm)
-        w_sum, w_diag, w_bias, _ = self.vector_parts(split_form)
+        in_rows, in_scale, w_sum, w_diag, w_bias = self._ff_input()
 
         def ff_linear(w):
             hidden = (w @ ffn.w_in) * coef_in
@@ -158,12 +216,19 @@ class _Prepared:
             bias_hidden = bias_hidden + (w_bias @ ffn.w_gate + (ffn.b_gate if ffn.b_gate is not None else zeros_f)) * coef_gate
         ff_bias = bias_hidden @ ffn.w_out + (ffn.b_out if ffn.b_out is not None else 0.0)
         ff_sum, ff_diag = ff_linear(w_sum), ff_linear(w_diag)
+        w_out = ffn.w_out
+        p2 = self.cast.ffn_out_norm
+        if p2 is not None:  # FF_ij = s2_i P2(raw FF_ij), statistic of the whole FFN output: folded into W_out and in_scale
+            s2 = p2.inv_std(self.real["ffn_raw"])
+            ff_sum, ff_diag = p2.split(ff_sum) * s2[..., None], p2.split(ff_diag) * s2[..., None]
+            ff_bias = p2.split(ff_bias) * s2[..., None] + p2.bias_vector(L.d_model, y)
+            w_out, in_scale = p2.split(w_out), in_scale * s2
 
-        # per-key parts: U_j = [f^1(x_j) .. f^H(x_j), x_j] (H+1 rows) in key blocks
+        # per-key parts from U_j = [f^1(x_j) .. f^H(x_j), x_j] (H+1 rows) in key blocks
         B, H, N, _ = L.q.shape
         D, F = L.d_model, ffn.w_in.shape[1]
         gated = coef_gate is not None
-        post = self.structure == "post"
+        stream = form(struct.ff_stream, self.structure)  # the pairs the FFN output is added to
         ff_parts = torch.empty(B, N, H + 1, F, dtype=dtype, device=x.device)
         gate_parts = torch.empty_like(ff_parts) if gated else None
         res_parts = torch.empty(B, N, H + 1, D, dtype=dtype, device=x.device)
@@ -171,33 +236,31 @@ class _Prepared:
         for start in range(0, N, step):
             keys = slice(start, min(start + step, N))
             raw = torch.cat([_head_vectors(L, keys, dtype), x[:, keys, None]], 2)  # (B, C, H+1, D)
-            split = norm.split(raw)
-            # the stream the FFN output is added to: post-LN the FFN input, pre-LN y
-            res_parts[:, keys] = split if post else raw
+            res_parts[:, keys] = self.form_rows(stream, raw, keys)
+            split = in_rows(raw, keys)
             ff_parts[:, keys] = split @ ffn.w_in
             if gated:
                 gate_parts[:, keys] = split @ ffn.w_gate
 
-        if post:
-            ln2 = _cast_norm(L.ln2, dtype)
-            s2 = ln2.inv_std(self.real["ffn_res"])[..., None]
-            res_sum, res_diag, res_bias = w_sum + ff_sum, w_diag + ff_diag, w_bias + ff_bias
-            scope_vectors = [(ff_sum, ff_diag, ff_bias), (res_sum, res_diag, res_bias),
-                             (ln2.split(res_sum) * s2, ln2.split(res_diag) * s2, ln2.split(res_bias) * s2 + ln2.bias_vector(D, y))]
-            out_weight, out_center, out_scale, res_scale = ln2.weight, ln2.kind == "layernorm", s2[..., 0], inv_s
-        else:
-            u_sum, u_diag, _, _ = self.vector_parts(form("attnres_n", self.structure))
-            scope_vectors = [(ff_sum, ff_diag, ff_bias), (u_sum + ff_sum, u_diag + ff_diag, self.b_o + ff_bias)]
-            out_weight, out_center, out_scale, res_scale = None, False, torch.ones_like(inv_s), torch.ones_like(inv_s)
+        s_sum, s_diag, s_bias, _ = self.vector_parts(stream)
+        res_sum, res_diag, res_bias = s_sum + ff_sum, s_diag + ff_diag, s_bias + ff_bias
+        scope_vectors = [(ff_sum, ff_diag, ff_bias), (res_sum, res_diag, res_bias)]
+        out_weight, out_center, out_scale = None, False, torch.ones_like(in_scale)
+        if struct.out_norm is not None:
+            out = getattr(self.cast, struct.out_norm)
+            s3 = out.inv_std(self.real["ffn_res"])[..., None]
+            scope_vectors.append((out.split(res_sum) * s3, out.split(res_diag) * s3,
+                                  out.split(res_bias) * s3 + out.bias_vector(D, y)))
+            out_weight, out_center, out_scale = out.weight, out.kind == "layernorm", s3[..., 0]
         self.ff_scopes = []  # the FF-kind scope methods in the order of the primitive's output
-        for m in STRUCTURES[self.structure].scopes:
+        for m in struct.scopes:
             f = form(m, self.structure)
             if f.kind == "ff":
                 self.vectors[m] = (*scope_vectors[f.ff_scope], self.real[f.target])
                 self.ff_scopes.append(m)
-        return FFParts(ff_parts=ff_parts, gate_parts=gate_parts, res_parts=res_parts, in_scale=inv_s,
-                       res_scale=res_scale, out_scale=out_scale, coef_in=coef_in, coef_gate=coef_gate,
-                       w_out=ffn.w_out, out_weight=out_weight, out_center=out_center, n_scopes=len(scope_vectors))
+        return FFParts(ff_parts=ff_parts, gate_parts=gate_parts, res_parts=res_parts, in_scale=in_scale,
+                       res_scale=self.form_scale(stream), out_scale=out_scale, coef_in=coef_in, coef_gate=coef_gate,
+                       w_out=w_out, out_weight=out_weight, out_center=out_center, n_scopes=len(scope_vectors))
 
     def grams(self, methods) -> tuple[Tensor, Tensor]:
         """Per-key Gram matrices (B, N, M, H+1, H+1) and row scales (B, N, M) of attention-side methods
@@ -209,42 +272,34 @@ class _Prepared:
         scales = torch.ones(B, N, M, dtype=dtype, device=L.x.device)
         x = self.x
         forms = [form(m, self.structure) for m in methods]
+        for mi, f in enumerate(forms):
+            if f.kind == "vector":
+                scales[..., mi] = self.form_scale(f)
         step = max(1, (1 << 22) // max(1, B * (H + 1) * L.d_model))
         for start in range(0, N, step):
             keys = slice(start, min(start + step, N))
             f_heads = _head_vectors(L, keys, dtype)  # (B, C, H, D)
             if self.value_blocks is not None:
                 self.value_blocks.append((keys, f_heads))
+            raw = torch.cat([f_heads, x[:, keys, None]], 2)
             for mi, f in enumerate(forms):
                 if f.kind == "weights":  # mean_h alpha (+ [i == j]) is a quadratic form of rank 1: w w^T
                     share = 0.5 if f.residual else 1.0
                     w = torch.cat([torch.full((H,), share / H), torch.full((1,), 1.0 - share)]).to(dtype=dtype, device=x.device)
                     grams[:, keys, mi] = w[:, None] * w[None, :]
                     continue
-                rows = torch.cat([f_heads, x[:, keys, None] if f.residual else torch.zeros_like(f_heads[:, :, :1])], 2)
-                if f.norm is not None:
-                    norm, inv_s = self.split_norm(f.norm)
-                    rows = norm.split(rows)
-                    scales[:, keys, mi] = inv_s[:, keys]
+                rows = self.form_rows(f, raw, keys)
                 grams[:, keys, mi] = rows @ rows.transpose(-1, -2)
         return grams, scales
 
 
-def _plain_forward(layer: Layer, dtype, y: Tensor, with_ffn: bool) -> dict:
-    """The layer's hidden states (keys as Layer.forward) from y = x + Attn(x), with no N x N tensor."""
-    states = {"attn": y - layer.x.to(dtype), "y": y}
-    if layer.placement == "post":
-        states["mid"] = _cast_norm(layer.ln1, dtype)(y)
-    else:
-        states["mid"] = _cast_norm(layer.ln2, dtype)(y)
-    if with_ffn:
-        states["ffn_out"] = _cast_ffn(layer.ffn, dtype)(states["mid"])
-        if layer.placement == "post":
-            states["ffn_res"] = states["mid"] + states["ffn_out"]
-            states["out"] = _cast_norm(layer.ln2, dtype)(states["ffn_res"])
-        else:
-            states["ffn_res"] = states["out"] = y + states["ffn_out"]
-    return states
+def _cast_layer(layer: Layer, dtype) -> Layer:
+    """The layer's residual stream pieces (x, norms, FFN) in ``dtype``; q, k, v and W_O stay as they are."""
+    from dataclasses import replace
+
+    norms = {name: None if getattr(layer, name) is None else _cast_norm(getattr(layer, name), dtype)
+             for name in NORM_FIELDS}
+    return replace(layer, x=layer.x.to(dtype), ffn=_cast_ffn(layer.ffn, dtype), **norms)
 
 
 def _cast_norm(norm, dtype):
@@ -361,7 +416,8 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
         kobattr.VerificationError is raised above the dtype's tolerance. verify_seed seeds the sample.
     """
     layer.validate()
-    methods = check_methods(methods, layer.placement)
+    structure = layer.structure
+    methods = check_methods(methods, structure)
     B, H, N, _ = layer.q.shape
     rows = check_rows(rows, N, layer.q.device)
     contract = _check_contract(contract, B, N, layer.q.device)
@@ -369,7 +425,6 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
         raise LayerInputError("per-head maps (heads=True) cannot be contracted; drop heads or contract.")
     if isinstance(verify, bool) or not isinstance(verify, int) or verify < 0:
         raise LayerInputError(f"verify must be a number of sampled rows >= 0 (0 disables the spot check), got {verify!r}.")
-    structure = layer.placement
     need_ff = bool(ff_methods(methods, structure))
     full = rows is None and contract is None
     n_rows = N if rows is None else len(rows)
@@ -394,8 +449,13 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
     if want_alpha:
         if "attn_w" in methods:
             head_maps["attn_w"] = alpha
-        if "attn_n" in methods:
-            head_maps["attn_n"] = alpha * value_norms[:, :, None, :]
+        if "attn_n" in methods:  # alpha^h_ij ||f^h(x_j)||, or s1_i ||P1 f^h(x_j)|| alpha^h_ij after a norm after attention
+            if prep.p1 is None:
+                head_maps["attn_n"] = alpha * value_norms[:, :, None, :]
+            else:
+                split_norms = _value_norms(layer, prep.dtype, prep.p1) * valid[:, None]
+                s1 = prep.s1 if rows is None else prep.s1[:, rows]
+                head_maps["attn_n"] = alpha * split_norms[:, :, None, :] * s1[:, None, :, None]
     context_change, amp = {}, []
     if need_ff and full:  # from the maps as computed, before any row normalisation
         vis = layer.visible()
@@ -435,10 +495,13 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
     return result
 
 
-def _value_norms(layer: Layer, dtype) -> Tensor:
-    """||f^h(x_j)|| (B, H, N) without an (N, H, D) tensor: ||v W_O^h||^2 = v (W_O^h W_O^h^T) v^T."""
+def _value_norms(layer: Layer, dtype, split_norm=None) -> Tensor:
+    """||f^h(x_j)|| (B, H, N) without an (N, H, D) tensor: ||v W_O^h||^2 = v (W_O^h W_O^h^T) v^T; with
+    ``split_norm`` ||P f^h(x_j)||, P its row-independent part (linear, so folded into W_O)."""
     group = layer.n_heads // layer.n_kv_heads
     v = layer.v.to(dtype).repeat_interleave(group, 1)  # (B, H, N, Dh)
     w_o = layer.w_o.to(dtype)
+    if split_norm is not None:
+        w_o = split_norm.split(w_o)
     gram = w_o @ w_o.transpose(-1, -2)  # (H, Dh, Dh)
     return torch.einsum("bhnd,hde,bhne->bhn", v, gram, v).clamp_min(0).sqrt()

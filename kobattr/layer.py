@@ -370,8 +370,7 @@ class Layer:
     def forward(self) -> dict:
         """An independent plain forward of this layer: the hidden states the decompositions must sum to.
 
-        Returns attn (Attn output incl. b_O), y (residual sum), mid (post: LN1(y); pre: LN2(y)),
-        ffn_out (FF of the FFN input), ffn_res (post: LN2 input; pre: layer output), out (layer output).
+        Returns the states of :meth:`stream`: attn, y, mid, ffn_raw, ffn_out, ffn_res, out.
         """
         B, H, N, Dh = self.q.shape
         group = H // self.n_kv_heads
@@ -384,10 +383,11 @@ class Layer:
         attn = torch.einsum("bhnd,hde->bne", heads, self.w_o) + self.out_bias
         return self.stream(attn)
 
-    def stream(self, attn: Tensor) -> dict:
+    def stream(self, attn: Tensor, with_ffn: bool = True) -> dict:
         """The hidden states of the layer from its attention output ``attn`` (B, N, D), b_O included:
         attn (what attention adds to the stream, after attn_out_norm), y = x + attn, mid (the FFN input),
-        ffn_out (what the FFN adds, after ffn_out_norm), ffn_res (the sum the FFN output joins) and out."""
+        and with_ffn: ffn_raw (the FFN output), ffn_out (what the FFN adds: ffn_raw after ffn_out_norm),
+        ffn_res (the sum the FFN output joins) and out (the layer output)."""
         structure = self.structure
         if self.attn_out_norm is not None:
             attn = self.attn_out_norm(attn)
@@ -398,12 +398,15 @@ class Layer:
             mid, stream = (self.x if self.ln2 is None else self.ln2(self.x)), y
         else:
             mid, stream = (y if self.ln2 is None else self.ln2(y)), y
-        ffn_out = self.ffn(mid)
+        states = dict(attn=attn, y=y, mid=mid)
+        if not with_ffn:
+            return states
+        states["ffn_raw"] = ffn_out = self.ffn(mid)
         if self.ffn_out_norm is not None:
             ffn_out = self.ffn_out_norm(ffn_out)
         ffn_res = stream + ffn_out
         out = self.ln2(ffn_res) if structure == "post" else ffn_res
-        return dict(attn=attn, y=y, mid=mid, ffn_out=ffn_out, ffn_res=ffn_res, out=out)
+        return dict(states, ffn_out=ffn_out, ffn_res=ffn_res, out=out)
 
     # ----------------------------------------------------------- construction
     @classmethod

@@ -4,12 +4,14 @@ Row i of a map is the query (output) token, column j the source (key) token. Def
 conventions: docs/methods.md. Adding a method means one REGISTRY entry plus its computation in the
 reference (kobattr/reference.py) and, if it needs new per-key parts, in core's preparation.
 
-A method takes a *form* in each block structure it applies to (kobattr.layer.PLACEMENTS):
+A method takes a *form* in each block structure it applies to (kobattr.layer.STRUCTURE_NAMES):
   weights  mean_h alpha^h_ij (+ [i == j] with residual), mixed 50/50 when the residual is in
-  vector   the norm of sum_h alpha^h_ij f^h(x_j) (+ [i == j] x_i with residual), optionally split by the
-           norm that follows the residual (``norm``: the Layer attribute holding it)
+  vector   the norm of t_ij = sum_h alpha^h_ij f^h(x_j) (split by the norm after attention, attn_out_norm,
+           where the layer has one) (+ [i == j] x_i with residual), optionally split by the norm that
+           follows the residual (``norm``: the Layer attribute holding it)
   ff       scope ``ff_scope`` of the feed-forward primitive: 0 ||FF_ij||, 1 ||res_ij + FF_ij||,
-           2 ||g(res_ij + FF_ij)|| with g the norm after the FFN residual
+           2 ||g(res_ij + FF_ij)|| with g the norm after the FFN residual; FF_ij is split by the norm
+           after the FFN (ffn_out_norm) where the layer has one
 ``target`` names the real hidden state (a key of Layer.forward) that the parts plus the bias sum to.
 """
 
@@ -40,7 +42,7 @@ class Form:
     kind: str
     residual: bool  # the map contains the residual path (rollout uses it as it is)
     target: Optional[str] = None  # the real hidden state parts + bias sum to (vector and ff forms)
-    norm: Optional[str] = None  # vector forms: the Layer norm split after the residual ("ln1", "ln2")
+    norm: Optional[str] = None  # vector forms: the Layer norm split after the residual ("ln1", "ln2"; it reads y)
     ff_scope: Optional[int] = None  # ff forms: index into the ff_maps output
 
     @property
@@ -72,6 +74,9 @@ class Structure:
     scopes: tuple
     components: dict  # component -> (map before, map after)
     ff_amp: tuple  # (map before the FFN, map of the FFN's share)
+    ff_input: Optional[str]  # the vector method whose pairs are the FFN input (None: the FFN reads ln2(x_i) alone)
+    ff_stream: str  # the vector method whose pairs the FFN output is added to
+    out_norm: Optional[str] = None  # the Layer norm after the FFN residual (scope 2 of the FF primitive)
 
 
 def _weights(residual):
@@ -86,35 +91,55 @@ def _ff(scope, target, residual):
     return Form("ff", residual, target, ff_scope=scope)
 
 
+ALL = ("post", "pre", "sandwich", "post_only", "parallel")  # kobattr.layer.STRUCTURE_NAMES
+_PRE_LIKE = ("pre", "sandwich")  # a norm before the FFN
+
+
+def _each(structures, make):
+    return {s: make(s) for s in structures}
+
+
 _REGISTRY = [
-    MethodSpec("attn_w", "ATTN-W", "clark2019", {"post": _weights(False), "pre": _weights(False)},
-               heads=True, default=True),
-    MethodSpec("attnres_w", "ATTNRES-W", "kobayashi2021", {"post": _weights(True), "pre": _weights(True)}),
-    MethodSpec("attn_n", "ATTN-N", "kobayashi2020", {"post": _vector(False, "attn"), "pre": _vector(False, "attn")},
-               heads=True, default=True),
-    MethodSpec("attnres_n", "ATTNRES-N", "kobayashi2021", {"post": _vector(True, "y"), "pre": _vector(True, "y")},
+    MethodSpec("attn_w", "ATTN-W", "clark2019", _each(ALL, lambda s: _weights(False)), heads=True, default=True),
+    MethodSpec("attnres_w", "ATTNRES-W", "kobayashi2021", _each(ALL, lambda s: _weights(True))),
+    # what attention adds to the stream for (i, j): after the norm that follows attention where there is one
+    MethodSpec("attn_n", "ATTN-N", "kobayashi2020", _each(ALL, lambda s: _vector(False, "attn")), heads=True,
                default=True),
+    MethodSpec("attnres_n", "ATTNRES-N", "kobayashi2021", _each(ALL, lambda s: _vector(True, "y")), default=True),
     MethodSpec("attnresln_n", "ATTNRESLN-N", "kobayashi2021",
-               {"post": _vector(True, "mid", "ln1"), "pre": _vector(True, "mid", "ln2")}, default=True),
-    MethodSpec("atb", "ATB", "kobayashi2024", {"post": _vector(True, "mid", "ln1"), "pre": _vector(True, "y")}),
-    MethodSpec("atbln", "ATBLN", "kobayashi2024", {"pre": _vector(True, "mid", "ln2")}),
-    MethodSpec("atbff", "ATBFF", "kobayashi2024", {"post": _ff(0, "ffn_out", False)}),
-    MethodSpec("atblnff", "ATBLNFF", "kobayashi2024", {"pre": _ff(0, "ffn_out", False)}),
-    MethodSpec("atbffres", "ATBFFRES", "kobayashi2024", {"post": _ff(1, "ffn_res", True)}),
-    MethodSpec("atblnffres", "ATBLNFFRES", "kobayashi2024", {"pre": _ff(1, "out", True)}),
+               {"post": _vector(True, "mid", "ln1"), **_each(_PRE_LIKE, lambda s: _vector(True, "mid", "ln2"))},
+               default=True),
+    MethodSpec("atb", "ATB", "kobayashi2024",
+               {"post": _vector(True, "mid", "ln1"), **_each(ALL[1:], lambda s: _vector(True, "y"))}),
+    MethodSpec("atbln", "ATBLN", "kobayashi2024", _each(_PRE_LIKE, lambda s: _vector(True, "mid", "ln2"))),
+    MethodSpec("atbff", "ATBFF", "kobayashi2024", {"post": _ff(0, "ffn_out", False), "post_only": _ff(0, "ffn_out", False)}),
+    MethodSpec("atblnff", "ATBLNFF", "kobayashi2024", _each(_PRE_LIKE, lambda s: _ff(0, "ffn_out", False))),
+    MethodSpec("atbffres", "ATBFFRES", "kobayashi2024",
+               {"post": _ff(1, "ffn_res", True), "post_only": _ff(1, "out", True), "parallel": _ff(1, "out", True)}),
+    MethodSpec("atblnffres", "ATBLNFFRES", "kobayashi2024", _each(_PRE_LIKE, lambda s: _ff(1, "out", True))),
     MethodSpec("atbffresln", "ATBFFRESLN", "kobayashi2024", {"post": _ff(2, "out", True)}),
 ]
 REGISTRY: dict[str, MethodSpec] = {spec.name: spec for spec in _REGISTRY}
 
+_PRE_COMPONENTS = dict(scopes=("atb", "atbln", "atblnff", "atblnffres"),
+                       components={"ln": ("atb", "atbln"), "ff": ("atbln", "atblnff"), "res": ("atblnff", "atblnffres")},
+                       ff_amp=("atbln", "atblnff"), ff_input="atbln", ff_stream="atb")
 STRUCTURES = {
-    "post": Structure("post", "post-LN: y = x + Attn(x), out = LN2(LN1(y) + FF(LN1(y)))",
+    "post": Structure("post", "post-LN: y = x + Attn(x), h = LN1(y), out = LN2(h + FF(h))",
                       scopes=("atb", "atbff", "atbffres", "atbffresln"),
                       components={"ff": ("atb", "atbff"), "res": ("atbff", "atbffres"), "ln": ("atbffres", "atbffresln")},
-                      ff_amp=("atb", "atbff")),
-    "pre": Structure("pre", "pre-LN: y = x + Attn(LN1(x)), out = y + FF(LN2(y))",
-                     scopes=("atb", "atbln", "atblnff", "atblnffres"),
-                     components={"ln": ("atb", "atbln"), "ff": ("atbln", "atblnff"), "res": ("atblnff", "atblnffres")},
-                     ff_amp=("atbln", "atblnff")),
+                      ff_amp=("atb", "atbff"), ff_input="atb", ff_stream="atb", out_norm="ln2"),
+    "pre": Structure("pre", "pre-LN: y = x + Attn(LN1(x)), out = y + FF(LN2(y))", **_PRE_COMPONENTS),
+    "sandwich": Structure("sandwich", "sandwich norms: y = x + P1(Attn(LN1(x))), out = y + P2(FF(LN2(y)))",
+                          **_PRE_COMPONENTS),
+    "post_only": Structure("post_only", "norms after attention and FFN only: y = x + P1(Attn(x)), out = y + P2(FF(y))",
+                           scopes=("atb", "atbff", "atbffres"),
+                           components={"ff": ("atb", "atbff"), "res": ("atbff", "atbffres")},
+                           ff_amp=("atb", "atbff"), ff_input="atb", ff_stream="atb"),
+    # the FFN reads token i alone, so its share of row i is all in cell (i, i): FF and residual are one component
+    "parallel": Structure("parallel", "parallel residual: out = x + Attn(LN1(x)) + FF(LN2(x))",
+                          scopes=("atb", "atbffres"), components={"ffres": ("atb", "atbffres")},
+                          ff_amp=("atb", "atbffres"), ff_input=None, ff_stream="atb"),
 }
 
 

@@ -39,8 +39,7 @@ def reference(layer: Layer, methods=None, dtype: torch.dtype = torch.float64, ig
       context_change[c]  (B,) 1 - Spearman of the maps before/after component c (FF methods, all rows)
       ff_amp        top-k (query, key, amplification) pairs per batch element (FF methods, all rows)
     """
-    structure = layer.placement
-    methods = check_methods(methods, structure)
+    methods = check_methods(methods, layer.structure)
     B, N, D = layer.x.shape
     R = N if rows is None else len(rows)
     if B * R * N * D > MAX_PAIR_ELEMENTS:
@@ -53,7 +52,8 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
                 value_blocks: Optional[list], with_heads: bool = True) -> dict:
     """reference() for a validated layer already in the compute dtype and checked method names;
     without ``with_heads`` the value norms and head maps (another pass over every f^h(x_j)) are left out."""
-    structure = L.placement
+    structure = L.structure
+    struct = STRUCTURES[structure]
     dtype = L.x.dtype
     B, H, N, Dh = L.q.shape
     D = L.d_model
@@ -65,6 +65,7 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
     valid = L.valid
     eye = (rows[:, None] == torch.arange(N, device=rows.device)[None]).to(dtype) * vis  # [i == j]
     x_rows = L.x[:, rows]
+    diagonal = (slice(None), torch.arange(R, device=rows.device), rows)  # cell (i, i) of each returned row i
 
     # alpha^h_ij and f^h(x_j) = v_j W_O^h (b_V is inside v)
     k = L.k.repeat_interleave(group, 1)
@@ -74,6 +75,8 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
 
     a = torch.empty(B, R, N, D, dtype=dtype, device=L.q.device)  # ATTN-N vectors sum_h alpha^h_ij f^h(x_j)
     value_norms = torch.zeros(B, H, N, dtype=dtype, device=L.q.device)
+    p1 = L.attn_out_norm
+    split_value_norms = torch.zeros_like(value_norms)  # ||P1 f^h(x_j)|| under a norm after attention
     if value_blocks is None:  # (B, keys, H, D) at a time, never (B, N, H, D) beside a
         step = max(1, (1 << 24) // (B * H * D))
         value_blocks = ((keys, torch.einsum("bhjd,hde->bjhe", v[:, :, keys], L.w_o))
@@ -83,32 +86,51 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
         a[:, :, keys] = (alpha[..., keys].permute(0, 3, 2, 1).to(f.dtype) @ f).transpose(1, 2)
         if with_heads:
             value_norms[..., keys] = f.norm(dim=-1).transpose(1, 2)
-    diagonal = (slice(None), torch.arange(R, device=rows.device), rows)  # cell (i, i) of each returned row i
-    u = a.clone()
-    u[diagonal] += eye[diagonal][..., None] * x_rows  # the residual x_i goes wholly to cell (i, i)
+            if p1 is not None:
+                split_value_norms[..., keys] = p1.split(f.to(dtype)).norm(dim=-1).transpose(1, 2)
+
+    # t_ij: what attention adds to the stream, through the norm after attention with the statistic of the
+    # whole attention output a_i + b_O
     b_o = L.out_bias
-    y = x_rows + a.sum(2) + b_o
+    a_total = a.sum(2) + b_o
+    if p1 is None:
+        t, t_bias, s1 = a, b_o.expand_as(a_total), None
+    else:
+        s1 = p1.inv_std(a_total)  # (B, R)
+        t = p1.split(a) * s1[..., None, None]
+        t_bias = p1.split(b_o)[None, None] * s1[..., None] + p1.bias_vector(D, a_total)
+    u = t.clone()
+    u[diagonal] += eye[diagonal][..., None] * x_rows  # the residual x_i goes wholly to cell (i, i)
+    y = x_rows + t.sum(2) + t_bias
 
     def vector_form(spec_form) -> tuple[Tensor, Tensor]:
         """(pair vectors (B, R, N, D), bias (B, R, D)) of an attention-side vector form."""
-        vec, bias = (u if spec_form.residual else a), b_o.expand_as(y)
+        vec, bias = (u if spec_form.residual else t), t_bias
         if spec_form.norm is not None:
             norm = getattr(L, spec_form.norm)
             inv_s = norm.inv_std(y)[:, :, None]  # statistic of the whole real norm input y_i
             vec = norm.split(vec) * inv_s[..., None]
-            bias = norm.split(b_o)[None, None] * inv_s + norm.bias_vector(L.d_model, y)
+            bias = norm.split(bias) * inv_s + norm.bias_vector(L.d_model, y)
         return vec, bias
 
     vectors, bias = {}, {}
-    for m in methods + (STRUCTURES[structure].scopes if ff_methods(methods, structure) and full else ()):
+    for m in methods + (struct.scopes if ff_methods(methods, structure) and full else ()):
         spec_form = form(m, structure)
         if spec_form.kind == "vector":
             vectors[m], bias[m] = vector_form(spec_form)
 
     if ff_methods(methods, structure):
-        # the FFN reads the norm split that follows the attention residual
-        split_form = form("attnresln_n", structure)
-        normed, normed_bias = vector_form(split_form)
+        if struct.ff_input is not None:  # the FFN reads the sum of these pairs
+            normed, normed_bias = vector_form(form(struct.ff_input, structure))
+        else:  # parallel: the FFN reads ln2(x_i), token i alone, all in cell (i, i)
+            ln2 = L.ln2
+            normed = torch.zeros_like(a)
+            if ln2 is None:
+                normed[diagonal] = x_rows * eye[diagonal][..., None]
+                normed_bias = torch.zeros_like(x_rows)
+            else:
+                normed[diagonal] = ln2.split(x_rows) * ln2.inv_std(x_rows)[..., None] * eye[diagonal][..., None]
+                normed_bias = ln2.bias_vector(D, x_rows).expand_as(x_rows)
         ff_in = normed.sum(2) + normed_bias  # the FFN's real input, from the parts
         coef_in, coef_gate = ffn_coefficients(L.ffn, ff_in, ig, ig_steps)
 
@@ -129,15 +151,22 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
         ff_bias = bias_hidden @ L.ffn.w_out
         if L.ffn.b_out is not None:
             ff_bias = ff_bias + L.ffn.b_out
-        # the residual stream the FFN output is added to: post-LN the FFN input, pre-LN y
-        stream, stream_bias = (normed, normed_bias) if structure == "post" else (u, b_o.expand_as(y))
+        p2 = L.ffn_out_norm
+        if p2 is not None:  # the norm after the FFN, with the statistic of the whole real FFN output
+            s2 = p2.inv_std(L.ffn(ff_in))[:, :, None]
+            ff = p2.split(ff) * s2[..., None]
+            ff_bias = p2.split(ff_bias) * s2 + p2.bias_vector(D, y)
+        # the residual stream the FFN output is added to
+        stream, stream_bias = vector_form(form(struct.ff_stream, structure))
         res, res_bias = stream + ff, stream_bias + ff_bias
         scope_vectors = [(ff, ff_bias), (res, res_bias)]
-        if structure == "post":
-            s2 = L.ln2.inv_std(ff_in + L.ffn(ff_in))[:, :, None]  # the true LN2 input
-            scope_vectors.append((L.ln2.split(res) * s2[..., None],
-                                  L.ln2.split(res_bias) * s2 + L.ln2.bias_vector(L.d_model, y)))
-        for m in STRUCTURES[structure].scopes:
+        if struct.out_norm is not None:
+            out_norm = getattr(L, struct.out_norm)
+            real_ff = L.ffn(ff_in) if p2 is None else p2(L.ffn(ff_in))
+            s3 = out_norm.inv_std(stream.sum(2) + stream_bias + real_ff)[:, :, None]  # its true input
+            scope_vectors.append((out_norm.split(res) * s3[..., None],
+                                  out_norm.split(res_bias) * s3 + out_norm.bias_vector(L.d_model, y)))
+        for m in struct.scopes:
             spec_form = form(m, structure)
             if spec_form.kind == "ff":
                 vectors[m], bias[m] = scope_vectors[spec_form.ff_scope]
@@ -162,11 +191,11 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
             out["total"][m] = (vec.sum(2) + bias[m]) * rowmask
         if with_heads and m == "attn_w":
             out["head_maps"][m] = alpha
-        elif with_heads and m == "attn_n":
-            out["head_maps"][m] = alpha * out["value_norms"][:, :, None, :]
+        elif with_heads and m == "attn_n":  # alpha^h_ij times the norm of head h's vector as it reaches the stream
+            out["head_maps"][m] = (alpha * out["value_norms"][:, :, None, :] if p1 is None else
+                                   alpha * split_value_norms[:, :, None, :] * s1[:, None, :, None] * valid[:, None, None, :])
     if ff_methods(methods, structure) and full:
         scope_maps = {m: vec.norm(dim=-1) for m, vec in vectors.items()}
-        struct = STRUCTURES[structure]
         out["context_change"] = {c: contextualization_change(scope_maps[before], scope_maps[after], vis)
                                  for c, (before, after) in struct.components.items()}
         out["ff_amp"] = ff_amp(scope_maps[struct.ff_amp[0]], scope_maps[struct.ff_amp[1]], vis)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .methods import has_residual, row_normalize
 
-FORMAT_VERSION = 2  # 2: one .safetensors file, metadata in its header
+FORMAT_VERSION = 3  # 2: one .safetensors file, metadata in its header; 3: "placement" became "structure"
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Attribution:
     completeness: dict
     tokens: list
     attention_mask: Tensor
-    placement: str = "post"
+    structure: str = "post"  # the block structure (kobattr.methods.STRUCTURES)
     model_error: Optional[Tensor] = None
     rows: Optional[Tensor] = None
     contracted: bool = False
@@ -67,7 +67,7 @@ class Attribution:
         mode = "contracted" if self.contracted else ("rows " + str(self.rows.tolist()) if self.rows is not None else "full maps")
         used = sorted({f"{p}={name}" for per_layer in self.backends for p, name in per_layer.items()})
         checked = max((float(e.max()) for e in self.spot_check.values()), default=None)
-        return (f"Attribution({self.model_name or 'model'}, {self.placement}, layers {list(self.layers)}, "
+        return (f"Attribution({self.model_name or 'model'}, {self.structure}, layers {list(self.layers)}, "
                 f"{B} text(s) x {n} tokens, {mode}, methods {', '.join(self.methods)}; backends {', '.join(used) or '?'}; "
                 f"spot check {'off' if checked is None else f'max error {checked:.1e}'})")
 
@@ -108,7 +108,7 @@ class Attribution:
         out = eye.clone()
         for layer in maps:
             step = row_normalize(layer)
-            if not has_residual(method, self.placement):
+            if not has_residual(method, self.structure):
                 step = 0.5 * step + 0.5 * eye
             out = step @ out
         return out
@@ -348,7 +348,7 @@ def _read(path: Path) -> tuple[dict, dict]:
         legacy = path.with_name(path.name[: -len(SUFFIX)] + ".json")
         if legacy.is_file():
             raise AttributionFileError(f"{path} is in attribution format 1 (metadata in {legacy.name}); this "
-                                       f"kobattr reads format {FORMAT_VERSION} only, so re-run the analysis.")
+                                       f"kobattr reads formats 2 and {FORMAT_VERSION} only, so re-run the analysis.")
         raise AttributionFileError(f"{path} has no kobattr metadata in its header; it was not written by "
                                    "Attribution.save.")
     try:
@@ -356,9 +356,13 @@ def _read(path: Path) -> tuple[dict, dict]:
         version = header["format"]
     except (ValueError, TypeError, KeyError) as err:
         raise AttributionFileError(f"{path} has unreadable kobattr metadata ({err}).") from err
-    if version != FORMAT_VERSION:
-        raise AttributionFileError(f"{path} is in attribution format {version}; this kobattr reads format "
-                                   f"{FORMAT_VERSION} only.")
+    if version == 2:  # the same layout; only the block structure's field was renamed
+        fields = header.get("fields")
+        if isinstance(fields, dict) and "placement" in fields:
+            fields["structure"] = fields.pop("placement")
+    elif version != FORMAT_VERSION:
+        raise AttributionFileError(f"{path} is in attribution format {version}; this kobattr reads formats "
+                                   f"2 and {FORMAT_VERSION} only.")
     return header, tensors
 
 

@@ -102,7 +102,7 @@ def spot_check(layer, result, impls: dict, rerun, k: int, seed: int, contract, n
     dtype = layer.q.dtype
     tol = tolerance(dtype)  # every implementation computes float32 dots at float32 accuracy (Triton: tf32x3)
     for m, err in errors.items():
-        primitive = form(m, layer.placement).primitive
+        primitive = form(m, layer.structure).primitive
         impl = impls[primitive]
         worst = int(err.argmax())
         if not err[worst] <= tol:

@@ -33,7 +33,7 @@ def minilm_result(minilm):
 def test_minilm_decomposition_is_complete_against_the_model(minilm, minilm_result):
     model, tokenizer = minilm
     res = minilm_result
-    assert res.layers == tuple(range(6)) and res.placement == "post"
+    assert res.layers == tuple(range(6)) and res.structure == "post"
     assert res.model_error.max() < 1e-5
     assert set(res.completeness) == {"atbff", "atbffres", "atbffresln"}
     for m, err in res.completeness.items():
@@ -120,7 +120,7 @@ def test_save_load_round_trip(tmp_path, minilm_result):
     path = minilm_result.save(tmp_path / "res" / "attribution")
     assert path.exists()
     back = Attribution.load(tmp_path / "res" / "attribution")
-    for field in ("methods", "layers", "tokens", "placement", "contracted", "ff_amp", "model_name", "backends"):
+    for field in ("methods", "layers", "tokens", "structure", "contracted", "ff_amp", "model_name", "backends"):
         assert getattr(back, field) == getattr(minilm_result, field), field
     for group in ("maps", "ratios", "bias_norms", "completeness", "head_maps", "context_change", "spot_check"):
         a, b = getattr(minilm_result, group), getattr(back, group)

@@ -34,6 +34,10 @@ CASES = [
     ("gpt2", dict(N=7)), ("gpt2", dict(N=97, pad=3)), ("gpt2", dict(N=1)),
     ("llama", dict(N=7)), ("llama", dict(N=97, window=16, pad=4)), ("llama", dict(N=257, B=1, window=64)),
     ("post_geglu", dict(N=7, pad=2)), ("post_relu", dict(N=7, causal=True)),
+    ("gemma2", dict(N=7)), ("gemma2", dict(N=33, pad=3, window=8, softcap=1.5)),
+    ("sandwich_ln", dict(N=7, pad=2)), ("sandwich_ln", dict(N=40, radius=5, softcap=2.0)),
+    ("olmo2", dict(N=7, pad=2)), ("post_only_ln", dict(N=21, pad=4, radius=3)),
+    ("pythia", dict(N=7)), ("pythia", dict(N=33, pad=5, window=6)), ("parallel_shared", dict(N=9, pad=2)),
 ]
 
 
@@ -57,15 +61,16 @@ def test_reference_is_complete_against_plain_forward(kind):
     real = layer.forward()
     valid = layer.valid[..., None]
     checked = 0
-    for m in methods_for(layer.placement):
-        state = form(m, layer.placement).target
+    for m in methods_for(layer.structure):
+        state = form(m, layer.structure).target
         if state is not None:
             torch.testing.assert_close(ref["total"][m], real[state] * valid, rtol=1e-10, atol=1e-10, msg=m)
             checked += 1
-    assert checked == 7  # every vector and FF method of both structures names its hidden state
+    # every vector and FF method of the structure names its hidden state
+    assert checked == sum(form(m, layer.structure).kind != "weights" for m in methods_for(layer.structure)) >= 4
     res = attribute(layer, methods="all", backend="torch")
     # completeness is reported where it tests something: the FF scopes, through the FFN's IG split
-    assert set(res.completeness) == {m for m in res.methods if form(m, layer.placement).kind == "ff"}
+    assert set(res.completeness) == {m for m in res.methods if form(m, layer.structure).kind == "ff"}
     for m, err in res.completeness.items():
         assert err.max() < 1e-10, m
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 import os
 import struct
 import subprocess
@@ -73,7 +74,7 @@ def test_round_trip_of_a_full_analysis(tmp_path, full):
 
     with safe_open(str(path), "pt") as f:
         header = json.loads(f.metadata()["kobattr"])
-    assert header["format"] == FORMAT_VERSION == 2
+    assert header["format"] == FORMAT_VERSION == 3
     assert header["fields"]["tokens"]["value"][0][1] == "日"
 
 
@@ -190,13 +191,25 @@ def _set(field, value):
     (lambda m: m["fields"]["maps"]["keys"].pop(), r"holds tensors its metadata does not list \(maps/atbffresln\)"),
     (lambda m: m["fields"]["maps"]["keys"].append("attn_x"), r"lists tensors the file lacks \(maps/attn_x\)"),
     (lambda m: m["fields"].__setitem__("surprise", {"kind": "json", "value": 1}), r"field 'surprise'"),
-    (lambda m: m.__setitem__("format", 1), r"format 1; this kobattr reads format 2 only"),
+    (lambda m: m.__setitem__("format", 1), r"format 1; this kobattr reads formats 2 and 3 only"),
 ])
 def test_tampered_metadata_is_refused(saved, edit, message):
     Attribution.load(saved)  # fine before the edit
     rewrite_header(saved, edit)
     with pytest.raises(AttributionFileError, match=message):
         Attribution.load(saved)
+
+
+def test_format_2_files_still_load(saved, tmp_path):
+    """Format 2 named the block structure "placement"; everything else is the same."""
+    want = Attribution.load(shutil.copy(saved, tmp_path / "copy.safetensors"))  # loads map the file: keep one aside
+
+    def as_format_2(meta):
+        meta["format"] = 2
+        meta["fields"]["placement"] = meta["fields"].pop("structure")
+
+    rewrite_header(saved, as_format_2)
+    assert_same(want, Attribution.load(saved))
 
 
 def test_tampered_shapes_are_refused(tmp_path, full):
@@ -217,7 +230,7 @@ def test_file_of_format_1_is_refused_with_both_versions(tmp_path, full):
 
     save_file({"value_norms": full.value_norms.contiguous()}, str(tmp_path / "old.safetensors"))
     (tmp_path / "old.json").write_text(json.dumps({"format": 1}))
-    with pytest.raises(AttributionFileError, match=r"format 1 .* reads format 2 only"):
+    with pytest.raises(AttributionFileError, match=r"format 1 .* reads formats 2 and 3 only"):
         Attribution.load(tmp_path / "old")
     (tmp_path / "old.json").unlink()
     with pytest.raises(AttributionFileError, match="not written by Attribution.save"):

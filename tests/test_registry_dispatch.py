@@ -4,12 +4,13 @@ import dataclasses
 
 import pytest
 import torch
-from random_layers import KINDS, random_layer
+from random_layers import KINDS, STRUCTURE_KINDS, random_layer
 
 from kobattr.backends import BackendUnavailable, availability, select
 from kobattr.backends.base import Attention
 from kobattr.backends.torch_backend import TorchBackend
 from kobattr.core import attribute
+from kobattr.layer import STRUCTURE_NAMES
 from kobattr.methods import PAPERS, REGISTRY, STRUCTURES, MethodSpec, _vector, form, methods_for
 from kobattr.reference import reference
 
@@ -18,11 +19,13 @@ AVAILABLE = availability()
 
 def _attention(layer):
     return Attention(q=layer.q, k=layer.k, valid=layer.valid, causal=layer.causal, window=layer.window,
-                     scale=layer.softmax_scale)
+                     scale=layer.softmax_scale, radius=layer.radius, softcap=layer.softcap)
 
 
 def test_registry_is_consistent_with_the_layer_states_and_structures():
-    states = {"post": set(random_layer("bert").forward()), "pre": set(random_layer("gpt2").forward())}
+    states = {s: set(random_layer(kind).forward()) for s, kind in STRUCTURE_KINDS.items()}
+    assert set(states) == set(STRUCTURES) == set(STRUCTURE_NAMES)
+    assert all(random_layer(kind).structure == s for s, kind in STRUCTURE_KINDS.items())
     for name, spec in REGISTRY.items():
         assert spec.paper in PAPERS and spec.display
         for structure, f in spec.forms.items():
