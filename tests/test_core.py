@@ -1,5 +1,6 @@
 """The torch backend against the materialising reference, and the reference against a plain forward."""
 
+import dataclasses
 import math
 
 import pytest
@@ -211,3 +212,32 @@ def test_too_large_requests_are_refused_before_any_work():
             reference(layer)
     finally:
         core.MAX_OUTPUT_ELEMENTS, reference_module.MAX_PAIR_ELEMENTS = old
+
+
+def test_softcap_and_radius_follow_their_formulas():
+    """alpha = softmax(c tanh(s q.k / c)) over |i - j| <= r, written out here, and both change the maps."""
+    layer = random_layer("sandwich_ln", N=12, B=1, radius=3, softcap=0.8)
+    logits = (layer.q @ layer.k.transpose(-1, -2)) * layer.softmax_scale
+    capped = 0.8 * torch.tanh(logits / 0.8)
+    i, j = torch.arange(12)[:, None], torch.arange(12)[None]
+    alpha = torch.softmax(capped.masked_fill((i - j).abs() > 3, float("-inf")), -1)
+    ref = reference(layer, methods="all")
+    torch.testing.assert_close(ref["alpha"], alpha, rtol=1e-12, atol=1e-12)
+    assert (logits.abs() > 1.6).any()  # the cap bites
+    for changed in (dict(softcap=0.0), dict(radius=0)):
+        other = reference(dataclasses.replace(layer, **changed), methods="all")
+        for m in ("attn_w", "attn_n", "atblnffres"):
+            assert not torch.allclose(other["maps"][m], ref["maps"][m]), (changed, m)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "olmo2"])
+def test_norms_after_attention_and_ffn_change_the_maps(kind):
+    """P1 and P2 enter every method after attention: a layer without them gives other maps."""
+    layer = random_layer(kind, N=9)
+    ref = reference(layer, methods="all")
+    scaled = dataclasses.replace(layer, attn_out_norm=dataclasses.replace(layer.attn_out_norm, weight=layer.attn_out_norm.weight * 3),
+                                 ffn_out_norm=dataclasses.replace(layer.ffn_out_norm, weight=layer.ffn_out_norm.weight.flip(0)))
+    other = reference(scaled, methods="all")
+    for m in ref["maps"]:
+        if m not in ("attn_w", "attnres_w"):
+            assert not torch.allclose(other["maps"][m], ref["maps"][m]), m
