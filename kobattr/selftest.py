@@ -1,0 +1,141 @@
+"""``kobattr selftest``: every available implementation against the reference on this machine's device.
+
+Each implementation runs the primitives it implements on small random layers of every block structure
+(kobattr.testing), with each attention feature (padding, causal, windows, GQA, soft-capping) in turn,
+in float32 and, on a GPU, float16 and bfloat16. Its maps are compared with the materialising reference
+in float64 by the spot checks' row error (kobattr.verify.row_errors) and held to the spot checks'
+tolerance for the dtype. An input an implementation declines (``Backend.refusals``) is counted as
+skipped with its reason, never as passed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .backends import availability, implementation
+from .core import attribute
+from .methods import STRUCTURES, form, methods_for
+from .reference import reference
+from .testing import STRUCTURE_KINDS, random_layer
+from .verify import row_errors, tolerance
+
+# (name, random_layer arguments) of the attention features each structure is tried with
+FEATURES = (
+    ("plain", dict(N=24)),
+    ("padding", dict(N=24, pad=5)),
+    ("causal+window", dict(N=40, causal=True, window=9, pad=3)),
+    ("radius", dict(N=40, radius=6, pad=2)),
+    ("softcap", dict(N=24, softcap=1.5, pad=4)),
+)
+GQA = ("llama", dict(N=33, window=12, pad=2))  # 4 query heads on 2 KV heads, RoPE, causal
+
+
+@dataclass
+class Outcome:
+    implementation: str
+    primitive: str
+    case: str
+    dtype: str
+    error: Optional[float] = None  # worst row error over the methods, None when skipped
+    tolerance: Optional[float] = None
+    seconds: float = 0.0
+    skipped: Optional[str] = None  # the implementation's reasons for declining the input
+
+    @property
+    def passed(self) -> bool:
+        return self.skipped is None and self.error is not None and self.error <= self.tolerance
+
+
+@dataclass
+class Report:
+    device: str
+    outcomes: list = field(default_factory=list)
+    unavailable: dict = field(default_factory=dict)  # implementation -> why it cannot run here
+
+    @property
+    def failed(self) -> list:
+        return [o for o in self.outcomes if o.skipped is None and not o.passed]
+
+    def table(self) -> str:
+        lines = [f"kobattr selftest on {self.device}: every implementation against the float64 reference",
+                 f"{'implementation':<15}{'primitive':<16}{'passed':>7}{'failed':>7}{'skipped':>8}  {'worst error':>11}"
+                 f"  {'time (s)':>8}"]
+        groups: dict = {}
+        for o in self.outcomes:
+            groups.setdefault((o.implementation, o.primitive), []).append(o)
+        for (name, primitive), items in groups.items():
+            ran = [o for o in items if o.skipped is None]
+            worst = max((o.error for o in ran), default=None)
+            lines.append(f"{name:<15}{primitive:<16}{sum(o.passed for o in ran):>7}{sum(not o.passed for o in ran):>7}"
+                         f"{len(items) - len(ran):>8}  {'-' if worst is None else f'{worst:.1e}':>11}"
+                         f"  {sum(o.seconds for o in items):>8.2f}")
+        for name, reason in self.unavailable.items():
+            lines.append(f"{name:<15}unavailable: {reason}")
+        for o in self.failed:
+            lines.append(f"FAILED {o.implementation} {o.primitive} {o.case} {o.dtype}: error {o.error:.2e} > "
+                         f"tolerance {o.tolerance:.0e}")
+        lines.append("FAIL" if self.failed else "PASS")
+        return "\n".join(lines)
+
+
+def _cases():
+    for structure, kind in STRUCTURE_KINDS.items():
+        for name, kwargs in FEATURES:
+            yield f"{structure}/{name}", kind, kwargs
+    yield "pre/gqa", GQA[0], GQA[1]
+
+
+def run(device: Optional[str] = None, dtypes: Optional[tuple] = None, names: Optional[tuple] = None) -> Report:
+    """Run the self-test; ``device`` defaults to cuda where torch sees one, ``dtypes`` to float32 (plus
+    float16 and bfloat16 on cuda), ``names`` to every implementation."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = dtypes or ((torch.float32, torch.float16, torch.bfloat16) if device == "cuda" else (torch.float32,))
+    report = Report(device=device)
+    impls = {}
+    for name, reason in availability().items():
+        if names is not None and name not in names:
+            continue
+        if reason is not None:
+            report.unavailable[name] = reason
+        else:
+            impls[name] = implementation(name)
+    for case, kind, kwargs in _cases():
+        exact = random_layer(kind, dtype=torch.float64, device=device, **kwargs)
+        structure = exact.structure
+        ref = reference(exact, methods="all")
+        for dtype in dtypes:
+            layer = exact.to(dtype=dtype)
+            for name, impl in impls.items():
+                for primitive in impl.primitives:
+                    methods = [m for m in methods_for(structure) if form(m, structure).primitive == primitive]
+                    if primitive == "ff_maps":
+                        methods = [m for m in methods if m in STRUCTURES[structure].scopes]
+                    outcome = Outcome(name, primitive, case, str(dtype).replace("torch.", ""))
+                    report.outcomes.append(outcome)
+                    _try(outcome, impl, primitive, layer, methods, ref, dtype)
+    return report
+
+
+def _try(outcome: Outcome, impl, primitive: str, layer, methods, ref, dtype) -> None:
+    from .backends.base import Attention
+
+    attn = Attention(q=layer.q, k=layer.k, valid=layer.valid, causal=layer.causal, window=layer.window,
+                     scale=layer.softmax_scale, radius=layer.radius, softcap=layer.softcap)
+    reasons = impl.refusals(primitive, attn)
+    if reasons:
+        outcome.skipped = " ".join(reasons)
+        return
+    if layer.q.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = attribute(layer, methods=methods, backend={primitive: impl.name}, verify=0)
+    if layer.q.is_cuda:
+        torch.cuda.synchronize()
+    outcome.seconds = time.perf_counter() - start
+    assert result.backends[primitive] == impl.name
+    outcome.error = max(float(row_errors(result.maps[m].to(ref["maps"][m].device), ref["maps"][m]).max()) for m in methods)
+    outcome.tolerance = tolerance(dtype)

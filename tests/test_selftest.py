@@ -1,0 +1,39 @@
+"""`kobattr selftest`: passes on this machine, and fails (exit status 1) when an implementation is wrong."""
+
+import json
+
+import torch
+
+from kobattr import selftest
+from kobattr.backends.torch_backend import TorchBackend
+from kobattr.cli import main as cli_main
+from kobattr.methods import STRUCTURES
+
+
+def test_every_structure_and_feature_passes_on_this_machine(tmp_path, capsys):
+    assert cli_main(["selftest", "--backends", "torch,cpu", "--json", str(tmp_path / "self.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("PASS") and "torch" in out and "ff_maps" in out
+    outcomes = json.loads((tmp_path / "self.json").read_text())["outcomes"]
+    cases = {o["case"].split("/")[0] for o in outcomes}
+    assert cases == set(STRUCTURES)  # every block structure is tried
+    ran = [o for o in outcomes if o["skipped"] is None]
+    assert ran and all(o["error"] <= o["tolerance"] for o in ran)
+
+
+def test_a_wrong_implementation_fails_and_a_declined_input_is_skipped(monkeypatch, capsys):
+    real = TorchBackend.ff_maps
+
+    def off_by_a_little(self, attn, parts, *args, **kwargs):
+        return real(self, attn, parts, *args, **kwargs) * 1.001  # above the float32 tolerance 1e-4
+
+    monkeypatch.setattr(TorchBackend, "ff_maps", off_by_a_little)
+    monkeypatch.setattr(TorchBackend, "features", frozenset({"causal", "window", "gqa"}))
+    report = selftest.run(names=("torch",))
+    assert report.failed and all(o.primitive == "ff_maps" for o in report.failed)
+    skipped = [o for o in report.outcomes if o.skipped]
+    assert {o.case.split("/")[1] for o in skipped} == {"radius", "softcap"}
+    assert all("torch does not compute" in o.skipped for o in skipped)
+    assert cli_main(["selftest", "--backends", "torch"]) == 1
+    assert "FAILED torch ff_maps" in capsys.readouterr().out
+    assert torch.device(report.device).type == "cpu"
