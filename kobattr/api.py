@@ -90,7 +90,8 @@ def analyze(model, inputs, tokenizer=None, methods=None, layers: Optional[Sequen
     Completeness of the FF scopes is measured against the model's own layer outputs.
     """
     adapter = get_adapter(model)
-    methods = check_methods(methods, adapter.placement)
+    structure = adapter.structure(model.config)
+    methods = check_methods(methods, structure)
     modules = adapter.layer_modules(model)
     n_layers = len(modules)
     if layers is None:
@@ -156,7 +157,7 @@ def _collect(per_layer, methods, batch, mask, tokenizer, adapter, model) -> Attr
         bias_norms={m: stack(lambda r: r.bias_norms[m]) for m in first.bias_norms},
         completeness={m: stack(lambda r: r.completeness[m].amax(-1)) for m in first.completeness},
         model_error=stack(lambda r: r.model_error.amax(-1)),
-        tokens=_tokens(batch["input_ids"], tokenizer), attention_mask=mask.cpu(), structure=adapter.placement,
+        tokens=_tokens(batch["input_ids"], tokenizer), attention_mask=mask.cpu(), structure=adapter.structure(model.config),
         rows=None if first.rows is None else first.rows.cpu(), contracted=first.contracted,
         head_maps={m: stack(lambda r: r.head_maps[m]) for m in first.head_maps},
         context_change={c: stack(lambda r: r.context_change[c]) for c in first.context_change},

@@ -158,7 +158,7 @@ def _check_model_args(args, model) -> None:
 
     adapter = get_adapter(model)
     try:
-        check_methods(args.methods, adapter.placement)
+        check_methods(args.methods, adapter.structure(model.config))
     except ValueError as err:  # only this call's ValueErrors: they describe the --methods argument
         raise UsageError(str(err)) from None
     n_layers = len(adapter.layer_modules(model))

@@ -1,10 +1,13 @@
-"""The families added after the first six (issue 11): XLM-RoBERTa, ELECTRA, DistilBERT, Qwen3, Phi-3; and Gemma.
+"""The families added after the first six (issue 11): XLM-RoBERTa, ELECTRA, DistilBERT, Qwen3, Phi-3; and Gemma;
+then the families with new block structures: GPT-NeoX / Pythia (parallel), Gemma 2 and Gemma 3 (sandwich),
+OLMo 2 (post_only), ModernBERT (pre-LN encoder with symmetric local windows).
 
 Capture reproducing each tiny model's hidden states (sdpa and eager), padding, and analyze()'s completeness
-and agreement with the reference run for them through the TINY / EXPECTED tables of test_models.py; here:
-analyze() on padded batches, the CLI on saved checkpoints with trained tokenizers, and what is particular
-to each family (ELECTRA's embedding projection, Qwen3's q/k norms, Phi-3's fused projections, Gemma's
-(1 + weight) RMSNorm).
+and agreement with the reference run for them through the TINY / EXPECTED tables of test_models.py (the new
+features mattering, ModernBERT's missing layer-0 norm and Pythia's sequential variant are tested there); here:
+the CLI on saved checkpoints with trained tokenizers, and what is particular to each family (ELECTRA's
+embedding projection, Qwen3's and OLMo 2's q/k norms, Phi-3's and ModernBERT's fused projections, Gemma's
+(1 + weight) RMSNorms).
 """
 
 import json
@@ -12,7 +15,7 @@ import os
 
 import pytest
 import torch
-from test_models import TINY, collect, tiny_model, token_batch
+from test_models import EAGER_ONLY, TINY, collect, tiny_model, token_batch
 from transformers import AutoModel, PreTrainedTokenizerFast
 
 from kobattr.cli import main as cli_main
@@ -22,13 +25,16 @@ from kobattr.result import Attribution
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 NEW = ("xlm-roberta", "electra", "distilbert", "qwen3", "phi3", "gemma")
+STRUCTURES = ("gpt_neox", "gemma2", "gemma3_text", "olmo2", "modernbert")  # the families with new block structures
 TEXTS = ["the cat sat on the mat", "a dog ran"]
 
 
 def test_new_families_are_supported_and_named():
     assert {"XLM-RoBERTa", "ELECTRA", "DistilBERT", "Qwen3", "Phi-3", "Gemma"} <= set(SUPPORTED_FAMILIES)
     assert set(NEW) <= set(TINY)
-    for family in NEW:
+    assert {"GPT-NeoX", "Gemma 2", "Gemma 3", "OLMo 2", "ModernBERT"} <= set(SUPPORTED_FAMILIES)
+    assert set(STRUCTURES) <= set(TINY)
+    for family in NEW + STRUCTURES:
         assert get_adapter(tiny_model(family)).model_types == (family,)
 
 
@@ -44,6 +50,12 @@ SPECIALS["distilbert"] = SPECIALS["electra"]
 SPECIALS["phi3"] = SPECIALS["qwen3"]
 # Gemma's config pads with 0, ends with 1 and begins with 2
 SPECIALS["gemma"] = (["<pad>", "<eos>", "<bos>"], dict(pad_token="<pad>", eos_token="<eos>", bos_token="<bos>"))
+SPECIALS["gemma2"] = SPECIALS["gemma3_text"] = SPECIALS["gemma"]
+SPECIALS["gpt_neox"] = SPECIALS["qwen3"]  # the tiny config begins and ends with 0 and has no pad token
+SPECIALS["olmo2"] = (["<|endoftext|>", "<|pad|>"], dict(eos_token="<|endoftext|>", pad_token="<|pad|>"))
+SPECIALS["modernbert"] = (["[PAD]", "[UNK]", "[CLS]", "[SEP]"], dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                                                    sep_token="[SEP]"))
+PADDED = ("xlm-roberta", "electra", "distilbert", "gemma", "gemma2", "gemma3_text", "olmo2", "modernbert")
 
 
 def trained_tokenizer(family):
@@ -63,15 +75,15 @@ def trained_tokenizer(family):
     return PreTrainedTokenizerFast(tokenizer_object=tok, **names)
 
 
-@pytest.mark.parametrize("family", NEW)
+@pytest.mark.parametrize("family", NEW + STRUCTURES)
 def test_cli_on_a_saved_tiny_model(family, tmp_path, capsys):
     auto, make_config = TINY[family]
     config = make_config()
     config.vocab_size = 320
     torch.manual_seed(0)
-    model = AutoModel.from_config(config, attn_implementation="sdpa").eval()
+    model = AutoModel.from_config(config, attn_implementation="eager" if family in EAGER_ONLY else "sdpa").eval()
     tokenizer = trained_tokenizer(family)
-    if family in ("xlm-roberta", "electra", "distilbert", "gemma"):
+    if family in PADDED:
         assert tokenizer.pad_token_id == config.pad_token_id
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
@@ -123,15 +135,75 @@ def test_phi3_fused_projections_are_sliced_gate_first():
     assert ffn.w_out.shape == (128, 64) and ffn.b_in is None and ffn.b_gate is None
 
 
-def test_gemma_norms_scale_by_one_plus_weight():
-    model = tiny_model("gemma")
-    block = model.model.layers[0]
+GEMMA_NORMS = {  # Layer norm field -> the module of each Gemma generation
+    "gemma": dict(ln1="input_layernorm", ln2="post_attention_layernorm"),
+    "gemma2": dict(ln1="input_layernorm", ln2="pre_feedforward_layernorm", attn_out_norm="post_attention_layernorm",
+                   ffn_out_norm="post_feedforward_layernorm"),
+}
+GEMMA_NORMS["gemma3_text"] = GEMMA_NORMS["gemma2"]
+
+
+@pytest.mark.parametrize("family", list(GEMMA_NORMS))
+def test_gemma_norms_scale_by_one_plus_weight(family):
+    model = tiny_model(family)
+    block = get_adapter(model).layer_modules(model)[0]
     y = torch.randn(3, 64)
-    for module, norm in zip((block.input_layernorm, block.post_attention_layernorm), get_adapter(model).norms(block)):
+    norms = get_adapter(model).norms(block)
+    assert {name for name, norm in norms.items() if norm is not None} == set(GEMMA_NORMS[family])
+    for name, path in GEMMA_NORMS[family].items():
+        module, norm = block.get_submodule(path), norms[name]
         assert norm.kind == "rmsnorm" and norm.bias is None and norm.eps == module.eps
         torch.testing.assert_close(norm.weight, module.weight.detach() + 1, rtol=0, atol=0)
         with torch.no_grad():
             torch.testing.assert_close(norm(y), module(y))
+
+
+def test_olmo2_norms_are_after_attention_and_ffn_only_and_its_qk_norms_span_the_projection():
+    model = tiny_model("olmo2")
+    block = model.model.layers[0]
+    norms = get_adapter(model).norms(block)
+    assert norms["ln1"] is None and norms["ln2"] is None
+    for name, module in (("attn_out_norm", block.post_attention_layernorm), ("ffn_out_norm", block.post_feedforward_layernorm)):
+        assert norms[name].kind == "rmsnorm" and norms[name].eps == module.variance_epsilon
+        torch.testing.assert_close(norms[name].weight, module.weight.detach(), rtol=0, atol=0)
+    # q_norm normalises the whole projection (all heads at once), before RoPE: the recorded q has, per token,
+    # the squared norm q_norm's output has (RoPE rotates pairs of dimensions)
+    seen = {}
+    handle = block.self_attn.q_norm.register_forward_hook(lambda m, a, o: seen.__setitem__("q", o))
+    try:
+        layer = collect(model, token_batch("olmo2", [6]), layers=[0])[0]
+    finally:
+        handle.remove()
+    assert block.self_attn.q_norm.weight.shape == (4 * 16,)
+    torch.testing.assert_close(layer.q.pow(2).sum((1, 3)), seen["q"].pow(2).sum(-1))
+
+
+def test_modernbert_geglu_gate_is_the_first_half_of_wi():
+    """ModernBertMLP: input, gate = Wi(x).chunk(2); Wo(act(input) * gate): the activated half is kobattr's gate."""
+    model = tiny_model("modernbert")
+    block = model.layers[1]
+    ffn = get_adapter(model).feed_forward(block, model.config)
+    activated, linear = block.mlp.Wi.weight.chunk(2, dim=0)
+    b_activated, b_linear = block.mlp.Wi.bias.chunk(2)
+    assert ffn.activation == "geglu"
+    assert torch.equal(ffn.w_gate, activated.T) and torch.equal(ffn.w_in, linear.T)
+    assert torch.equal(ffn.b_gate, b_activated) and torch.equal(ffn.b_in, b_linear)
+    z = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ffn(z), block.mlp(z))
+
+
+def test_gpt_neox_partial_rotary_leaves_the_rest_of_each_head_unrotated():
+    """rotary_pct=0.5: only the first 8 of 16 dimensions of each head are rotated, so the others equal the plain
+    projection of LN1(x) (q is the first third of each head's query_key_value output)."""
+    model = tiny_model("gpt_neox")
+    block = model.gpt_neox.layers[0]
+    layer = collect(model, token_batch("gpt_neox", [6]), layers=[0])[0]
+    with torch.no_grad():
+        qkv = block.attention.query_key_value(block.input_layernorm(layer.x))
+    q = qkv.view(1, 6, 4, 3 * 16).transpose(1, 2)[..., :16]
+    torch.testing.assert_close(layer.q[..., 8:], q[..., 8:])
+    assert not torch.allclose(layer.q[:, :, 1:, :8], q[:, :, 1:, :8])  # position 0 is not rotated
 
 
 def test_a_slice_that_does_not_divide_the_outputs_is_an_error():

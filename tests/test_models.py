@@ -4,16 +4,23 @@ import dataclasses
 
 import pytest
 import torch
+from torch import nn
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     BertConfig,
+    BloomConfig,
     DistilBertConfig,
     ElectraConfig,
+    Gemma2Config,
+    Gemma3TextConfig,
     GemmaConfig,
     GPT2Config,
+    GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    ModernBertConfig,
+    Olmo2Config,
     Phi3Config,
     Qwen2Config,
     Qwen3Config,
@@ -22,6 +29,7 @@ from transformers import (
     XLMRobertaConfig,
 )
 
+from kobattr.layer import cap_logits
 from kobattr.models import (
     SUPPORTED_FAMILIES,
     CaptureError,
@@ -34,7 +42,7 @@ from kobattr.models import (
 )
 
 TEXTS = ["The cat sat on the mat because it was warm.", "Attribution is hard.", "A third, medium sentence here."]
-N_TOKENS = 10  # > the sliding window (4) of the tiny Mistral, Qwen2, Qwen3 and Phi-3
+N_TOKENS = 10  # > the sliding window (4) of the tiny Mistral, Qwen2, Qwen3, Phi-3, Gemma 2/3; > ModernBERT's 2 * radius + 1
 
 
 def collect(model, inputs, layers=None):
@@ -53,7 +61,7 @@ def assert_close_rows(actual, expected, valid, rtol=1e-5):
 def alpha(layer):
     """(B, H, N, N) softmax attention of a captured layer under its structured mask; 0 on padding rows."""
     group = layer.n_heads // layer.n_kv_heads
-    scores = layer.q @ layer.k.repeat_interleave(group, 1).transpose(-1, -2) * layer.softmax_scale
+    scores = cap_logits(layer.q @ layer.k.repeat_interleave(group, 1).transpose(-1, -2) * layer.softmax_scale, layer.softcap)
     scores = scores.masked_fill(~layer.visible()[:, None], float("-inf"))
     return torch.softmax(scores, -1).nan_to_num(0.0)
 
@@ -141,27 +149,60 @@ TINY = {
         **LLAMA_DIMS, sliding_window=4, bos_token_id=0, eos_token_id=0, pad_token_id=0)),
     # RMSNorm scaling by (1 + weight), GeGLU with tanh GELU (the config default gelu_pytorch_tanh)
     "gemma": (AutoModelForCausalLM, lambda: GemmaConfig(**LLAMA_DIMS, head_dim=32)),  # heads x head_dim != hidden
+    # parallel residual, partial rotary (half of each head), biases everywhere
+    "gpt_neox": (AutoModelForCausalLM, lambda: GPTNeoXConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
+        max_position_embeddings=64, initializer_range=0.1, rotary_pct=0.5, bos_token_id=0, eos_token_id=0)),
+    # sandwich norms, a soft-cap small enough to bite, a local then a global layer, scale 24 ** -0.5 (not 16 ** -0.5)
+    "gemma2": (AutoModelForCausalLM, lambda: Gemma2Config(
+        **LLAMA_DIMS, head_dim=16, sliding_window=4, attn_logit_softcapping=2.0, query_pre_attn_scalar=24)),
+    # sandwich norms, per-head q/k norms, local (window 4, local RoPE) then global layers
+    "gemma3_text": (AutoModel, lambda: Gemma3TextConfig(
+        **LLAMA_DIMS, head_dim=16, sliding_window=4, sliding_window_pattern=2, query_pre_attn_scalar=24)),
+    # norms after attention and after the FFN only, q/k norms over the whole projection
+    "olmo2": (AutoModelForCausalLM, lambda: Olmo2Config(**LLAMA_DIMS, pad_token_id=1, bos_token_id=None, eos_token_id=0)),
+    # pre-LN encoder without a norm before layer 0's attention, GeGLU from a fused Wi, a global then a local
+    # layer (|i - j| <= local_attention // 2 = 2); norm and projection biases switched on, so they are tested
+    "modernbert": (AutoModel, lambda: ModernBertConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
+        max_position_embeddings=64, initializer_range=0.1, global_attn_every_n_layers=2, local_attention=4,
+        norm_bias=True, attention_bias=True, mlp_bias=True,
+        pad_token_id=0, bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3)),
 }
-DECODERS = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
-EXPECTED = {  # placement, causal, windows per layer, activation, KV heads
-    "gpt2": ("pre", True, [0, 0], "gelu_tanh", 4),
-    "roberta": ("post", False, [0, 0], "gelu", 4),
-    "llama": ("pre", True, [0, 0], "swiglu", 2),
-    "mistral": ("pre", True, [4, 4], "swiglu", 2),
-    "qwen2": ("pre", True, [0, 4], "swiglu", 2),
-    "xlm-roberta": ("post", False, [0, 0], "gelu", 4),
-    "electra": ("post", False, [0, 0], "relu", 4),
-    "distilbert": ("post", False, [0, 0], "gelu", 4),
-    "qwen3": ("pre", True, [0, 4], "swiglu", 2),
-    "phi3": ("pre", True, [4, 4], "swiglu", 2),
-    "gemma": ("pre", True, [0, 0], "geglu_tanh", 2),
+DECODERS = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gpt_neox", "gemma2", "gemma3_text", "olmo2")
+EAGER_ONLY = ("gemma2",)  # transformers refuses SDPA for Gemma 2: it cannot soft-cap the logits
+EXPECTED = {  # placement, structure, causal, windows and radii per layer, softcap, activation, KV heads
+    "gpt2": ("pre", "pre", True, [0, 0], [0, 0], 0.0, "gelu_tanh", 4),
+    "roberta": ("post", "post", False, [0, 0], [0, 0], 0.0, "gelu", 4),
+    "llama": ("pre", "pre", True, [0, 0], [0, 0], 0.0, "swiglu", 2),
+    "mistral": ("pre", "pre", True, [4, 4], [0, 0], 0.0, "swiglu", 2),
+    "qwen2": ("pre", "pre", True, [0, 4], [0, 0], 0.0, "swiglu", 2),
+    "xlm-roberta": ("post", "post", False, [0, 0], [0, 0], 0.0, "gelu", 4),
+    "electra": ("post", "post", False, [0, 0], [0, 0], 0.0, "relu", 4),
+    "distilbert": ("post", "post", False, [0, 0], [0, 0], 0.0, "gelu", 4),
+    "qwen3": ("pre", "pre", True, [0, 4], [0, 0], 0.0, "swiglu", 2),
+    "phi3": ("pre", "pre", True, [4, 4], [0, 0], 0.0, "swiglu", 2),
+    "gemma": ("pre", "pre", True, [0, 0], [0, 0], 0.0, "geglu_tanh", 2),
+    "gpt_neox": ("parallel", "parallel", True, [0, 0], [0, 0], 0.0, "gelu", 4),
+    "gemma2": ("pre", "sandwich", True, [4, 0], [0, 0], 2.0, "geglu_tanh", 2),
+    "gemma3_text": ("pre", "sandwich", True, [4, 0], [0, 0], 0.0, "geglu_tanh", 2),
+    "olmo2": ("pre", "post_only", True, [0, 0], [0, 0], 0.0, "swiglu", 2),
+    "modernbert": ("pre", "pre", False, [0, 0], [0, 2], 0.0, "geglu", 4),
 }
 
 
-def tiny_model(family, attn_implementation="sdpa"):
+def tiny_model(family, attn_implementation=None, **config_changes):
+    """The tiny random model of a family (attention: SDPA where transformers allows it, else eager), with
+    random 1-d parameters; ``config_changes`` override the tiny config's arguments (the config is rebuilt with
+    them, so that what its __post_init__ derives from them follows)."""
     torch.manual_seed(0)
     auto, make_config = TINY[family]
-    model = auto.from_config(make_config(), attn_implementation=attn_implementation).eval()
+    if attn_implementation is None:
+        attn_implementation = "eager" if family in EAGER_ONLY else "sdpa"
+    config = make_config()
+    if config_changes:
+        config = type(config).from_dict({**config.to_dict(), **config_changes})
+    model = auto.from_config(config, attn_implementation=attn_implementation).eval()
     with torch.no_grad():  # random norm weights and biases, so that swapping LN1/LN2 or dropping a bias shows
         for parameter in model.parameters():
             if parameter.dim() == 1:
@@ -183,36 +224,58 @@ def token_batch(family, lengths, side="right"):
     return {"input_ids": ids, "attention_mask": mask}
 
 
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", list(TINY))
-def test_tiny_model_layers_reproduce_the_model(family, attn_implementation):
-    model = tiny_model(family, attn_implementation)
-    inputs = token_batch(family, [N_TOKENS, N_TOKENS])
+def assert_layers_reproduce_the_model(model, inputs):
+    """Capture every layer and check each one's forward() against the model's own hidden states: the layer
+    output, and every intermediate state (attn, y, mid, ffn_out) that a module of the layer reads or returns
+    (Adapter.probes). Returns the captured layers."""
     adapter = get_adapter(model)
     stream = residual_stream(model, inputs)
-    y_seen, mid_seen = [], []  # the input (y) and output (mid) of the norm after the attention residual
+    seen = {}
 
-    def keep_norm_io(module, args, output):
-        y_seen.append(args[0])
-        mid_seen.append(output)
+    def keep(index, state, which):
+        def hook(module, args, kwargs, output):
+            if which == "input":
+                seen[index, state] = args[0] if args else next(iter(kwargs.values()))
+            else:
+                seen[index, state] = output[0] if isinstance(output, tuple) else output
 
-    handles = [adapter.y_module(block).register_forward_hook(keep_norm_io) for block in adapter.layer_modules(model)]
+        return hook
+
+    handles = [module.register_forward_hook(keep(index, state, which), with_kwargs=True)
+               for index, block in enumerate(adapter.layer_modules(model))
+               for state, (module, which) in adapter.probes(block, model.config).items()]
     try:
         layers = collect(model, inputs)
     finally:
         for handle in handles:
             handle.remove()
-    assert model.config._attn_implementation == attn_implementation
-    placement, causal, windows, activation, kv_heads = EXPECTED[family]
     valid = inputs["attention_mask"].bool()
+    structure = adapter.structure(model.config)
+    assert {state for (_, state) in seen} == {"attn", "mid", "ffn_out"} | ({"y"} if structure != "parallel" else set())
     for index, layer in layers.items():
-        assert (layer.placement, layer.causal, layer.window) == (placement, causal, windows[index])
-        assert layer.ffn.activation == activation and layer.n_kv_heads == kv_heads and layer.n_heads == 4
+        assert layer.structure == structure
         out = layer.forward()
         torch.testing.assert_close(layer.x, stream[index], rtol=0, atol=0)
-        assert_close_rows(out["y"], y_seen[index], valid)
-        assert_close_rows(out["mid"], mid_seen[index], valid)
+        for state in ("attn", "y", "mid", "ffn_out"):
+            if (index, state) in seen:
+                assert_close_rows(out[state], seen[index, state], valid)
         assert_close_rows(out["out"], stream[index + 1], valid)
+    return layers
+
+
+@pytest.mark.parametrize("family,attn_implementation",
+                         [(f, impl) for f in TINY for impl in ("sdpa", "eager") if not (f in EAGER_ONLY and impl == "sdpa")])
+def test_tiny_model_layers_reproduce_the_model(family, attn_implementation):
+    model = tiny_model(family, attn_implementation)
+    inputs = token_batch(family, [N_TOKENS, N_TOKENS])
+    layers = assert_layers_reproduce_the_model(model, inputs)
+    assert model.config._attn_implementation == attn_implementation
+    placement, structure, causal, windows, radii, softcap, activation, kv_heads = EXPECTED[family]
+    assert sorted(layers) == list(range(len(windows)))
+    for index, layer in layers.items():
+        assert (layer.placement, layer.structure, layer.causal) == (placement, structure, causal)
+        assert (layer.window, layer.radius, layer.softcap) == (windows[index], radii[index], softcap)
+        assert layer.ffn.activation == activation and layer.n_kv_heads == kv_heads and layer.n_heads == 4
 
 
 def test_tiny_mistral_window_matters():
@@ -221,6 +284,78 @@ def test_tiny_mistral_window_matters():
     layer = collect(model, token_batch("mistral", [N_TOKENS]), layers=[0])[0]
     unwindowed = dataclasses.replace(layer, window=0)
     assert not torch.allclose(layer.forward()["out"], unwindowed.forward()["out"])
+
+
+def _swap_out_norms(layer):
+    return dict(attn_out_norm=layer.ffn_out_norm, ffn_out_norm=layer.attn_out_norm)
+
+
+@pytest.mark.parametrize("family,index,change", [
+    ("gemma2", 0, lambda layer: dict(softcap=0.0)),  # the soft-cap bites on the tiny model's logits
+    ("gemma2", 0, lambda layer: dict(window=0)),  # Gemma 2's local layer
+    ("gemma3_text", 0, lambda layer: dict(window=0)),
+    ("modernbert", 1, lambda layer: dict(radius=0)),  # ModernBERT's local layer
+    ("gemma2", 1, lambda layer: dict(attn_out_norm=None, ffn_out_norm=None)),  # sandwich without its out norms: pre
+    ("gemma2", 1, _swap_out_norms),
+    ("olmo2", 1, _swap_out_norms),  # post_only: each out norm is where it belongs
+    ("gpt_neox", 1, lambda layer: dict(placement="pre")),  # parallel is not sequential
+])
+def test_each_new_feature_changes_the_output(family, index, change):
+    """What the new structures and options add must matter on the tiny models, or reproducing them proves nothing."""
+    layer = collect(tiny_model(family), token_batch(family, [N_TOKENS]), layers=[index])[index]
+    changed = dataclasses.replace(layer, **change(layer))
+    assert not torch.allclose(layer.forward()["out"], changed.forward()["out"], rtol=1e-3, atol=1e-3)
+
+
+def test_modernbert_layer_zero_has_no_norm_before_attention():
+    model = tiny_model("modernbert")
+    adapter = get_adapter(model)
+    blocks = adapter.layer_modules(model)
+    assert isinstance(blocks[0].attn_norm, nn.Identity) and isinstance(blocks[1].attn_norm, nn.LayerNorm)
+    norms = [adapter.norms(block) for block in blocks]
+    assert norms[0]["ln1"] is None and norms[1]["ln1"] is not None
+    assert all(n["ln2"] is not None and n["attn_out_norm"] is None and n["ffn_out_norm"] is None for n in norms)
+    layers = collect(model, token_batch("modernbert", [N_TOKENS]))
+    assert layers[0].ln1 is None and layers[0].structure == "pre"
+    assert layers[1].ln1.bias is not None and layers[1].ln1.kind == "layernorm"  # norm_bias=True
+
+
+def test_pythia_sequential_variant_is_pre_ln():
+    """GPT-NeoX with use_parallel_residual=False is a plain pre-LN block, chosen from the config."""
+    model = tiny_model("gpt_neox", use_parallel_residual=False)
+    assert get_adapter(model).structure(model.config) == "pre"
+    layers = assert_layers_reproduce_the_model(model, token_batch("gpt_neox", [N_TOKENS, 6]))
+    assert all(layer.placement == "pre" and layer.structure == "pre" for layer in layers.values())
+
+
+def test_bidirectional_gemma3_has_symmetric_local_windows():
+    """EmbeddingGemma-style Gemma 3: no causal mask; local layers see |i - j| < sliding_window, the config's
+    window w having become w // 2 + 1 (so window 8 gives radius 4)."""
+    model = tiny_model("gemma3_text", use_bidirectional_attention=True, sliding_window=8)
+    assert model.config.sliding_window == 5
+    layers = assert_layers_reproduce_the_model(model, token_batch("gemma3_text", [N_TOKENS, 7]))
+    assert [(layer.causal, layer.window, layer.radius) for layer in layers.values()] == [(False, 0, 4), (False, 0, 0)]
+
+
+def test_gemma2_scale_is_query_pre_attn_scalar():
+    layer = collect(tiny_model("gemma2"), token_batch("gemma2", [5]), layers=[0])[0]
+    assert layer.scale == 24 ** -0.5 and layer.q.shape[-1] == 16
+
+
+def test_a_softcap_the_adapter_does_not_describe_is_an_error():
+    """Gemma2Attention keeps the soft-cap it was built with; a config changed afterwards no longer says what it does."""
+    model = tiny_model("gemma2")
+    model.config.attn_logit_softcapping = 3.0
+    with pytest.raises(CaptureError, match="softcap=2.0 but the adapter says softcap=3.0"):
+        capture(model, token_batch("gemma2", [5]), lambda i, layer: None)
+
+
+def test_a_window_the_adapter_does_not_describe_is_an_error():
+    """ModernBERT's attention passes its window (built from the config) to the attention call: they must agree."""
+    model = tiny_model("modernbert")
+    model.config.local_attention = 6
+    with pytest.raises(CaptureError, match="sliding_window=3 but the adapter says window=0, radius=3"):
+        capture(model, token_batch("modernbert", [N_TOKENS]), lambda i, layer: None)
 
 
 def test_capture_leaves_the_model_unchanged():
@@ -262,6 +397,26 @@ def test_unsupported_model_names_its_type_and_the_supported_families():
     with pytest.raises(UnsupportedModelError, match="'t5'") as error:
         capture(model, {"input_ids": torch.ones(1, 3, dtype=torch.long)}, lambda i, layer: None)
     assert all(family in str(error.value) for family in SUPPORTED_FAMILIES)
+    assert "T5's learned relative position biases to the attention logits" in str(error.value)
+
+
+def test_alibi_models_are_refused_with_the_reason():
+    model = AutoModel.from_config(BloomConfig(hidden_size=32, n_layer=1, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedModelError, match="'bloom'.*ALiBi position biases") as error:
+        get_adapter(model)
+    assert all(family in str(error.value) for family in SUPPORTED_FAMILIES)
+
+
+def test_additive_biases_in_the_attention_call_are_refused():
+    from kobattr.models.recording import _AttentionCall, _check_call
+
+    q = torch.zeros(1, 2, 3, 4)
+    call = _AttentionCall(q=q, k=q, v=q, mask=None, scale=0.5, inner="sdpa", module_causal=False, sliding_window=None,
+                          softcap=None, position_bias=torch.zeros(1, 2, 3, 3), sinks=None)
+    with pytest.raises(CaptureError, match="layer 0 adds a position bias .* not support"):
+        _check_call(0, call)
+    with pytest.raises(CaptureError, match="sinks"):
+        _check_call(0, dataclasses.replace(call, position_bias=None, sinks=torch.zeros(2)))
 
 
 def test_unknown_activation_is_rejected():

@@ -1,5 +1,6 @@
 """Capture kobattr Layers from Hugging Face transformers models (the families in adapters.ADAPTERS: BERT, RoBERTa,
-XLM-RoBERTa, ELECTRA, DistilBERT, GPT-2, Llama, Mistral, Qwen2, Qwen3, Phi-3)."""
+XLM-RoBERTa, ELECTRA, DistilBERT, GPT-2, Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, GPT-NeoX / Pythia, Gemma 2,
+Gemma 3, OLMo 2, ModernBERT)."""
 
 from .adapters import SUPPORTED_FAMILIES, Adapter, UnsupportedModelError, get_adapter
 from .recording import CaptureError, capture, residual_stream

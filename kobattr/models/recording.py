@@ -4,12 +4,14 @@ How it works, without forcing eager attention:
 
 * Two attention functions, ``kobattr_sdpa`` and ``kobattr_eager``, are registered in transformers'
   ``AttentionInterface`` (and the matching mask builders in ``AttentionMaskInterface``, so the model builds
-  exactly the masks SDPA / eager would get). Each records query and key (after RoPE), value (before GQA
-  repetition), the mask and the scale, then calls the real SDPA / eager function, so the model's output is
-  unchanged. ``config._attn_implementation`` points at them only while a capture runs.
+  exactly the masks SDPA / eager would get). Each records query and key (after RoPE and any q/k norms), value
+  (before GQA repetition), the mask, the scale and the options that change the attention weights (sliding
+  window, logit soft-capping, position biases, sinks), then calls the real SDPA / eager function, so the
+  model's output is unchanged. ``config._attn_implementation`` points at them only while a capture runs.
 * A forward pre-hook on each layer module records its input x; a forward hook builds the Layer as soon as
-  the layer has run, checks that the mask the model used is the structured one (key_valid, causal,
-  window), hands it to ``on_layer`` and forgets it, so peak memory is one layer's activations.
+  the layer has run, checks that the attention the model computed is the one the Layer describes (the mask
+  equals key_valid, causal, window and radius; the soft-cap equals the Layer's; no additive biases), hands
+  it to ``on_layer`` and forgets it, so peak memory is one layer's activations.
 """
 
 from __future__ import annotations
@@ -47,7 +49,10 @@ class _AttentionCall:
     scale: float
     inner: str  # "sdpa" or "eager": decides what a missing mask means
     module_causal: bool  # SDPA's is_causal fallback when the mask is None
-    sliding_window: Optional[int]
+    sliding_window: Optional[int]  # the flash-attention window argument, if the module passes one
+    softcap: Optional[float]  # logit soft-capping the module asks for (Gemma 2), None for none
+    position_bias: Optional[Tensor]  # an additive logit bias (T5-style), which no Layer describes
+    sinks: Optional[Tensor]  # attention sinks (s_aux, gpt-oss), which change the softmax's denominator
 
 
 _active_recorder: ContextVar[Optional["_Recorder"]] = ContextVar("kobattr_active_recorder", default=None)
@@ -73,6 +78,9 @@ def _recording_attention(inner: str) -> Callable:
                 inner=inner,
                 module_causal=bool(getattr(module, "is_causal", True) if is_causal is None else is_causal),
                 sliding_window=kwargs.get("sliding_window"),
+                softcap=kwargs.get("softcap"),
+                position_bias=kwargs.get("position_bias"),
+                sinks=kwargs.get("s_aux"),
             )
             recorder.record_attention(module, call)
         real = sdpa_attention_forward if inner == "sdpa" else _eager_attention(module)
@@ -88,13 +96,15 @@ for _inner, _mask_builder in (("sdpa", sdpa_mask), ("eager", eager_mask)):
 
 
 @contextmanager
-def _recording_attention_implementation(config):
+def _recording_attention_implementation(config, adapter: Adapter):
     """Point the model at the recording twin of its attention implementation for the duration of the block.
 
     Eager models keep eager; every other implementation (SDPA, flash, flex) is recorded through SDPA, which
-    computes the same attention up to rounding."""
+    computes the same attention up to rounding, except with logit soft-capping, which transformers' SDPA
+    function refuses: those run eager."""
     original = config._attn_implementation
-    config._attn_implementation = _RECORDING_IMPLEMENTATIONS["eager" if original == "eager" else "sdpa"]
+    eager = original == "eager" or adapter.softcap(config) != 0
+    config._attn_implementation = _RECORDING_IMPLEMENTATIONS["eager" if eager else "sdpa"]
     try:
         yield
     finally:
@@ -168,7 +178,8 @@ class _Recorder:
                 f"layer {index}'s weights are offloaded (on the meta device) once the layer has run; "
                 "capture reads them then, so load the model without CPU/disk offload."
             )
-        ln1, ln2 = self.adapter.norms(module)
+        _check_call(index, call)
+        adapter, config = self.adapter, self.config
         layer = Layer(
             q=call.q,
             k=call.k,
@@ -176,14 +187,15 @@ class _Recorder:
             w_o=w_o,
             b_o=b_o,
             x=x.to(device),  # with a device_map the layer input may still be on the previous layer's device
-            ln1=ln1,
-            ln2=ln2,
-            ffn=self.adapter.feed_forward(module, self.config),
-            placement=self.adapter.placement,
+            **adapter.norms(module),  # ln1, ln2, attn_out_norm, ffn_out_norm (None where the layer has none)
+            ffn=adapter.feed_forward(module, config),
+            placement=adapter.placement_for(config),
             scale=call.scale,
             key_valid=None if self.key_valid is None else self.key_valid.to(device),
-            causal=self.adapter.causal,
-            window=self.adapter.window(self.config, index),
+            causal=adapter.is_causal(config),
+            window=adapter.window(config, index),
+            radius=adapter.radius(config, index),
+            softcap=adapter.softcap(config),
         )
         try:
             layer.validate()
@@ -214,14 +226,34 @@ def _model_visibility(call: _AttentionCall, batch: int, n: int) -> Tensor:
     seen = mask == 0
     blocked = mask <= torch.finfo(mask.dtype).min
     if not (seen | blocked).all():
-        raise CaptureError("the model's additive attention mask carries biases other than 0 and -inf, which kobattr's Layer cannot describe.")
+        raise CaptureError("the model's additive attention mask carries values other than 0 and -inf, i.e. biases on the "
+                           "attention logits (as ALiBi or T5's relative positions add), which kobattr does not support.")
     return seen.expand(batch, n, n)
 
 
+def _check_call(index: int, call: _AttentionCall) -> None:
+    """Refuse attention options that change the weights in a way no Layer describes."""
+    if call.position_bias is not None:
+        raise CaptureError(f"layer {index} adds a position bias to its attention logits (T5-style relative positions or "
+                           "ALiBi), which kobattr does not support: its attention weights come from q, k and a mask only.")
+    if call.sinks is not None:
+        raise CaptureError(f"layer {index} uses attention sinks (s_aux), which kobattr does not support: they take a share "
+                           "of each softmax that no token receives.")
+
+
 def _check_mask(index: int, layer: Layer, call: _AttentionCall) -> None:
-    """Raise CaptureError unless the model's mask equals the structured one on every real query row."""
-    if call.sliding_window is not None and call.sliding_window != layer.window:
-        raise CaptureError(f"layer {index} attends with sliding_window={call.sliding_window} but the adapter says window={layer.window}.")
+    """Raise CaptureError unless the model's mask equals the structured one on every real query row, and the
+    soft-cap and window arguments of its attention call are the Layer's."""
+    softcap = float(call.softcap or 0.0)
+    if softcap != layer.softcap:
+        raise CaptureError(f"layer {index} attends with softcap={call.softcap} but the adapter says softcap={layer.softcap}.")
+    if call.sliding_window is not None:
+        # the flash-attention argument: the causal window itself, or for a symmetric window its exclusive bound
+        # (ModernBERT passes local_attention // 2 + 1 for |i - j| <= local_attention // 2)
+        expected_window = layer.window or (layer.radius + 1 if layer.radius else None)
+        if call.sliding_window != expected_window:
+            raise CaptureError(f"layer {index} attends with sliding_window={call.sliding_window} but the adapter says "
+                               f"window={layer.window}, radius={layer.radius}.")
     expected = layer.visible()
     used = _model_visibility(call, layer.batch, layer.seq_len) & layer.valid[:, :, None]  # padding rows are never attributed
     wrong = (used != expected).nonzero()
@@ -229,6 +261,7 @@ def _check_mask(index: int, layer: Layer, call: _AttentionCall) -> None:
         b, i, j = wrong[0].tolist()
         raise CaptureError(
             f"layer {index}: the model's attention mask differs from kobattr's (causal={layer.causal}, window={layer.window}, "
+            f"radius={layer.radius}, "
             f"padding from attention_mask) at {len(wrong)} places, first at batch {b}, query {i}, key {j} "
             f"(model: {'visible' if used[b, i, j] else 'masked'}); the model does not mask the way its family adapter says."
         )
@@ -252,7 +285,7 @@ def capture(model: nn.Module, inputs: dict, on_layer: OnLayer, layers: Optional[
         return
     mask = inputs.get("attention_mask")
     recorder = _Recorder(model, adapter, wanted, on_layer, key_valid=None if mask is None else mask.bool())
-    with torch.no_grad(), _eval_mode(model), _recording_attention_implementation(model.config), recorder.hooks():
+    with torch.no_grad(), _eval_mode(model), _recording_attention_implementation(model.config, adapter), recorder.hooks():
         try:
             model.base_model(**_model_inputs(adapter, inputs))
         except _AllLayersCaptured:
