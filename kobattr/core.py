@@ -16,10 +16,10 @@ import torch
 from torch import Tensor
 
 from .backends import get_backend
-from .backends.base import Attention, FFParts
+from .backends.base import Attention, Backend, FFParts
 from .backends.torch_backend import DEFAULT_BUDGET, block_alpha
 from .ig import ffn_coefficients
-from .layer import NORM_FIELDS, Layer, LayerInputError
+from .layer import NORM_FIELDS, Layer, LayerInputError, cap_logits
 from .methods import (REGISTRY, STRUCTURES, check_methods, contextualization_change, ff_amp, ff_methods, form,
                       row_normalize, vector_ratio)
 
@@ -64,11 +64,21 @@ def _head_vectors(layer: Layer, keys: slice, dtype) -> Tensor:
     return torch.einsum("bhcd,hde->bche", v, layer.w_o.to(dtype))
 
 
-def _row_pass(layer: Layer, attn: Attention, dtype, budget: int) -> tuple[Tensor, Tensor]:
-    """(sum_j sum_h alpha^h_ij v_j W_O^h (B, N, D), alpha^h_ii (B, H, N)) in query blocks."""
+def _row_pass(layer: Layer, attn: Attention, dtype, budget: int, row_stats: Optional[Backend]) -> tuple[Tensor, Tensor]:
+    """(sum_j sum_h alpha^h_ij v_j W_O^h (B, N, D), alpha^h_ii (B, H, N)).
+
+    With the model's own attention output (Layer.head_outputs) only the row log-sum-exp is recomputed, by
+    the ``row_stats`` implementation; otherwise alpha is recomputed in query blocks of at most ``budget``."""
     B, H, N, Dh = layer.q.shape
     group = H // layer.n_kv_heads
-    w_o, v = layer.w_o.to(dtype), layer.v.to(dtype)
+    w_o = layer.w_o.to(dtype)
+    if layer.head_outputs is not None:
+        attn_sum = torch.einsum("bhnd,hde->bne", layer.head_outputs.to(dtype), w_o)
+        q, k = layer.q.to(dtype), layer.k.to(dtype).repeat_interleave(group, 1)
+        logit = cap_logits((q * k).sum(-1) * attn.scale, attn.softcap)  # (B, H, N): query i against key i
+        alpha_diag = torch.exp(logit - row_stats.row_lse(attn).to(dtype))
+        return attn_sum, torch.where(layer.valid[:, None], alpha_diag, 0.0)  # i sees i whenever i is a real token
+    v = layer.v.to(dtype)
     attn_sum = torch.zeros(B, N, layer.d_model, dtype=dtype, device=layer.q.device)
     alpha_diag = torch.zeros(B, H, N, dtype=dtype, device=layer.q.device)
     size = max(1, budget // max(1, B * H * N))
@@ -79,6 +89,12 @@ def _row_pass(layer: Layer, attn: Attention, dtype, budget: int) -> tuple[Tensor
         attn_sum[:, rows] = torch.einsum("bhrd,hde->bre", heads, w_o)
         alpha_diag[:, :, rows] = alpha[:, :, torch.arange(len(rows), device=rows.device), rows]
     return attn_sum, alpha_diag
+
+
+def attention_of(layer: Layer) -> Attention:
+    """The attention pattern of a layer, as the primitives take it."""
+    return Attention(q=layer.q, k=layer.k, valid=layer.valid, causal=layer.causal, window=layer.window,
+                     scale=layer.softmax_scale, radius=layer.radius, softcap=layer.softcap)
 
 
 class _Prepared:
@@ -92,16 +108,15 @@ class _Prepared:
     """
 
     def __init__(self, layer: Layer, methods, ig: str, ig_steps: int, budget: int, targets: Optional[dict],
-                 keep_value_vectors: bool = False):
+                 keep_value_vectors: bool = False, row_stats: Optional[Backend] = None):
         self.layer = L = layer
         self.structure = L.structure
         self.dtype = dtype = torch.float64 if layer.x.dtype == torch.float64 else torch.float32
-        self.attn = Attention(q=L.q, k=L.k, valid=L.valid, causal=L.causal, window=L.window, scale=L.softmax_scale,
-                              radius=L.radius, softcap=L.softcap)
+        self.attn = attention_of(L)
         B, H, N, Dh = L.q.shape
         self.x = x = L.x.to(dtype)
         self.b_o = L.out_bias.to(dtype)
-        self.attn_sum, self.alpha_diag = _row_pass(L, self.attn, dtype, budget)
+        self.attn_sum, self.alpha_diag = _row_pass(L, self.attn, dtype, budget, row_stats)
         group = H // L.n_kv_heads
         v_diag = L.v.to(dtype).repeat_interleave(group, 1) * self.alpha_diag[..., None]
         self.attn_diag = torch.einsum("bhnd,hde->bne", v_diag, L.w_o.to(dtype))  # sum_h alpha^h_ii f^h(x_i)
@@ -433,8 +448,9 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
         raise LayerInputError(f"the requested maps hold {out_elements / 2**30:.1f} G values ({B} x {n_rows} rows x {N} keys x "
                               f"{len(methods)} methods{' + heads' if heads else ''}); ask for fewer rows= or use contract= "
                               "to contract them.")
-    prep = _Prepared(layer, methods, ig, ig_steps, budget, targets, keep_value_vectors=verify > 0)
-    impls = get_backend(backend, prep.attn, need_ff)
+    impls = get_backend(backend, attention_of(layer), need_ff, need_row_stats=layer.head_outputs is not None)
+    prep = _Prepared(layer, methods, ig, ig_steps, budget, targets, keep_value_vectors=verify > 0,
+                     row_stats=impls.get("row_stats"))
 
     # attention-side maps (an FF run with full maps also computes every scope, for the component analysis)
     scope_methods = STRUCTURES[structure].scopes if need_ff and full else ()

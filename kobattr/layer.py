@@ -158,6 +158,9 @@ class Layer:
             and before the FFN (None where there is none). ln1 before attention only matters for
             :meth:`forward` (v already includes it).
         attn_out_norm, ffn_out_norm: the norms after attention and after the FFN, before their residual.
+        head_outputs: (B, H, N, Dh) optional, sum_j alpha^h_ij v_j as the model's attention computed it (before
+            W_O); capture records it, so that kobattr need not recompute the attention output. The spot
+            checks recompute from q, k and v, so a wrong one is caught.
         ffn: the feed-forward block.
     """
 
@@ -179,6 +182,7 @@ class Layer:
     softcap: float = 0.0
     attn_out_norm: Optional[Norm] = None
     ffn_out_norm: Optional[Norm] = None
+    head_outputs: Optional[Tensor] = None
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -257,7 +261,8 @@ class Layer:
         """The layer of batch element ``index`` alone (batch dimension kept, of size 1)."""
         one = slice(index, index + 1)
         return replace(self, q=self.q[one], k=self.k[one], v=self.v[one], x=self.x[one],
-                       key_valid=None if self.key_valid is None else self.key_valid[one])
+                       key_valid=None if self.key_valid is None else self.key_valid[one],
+                       head_outputs=None if self.head_outputs is None else self.head_outputs[one])
 
     # --------------------------------------------------------------- checking
     def validate(self) -> "Layer":
@@ -296,6 +301,13 @@ class Layer:
         if len(devices) != 1:
             raise LayerInputError(f"q, k, v, x and w_o must be on one device, got {sorted(map(str, devices))}.")
         self._check_vector("b_o", self.b_o, (D,))
+        if self.head_outputs is not None:
+            if not isinstance(self.head_outputs, Tensor) or self.head_outputs.shape != q.shape:
+                got = tuple(self.head_outputs.shape) if isinstance(self.head_outputs, Tensor) else type(self.head_outputs).__name__
+                raise LayerInputError(f"head_outputs must be (B, H, N, Dh) = {tuple(q.shape)} like q, got {got}.")
+            if self.head_outputs.device != q.device or not self.head_outputs.is_floating_point():
+                raise LayerInputError(f"head_outputs must be a floating tensor on {q.device}, got {self.head_outputs.dtype} "
+                                      f"on {self.head_outputs.device}.")
         for name in NORM_FIELDS:
             norm = getattr(self, name)
             if norm is None:

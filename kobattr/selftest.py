@@ -3,8 +3,8 @@
 Each implementation runs the primitives it implements on small random layers of every block structure
 (kobattr.testing), with each attention feature (padding, causal, windows, GQA, soft-capping) in turn,
 in float32 and, on a GPU, float16 and bfloat16. Its maps are compared with the materialising reference
-in float64 by the spot checks' row error (kobattr.verify.row_errors) and held to the spot checks'
-tolerance for the dtype. An input an implementation declines (``Backend.refusals``) is counted as
+in float64 by the spot checks' row error (kobattr.verify.row_errors), the row log-sum-exp of row_stats
+by its absolute error, and held to the spot checks' tolerance for the dtype. An input an implementation declines (``Backend.refusals``) is counted as
 skipped with its reason, never as passed.
 """
 
@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 
 from .backends import availability, implementation
-from .core import attribute
+from .core import attention_of, attribute
+from .layer import cap_logits
 from .methods import STRUCTURES, form, methods_for
 from .reference import reference
 from .testing import STRUCTURE_KINDS, random_layer
@@ -121,13 +122,23 @@ def run(device: Optional[str] = None, dtypes: Optional[tuple] = None, names: Opt
 
 
 def _try(outcome: Outcome, impl, primitive: str, layer, methods, ref, dtype) -> None:
-    from .backends.base import Attention
-
-    attn = Attention(q=layer.q, k=layer.k, valid=layer.valid, causal=layer.causal, window=layer.window,
-                     scale=layer.softmax_scale, radius=layer.radius, softcap=layer.softcap)
+    attn = attention_of(layer)
     reasons = impl.refusals(primitive, attn)
     if reasons:
         outcome.skipped = " ".join(reasons)
+        return
+    outcome.tolerance = tolerance(dtype)
+    if primitive == "row_stats":  # against log sum_j exp(cap(scale q.k)) over the visible keys, written out in float64
+        exact = layer.to(dtype=torch.float64)
+        group = exact.n_heads // exact.n_kv_heads
+        logits = cap_logits(exact.q @ exact.k.repeat_interleave(group, 1).transpose(-1, -2) * exact.softmax_scale,
+                            exact.softcap)
+        want = torch.logsumexp(logits.masked_fill(~exact.visible()[:, None], float("-inf")), -1)
+        start = time.perf_counter()
+        got = impl.row_lse(attn)
+        outcome.seconds = time.perf_counter() - start
+        real = exact.valid[:, None].expand_as(want)
+        outcome.error = float((got.double() - want).abs()[real].max())
         return
     if layer.q.is_cuda:
         torch.cuda.synchronize()
@@ -138,4 +149,3 @@ def _try(outcome: Outcome, impl, primitive: str, layer, methods, ref, dtype) -> 
     outcome.seconds = time.perf_counter() - start
     assert result.backends[primitive] == impl.name
     outcome.error = max(float(row_errors(result.maps[m].to(ref["maps"][m].device), ref["maps"][m]).max()) for m in methods)
-    outcome.tolerance = tolerance(dtype)

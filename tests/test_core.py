@@ -241,3 +241,43 @@ def test_norms_after_attention_and_ffn_change_the_maps(kind):
     for m in ref["maps"]:
         if m not in ("attn_w", "attnres_w"):
             assert not torch.allclose(other["maps"][m], ref["maps"][m]), m
+
+
+def with_head_outputs(layer):
+    """The layer carrying sum_j alpha^h_ij v_j as a model's attention would hand it over (padding rows 0)."""
+    alpha = reference(layer, methods=["attn_w"], dtype=layer.q.dtype)["alpha"]
+    v = layer.v.repeat_interleave(layer.n_heads // layer.n_kv_heads, 1)
+    return dataclasses.replace(layer, head_outputs=alpha @ v)
+
+
+@pytest.mark.parametrize("kind,kw", [("bert", dict(N=30, pad=4)), ("llama", dict(N=40, window=9, pad=3)),
+                                     ("gemma2", dict(N=25, softcap=1.5, pad=2)), ("sandwich_ln", dict(N=31, radius=4))])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_model_attention_output_gives_the_same_results(kind, kw, dtype):
+    """With Layer.head_outputs the row pass only recomputes the row log-sum-exp (row_stats)."""
+    layer = random_layer(kind, dtype=dtype, **kw)
+    given = with_head_outputs(layer)
+    plain = attribute(layer, methods="all", backend="torch")
+    fast = attribute(given, methods="all", backend="torch")
+    assert "row_stats" not in plain.backends and fast.backends["row_stats"] == "torch"
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for m in plain.methods:
+        assert_close(fast.maps[m], plain.maps[m], tol, m)
+        assert torch.equal(fast.ratios[m].isnan(), plain.ratios[m].isnan())
+        assert_close(fast.ratios[m].nan_to_num(0), plain.ratios[m].nan_to_num(0), tol, f"ratio {m}")
+
+
+def test_a_wrong_model_attention_output_is_caught_by_the_spot_check():
+    from kobattr.verify import VerificationError
+
+    layer = with_head_outputs(random_layer("gpt2", N=12, dtype=torch.float32))
+    wrong = dataclasses.replace(layer, head_outputs=layer.head_outputs * 1.01)
+    attribute(layer, methods=["attnresln_n"], backend="torch")  # verify=2 by default: passes
+    with pytest.raises(VerificationError, match="attnresln_n"):  # the norm's statistic reads y = x + Attn
+        attribute(wrong, methods=["attnresln_n"], backend="torch")
+
+
+def test_head_outputs_must_have_the_shape_of_q():
+    layer = random_layer("bert", N=5)
+    with pytest.raises(LayerInputError, match=r"head_outputs must be \(B, H, N, Dh\)"):
+        attribute(dataclasses.replace(layer, head_outputs=layer.q[:, :, :4]), backend="torch")

@@ -466,3 +466,19 @@ def test_layers_selects_what_is_captured_and_stops_early():
     assert list(collect(model, inputs, layers=[-1])) == [1]
     with pytest.raises(IndexError, match="out of range"):
         capture(model, inputs, lambda index, layer: None, layers=[2])
+
+
+@pytest.mark.parametrize("family,side", [("roberta", "right"), ("llama", "left"), ("gemma2", "left"),
+                                         ("modernbert", "right"), ("gpt_neox", "right")])
+def test_the_attention_output_is_recorded_per_head(family, side):
+    """Layer.head_outputs is sum_j alpha^h_ij v_j as the model computed it, 0 on padding rows."""
+    model = tiny_model(family)
+    batch = token_batch(family, [N_TOKENS, 5], side)
+    valid = batch["attention_mask"].bool()
+    for layer in collect(model, batch).values():
+        assert layer.head_outputs is not None and layer.head_outputs.shape == layer.q.shape
+        v = layer.v.repeat_interleave(layer.n_heads // layer.n_kv_heads, 1)
+        expected = alpha(layer) @ v
+        rows = valid[:, None, :].expand(-1, layer.n_heads, -1)
+        assert_close_rows(layer.head_outputs.transpose(1, 2), expected.transpose(1, 2), valid)
+        assert (layer.head_outputs[~rows] == 0).all()

@@ -15,7 +15,7 @@ from typing import Optional, Union
 from .base import Attention, Backend, BackendUnavailable
 
 BACKEND_NAMES = ("torch", "triton", "cpu", "cuda")
-PRIMITIVES = ("attention_maps", "ff_maps")
+PRIMITIVES = ("attention_maps", "ff_maps", "row_stats")
 _FACTORIES = {
     "torch": ("kobattr.backends.torch_backend", "TorchBackend", {}),
     "triton": ("kobattr.backends.triton_backend", "TritonBackend", {}),
@@ -78,7 +78,8 @@ def select(backend, primitive: str, attn: Attention) -> Backend:
     raise BackendUnavailable(f"{what} {primitive} on this input; " + "; ".join(reasons))
 
 
-def get_backend(name, attn: Attention, need_ff: bool) -> dict[str, Backend]:
-    """{primitive: implementation} for the primitives a layer needs (ff_maps only if need_ff)."""
-    wanted = PRIMITIVES if need_ff else PRIMITIVES[:1]
+def get_backend(name, attn: Attention, need_ff: bool, need_row_stats: bool = False) -> dict[str, Backend]:
+    """{primitive: implementation} for the primitives a layer needs (ff_maps only if need_ff, row_stats only if
+    need_row_stats)."""
+    wanted = ("attention_maps",) + (("ff_maps",) if need_ff else ()) + (("row_stats",) if need_row_stats else ())
     return {p: select(name, p, attn) for p in wanted}

@@ -32,7 +32,12 @@ ff_maps  (post-LN ATBFF, ATBFFRES, ATBFFRESLN; pre-LN ATBLNFF, ATBLNFFRES)
                out_center, identity otherwise; out_weight None = ones)
     -> (B, n_scopes, R, N) float32, 0 where j is not visible from i.
 
-Output modes shared by both: ``rows`` (R,) int64 selects query rows (None = all N, R = N);
+row_stats  row_lse(attn) -> (B, H, N): log sum_j exp(cap(scale q^h_i . k_j)) over the keys visible from i
+           (natural log; float64 for float64 q, else float32; -inf or any value on rows that see no key).
+           With the model's attention output (Layer.head_outputs) it is all the O(N^2) work of the row
+           pass: alpha^h_ii = exp(logit_ii - lse_i).
+
+Output modes shared by both map primitives: ``rows`` (R,) int64 selects query rows (None = all N, R = N);
 ``weights`` (B, K, N) float32 asks instead for the contraction out[b, m, k, j] =
 sum_i weights[b, k, i] * map[b, m, i, j] over the selected rows i (all rows without ``rows``;
 weights stays indexed by the absolute row), with ``normalize_rows`` dividing each map row by its
@@ -153,6 +158,9 @@ class Backend:
         for feature in sorted(required_features(attn) - self.features):
             reasons.append(f"{self.name} does not compute {FEATURES[feature]}.")
         return reasons
+
+    def row_lse(self, attn: Attention) -> Tensor:
+        raise NotImplementedError
 
     def attention_maps(self, attn: Attention, grams: Tensor, row_scale: Tensor, rows: Optional[Tensor] = None,
                        weights: Optional[Tensor] = None, normalize_rows: bool = False,

@@ -25,8 +25,8 @@ def _blocks(n: int, size: int):
         yield start, min(start + size, n)
 
 
-def block_alpha(attn: Attention, rows: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(alpha (B, H, R, N), visible (B, R, N)) for the query rows ``rows``, in ``dtype``."""
+def block_scores(attn: Attention, rows: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(logits (B, H, R, N), -inf where invisible; visible (B, R, N)) for the query rows ``rows``, in ``dtype``."""
     q = attn.q[:, :, rows].to(dtype)
     k = attn.k.to(dtype)
     B, H, R, Dh = q.shape
@@ -34,8 +34,13 @@ def block_alpha(attn: Attention, rows: Tensor, dtype: torch.dtype) -> tuple[Tens
     # GQA without copying K: group the query heads that share a KV head
     scores = cap_logits((q.view(B, KV, H // KV * R, Dh) @ k.transpose(-1, -2)).view(B, H, R, -1) * attn.scale, attn.softcap)
     vis = visible_block(attn, rows, torch.arange(k.shape[2], device=k.device))
-    alpha = torch.softmax(scores.masked_fill(~vis[:, None], float("-inf")), -1).nan_to_num(0.0)
-    return alpha, vis
+    return scores.masked_fill(~vis[:, None], float("-inf")), vis
+
+
+def block_alpha(attn: Attention, rows: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(alpha (B, H, R, N), visible (B, R, N)) for the query rows ``rows``, in ``dtype``."""
+    scores, vis = block_scores(attn, rows, dtype)
+    return torch.softmax(scores, -1).nan_to_num(0.0), vis
 
 
 def kappa_diag_mask(rows: Tensor, cols: Tensor, vis: Tensor) -> Tensor:
@@ -65,7 +70,7 @@ class _Output:
 
 class TorchBackend(Backend):
     name = "torch"
-    primitives = ("attention_maps", "ff_maps")
+    primitives = ("attention_maps", "ff_maps", "row_stats")
 
     def __init__(self, budget: int = DEFAULT_BUDGET):
         self.budget = budget
@@ -77,6 +82,16 @@ class TorchBackend(Backend):
     @staticmethod
     def _rows(attn: Attention, rows: Optional[Tensor]) -> Tensor:
         return torch.arange(attn.q.shape[2], device=attn.q.device) if rows is None else rows.to(attn.q.device)
+
+    def row_lse(self, attn):
+        dtype = self.compute_dtype(attn)
+        B, H, N, _ = attn.q.shape
+        lse = torch.empty(B, H, N, dtype=dtype, device=attn.q.device)
+        size = max(1, min(N, self.budget // max(1, B * H * N)))
+        for start, stop in _blocks(N, size):
+            scores, _ = block_scores(attn, torch.arange(start, stop, device=attn.q.device), dtype)
+            lse[:, :, start:stop] = torch.logsumexp(scores, -1)
+        return lse
 
     def attention_maps(self, attn, grams, row_scale, rows=None, weights=None, normalize_rows=False, want_alpha=False):
         dtype = self.compute_dtype(attn)

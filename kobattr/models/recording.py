@@ -53,6 +53,7 @@ class _AttentionCall:
     softcap: Optional[float]  # logit soft-capping the module asks for (Gemma 2), None for none
     position_bias: Optional[Tensor]  # an additive logit bias (T5-style), which no Layer describes
     sinks: Optional[Tensor]  # attention sinks (s_aux, gpt-oss), which change the softmax's denominator
+    output: Optional[Tensor] = None  # (batch, head, query, Dh): sum_j alpha v_j as the model computed it
 
 
 _active_recorder: ContextVar[Optional["_Recorder"]] = ContextVar("kobattr_active_recorder", default=None)
@@ -84,7 +85,13 @@ def _recording_attention(inner: str) -> Callable:
             )
             recorder.record_attention(module, call)
         real = sdpa_attention_forward if inner == "sdpa" else _eager_attention(module)
-        return real(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        output = real(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        if recorder is not None:
+            # (batch, query, head, Dh) from both functions; kept as a view, so that the row pass needs no N^2 work
+            attn_output = output[0] if isinstance(output, tuple) else output
+            if attn_output.dim() == 4 and attn_output.shape[1] == query.shape[2] and attn_output.shape[2] == query.shape[1]:
+                call.output = attn_output.transpose(1, 2)
+        return output
 
     return attention
 
@@ -196,6 +203,7 @@ class _Recorder:
             window=adapter.window(config, index),
             radius=adapter.radius(config, index),
             softcap=adapter.softcap(config),
+            head_outputs=_real_rows(call.output, self.key_valid),
         )
         try:
             layer.validate()
@@ -203,6 +211,14 @@ class _Recorder:
             raise LayerInputError(f"layer {index}: {err}") from None
         _check_mask(index, layer, call)
         return layer
+
+
+def _real_rows(output: Optional[Tensor], key_valid: Optional[Tensor]) -> Optional[Tensor]:
+    """The attention output with padding query rows zeroed: a padding row that sees no key may be NaN, and
+    no map row of a padding token is ever attributed."""
+    if output is None or key_valid is None:
+        return output
+    return torch.where(key_valid.to(output.device)[:, None, :, None], output, 0.0)
 
 
 class _AllLayersCaptured(Exception):
