@@ -123,7 +123,7 @@ class _Prepared:
         need_ff = bool(ff_methods(methods, self.structure))
         self.cast = cast = _cast_layer(L, dtype)
         self.real = cast.stream(self.attn_sum + self.b_o, with_ffn=need_ff or bool(targets))
-        self.y = y = self.real["y"]
+        self.y = self.real["y"]
         self.p1 = cast.attn_out_norm
         # 1 / s of the whole attention output (b_O included) for the norm after attention
         self.s1 = None if self.p1 is None else self.p1.inv_std(self.attn_sum + self.b_o)
@@ -239,23 +239,15 @@ class _Prepared:
             ff_bias = p2.split(ff_bias) * s2[..., None] + p2.bias_vector(L.d_model, y)
             w_out, in_scale = p2.split(w_out), in_scale * s2
 
-        # per-key parts from U_j = [f^1(x_j) .. f^H(x_j), x_j] (H+1 rows) in key blocks
-        B, H, N, _ = L.q.shape
-        D, F = L.d_model, ffn.w_in.shape[1]
-        gated = coef_gate is not None
+        # per-key parts from U_j = [f^1(x_j) .. f^H(x_j), x_j] (H+1 rows), made for a block of keys when the
+        # implementation asks (never (N, H+1, F) at once)
         stream = form(struct.ff_stream, self.structure)  # the pairs the FFN output is added to
-        ff_parts = torch.empty(B, N, H + 1, F, dtype=dtype, device=x.device)
-        gate_parts = torch.empty_like(ff_parts) if gated else None
-        res_parts = torch.empty(B, N, H + 1, D, dtype=dtype, device=x.device)
-        step = max(1, (1 << 22) // max(1, B * (H + 1) * max(D, F)))
-        for start in range(0, N, step):
-            keys = slice(start, min(start + step, N))
+        w_in, w_gate = ffn.w_in, (ffn.w_gate if coef_gate is not None else None)
+
+        def key_block(keys: slice) -> tuple:
             raw = torch.cat([_head_vectors(L, keys, dtype), x[:, keys, None]], 2)  # (B, C, H+1, D)
-            res_parts[:, keys] = self.form_rows(stream, raw, keys)
             split = in_rows(raw, keys)
-            ff_parts[:, keys] = split @ ffn.w_in
-            if gated:
-                gate_parts[:, keys] = split @ ffn.w_gate
+            return split @ w_in, None if w_gate is None else split @ w_gate, self.form_rows(stream, raw, keys)
 
         s_sum, s_diag, s_bias, _ = self.vector_parts(stream)
         res_sum, res_diag, res_bias = s_sum + ff_sum, s_diag + ff_diag, s_bias + ff_bias
@@ -265,7 +257,7 @@ class _Prepared:
             out = getattr(self.cast, struct.out_norm)
             s3 = out.inv_std(self.real["ffn_res"])[..., None]
             scope_vectors.append((out.split(res_sum) * s3, out.split(res_diag) * s3,
-                                  out.split(res_bias) * s3 + out.bias_vector(D, y)))
+                                  out.split(res_bias) * s3 + out.bias_vector(L.d_model, y)))
             out_weight, out_center, out_scale = out.weight, out.kind == "layernorm", s3[..., 0]
         self.ff_scopes = []  # the FF-kind scope methods in the order of the primitive's output
         for m in struct.scopes:
@@ -273,9 +265,9 @@ class _Prepared:
             if f.kind == "ff":
                 self.vectors[m] = (*scope_vectors[f.ff_scope], self.real[f.target])
                 self.ff_scopes.append(m)
-        return FFParts(ff_parts=ff_parts, gate_parts=gate_parts, res_parts=res_parts, in_scale=in_scale,
-                       res_scale=self.form_scale(stream), out_scale=out_scale, coef_in=coef_in, coef_gate=coef_gate,
-                       w_out=w_out, out_weight=out_weight, out_center=out_center, n_scopes=len(scope_vectors))
+        return FFParts(key_block=key_block, in_scale=in_scale, res_scale=self.form_scale(stream), out_scale=out_scale,
+                       coef_in=coef_in, coef_gate=coef_gate, w_out=w_out, out_weight=out_weight, out_center=out_center,
+                       n_scopes=len(scope_vectors))
 
     def grams(self, methods) -> tuple[Tensor, Tensor]:
         """Per-key Gram matrices (B, N, M, H+1, H+1) and row scales (B, N, M) of attention-side methods

@@ -18,10 +18,11 @@ attention_maps  (ATTN-N, ATTNRES-N, ATTNRESLN-N, pre-LN ATB / ATBLN)
     map[b, m, i, j] = row_scale[b, i, m] * sqrt(max(kappa_ij^T grams[b, j, m] kappa_ij, 0)),
     0 where j is not visible from i. Optionally alpha itself (B, H, R, N) float32.
 
-ff_maps  (post-LN ATBFF, ATBFFRES, ATBFFRESLN; pre-LN ATBLNFF, ATBLNFFRES)
+ff_maps  (the FF scopes: post-LN ATBFF, ATBFFRES, ATBFFRESLN; pre-LN ATBLNFF, ATBLNFFRES; ...)
     ff_parts   (B, N, H+1, F)  per key: the parts of the FFN input through W_in
     gate_parts (B, N, H+1, F)  or None: the same through W_gate (gated FFN)
     res_parts  (B, N, H+1, D)  per key: the residual-stream parts
+               (all three as FFParts.block(keys) gives them for a block of keys)
     in_scale, res_scale, out_scale (B, N); coef_in, coef_gate (B, N, F) (coef_gate None if not gated)
     w_out      (F, D); out_weight (D,) or None; out_center: bool; n_scopes: 2 or 3
     ff_ij  = ((in_scale_i sum_r kappa_ij[r] ff_parts_j[r]) * coef_in_i
@@ -46,8 +47,8 @@ sum first (rows summing to 0 stay 0), returning (B, M, K, N) without building th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -97,11 +98,12 @@ class Attention:
 
 @dataclass
 class FFParts:
-    """Per-key and per-row pieces of the feed-forward primitive (see module docstring)."""
+    """Per-key and per-row pieces of the feed-forward primitive (see module docstring).
 
-    ff_parts: Tensor
-    gate_parts: Optional[Tensor]
-    res_parts: Tensor
+    The per-key parts are either stored (ff_parts, gate_parts, res_parts) or computed on demand for a block
+    of keys by ``key_block`` (what kobattr.core does: nothing (N, H+1, F) is ever held); ``block(keys)``
+    gives them either way."""
+
     in_scale: Tensor
     res_scale: Tensor
     out_scale: Tensor
@@ -111,6 +113,25 @@ class FFParts:
     out_weight: Optional[Tensor]
     out_center: bool
     n_scopes: int
+    ff_parts: Optional[Tensor] = None
+    gate_parts: Optional[Tensor] = None
+    res_parts: Optional[Tensor] = None
+    key_block: Optional[Callable[[slice], tuple]] = None  # keys -> (ff_parts, gate_parts or None, res_parts)
+
+    def block(self, keys: slice) -> tuple:
+        """(ff_parts, gate_parts or None, res_parts) of the keys ``keys``, (B, C, H+1, F / D)."""
+        if self.key_block is not None:
+            return self.key_block(keys)
+        return (self.ff_parts[:, keys], None if self.gate_parts is None else self.gate_parts[:, keys],
+                self.res_parts[:, keys])
+
+    def materialised(self) -> "FFParts":
+        """The same parts with every key's parts stored (B, N, H+1, F / D): for implementations that read them
+        whole, and the tests' oracle."""
+        if self.key_block is None:
+            return self
+        ff, gate, res = self.block(slice(0, self.in_scale.shape[1]))
+        return replace(self, ff_parts=ff, gate_parts=gate, res_parts=res, key_block=None)
 
 
 class Backend:

@@ -25,15 +25,16 @@ def _blocks(n: int, size: int):
         yield start, min(start + size, n)
 
 
-def block_scores(attn: Attention, rows: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(logits (B, H, R, N), -inf where invisible; visible (B, R, N)) for the query rows ``rows``, in ``dtype``."""
+def block_scores(attn: Attention, rows: Tensor, dtype: torch.dtype, cols: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(logits (B, H, R, C), -inf where invisible; visible (B, R, C)) of the query rows ``rows`` against the
+    keys ``cols`` (None: all), in ``dtype``."""
     q = attn.q[:, :, rows].to(dtype)
-    k = attn.k.to(dtype)
+    k = attn.k.to(dtype) if cols is None else attn.k[:, :, cols].to(dtype)
     B, H, R, Dh = q.shape
     KV = k.shape[1]
     # GQA without copying K: group the query heads that share a KV head
     scores = cap_logits((q.view(B, KV, H // KV * R, Dh) @ k.transpose(-1, -2)).view(B, H, R, -1) * attn.scale, attn.softcap)
-    vis = visible_block(attn, rows, torch.arange(k.shape[2], device=k.device))
+    vis = visible_block(attn, rows, torch.arange(attn.k.shape[2], device=k.device) if cols is None else cols)
     return scores.masked_fill(~vis[:, None], float("-inf")), vis
 
 
@@ -84,12 +85,15 @@ class TorchBackend(Backend):
         return torch.arange(attn.q.shape[2], device=attn.q.device) if rows is None else rows.to(attn.q.device)
 
     def row_lse(self, attn):
-        dtype = self.compute_dtype(attn)
+        return self._lse(attn, self._rows(attn, None), self.compute_dtype(attn))
+
+    def _lse(self, attn, rows: Tensor, dtype) -> Tensor:
+        """(B, H, R) natural-log row log-sum-exp of the query rows ``rows``, in query blocks within the budget."""
         B, H, N, _ = attn.q.shape
-        lse = torch.empty(B, H, N, dtype=dtype, device=attn.q.device)
-        size = max(1, min(N, self.budget // max(1, B * H * N)))
-        for start, stop in _blocks(N, size):
-            scores, _ = block_scores(attn, torch.arange(start, stop, device=attn.q.device), dtype)
+        lse = torch.empty(B, H, len(rows), dtype=dtype, device=attn.q.device)
+        size = max(1, min(len(rows), self.budget // max(1, B * H * N)))
+        for start, stop in _blocks(len(rows), size):
+            scores, _ = block_scores(attn, rows[start:stop], dtype)
             lse[:, :, start:stop] = torch.logsumexp(scores, -1)
         return lse
 
@@ -126,41 +130,67 @@ class TorchBackend(Backend):
         return result.out, alphas
 
     def ff_maps(self, attn, parts: FFParts, rows=None, weights=None, normalize_rows=False):
+        """Key blocks outermost: each block's per-key parts are made once (FFParts.block), then every query
+        block pairs with it, alpha coming from the row log-sum-exp. Peak memory: one key block's parts and
+        one (B, R, C, max(F, D)) tile, whatever N is. A contraction of normalised rows takes a first pass
+        for the row sums."""
         dtype = self.compute_dtype(attn)
         B, H, N, _ = attn.q.shape
         rows = self._rows(attn, rows)
-        p = {k: (v.to(dtype) if isinstance(v, Tensor) else v) for k, v in vars(parts).items()}
-        F = p["ff_parts"].shape[-1]
-        D = p["res_parts"].shape[-1]
-        result = _Output((B, parts.n_scopes), len(rows), N, weights, normalize_rows, dtype, attn.q.device)
+        p = {k: (v.to(dtype) if isinstance(v, Tensor) else v) for k, v in vars(parts).items()
+             if k not in ("ff_parts", "gate_parts", "res_parts")}
+        F, D = parts.w_out.shape
+        S = parts.n_scopes
+        lse = self._lse(attn, rows, dtype)  # (B, H, R)
         # a (query block x key block) tile holds (B, R, C, max(F, D)) elements
         pair_budget = max(1, self.budget // (B * max(F, D)))
-        row_size = max(1, min(len(rows), self.budget // max(1, B * N * H), int(pair_budget ** 0.5), max(N // 8, 32)))
+        row_size = max(1, min(len(rows), int(pair_budget ** 0.5), max(N // 8, 32)))
         col_size = max(1, min(pair_budget // row_size, max(N // 8, 32)))
         cols_all = torch.arange(N, device=attn.q.device)
-        for start, stop in _blocks(len(rows), row_size):
-            r = rows[start:stop]
-            alpha, vis = block_alpha(attn, r, dtype)
-            block = torch.zeros(B, parts.n_scopes, len(r), N, dtype=dtype, device=attn.q.device)
+
+        def tile(r0, r1, c0, c1, key_parts) -> Tensor:
+            """(B, S, R, C) scope norms of query rows rows[r0:r1] against keys c0:c1."""
+            r, cols = rows[r0:r1], cols_all[c0:c1]
+            ff_p, gate_p, res_p = (None if t is None else t.to(dtype) for t in key_parts)
+            scores, vis = block_scores(attn, r, dtype, cols)
+            alpha = torch.exp(scores - lse[:, :, r0:r1, None]).nan_to_num(0.0) * vis[:, None]  # (B, H, R, C)
+            kappa = torch.cat([alpha.permute(0, 2, 3, 1), kappa_diag_mask(r, cols, vis).to(dtype)[..., None]], -1)
             in_scale = p["in_scale"][:, r, None, None]
+            hidden = torch.einsum("brcx,bcxf->brcf", kappa, ff_p) * (in_scale * p["coef_in"][:, r, None])
+            if gate_p is not None:
+                hidden += torch.einsum("brcx,bcxf->brcf", kappa, gate_p) * (in_scale * p["coef_gate"][:, r, None])
+            ff = hidden @ p["w_out"]  # (B, R, C, D)
+            del hidden
+            total = ff + torch.einsum("brcx,bcxd->brcd", kappa, res_p) * p["res_scale"][:, r, None, None]
+            block = torch.empty(B, S, r1 - r0, c1 - c0, dtype=dtype, device=attn.q.device)
+            block[:, 0] = ff.norm(dim=-1)
+            block[:, 1] = total.norm(dim=-1)
+            if S == 3:
+                if parts.out_center:
+                    total -= total.mean(-1, keepdim=True)
+                if p["out_weight"] is not None:
+                    total *= p["out_weight"]
+                block[:, 2] = total.norm(dim=-1) * p["out_scale"][:, r, None]
+            return block * vis[:, None]
+
+        def each_tile():
             for c0, c1 in _blocks(N, col_size):
-                cols = cols_all[c0:c1]
-                kappa = torch.cat([alpha[..., c0:c1].permute(0, 2, 3, 1),
-                                   kappa_diag_mask(r, cols, vis[..., c0:c1]).to(dtype)[..., None]], -1)  # (B, R, C, H+1)
-                hidden = torch.einsum("brcx,bcxf->brcf", kappa, p["ff_parts"][:, c0:c1]) * (in_scale * p["coef_in"][:, r, None])
-                if p["gate_parts"] is not None:
-                    gate = torch.einsum("brcx,bcxf->brcf", kappa, p["gate_parts"][:, c0:c1])
-                    hidden += gate * (in_scale * p["coef_gate"][:, r, None])
-                ff = hidden @ p["w_out"]  # (B, R, C, D)
-                del hidden
-                total = ff + torch.einsum("brcx,bcxd->brcd", kappa, p["res_parts"][:, c0:c1]) * p["res_scale"][:, r, None, None]
-                block[:, 0, :, c0:c1] = ff.norm(dim=-1)
-                block[:, 1, :, c0:c1] = total.norm(dim=-1)
-                if parts.n_scopes == 3:
-                    if parts.out_center:
-                        total -= total.mean(-1, keepdim=True)
-                    if p["out_weight"] is not None:
-                        total *= p["out_weight"]
-                    block[:, 2, :, c0:c1] = total.norm(dim=-1) * p["out_scale"][:, r, None]
-            result.add(block * vis[:, None], r, start, stop)
-        return result.out
+                key_parts = parts.block(slice(c0, c1))
+                for r0, r1 in _blocks(len(rows), row_size):
+                    yield r0, r1, c0, c1, tile(r0, r1, c0, c1, key_parts)
+
+        if weights is None:
+            out = torch.zeros(B, S, len(rows), N, dtype=dtype, device=attn.q.device)
+            for r0, r1, c0, c1, block in each_tile():
+                out[:, :, r0:r1, c0:c1] = block
+            return out
+        w = weights[:, :, rows].to(dtype)[:, None].expand(B, S, -1, -1)  # (B, S, K, R)
+        if normalize_rows:
+            sums = torch.zeros(B, S, len(rows), dtype=dtype, device=attn.q.device)
+            for r0, r1, _, _, block in each_tile():
+                sums[:, :, r0:r1] += block.sum(-1)
+            w = torch.where(sums[:, :, None] > 0, w / torch.where(sums > 0, sums, 1.0)[:, :, None], 0.0)
+        out = torch.zeros(B, S, weights.shape[1], N, dtype=dtype, device=attn.q.device)
+        for r0, r1, c0, c1, block in each_tile():
+            out[..., c0:c1] += w[..., r0:r1] @ block
+        return out
