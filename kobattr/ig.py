@@ -130,12 +130,22 @@ def _check_method(method: str, steps: int) -> None:
         raise ValueError(f"ig_steps must be a positive int, got {steps!r}.")
 
 
-def ffn_coefficients(ffn, z: Tensor, method: str = "exact", steps: int = 20) -> tuple[Tensor, Tensor | None]:
+def ffn_coefficients(ffn, z: Tensor, method: str = "exact", steps: int = 20,
+                     block: int = 1 << 22) -> tuple[Tensor, Tensor | None]:
     """(coef_in, coef_gate) of an FFN for its real input rows z (..., D): the share of a part p of
-    z is ((p W_in) * coef_in + (p W_gate) * coef_gate) W_out (coef_gate None if not gated)."""
+    z is ((p W_in) * coef_in + (p W_gate) * coef_gate) W_out (coef_gate None if not gated).
+    Rows go through in blocks of about ``block`` pre-activations, so the float64 temporaries stay small."""
     _check_method(method, steps)
-    up, gate = ffn.pre_activations(z)
-    if ffn.gated:
-        coef_gate, coef_up = gated_coefficients(ffn.base_activation, gate, up, method, steps)
-        return coef_up, coef_gate
-    return elementwise_coefficient(ffn.base_activation, up, method, steps), None
+    rows = z.reshape(-1, z.shape[-1])
+    size = max(1, block // ffn.w_in.shape[1])
+    coef_in = torch.empty(rows.shape[0], ffn.w_in.shape[1], dtype=z.dtype, device=z.device)
+    coef_gate = torch.empty_like(coef_in) if ffn.gated else None
+    for start in range(0, rows.shape[0], size):
+        up, gate = ffn.pre_activations(rows[start:start + size])
+        if ffn.gated:
+            coef_gate[start:start + size], coef_in[start:start + size] = gated_coefficients(
+                ffn.base_activation, gate, up, method, steps)
+        else:
+            coef_in[start:start + size] = elementwise_coefficient(ffn.base_activation, up, method, steps)
+    shape = z.shape[:-1] + (ffn.w_in.shape[1],)
+    return coef_in.view(shape), None if coef_gate is None else coef_gate.view(shape)

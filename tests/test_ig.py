@@ -279,3 +279,19 @@ def test_bad_ig_options():
         ig.ffn_coefficients(ffn, torch.ones(1, 2), method="exact", steps=0)
     with pytest.raises(ValueError, match="unknown activation"):
         ig.activation_fn("tanh")(torch.ones(1))
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_coefficients_in_row_blocks_equal_one_block(kind):
+    from kobattr.ig import ffn_coefficients
+    from kobattr.testing import random_layer
+
+    layer = random_layer(kind, N=13, B=2)
+    z = layer.forward()["mid"]
+    whole = ffn_coefficients(layer.ffn, z)
+    blocked = ffn_coefficients(layer.ffn, z, block=3 * layer.ffn.w_in.shape[1])  # 3 rows at a time: 9 blocks
+    for a, b in zip(whole, blocked):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.shape == z.shape[:-1] + (layer.ffn.w_in.shape[1],)
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
