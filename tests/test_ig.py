@@ -294,4 +294,4 @@ def test_coefficients_in_row_blocks_equal_one_block(kind):
         assert (a is None) == (b is None)
         if a is not None:
             assert a.shape == z.shape[:-1] + (layer.ffn.w_in.shape[1],)
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)  # only the matmul blocking differs
