@@ -1,6 +1,7 @@
 // The attention_maps primitive of kobattr/backends/base.py, shared by the CPU and CUDA kernels.
 //
-//   alpha^h_ij = softmax_j(scale * q^h_i . k^{h / (H / KV)}_j) over the keys j visible from query i
+//   alpha^h_ij = softmax_j(cap(scale * q^h_i . k^{h / (H / KV)}_j)) over the keys j visible from query i
+//                (cap(s) = softcap tanh(s / softcap) when softcap > 0; visible: pair_rules.h)
 //   kappa_ij   = (alpha^0_ij, ..., alpha^{H-1}_ij, [i == j])
 //   map[b, m, i, j] = row_scale[b, i, m] * sqrt(max(kappa_ij^T grams[b, j, m] kappa_ij, 0)), 0 if invisible
 //
@@ -35,7 +36,9 @@ struct AttentionPairsArgs {
     int64_t n_weight_rows = 0;  // K: weights.shape[1], 0 when weights is null
     bool causal = false;
     int64_t window = 0;  // 0 = no sliding window
+    int64_t radius = 0;  // 0 = no symmetric window |i - j| <= radius
     float scale = 1.0f;
+    float softcap = 0.0f;  // 0 = no logit soft-capping
     bool normalize_rows = false;  // only with weights
 };
 

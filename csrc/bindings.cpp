@@ -12,10 +12,11 @@ namespace {
 void attention_maps(const at::Tensor& q, const at::Tensor& k, const at::Tensor& valid, const at::Tensor& grams,
                     const at::Tensor& row_scale, const std::optional<at::Tensor>& rows,
                     const std::optional<at::Tensor>& weights, const at::Tensor& out,
-                    const std::optional<at::Tensor>& alpha, bool causal, int64_t window, double scale,
-                    bool normalize_rows, int64_t num_threads) {
+                    const std::optional<at::Tensor>& alpha, bool causal, int64_t window, int64_t radius,
+                    double scale, double softcap, bool normalize_rows, int64_t num_threads) {
     const kobattr::AttentionPairsArgs args = kobattr::attention_maps_args(
-        q, k, valid, grams, row_scale, rows, weights, out, alpha, causal, window, scale, normalize_rows, at::kCPU);
+        q, k, valid, grams, row_scale, rows, weights, out, alpha, causal, window, radius, scale, softcap,
+        normalize_rows, at::kCPU);
     kobattr::attention_maps_cpu(args, num_threads);
 }
 
@@ -30,7 +31,7 @@ PYBIND11_MODULE(_cpu, m) {
           "num_threads OpenMP threads (0 = the OpenMP default).",
           py::arg("q"), py::arg("k"), py::arg("valid"), py::arg("grams"), py::arg("row_scale"), py::arg("rows"),
           py::arg("weights"), py::arg("out"), py::arg("alpha"), py::arg("causal"), py::arg("window"),
-          py::arg("scale"), py::arg("normalize_rows"), py::arg("num_threads"),
+          py::arg("radius"), py::arg("scale"), py::arg("softcap"), py::arg("normalize_rows"), py::arg("num_threads"),
           py::call_guard<py::gil_scoped_release>());
 #ifdef _OPENMP
     m.attr("openmp") = true;

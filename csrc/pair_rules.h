@@ -15,22 +15,36 @@ namespace kobattr {
 // Position of output row r: rows[r] when rows are selected, r itself otherwise.
 KOBATTR_HOST_DEVICE int64_t query_position(const int64_t* rows, int64_t r) { return rows ? rows[r] : r; }
 
-// visible_ij = valid_i & valid_j & (j <= i if causal) & (i - j < window if window > 0), the rule of
-// Layer.visible; `valid_pair` is valid_i & valid_j. Also evaluated on GCC vectors of positions (the CPU
-// kernel's lanes), where comparisons give all-ones/zero masks and `&` combines them.
+// visible_ij = valid_i & valid_j & (j <= i if causal) & (i - j < window if window > 0)
+// & (|i - j| <= radius if radius > 0), the rule of Layer.visible; `valid_pair` is valid_i & valid_j. Also
+// evaluated on GCC vectors of positions (the CPU kernel's lanes), where comparisons give all-ones/zero
+// masks and `&` combines them, hence |i - j| <= radius as two comparisons (no abs on vectors).
 template <typename Mask, typename Position, typename Offset>
-KOBATTR_HOST_DEVICE Mask visible(Mask valid_pair, Position i, Position j, bool causal, Offset window) {
+KOBATTR_HOST_DEVICE Mask visible(Mask valid_pair, Position i, Position j, bool causal, Offset window, Offset radius) {
     if (causal) valid_pair = valid_pair & (j <= i);
     if (window > 0) valid_pair = valid_pair & (i - j < window);
+    if (radius > 0) valid_pair = valid_pair & (i - j <= radius) & (j - i <= radius);
     return valid_pair;
 }
 
-// The same rule over ranges: true when causality or the window hides every key in [first_key, last_key]
-// from every query in [first_query, last_query] (last_query < 0: the tile has no query), so that a
-// kernel can skip the tile.
+// The same rule over ranges: true when causality, the window or the radius hides every key in
+// [first_key, last_key] from every query in [first_query, last_query] (last_query < 0: the tile has no
+// query), so that a kernel can skip the tile. The radius hides keys on both sides: a tile entirely more
+// than radius after the last query or before the first one.
 KOBATTR_HOST_DEVICE bool keys_hidden(int64_t first_query, int64_t last_query, int64_t first_key, int64_t last_key,
-                                     bool causal, int64_t window) {
-    return last_query < 0 || (causal && first_key > last_query) || (window > 0 && first_query - last_key >= window);
+                                     bool causal, int64_t window, int64_t radius) {
+    return last_query < 0 || (causal && first_key > last_query) || (window > 0 && first_query - last_key >= window) ||
+           (radius > 0 && (first_key - last_query > radius || first_query - last_key > radius));
+}
+
+// cap(s) = c tanh(s / c), the logit soft-capping of Gemma 2, for softcap c > 0 (s itself otherwise), on
+// the scaled logit s = scale q.k, before masking. Written as c - 2c / (exp(2 s / c) + 1) so that one
+// formula serves both kernels with their own exponential `exp` (expf on the GPU, the CPU kernel's vector
+// exp on its lanes); exp overflowing to inf or underflowing to 0 saturates it to +-c.
+template <typename Value, typename Exp>
+KOBATTR_HOST_DEVICE Value soft_cap(Value s, float softcap, Exp exp) {
+    if (!(softcap > 0.0f)) return s;
+    return softcap - (2.0f * softcap) / (exp((s + s) / softcap) + 1.0f);
 }
 
 // kappa_ij's last slot is [i == j], so on the diagonal the quadratic form kappa^T G kappa gains

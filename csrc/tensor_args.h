@@ -83,7 +83,8 @@ inline AttentionPairsArgs attention_maps_args(const at::Tensor& q, const at::Ten
                                               const std::optional<at::Tensor>& rows,
                                               const std::optional<at::Tensor>& weights, const at::Tensor& out,
                                               const std::optional<at::Tensor>& alpha, bool causal, int64_t window,
-                                              double scale, bool normalize_rows, at::DeviceType device_type) {
+                                              int64_t radius, double scale, double softcap, bool normalize_rows,
+                                              at::DeviceType device_type) {
     TORCH_CHECK_VALUE(q.defined() && q.device().type() == device_type, "attention_maps: this extension runs on ",
                       c10::DeviceTypeName(device_type, true), " tensors, but q is ", describe(q), ".");
     const at::Device device = q.device();
@@ -125,8 +126,14 @@ inline AttentionPairsArgs attention_maps_args(const at::Tensor& q, const at::Ten
     TORCH_CHECK_VALUE(!normalize_rows || weights, "attention_maps: normalize_rows only applies to the weights "
                       "contraction; pass weights too.");
     TORCH_CHECK_VALUE(window >= 0, "attention_maps: the sliding window must be 0 (none) or positive; got ", window, ".");
+    TORCH_CHECK_VALUE(radius >= 0, "attention_maps: the symmetric window radius must be 0 (none) or positive; got ",
+                      radius, ".");
     TORCH_CHECK_VALUE(std::isfinite(scale), "attention_maps: the softmax scale must be a finite number; got ", scale,
                       ".");
+    const float softcap32 = static_cast<float>(softcap);  // the kernels cap in float32
+    TORCH_CHECK_VALUE(softcap == 0 || (softcap > 0 && softcap32 > 0 && std::isfinite(softcap32)),
+                      "attention_maps: the logit soft-cap must be 0 (none) or a positive number within the float32 "
+                      "range; got ", softcap, ".");
     if (weights)
         check_tensor(out, "out", at::kFloat, device, {{"B", B}, {"M", M}, {"K", K}, {"N", N}});
     else
@@ -145,7 +152,8 @@ inline AttentionPairsArgs attention_maps_args(const at::Tensor& q, const at::Ten
     a.alpha = alpha ? alpha->data_ptr<float>() : nullptr;
     a.batch = B, a.heads = H, a.kv_heads = KV, a.seq_len = N, a.head_dim = Dh, a.n_grams = M;
     a.n_rows = R, a.n_weight_rows = K;
-    a.causal = causal, a.window = window, a.scale = static_cast<float>(scale), a.normalize_rows = normalize_rows;
+    a.causal = causal, a.window = window, a.radius = radius, a.scale = static_cast<float>(scale);
+    a.softcap = softcap32, a.normalize_rows = normalize_rows;
     return a;
 }
 

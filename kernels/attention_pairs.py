@@ -33,17 +33,17 @@ Why the pair kernels look the way they do:
   the contraction too (weights gathered at those rows by the launcher).
 - Programs run with num_stages=1: the tiles are register-bound, and software pipelining of the
   3D loads would double their shared memory.
-- Causal and sliding-window tiles that see nothing are skipped via the loop bounds; outputs
-  start zeroed. All pointer offsets are int64 (N up to 128k).
+- Causal, sliding-window and symmetric-window (radius) tiles that see nothing are skipped via the
+  loop bounds; outputs start zeroed. All pointer offsets are int64 (N up to 128k).
+- Logit soft-capping (SOFTCAP) is a constexpr flag of the shared alpha helpers, not a kernel of its
+  own: rows.capped_logits caps the logits in both passes.
 """
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .rows import alpha_tile, dot_settings, key_tile, pow2, query_block, row_lse
+from .rows import LOG2E, alpha_tile, dot_settings, key_tile, pow2, query_block, row_lse
 
 
 @triton.jit
@@ -84,12 +84,12 @@ def _attention_pairs_kernel(
     alpha_ptr,  # (B, H, R, N) fp32, written if WRITE_ALPHA
     weights_ptr,  # (B, M, K, R) fp32 with strides (weights_b_stride, weights_m_stride, R, 1), read if CONTRACT
     out_ptr,  # (B, M, K, N) fp32, zeroed, accumulated into if CONTRACT
-    N, R, K, scale_log2, window, weights_b_stride, weights_m_stride,
+    N, R, K, scale_log2, window, radius, softcap_log2, weights_b_stride, weights_m_stride,
     H: tl.constexpr, KV_GROUP: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, DH: tl.constexpr,
     HP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_ROWS: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
-    STORE_MAP: tl.constexpr, SUM_ROWS: tl.constexpr, CONTRACT: tl.constexpr, WRITE_ALPHA: tl.constexpr,
-    BLOCK_K: tl.constexpr, QK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ROWS: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SYMMETRIC: tl.constexpr,
+    SOFTCAP: tl.constexpr, STORE_MAP: tl.constexpr, SUM_ROWS: tl.constexpr, CONTRACT: tl.constexpr,
+    WRITE_ALPHA: tl.constexpr, BLOCK_K: tl.constexpr, QK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """map[b, m, r, j] = row_scale[b, i, m] sqrt(kappa_ij^T G_jm kappa_ij), i = rows[r], and what the flags ask of it:
     STORE_MAP: the map; SUM_ROWS: sum_j map[b, m, r, j];
@@ -102,15 +102,15 @@ def _attention_pairs_kernel(
     """
     b = tl.program_id(1).to(tl.int64)
     ridx, row_ok, rows, row_valid, row_first, row_last, key_lo, key_hi = query_block(
-        rows_ptr, valid_ptr, b, N, R, window, BLOCK_M, BLOCK_N, HAS_ROWS, CAUSAL, WINDOWED)
+        rows_ptr, valid_ptr, b, N, R, window, radius, BLOCK_M, BLOCK_N, HAS_ROWS, CAUSAL, WINDOWED, SYMMETRIC)
     scopes = tl.arange(0, MP)
     heads = tl.arange(0, HP)
     sums = tl.zeros((MP, BLOCK_M), tl.float32)
     for start in range(key_lo, key_hi, BLOCK_N):
         cols, col_ok, vis, has_diagonal = key_tile(valid_ptr, b, start, rows, row_valid, row_first, row_last, N,
-                                                   window, BLOCK_N, CAUSAL, WINDOWED)
+                                                   window, radius, BLOCK_N, CAUSAL, WINDOWED, SYMMETRIC)
         alpha = alpha_tile(q_ptr, k_ptr, lse_ptr, b, rows, ridx, row_ok, cols, col_ok, vis, N, R, scale_log2,
-                           H, KV_GROUP, DH, HP, BLOCK_D, QK_FP32, DOT_PRECISION)
+                           softcap_log2, H, KV_GROUP, DH, HP, BLOCK_D, QK_FP32, DOT_PRECISION, SOFTCAP)
         if WRITE_ALPHA:
             tl.store(alpha_ptr + ((b * H + heads[:, None, None]) * R + ridx[None, :, None]) * N + cols[None, None, :],
                      alpha, mask=(heads < H)[:, None, None] & row_ok[None, :, None] & col_ok[None, None, :])
@@ -145,11 +145,12 @@ def pair_tile_sizes(H):
 
 
 def attention_maps(q, k, valid, causal, window, scale, grams, row_scale, rows=None, weights=None,
-                   normalize_rows=False, want_alpha=False):
+                   normalize_rows=False, want_alpha=False, radius=0, softcap=0.0):
     """The ``attention_maps`` primitive of kobattr/backends/base.py on contiguous CUDA (or interpreted) tensors.
 
     q (B, H, N, Dh), k (B, KV, N, Dh) in the model dtype; valid (B, N) bool; grams (B, N, M, H+1, H+1)
-    and row_scale (B, N, M) float32; rows (R,) int64 or None; weights (B, K, N) float32 or None.
+    and row_scale (B, N, M) float32; rows (R,) int64 or None; weights (B, K, N) float32 or None; radius
+    (0 = none) and softcap (0 = none) as in base.Attention.
     Returns (maps, alpha): maps (B, M, R, N) or, with weights, their contraction over the selected rows
     (B, M, K, N); alpha (B, H, R, N) or None.
     """
@@ -165,9 +166,8 @@ def attention_maps(q, k, valid, causal, window, scale, grams, row_scale, rows=No
     block_m, block_n = pair_tile_sizes(H)
     shape = dict(H=H, KV_GROUP=H // k.shape[1], M=M, MP=pow2(M, 1), DH=DH, HP=pow2(H), BLOCK_M=block_m,
                  BLOCK_N=block_n, BLOCK_D=16, HAS_ROWS=rows is not None, CAUSAL=causal, WINDOWED=window > 0,
-                 QK_FP32=dots[0], DOT_PRECISION=dots[1])
-    scale_log2 = scale * math.log2(math.e)
-    lse = row_lse(q, k, valid8, causal, window, scale, rows, dots)
+                 SYMMETRIC=radius > 0, SOFTCAP=softcap > 0, QK_FP32=dots[0], DOT_PRECISION=dots[1])
+    lse = row_lse(q, k, valid8, causal, window, scale, rows, dots, radius=radius, softcap=softcap)
 
     def run(store_map=False, sum_rows=False, write_alpha=False, weights=None):
         maps = torch.zeros(B, M, R, N, device=dev, dtype=f32) if store_map else lse
@@ -178,7 +178,7 @@ def attention_maps(q, k, valid, causal, window, scale, grams, row_scale, rows=No
         out = torch.zeros(B, M, K, N, device=dev, dtype=f32) if contract else lse
         _attention_pairs_kernel[(triton.cdiv(R, block_m), B)](
             q, k, valid8, rows if rows is not None else lse, lse, grams, row_scale, maps, sums, alpha,
-            weights if contract else lse, out, N, R, K, scale_log2, window,
+            weights if contract else lse, out, N, R, K, scale * LOG2E, window, radius, softcap * LOG2E,
             weights.stride(0) if contract else 0, K * R if contract and weights.dim() == 4 else 0,
             STORE_MAP=store_map, SUM_ROWS=sum_rows, CONTRACT=contract, WRITE_ALPHA=write_alpha,
             BLOCK_K=pow2(min(K, 64)), num_stages=1, **shape,

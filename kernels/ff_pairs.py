@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import alpha_tile, dot_settings, key_tile, pow2, query_block, row_lse
+from .rows import LOG2E, alpha_tile, dot_settings, key_tile, pow2, query_block, row_lse
 
 
 @triton.jit
@@ -69,18 +69,18 @@ def _hidden_slice(alpha_t, ff_ptr, gate_ptr, coef_in_ptr, coef_gate_ptr, in_scal
 @triton.jit
 def _ff_tile(q_ptr, k_ptr, lse_ptr, ff_ptr, gate_ptr, res_ptr, in_scale_ptr, res_scale_ptr, out_scale_ptr,
              coef_in_ptr, coef_gate_ptr, w_out_ptr, out_weight_ptr, w_out_mean_ptr, res_mean_ptr,
-             b, rows, ridx, row_ok, cols, col_ok, vis, has_diagonal, N, R, F, D, scale_log2,
+             b, rows, ridx, row_ok, cols, col_ok, vis, has_diagonal, N, R, F, D, scale_log2, softcap_log2,
              H: tl.constexpr, KV_GROUP: tl.constexpr, DH: tl.constexpr, HP: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
              BLOCK_DO: tl.constexpr, GATED: tl.constexpr, N_SCOPES: tl.constexpr, CENTER: tl.constexpr,
-             QK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+             SOFTCAP: tl.constexpr, QK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """s0 = ||ff_ij||, s1 = ||res_ij + ff_ij||, s2 = out_scale_i ||C(res_ij + ff_ij) * out_weight|| (zeros if
     N_SCOPES == 2): the scope norms of one tile, each (BN, BM) (key-major), 0 on invisible pairs.
 
     Pointers as in _ff_pairs_kernel; with CENTER, w_out_ptr and res_ptr hold the centred w_out and res_parts.
     """
     alpha = alpha_tile(q_ptr, k_ptr, lse_ptr, b, rows, ridx, row_ok, cols, col_ok, vis, N, R, scale_log2,
-                       H, KV_GROUP, DH, HP, BLOCK_D, QK_FP32, DOT_PRECISION)
+                       softcap_log2, H, KV_GROUP, DH, HP, BLOCK_D, QK_FP32, DOT_PRECISION, SOFTCAP)
     alpha_t = tl.permute(alpha, (2, 1, 0))  # (BN, BM, HP): batched over keys
     diag = tl.where(cols[:, None] == rows[None, :], 1.0, 0.0)
     row_offs = b * N + rows
@@ -155,13 +155,13 @@ def _ff_pairs_kernel(
     row_sum_ptr,  # (B, N_SCOPES, R) fp32, written if SUM_ROWS
     weights_ptr,  # (B, N_SCOPES, K, R) fp32 with strides (weights_b_stride, weights_s_stride, R, 1), read if CONTRACT
     out_ptr,  # (B, N_SCOPES, K, N) fp32, zeroed, accumulated into if CONTRACT
-    N, R, K, F, D, scale_log2, window, weights_b_stride, weights_s_stride,
+    N, R, K, F, D, scale_log2, window, radius, softcap_log2, weights_b_stride, weights_s_stride,
     H: tl.constexpr, KV_GROUP: tl.constexpr, DH: tl.constexpr, HP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
     BLOCK_DO: tl.constexpr, GATED: tl.constexpr, N_SCOPES: tl.constexpr, CENTER: tl.constexpr,
-    HAS_ROWS: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
-    STORE_MAP: tl.constexpr, SUM_ROWS: tl.constexpr, CONTRACT: tl.constexpr, BLOCK_K: tl.constexpr,
-    QK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ROWS: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SYMMETRIC: tl.constexpr,
+    SOFTCAP: tl.constexpr, STORE_MAP: tl.constexpr, SUM_ROWS: tl.constexpr, CONTRACT: tl.constexpr,
+    BLOCK_K: tl.constexpr, QK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """map[b, s, r, j] = scope s of pair (i = rows[r], j) (see _ff_tile), and what the flags ask of it:
     STORE_MAP: the map; SUM_ROWS: its sums over j;
@@ -172,18 +172,18 @@ def _ff_pairs_kernel(
     """
     b = tl.program_id(1).to(tl.int64)
     ridx, row_ok, rows, row_valid, row_first, row_last, key_lo, key_hi = query_block(
-        rows_ptr, valid_ptr, b, N, R, window, BLOCK_M, BLOCK_N, HAS_ROWS, CAUSAL, WINDOWED)
+        rows_ptr, valid_ptr, b, N, R, window, radius, BLOCK_M, BLOCK_N, HAS_ROWS, CAUSAL, WINDOWED, SYMMETRIC)
     sum0 = tl.zeros((BLOCK_M,), tl.float32)
     sum1 = tl.zeros((BLOCK_M,), tl.float32)
     sum2 = tl.zeros((BLOCK_M,), tl.float32)
     for start in range(key_lo, key_hi, BLOCK_N):
         cols, col_ok, vis, has_diagonal = key_tile(valid_ptr, b, start, rows, row_valid, row_first, row_last, N,
-                                                   window, BLOCK_N, CAUSAL, WINDOWED)
+                                                   window, radius, BLOCK_N, CAUSAL, WINDOWED, SYMMETRIC)
         s0, s1, s2 = _ff_tile(q_ptr, k_ptr, lse_ptr, ff_ptr, gate_ptr, res_ptr, in_scale_ptr, res_scale_ptr,
                               out_scale_ptr, coef_in_ptr, coef_gate_ptr, w_out_ptr, out_weight_ptr, w_out_mean_ptr,
                               res_mean_ptr, b, rows, ridx, row_ok, cols, col_ok, vis, has_diagonal, N, R, F, D,
-                              scale_log2, H, KV_GROUP, DH, HP, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_F, BLOCK_DO, GATED,
-                              N_SCOPES, CENTER, QK_FP32, DOT_PRECISION)
+                              scale_log2, softcap_log2, H, KV_GROUP, DH, HP, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_F,
+                              BLOCK_DO, GATED, N_SCOPES, CENTER, SOFTCAP, QK_FP32, DOT_PRECISION)
         if STORE_MAP:
             offs = (b * N_SCOPES * R + ridx[None, :]) * N + cols[:, None]  # (BN, BM), scope 0
             mask = row_ok[None, :] & col_ok[:, None]
@@ -227,11 +227,12 @@ def ff_tile_sizes():
 
 def ff_maps(q, k, valid, causal, window, scale, ff_parts, gate_parts, res_parts, in_scale, res_scale, out_scale,
             coef_in, coef_gate, w_out, out_weight, out_center, n_scopes, rows=None, weights=None,
-            normalize_rows=False):
+            normalize_rows=False, radius=0, softcap=0.0):
     """The ``ff_maps`` primitive of kobattr/backends/base.py on contiguous CUDA (or interpreted) tensors.
 
-    Shapes as in base.py. Returns (B, n_scopes, R, N) or, with weights (B, K, N), their contraction over
-    the selected rows (B, n_scopes, K, N) float32.
+    Shapes as in base.py; radius (0 = none) and softcap (0 = none) as in base.Attention. Returns
+    (B, n_scopes, R, N) or, with weights (B, K, N), their contraction over the selected rows
+    (B, n_scopes, K, N) float32.
     """
     B, H, N, DH = q.shape
     F, D = w_out.shape
@@ -252,13 +253,12 @@ def ff_maps(q, k, valid, causal, window, scale, ff_parts, gate_parts, res_parts,
     tile = ff_tile_sizes()
     block_m = tile["BLOCK_M"]
     shape = dict(H=H, KV_GROUP=H // k.shape[1], DH=DH, HP=pow2(H), **tile, GATED=gated, N_SCOPES=n_scopes,
-                 CENTER=center, HAS_ROWS=rows is not None, CAUSAL=causal, WINDOWED=window > 0, QK_FP32=dots[0],
-                 DOT_PRECISION=dots[1])
-    scale_log2 = scale * 1.4426950408889634
+                 CENTER=center, HAS_ROWS=rows is not None, CAUSAL=causal, WINDOWED=window > 0, SYMMETRIC=radius > 0,
+                 SOFTCAP=softcap > 0, QK_FP32=dots[0], DOT_PRECISION=dots[1])
     tensors = (ff_parts, gate_parts if gated else ff_parts, res_parts, in_scale, res_scale, out_scale, coef_in,
                coef_gate if gated else coef_in, w_out, out_weight if out_weight is not None else in_scale,
                w_out_mean, res_mean)
-    lse = row_lse(q, k, valid8, causal, window, scale, rows, dots)
+    lse = row_lse(q, k, valid8, causal, window, scale, rows, dots, radius=radius, softcap=softcap)
 
     def run(store_map=False, sum_rows=False, weights=None):
         maps = torch.zeros(B, n_scopes, R, N, device=dev, dtype=f32) if store_map else lse
@@ -268,7 +268,7 @@ def ff_maps(q, k, valid, causal, window, scale, ff_parts, gate_parts, res_parts,
         out = torch.zeros(B, n_scopes, K, N, device=dev, dtype=f32) if contract else lse
         _ff_pairs_kernel[(triton.cdiv(R, block_m), B)](
             q, k, valid8, rows if rows is not None else lse, lse, *tensors, maps, sums,
-            weights if contract else lse, out, N, R, K, F, D, scale_log2, window,
+            weights if contract else lse, out, N, R, K, F, D, scale * LOG2E, window, radius, softcap * LOG2E,
             weights.stride(0) if contract else 0, K * R if contract and weights.dim() == 4 else 0,
             STORE_MAP=store_map, SUM_ROWS=sum_rows, CONTRACT=contract, BLOCK_K=pow2(min(K, 64)), num_stages=1,
             **shape,

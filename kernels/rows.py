@@ -4,13 +4,14 @@ A program of kernels/attention_pairs.py or kernels/ff_pairs.py owns BLOCK_M quer
 the key tiles they can see. ``query_block`` reads those rows (``rows`` indirection, padding) and the
 key range they can see, ``key_tile`` the keys of one tile and which of them each row sees: the only
 place where the visibility rule lives in Triton. ``_row_lse_kernel`` computes the softmax statistic
-the pair kernels recompute alpha from, ``alpha_tile`` that recomputation.
+the pair kernels recompute alpha from, ``alpha_tile`` that recomputation; both take their logits from
+``capped_logits``, so that lse and alpha see the same (soft-capped) logits.
 
 Notation: kobattr/backends/base.py. Variants are constexpr flags: HAS_ROWS (rows selected), CAUSAL,
-WINDOWED (sliding window > 0). All offsets are int64 (N up to 128k).
+WINDOWED (sliding window > 0), SYMMETRIC (symmetric window, radius > 0), SOFTCAP (logit soft-capping,
+softcap > 0). All offsets are int64 (N up to 128k).
 """
 
-import math
 import os
 
 import torch
@@ -18,10 +19,14 @@ import triton
 import triton.language as tl
 
 
+LOG2E = 1.4426950408889634
+_TWO_LOG2E = tl.constexpr(2 * LOG2E)  # exp(2y) = exp2(2 log2(e) y), as a global jit functions may read
+
+
 @triton.jit
-def query_block(rows_ptr, valid_ptr, b, N, R, window,
+def query_block(rows_ptr, valid_ptr, b, N, R, window, radius,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                HAS_ROWS: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr):
+                HAS_ROWS: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SYMMETRIC: tl.constexpr):
     """rows[r] = rows_ptr[r] if HAS_ROWS else r, for the output rows r = ridx of this program, and the keys
     [key_lo, key_hi) any of them can see (key_lo aligned down to BLOCK_N).
 
@@ -44,14 +49,18 @@ def query_block(rows_ptr, valid_ptr, b, N, R, window,
         key_hi = tl.minimum(row_last + 1, N)
     if WINDOWED:
         key_lo = tl.maximum(row_first - window + 1, 0) // BLOCK_N * BLOCK_N
+    if SYMMETRIC:  # |i - j| <= radius bounds the keys on both sides
+        key_lo = tl.maximum(key_lo, tl.maximum(row_first - radius, 0) // BLOCK_N * BLOCK_N)
+        key_hi = tl.minimum(key_hi, row_last + radius + 1)
     return ridx, row_ok, rows, row_valid, row_first, row_last, key_lo, key_hi
 
 
 @triton.jit
-def key_tile(valid_ptr, b, start, rows, row_valid, row_first, row_last, N, window,
-             BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr):
-    """visible[i, j] = valid_i & valid_j & (j <= i if CAUSAL) & (i - j < window if WINDOWED), the rule of
-    Layer.visible, for the rows of query_block and the keys cols = start + [0, BLOCK_N).
+def key_tile(valid_ptr, b, start, rows, row_valid, row_first, row_last, N, window, radius,
+             BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """visible[i, j] = valid_i & valid_j & (j <= i if CAUSAL) & (i - j < window if WINDOWED)
+    & (|i - j| <= radius if SYMMETRIC), the rule of Layer.visible, for the rows of query_block and the keys
+    cols = start + [0, BLOCK_N).
 
     Returns cols (BN,), col_ok = cols < N, visible (BM, BN), and has_diagonal: whether some row's own
     position is among the keys (the residual slot [i == j] of kappa is nonzero only there).
@@ -65,15 +74,34 @@ def key_tile(valid_ptr, b, start, rows, row_valid, row_first, row_last, N, windo
         visible = visible & (diff >= 0)
     if WINDOWED:
         visible = visible & (diff < window)
+    if SYMMETRIC:
+        visible = visible & (diff <= radius) & (diff >= -radius)
     has_diagonal = (start <= row_last) & (start + BLOCK_N > row_first)
     return cols, col_ok, visible, has_diagonal
 
 
 @triton.jit
-def alpha_tile(q_ptr, k_ptr, lse_ptr, b, rows, ridx, row_ok, cols, col_ok, visible, N, R, scale_log2,
+def capped_logits(dots, scale_log2, softcap_log2, SOFTCAP: tl.constexpr):
+    """log2(e) cap(scale q.k) from dots = q.k: cap(s) = c tanh(s / c) if SOFTCAP (softcap_log2 = c log2(e)), else s.
+
+    Base 2 throughout, as the kernels' exp2: log2(e) c tanh(s / c) = softcap_log2 tanh(x / softcap_log2) with
+    x = scale_log2 q.k.
+    """
+    logits = dots * scale_log2
+    if SOFTCAP:
+        # tanh(y) = sign(y) (1 - e) / (1 + e), e = exp(-2 |y|): the interpreter has no tanh; e cannot overflow
+        # (numpy would warn), and reaching 0 for large |y| saturates tanh to +-1 exactly
+        e = tl.exp2(tl.abs(logits) * (-_TWO_LOG2E) / softcap_log2)
+        capped = softcap_log2 * ((1.0 - e) / (1.0 + e))
+        logits = tl.where(logits < 0, -capped, capped)
+    return logits
+
+
+@triton.jit
+def alpha_tile(q_ptr, k_ptr, lse_ptr, b, rows, ridx, row_ok, cols, col_ok, visible, N, R, scale_log2, softcap_log2,
                H: tl.constexpr, KV_GROUP: tl.constexpr, DH: tl.constexpr, HP: tl.constexpr,
-               BLOCK_D: tl.constexpr, QK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """alpha[h, i, j] = exp2(scale_log2 q^h_i . k^{h // KV_GROUP}_j - lse2[h, i]) if visible else 0 -> (HP, BM, BN).
+               BLOCK_D: tl.constexpr, QK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
+    """alpha[h, i, j] = exp2(capped_logits(q^h_i . k^{h // KV_GROUP}_j) - lse2[h, i]) if visible else 0 -> (HP, BM, BN).
 
     q_ptr (B, H, N, DH); k_ptr (B, H // KV_GROUP, N, DH); lse_ptr (B, H, R) indexed by ``ridx``. The
     logits are one batched ``tl.dot`` over heads, accumulated over DH in chunks of BLOCK_D.
@@ -95,8 +123,8 @@ def alpha_tile(q_ptr, k_ptr, lse_ptr, b, rows, ridx, row_ok, cols, col_ok, visib
         logits = tl.dot(q, k, logits, input_precision=DOT_PRECISION)
     lse = tl.load(lse_ptr + (b * H + heads[:, None]) * R + ridx[None, :], mask=head_ok[:, None] & row_ok[None, :],
                   other=0.0)
-    shifted = tl.where(visible[None, :, :] & head_ok[:, None, None], logits * scale_log2 - lse[:, :, None],
-                       -float("inf"))
+    shifted = tl.where(visible[None, :, :] & head_ok[:, None, None],
+                       capped_logits(logits, scale_log2, softcap_log2, SOFTCAP) - lse[:, :, None], -float("inf"))
     return tl.exp2(shifted)
 
 
@@ -107,13 +135,13 @@ def _row_lse_kernel(
     valid_ptr,  # (B, N) int8
     rows_ptr,  # (R,) int64, read if HAS_ROWS
     lse_ptr,  # (B, H, R) fp32, written
-    N, R, scale_log2, window,
+    N, R, scale_log2, window, radius, softcap_log2,
     H: tl.constexpr, KV_GROUP: tl.constexpr, DH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_ROWS: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
-    QK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ROWS: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SYMMETRIC: tl.constexpr,
+    SOFTCAP: tl.constexpr, QK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """lse2[b, h, r] = log2 sum_{j visible from i = rows[r]} exp2(scale_log2 q^h_i . k^{h // KV_GROUP}_j).
+    """lse2[b, h, r] = log2 sum_{j visible from i = rows[r]} exp2(capped_logits(q^h_i . k^{h // KV_GROUP}_j)).
 
     Base-2 log-sum-exp of the scaled logits, online over key tiles; 0 for rows that see no key. One
     program per (BLOCK_M rows, b, h); BLOCK_D >= DH holds a whole head vector.
@@ -122,7 +150,7 @@ def _row_lse_kernel(
     b = bh // H
     kv_head = b * (H // KV_GROUP) + (bh % H) // KV_GROUP
     ridx, row_ok, rows, row_valid, row_first, row_last, key_lo, key_hi = query_block(
-        rows_ptr, valid_ptr, b, N, R, window, BLOCK_M, BLOCK_N, HAS_ROWS, CAUSAL, WINDOWED)
+        rows_ptr, valid_ptr, b, N, R, window, radius, BLOCK_M, BLOCK_N, HAS_ROWS, CAUSAL, WINDOWED, SYMMETRIC)
     d = tl.arange(0, BLOCK_D)
     q = tl.load(q_ptr + (bh * N + rows)[:, None] * DH + d[None, :], mask=row_ok[:, None] & (d < DH)[None, :],
                 other=0.0)
@@ -132,12 +160,13 @@ def _row_lse_kernel(
     row_sum = tl.zeros((BLOCK_M,), tl.float32)
     for start in range(key_lo, key_hi, BLOCK_N):
         cols, col_ok, visible, _ = key_tile(valid_ptr, b, start, rows, row_valid, row_first, row_last, N, window,
-                                            BLOCK_N, CAUSAL, WINDOWED)
+                                            radius, BLOCK_N, CAUSAL, WINDOWED, SYMMETRIC)
         k = tl.load(k_ptr + (kv_head * N + cols)[None, :] * DH + d[:, None], mask=col_ok[None, :] & (d < DH)[:, None],
                     other=0.0)
         if QK_FP32:
             k = k.to(tl.float32)
-        logits = tl.where(visible, tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2, -float("inf"))
+        logits = tl.where(visible, capped_logits(tl.dot(q, k, input_precision=DOT_PRECISION), scale_log2,
+                                                 softcap_log2, SOFTCAP), -float("inf"))
         new_max = tl.maximum(row_max, tl.max(logits, 1))
         safe_max = tl.where(new_max == -float("inf"), 0.0, new_max)  # no inf - inf for rows seeing nothing yet
         row_sum = row_sum * tl.exp2(row_max - safe_max) + tl.sum(tl.exp2(logits - safe_max[:, None]), 1)
@@ -161,18 +190,18 @@ def dot_settings(dtype):
     return interpreting, "tf32"
 
 
-def row_lse(q, k, valid8, causal, window, scale, rows, dots):
-    """lse2 (B, H, R) float32 of the scaled logits (base 2) for ``rows`` (None = all N); valid8 (B, N)
-    int8; ``dots`` the (QK_FP32, DOT_PRECISION) of dot_settings."""
+def row_lse(q, k, valid8, causal, window, scale, rows, dots, radius=0, softcap=0.0):
+    """lse2 (B, H, R) float32 of the scaled (and, softcap > 0, capped) logits (base 2) for ``rows`` (None =
+    all N); valid8 (B, N) int8; ``dots`` the (QK_FP32, DOT_PRECISION) of dot_settings."""
     B, H, N, DH = q.shape
     R = N if rows is None else rows.numel()
     lse = torch.empty(B, H, R, device=q.device, dtype=torch.float32)
     block = 64 if DH <= 64 else 32
     qk_fp32, precision = dots
     _row_lse_kernel[(triton.cdiv(R, block), B * H)](
-        q, k, valid8, rows if rows is not None else lse, lse, N, R, scale * math.log2(math.e), window,
+        q, k, valid8, rows if rows is not None else lse, lse, N, R, scale * LOG2E, window, radius, softcap * LOG2E,
         H=H, KV_GROUP=H // k.shape[1], DH=DH, BLOCK_M=block, BLOCK_N=block, BLOCK_D=pow2(DH),
-        HAS_ROWS=rows is not None, CAUSAL=causal, WINDOWED=window > 0, QK_FP32=qk_fp32, DOT_PRECISION=precision,
-        num_stages=2,
+        HAS_ROWS=rows is not None, CAUSAL=causal, WINDOWED=window > 0, SYMMETRIC=radius > 0, SOFTCAP=softcap > 0,
+        QK_FP32=qk_fp32, DOT_PRECISION=precision, num_stages=2,
     )
     return lse

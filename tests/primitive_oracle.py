@@ -17,6 +17,8 @@ def oracle_kappa(attn: Attention) -> torch.Tensor:
     idx = torch.arange(N, device=q.device)
     vis = visible_block(attn, idx, idx)  # (B, N, N)
     s = (q @ k.transpose(-1, -2)) * attn.scale
+    if attn.softcap:  # Gemma 2's logit soft-capping, before masking
+        s = attn.softcap * torch.tanh(s / attn.softcap)
     s = s.masked_fill(~vis[:, None], float("-inf"))
     alpha = torch.softmax(s, -1).nan_to_num(0.0)  # (B, H, N, N)
     eye = torch.eye(N, dtype=torch.float64, device=q.device).expand(B, N, N) * vis
@@ -81,15 +83,19 @@ def oracle_ff_maps(attn, p: FFParts, rows=None, weights=None, normalize_rows=Fal
     return _finish(torch.stack(scopes, 1), vis, rows, weights, normalize_rows)
 
 
-def random_attention(B=2, H=4, KV=2, N=7, Dh=16, causal=False, window=0, pad=0, dtype=torch.float32, seed=0):
-    """A random attention pattern; the last ``pad`` tokens of batch element 0 are padding."""
+def random_attention(B=2, H=4, KV=2, N=7, Dh=16, causal=False, window=0, pad=0, dtype=torch.float32, seed=0,
+                     radius=0, softcap=0.0, logit_std=1.0):
+    """A random attention pattern; the last ``pad`` tokens of batch element 0 are padding. The scaled
+    logits have standard deviation ``logit_std`` (the scale is logit_std / sqrt(Dh)): several times the
+    soft-cap, capping changes alpha clearly."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, N, Dh, generator=g).to(dtype)
     k = torch.randn(B, KV, N, Dh, generator=g).to(dtype)
     valid = torch.ones(B, N, dtype=torch.bool)
     if pad:
         valid[0, N - pad:] = False
-    return Attention(q=q, k=k, valid=valid, causal=causal, window=window, scale=Dh ** -0.5)
+    return Attention(q=q, k=k, valid=valid, causal=causal, window=window, scale=logit_std * Dh ** -0.5,
+                     radius=radius, softcap=softcap)
 
 
 def random_grams(B, N, M, H, seed=1):

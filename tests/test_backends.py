@@ -4,6 +4,9 @@ The triton backend runs on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.
 small shapes here are enough; cuda needs a GPU and is skipped with its reason otherwise.
 """
 
+import dataclasses
+import functools
+
 import pytest
 import torch
 from random_layers import random_layer
@@ -61,6 +64,47 @@ def test_backend_output_modes_match_reference(name):
         normed = full / full.sum(-1, keepdim=True).clamp_min(1e-30)
         torch.testing.assert_close(contracted.maps[m], weights @ normed, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(picked_contracted.maps[m], weights[:, :, rows] @ full[:, rows], rtol=1e-5, atol=1e-5)
+
+
+# (kind, random_layer options, block features): ModernBERT-style local attention (radius alone), Gemma 2-style
+# soft-capping (softcap alone) and both with causal, window, padding and GQA; soft-caps of 0.5 against logits
+# of standard deviation about 1 change every map by more than 5 %
+FEATURE_CASES = [("bert", dict(N=11, pad=2), dict(radius=3)), ("gpt2", dict(N=9), dict(softcap=0.5)),
+                 ("llama", dict(N=11, window=6, pad=3), dict(radius=2, softcap=0.5))]
+
+
+@functools.lru_cache(maxsize=None)
+def _feature_case(index):
+    """(layer, its reference, the reference without the features), shared by every backend."""
+    kind, kw, features = FEATURE_CASES[index]
+    plain = random_layer(kind, dtype=torch.float32, **kw)
+    layer = dataclasses.replace(plain, **features)
+    return layer, reference(layer, methods="all"), reference(plain, methods="all")
+
+
+@pytest.mark.parametrize("name", BACKEND_NAMES)
+@pytest.mark.parametrize("case", range(len(FEATURE_CASES)), ids=[c[0] for c in FEATURE_CASES])
+def test_radius_and_softcap_match_reference(name, case):
+    _skip_unless_available(name)
+    layer, ref, ref_plain = _feature_case(case)
+    N = layer.q.shape[2]
+    rows = [0, N - 1, 4, 4]
+    weights = torch.rand(2, 2, N, generator=torch.Generator().manual_seed(3))
+    try:
+        res = attribute(layer, methods="all", heads=True, backend=name)
+        contracted = attribute(layer, methods="all", rows=rows, contract=weights, normalize_rows=True, backend=name)
+    except BackendUnavailable as err:
+        pytest.skip(str(err))
+    assert res.backends["attention_maps"] == name
+    for m in res.methods:
+        expected = ref["maps"][m].float()
+        scale = expected.abs().max()
+        assert (res.maps[m] - expected).abs().max() / scale < 1e-5, m
+        assert (ref_plain["maps"][m].float() - expected).abs().max() / scale > 0.05, m  # the features matter
+        picked = expected[:, rows]
+        normed = picked / picked.sum(-1, keepdim=True).clamp_min(1e-30)
+        torch.testing.assert_close(contracted.maps[m], weights[:, :, rows] @ normed, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(res.head_maps["attn_w"], ref["head_maps"]["attn_w"].float(), rtol=1e-5, atol=1e-6)
 
 
 def test_auto_prefers_a_compiled_backend_on_cpu_tensors_only_if_available():

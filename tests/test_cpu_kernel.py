@@ -1,5 +1,7 @@
 """The C++ CPU kernel (kobattr._cpu through compiled_attention_maps) against the fp64 primitive oracle."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -36,7 +38,14 @@ PATTERNS = {
     "padding": dict(pad=3),
     "window": dict(window=5),
     "causal_window_padding": dict(causal=True, window=4, pad=2),
+    # logits of standard deviation 3 against a soft-cap of 1-1.5: capping changes alpha clearly
+    "radius": dict(radius=5),
+    "softcap": dict(softcap=1.0, logit_std=3.0),
+    "causal_window_radius_softcap_padding": dict(causal=True, window=9, radius=4, softcap=1.0, logit_std=3.0, pad=2),
+    # non-causal: the window bounds the keys before a query, the radius those after it
+    "window_radius_softcap_padding": dict(window=4, radius=6, softcap=1.5, logit_std=3.0, pad=3),
 }
+FEATURE_PATTERNS = [name for name, options in PATTERNS.items() if "radius" in options or "softcap" in options]
 SELECTED_ROWS = torch.tensor([96, 0, 5, 5, 64, 63, 95])  # unordered, repeated, across query tiles (N = 97)
 
 
@@ -53,7 +62,8 @@ def test_full_map_and_alpha(N, pattern, H, KV):
     close(alpha, oracle_alpha(attn))
 
 
-@pytest.mark.parametrize("pattern", ["plain", "causal", "causal_window_padding"])
+@pytest.mark.parametrize("pattern", ["plain", "causal", "causal_window_padding", "causal_window_radius_softcap_padding",
+                                     "window_radius_softcap_padding"])
 def test_selected_rows(pattern):
     attn = random_attention(B=2, N=97, **PATTERNS[pattern])
     grams, row_scale = random_grams(2, 97, 2, 4)
@@ -64,7 +74,7 @@ def test_selected_rows(pattern):
 
 @pytest.mark.parametrize("N", [7, 257])
 @pytest.mark.parametrize("normalize_rows", [False, True])
-@pytest.mark.parametrize("pattern", ["plain", "causal_window_padding"])
+@pytest.mark.parametrize("pattern", ["plain", "causal_window_padding", "window_radius_softcap_padding"])
 def test_weights_contraction(N, normalize_rows, pattern):
     attn = random_attention(B=2, H=4, KV=2, N=N, **PATTERNS[pattern])
     grams, row_scale = random_grams(2, N, 3, 4)
@@ -88,6 +98,31 @@ def test_weights_contraction_over_selected_rows(normalize_rows, pattern, H, KV):
     close(out, oracle_attention_maps(attn, grams, row_scale, rows=SELECTED_ROWS, weights=weights,
                                      normalize_rows=normalize_rows))
     close(alpha, oracle_alpha(attn, rows=SELECTED_ROWS))
+
+
+def relative_difference(actual, expected):
+    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("pattern", FEATURE_PATTERNS)
+def test_radius_and_softcap_change_the_result(pattern):
+    """Each feature moves the maps, alpha and the contraction far beyond the tolerance of the tests above,
+    so a kernel ignoring it fails them; the radius cuts rows on both sides of the diagonal."""
+    attn = random_attention(B=2, N=97, **PATTERNS[pattern])
+    grams, row_scale = random_grams(2, 97, 2, 4)
+    weights = torch.rand(2, 3, 97, generator=torch.Generator().manual_seed(7))
+    maps, alpha = cpu_maps(attn, grams, row_scale, want_alpha=True)
+    out, _ = cpu_maps(attn, grams, row_scale, rows=SELECTED_ROWS, weights=weights)
+    if attn.radius:  # nothing beyond the radius, on either side
+        far = (torch.arange(97)[:, None] - torch.arange(97)[None, :]).abs() > attn.radius
+        assert (alpha[:, :, far] == 0).all() and (maps[:, :, far] == 0).all()
+    for feature in ("radius", "softcap"):
+        if getattr(attn, feature):
+            ignored = dataclasses.replace(attn, **{feature: 0})
+            assert relative_difference(maps, oracle_attention_maps(ignored, grams, row_scale)) > 0.05, feature
+            assert relative_difference(alpha, oracle_alpha(ignored)) > 0.05, feature
+            expected = oracle_attention_maps(ignored, grams, row_scale, rows=SELECTED_ROWS, weights=weights)
+            assert relative_difference(out, expected) > 0.01, feature
 
 
 def test_no_selected_rows():
@@ -160,8 +195,8 @@ def raw_call(**overrides):
     attn = random_attention(B=1, H=4, KV=2, N=5)
     grams, row_scale = random_grams(1, 5, 1, 4)
     args = dict(q=attn.q, k=attn.k, valid=attn.valid, grams=grams, row_scale=row_scale, rows=None, weights=None,
-                out=torch.empty(1, 1, 5, 5), alpha=None, causal=False, window=0, scale=0.25, normalize_rows=False,
-                num_threads=1)
+                out=torch.empty(1, 1, 5, 5), alpha=None, causal=False, window=0, radius=0, scale=0.25, softcap=0.0,
+                normalize_rows=False, num_threads=1)
     args.update(overrides)
     _cpu.attention_maps(**args)
 
@@ -189,6 +224,12 @@ def test_raw_call_runs():
     (dict(out=torch.empty(1, 1, 5, 4)), r"out must be a contiguous float32 tensor of shape \(B=1, M=1, R=5, N=5\)"),
     (dict(alpha=torch.empty(1, 4, 4, 5)), r"alpha must be a contiguous float32 tensor of shape \(B=1, H=4, R=5, N=5\)"),
     (dict(window=-1), "sliding window must be 0"),
+    (dict(radius=-1), r"symmetric window radius must be 0 \(none\) or positive; got -1\."),
+    (dict(softcap=-0.5),
+     r"logit soft-cap must be 0 \(none\) or a positive number within the float32 range; got -0\.5\."),
+    (dict(softcap=float("inf")), "logit soft-cap must be 0"),
+    (dict(softcap=float("nan")), "logit soft-cap must be 0"),
+    (dict(softcap=1e39), "logit soft-cap must be 0"),  # finite in float64, inf in float32
     (dict(normalize_rows=True), "normalize_rows only applies"),
     (dict(scale=float("nan")), "scale must be a finite"),
 ])
@@ -216,6 +257,8 @@ def test_backend_refuses_float64_and_other_devices():
     backend = CompiledBackend("cpu")
     attn = random_attention(B=1, N=5)
     assert backend.refusals("attention_maps", attn) == []
+    every_feature = random_attention(B=1, N=5, **PATTERNS["causal_window_radius_softcap_padding"])
+    assert backend.refusals("attention_maps", every_feature) == []
     as_double = random_attention(B=1, N=5, dtype=torch.float64)
     assert any("float64" in reason for reason in backend.refusals("attention_maps", as_double))
     meta = Attention(q=attn.q.to("meta"), k=attn.k.to("meta"), valid=attn.valid, causal=False, window=0, scale=1.0)

@@ -49,7 +49,8 @@ q = torch.zeros(1, 2, 3, 4)
 try:
     module.attention_maps(q=q, k=q, valid=torch.ones(1, 3, dtype=torch.bool), grams=torch.zeros(1, 3, 1, 3, 3),
                           row_scale=torch.ones(1, 3, 1), rows=None, weights=None, out=torch.empty(1, 1, 3, 3),
-                          alpha=None, causal=False, window=0, scale=1.0, normalize_rows=False, stream=0)
+                          alpha=None, causal=False, window=0, radius=0, scale=1.0, softcap=0.0, normalize_rows=False,
+                          stream=0)
 except ValueError as error:
     print(module.device_type, error)
 """

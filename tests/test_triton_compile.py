@@ -24,40 +24,42 @@ CAPABILITIES = (80, 90)
 DTYPES = ("fp32", "fp16", "bf16")
 TARGETS = list(itertools.product(CAPABILITIES, DTYPES))
 
-INT_ARGS = {"N", "R", "K", "F", "D", "window", "weights_b_stride", "weights_m_stride", "weights_s_stride"}
+INT_ARGS = {"N", "R", "K", "F", "D", "window", "radius", "weights_b_stride", "weights_m_stride", "weights_s_stride"}
 MODEL_DTYPE_PTRS = {"q_ptr", "k_ptr", "ff_ptr", "gate_ptr", "res_ptr", "coef_in_ptr", "coef_gate_ptr", "w_out_ptr"}
 
 # Compiling takes 5-60 s a kernel on a small CPU, so each list below is a covering set rather than
 # the full product: every kernel on every (capability, dtype), every value of every flag, every
 # launcher mode combination, the head sizes 32/64/80/128, H padded to HP = 16/32/64 and GQA.
 
-# (H, KV_GROUP, DH, HAS_ROWS, CAUSAL, WINDOWED)
-LSE_VARIANTS = [(12, 1, 64, False, False, False), (32, 4, 128, True, True, False), (4, 2, 80, False, True, True),
-                (64, 8, 32, True, False, True), (40, 8, 128, False, False, True), (12, 3, 80, True, True, True)]
+# (H, KV_GROUP, DH, HAS_ROWS, CAUSAL, WINDOWED, SYMMETRIC, SOFTCAP)
+LSE_VARIANTS = [(12, 1, 64, False, False, False, False, False), (32, 4, 128, True, True, False, False, True),
+                (4, 2, 80, False, True, True, True, False), (64, 8, 32, True, False, True, False, False),
+                (40, 8, 128, False, False, True, True, True), (12, 3, 80, True, True, True, False, False)]
 
-# (H, KV_GROUP, DH, M, HAS_ROWS, CAUSAL, WINDOWED, (STORE_MAP, SUM_ROWS, CONTRACT, WRITE_ALPHA)):
+# (H, KV_GROUP, DH, M, HAS_ROWS, CAUSAL, WINDOWED, SYMMETRIC, SOFTCAP, (STORE_MAP, SUM_ROWS, CONTRACT, WRITE_ALPHA)):
 # the mode tuples are the ones attention_maps launches, each with and without rows; the last is the
 # benchmark's Llama layer
 ATTENTION_VARIANTS = [
-    (12, 1, 64, 3, False, False, False, (True, False, False, False)),
-    (32, 4, 32, 1, True, True, False, (True, False, False, True)),
-    (4, 2, 80, 2, True, True, True, (False, True, False, False)),
-    (64, 8, 32, 1, False, False, True, (False, True, False, True)),
-    (8, 1, 32, 3, False, True, False, (False, False, True, False)),
-    (40, 8, 32, 2, False, False, True, (False, False, True, True)),
-    (16, 2, 32, 1, True, True, True, (False, False, True, True)),
-    (32, 4, 128, 3, False, True, False, (True, False, False, False)),
+    (12, 1, 64, 3, False, False, False, False, False, (True, False, False, False)),
+    (32, 4, 32, 1, True, True, False, False, True, (True, False, False, True)),
+    (4, 2, 80, 2, True, True, True, True, True, (False, True, False, False)),
+    (64, 8, 32, 1, False, False, True, True, False, (False, True, False, True)),
+    (8, 1, 32, 3, False, True, False, False, False, (False, False, True, False)),
+    (40, 8, 32, 2, False, False, True, False, True, (False, False, True, True)),
+    (16, 2, 32, 1, True, True, True, True, False, (False, False, True, True)),
+    (32, 4, 128, 3, False, True, False, False, False, (True, False, False, False)),
 ]
 ATTENTION_TARGETS = TARGETS + [(80, "fp16"), (80, "bf16")]
 
-# (H, KV_GROUP, DH, GATED, N_SCOPES, CENTER, HAS_ROWS, CAUSAL, WINDOWED, (STORE_MAP, SUM_ROWS, CONTRACT))
+# (H, KV_GROUP, DH, GATED, N_SCOPES, CENTER, HAS_ROWS, CAUSAL, WINDOWED, SYMMETRIC, SOFTCAP,
+#  (STORE_MAP, SUM_ROWS, CONTRACT))
 FF_VARIANTS = [
-    (12, 1, 64, False, 2, False, False, False, False, (True, False, False)),
-    (32, 4, 32, True, 3, True, True, True, False, (True, False, False)),
-    (4, 2, 80, False, 3, True, True, True, True, (False, True, False)),
-    (64, 8, 32, True, 2, False, False, False, True, (False, True, False)),
-    (8, 1, 32, True, 3, False, False, True, False, (False, False, True)),
-    (40, 8, 32, False, 3, False, True, False, True, (False, False, True)),
+    (12, 1, 64, False, 2, False, False, False, False, False, False, (True, False, False)),
+    (32, 4, 32, True, 3, True, True, True, False, False, True, (True, False, False)),
+    (4, 2, 80, False, 3, True, True, True, True, True, True, (False, True, False)),
+    (64, 8, 32, True, 2, False, False, False, True, True, False, (False, True, False)),
+    (8, 1, 32, True, 3, False, False, True, False, False, False, (False, False, True)),
+    (40, 8, 32, False, 3, False, True, False, True, False, True, (False, False, True)),
 ]
 
 
@@ -84,20 +86,22 @@ def constexprs(kernel, dtype, variant):
                                           "bf16": torch.bfloat16}[dtype])
     dots = dict(QK_FP32=qk_fp32, DOT_PRECISION=precision)
     if kernel == "_row_lse_kernel":
-        H, group, dh, has_rows, causal, windowed = variant
+        H, group, dh, has_rows, causal, windowed, symmetric, softcap = variant
         block = 64 if dh <= 64 else 32
         return dict(H=H, KV_GROUP=group, DH=dh, BLOCK_M=block, BLOCK_N=block, BLOCK_D=kr.pow2(dh),
-                    HAS_ROWS=has_rows, CAUSAL=causal, WINDOWED=windowed, **dots)
+                    HAS_ROWS=has_rows, CAUSAL=causal, WINDOWED=windowed, SYMMETRIC=symmetric, SOFTCAP=softcap, **dots)
     if kernel == "_attention_pairs_kernel":
-        H, group, dh, M, has_rows, causal, windowed, (store, sums, contract, alpha) = variant
+        H, group, dh, M, has_rows, causal, windowed, symmetric, softcap, (store, sums, contract, alpha) = variant
         block_m, block_n = ap.pair_tile_sizes(H)
         return dict(H=H, KV_GROUP=group, M=M, MP=kr.pow2(M, 1), DH=dh, HP=kr.pow2(H), BLOCK_M=block_m,
                     BLOCK_N=block_n, BLOCK_D=16, HAS_ROWS=has_rows, CAUSAL=causal, WINDOWED=windowed,
-                    STORE_MAP=store, SUM_ROWS=sums, CONTRACT=contract, WRITE_ALPHA=alpha, BLOCK_K=16, **dots)
-    H, group, dh, gated, n_scopes, center, has_rows, causal, windowed, (store, sums, contract) = variant
+                    SYMMETRIC=symmetric, SOFTCAP=softcap, STORE_MAP=store, SUM_ROWS=sums, CONTRACT=contract,
+                    WRITE_ALPHA=alpha, BLOCK_K=16, **dots)
+    (H, group, dh, gated, n_scopes, center, has_rows, causal, windowed, symmetric, softcap,
+     (store, sums, contract)) = variant
     return dict(H=H, KV_GROUP=group, DH=dh, HP=kr.pow2(H), **fp.ff_tile_sizes(), GATED=gated, N_SCOPES=n_scopes,
-                CENTER=center, HAS_ROWS=has_rows, CAUSAL=causal, WINDOWED=windowed, STORE_MAP=store,
-                SUM_ROWS=sums, CONTRACT=contract, BLOCK_K=16, **dots)
+                CENTER=center, HAS_ROWS=has_rows, CAUSAL=causal, WINDOWED=windowed, SYMMETRIC=symmetric,
+                SOFTCAP=softcap, STORE_MAP=store, SUM_ROWS=sums, CONTRACT=contract, BLOCK_K=16, **dots)
 
 
 def signature(kernel, dtype, consts):

@@ -23,7 +23,9 @@ if TritonBackend.unavailable_reason() is not None:
 
 BACKEND = TritonBackend()
 
-# (N, H, KV, Dh, causal, window, pad): masks, GQA (4/2, 4/1), padded heads (12 -> 16) and Dh = 80
+# (N, H, KV, Dh, causal, window, pad[, radius / softcap options]): masks, GQA (4/2, 4/1), padded heads
+# (12 -> 16) and Dh = 80; symmetric windows cutting tiles on both sides, and soft-caps of 1-1.5 against
+# logits of standard deviation 3, which capping changes clearly
 PATTERNS = {
     "N1": (1, 4, 2, 16, False, 0, 0),
     "N7-causal-pad": (7, 4, 2, 16, True, 0, 2),
@@ -31,13 +33,19 @@ PATTERNS = {
     "N97-causal-window-gqa1": (97, 4, 1, 16, True, 13, 5),
     "N97-pad-gqa2": (97, 4, 2, 16, False, 0, 20),
     "N20-H12-dh80": (20, 12, 3, 80, True, 0, 3),
+    "N7-softcap": (7, 4, 4, 32, False, 0, 0, dict(softcap=1.0, logit_std=3.0)),
+    "N97-radius-pad-gqa2": (97, 4, 2, 16, False, 0, 5, dict(radius=9)),
+    "N97-causal-window-radius-softcap-gqa1": (97, 4, 1, 16, True, 13, 5, dict(radius=6, softcap=1.5, logit_std=3.0)),
+    # non-causal: the window bounds the keys before a query, the radius those after it
+    "N40-window-radius-softcap-gqa2": (40, 4, 2, 16, False, 5, 3, dict(radius=8, softcap=1.0, logit_std=3.0)),
 }
+FEATURE_PATTERNS = [name for name, pattern in PATTERNS.items() if len(pattern) > 7]
 
 
 def attention(name, dtype=torch.float32, seed=0):
-    N, H, KV, Dh, causal, window, pad = PATTERNS[name]
+    N, H, KV, Dh, causal, window, pad, *options = PATTERNS[name]
     return random_attention(B=2, H=H, KV=KV, N=N, Dh=Dh, causal=causal, window=window, pad=pad, dtype=dtype,
-                            seed=seed)
+                            seed=seed, **(options[0] if options else {}))
 
 
 def assert_close(out, ref, rtol=1e-5):
@@ -72,7 +80,8 @@ def test_attention_full_map_and_alpha(name):
     assert_close(alpha, oracle_alpha(attn))
 
 
-@pytest.mark.parametrize("name", ["N1", "N7-causal-pad", "N97-causal-window-gqa1"])
+@pytest.mark.parametrize("name", ["N1", "N7-causal-pad", "N97-causal-window-gqa1",
+                                  "N97-causal-window-radius-softcap-gqa1"])
 def test_attention_rows(name):
     attn = attention(name)
     B, H, N, _ = attn.q.shape
@@ -88,7 +97,8 @@ def test_attention_rows(name):
 
 
 @pytest.mark.parametrize("normalize_rows", [False, True])
-@pytest.mark.parametrize("name", ["N7-causal-pad", "N97-causal-window-gqa1", "N97-pad-gqa2"])
+@pytest.mark.parametrize("name", ["N7-causal-pad", "N97-causal-window-gqa1", "N97-pad-gqa2",
+                                  "N40-window-radius-softcap-gqa2"])
 def test_attention_weights_contraction(name, normalize_rows):
     attn = attention(name)
     B, H, N, _ = attn.q.shape
@@ -102,7 +112,8 @@ def test_attention_weights_contraction(name, normalize_rows):
 
 
 @pytest.mark.parametrize("normalize_rows", [False, True])
-@pytest.mark.parametrize("name", ["N1", "N7-causal-pad", "N7-window", "N97-causal-window-gqa1", "N97-pad-gqa2"])
+@pytest.mark.parametrize("name", ["N1", "N7-causal-pad", "N7-window", "N97-causal-window-gqa1", "N97-pad-gqa2",
+                                  "N97-radius-pad-gqa2", "N40-window-radius-softcap-gqa2"])
 def test_attention_weights_contraction_over_selected_rows(name, normalize_rows):
     """rows with weights: the contraction runs over the selected rows only (a repeated row counts twice),
     weights indexed by position; alpha follows ``rows``."""
@@ -142,7 +153,7 @@ def test_attention_many_weight_rows_and_heads():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name", ["N7-causal-pad", "N97-causal-window-gqa1"])
+@pytest.mark.parametrize("name", ["N7-causal-pad", "N97-causal-window-gqa1", "N40-window-radius-softcap-gqa2"])
 def test_attention_low_precision(name, dtype):
     attn = attention(name)
     rounded = dataclasses.replace(attn, q=attn.q.to(dtype), k=attn.k.to(dtype))
@@ -196,7 +207,7 @@ def ff_maps_oracle_pair(attn, parts, **kw):
 
 
 @pytest.mark.parametrize("variant", FF_VARIANTS)
-@pytest.mark.parametrize("name", ["N1", "N7-causal-pad", "N7-window"])
+@pytest.mark.parametrize("name", ["N1", "N7-causal-pad", "N7-window", "N7-softcap"])
 def test_ff_full_map(name, variant):
     attn, parts = ff_case(name, *variant)
     out = BACKEND.ff_maps(attn, parts)
@@ -211,9 +222,11 @@ def test_ff_wide_tiles(variant):
     assert_close(*ff_maps_oracle_pair(attn, parts))
 
 
-@pytest.mark.parametrize("variant", [(True, 3, True), (False, 2, False)])
-def test_ff_rows(variant):
-    attn, parts = ff_case("N97-causal-window-gqa1", *variant)
+@pytest.mark.parametrize("name,variant", [("N97-causal-window-gqa1", (True, 3, True)),
+                                          ("N97-causal-window-gqa1", (False, 2, False)),
+                                          ("N97-radius-pad-gqa2", (True, 3, False))])
+def test_ff_rows(name, variant):
+    attn, parts = ff_case(name, *variant)
     rows = rows_for(97)
     out, ref = ff_maps_oracle_pair(attn, parts, rows=rows)
     assert out.shape == (2, variant[1], len(rows), 97)
@@ -239,7 +252,8 @@ def test_ff_weights_contraction_across_tiles():
 @pytest.mark.parametrize("normalize_rows", [False, True])
 @pytest.mark.parametrize("name,variant", [("N7-causal-pad", (True, 3, True)), ("N7-window", (False, 2, False)),
                                           ("N97-causal-window-gqa1", (True, 3, False)),
-                                          ("N97-pad-gqa2", (False, 3, True))])
+                                          ("N97-pad-gqa2", (False, 3, True)),
+                                          ("N40-window-radius-softcap-gqa2", (True, 3, True))])
 def test_ff_weights_contraction_over_selected_rows(name, variant, normalize_rows):
     attn, parts = ff_case(name, *variant)
     N = attn.q.shape[2]
@@ -248,6 +262,32 @@ def test_ff_weights_contraction_over_selected_rows(name, variant, normalize_rows
     out, ref = ff_maps_oracle_pair(attn, parts, rows=rows, weights=weights, normalize_rows=normalize_rows)
     assert out.shape == (2, variant[1], 3, N)
     assert_close(out, ref)
+
+
+def relative_difference(actual, expected):
+    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", FEATURE_PATTERNS)
+def test_radius_and_softcap_change_the_result(name):
+    """Each feature moves both primitives (and alpha) far beyond the tolerance of the tests above, so a
+    kernel ignoring it fails them; nothing is visible beyond the radius, on either side."""
+    attn, parts = ff_case(name, False, 2, False)
+    B, H, N, _ = attn.q.shape
+    grams, row_scale = random_grams(B, N, 2, H)
+    rows = torch.cat([rows_for(N), torch.tensor([N // 4, 3 * N // 4])])  # selected rows: quicker to interpret
+    maps, alpha = BACKEND.attention_maps(attn, grams, row_scale, rows=rows, want_alpha=True)
+    ff = BACKEND.ff_maps(attn, parts, rows=rows)
+    if attn.radius:
+        far = (rows[:, None] - torch.arange(N)[None, :]).abs() > attn.radius
+        assert (alpha[:, :, far] == 0).all() and (maps[:, :, far] == 0).all() and (ff[:, :, far] == 0).all()
+    for feature in ("radius", "softcap"):
+        if getattr(attn, feature):
+            ignored = dataclasses.replace(attn, **{feature: 0})
+            expected = oracle_attention_maps(ignored, grams, row_scale, rows=rows)
+            assert relative_difference(maps, expected) > 0.05, feature
+            assert relative_difference(alpha, oracle_alpha(ignored, rows)) > 0.05, feature
+            assert relative_difference(ff, oracle_ff_maps(ignored, parts, rows=rows)) > 0.05, feature
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -278,6 +318,8 @@ def test_non_contiguous_inputs_are_accepted():
 def test_refusal_reasons():
     attn = attention("N7-causal-pad")
     assert BACKEND.refusals("ff_maps", attn) == []
+    every_feature = attention("N97-causal-window-radius-softcap-gqa1")
+    assert BACKEND.refusals("attention_maps", every_feature) == BACKEND.refusals("ff_maps", every_feature) == []
     too_many_heads = random_attention(B=1, H=65, KV=1, N=3)
     assert any("heads" in reason for reason in BACKEND.refusals("attention_maps", too_many_heads))
     as_double = dataclasses.replace(attn, q=attn.q.double(), k=attn.k.double())

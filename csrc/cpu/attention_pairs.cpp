@@ -81,6 +81,11 @@ KOBATTR_INLINE VecF vector_exp(VecF x) {
     return select(x < -87.0f, splat(0.0f), p * (VecF)exponent);
 }
 
+// The exponential soft_cap (../pair_rules.h) uses on the lanes.
+struct VectorExp {
+    KOBATTR_INLINE VecF operator()(VecF x) const { return vector_exp(x); }
+};
+
 // Everything the tiles share: the checked arguments plus the prepared per-call buffers.
 struct Plan {
     AttentionPairsArgs a;
@@ -113,7 +118,7 @@ struct Scratch {
           row_sum(p.M * kQueryTile), contraction(p.M * std::max<int64_t>(p.K, 1) * p.key_tile) {}
 };
 
-// A tile is skipped when causality or the window hides all its keys from all its query rows.
+// A tile is skipped when causality or a window hides all its keys from all its query rows.
 bool tile_hidden(const Plan& p, int64_t query_tile, int64_t key_tile) {
     int32_t first = std::numeric_limits<int32_t>::max(), last = -1;
     for (int i = 0; i < kQueryTile; ++i) {
@@ -123,7 +128,7 @@ bool tile_hidden(const Plan& p, int64_t query_tile, int64_t key_tile) {
         last = std::max(last, pos);
     }
     const int64_t j0 = key_tile * p.key_tile, j1 = std::min<int64_t>(j0 + p.key_tile, p.N) - 1;
-    return keys_hidden(first, last, j0, j1, p.a.causal, p.a.window);
+    return keys_hidden(first, last, j0, j1, p.a.causal, p.a.window, p.a.radius);
 }
 
 // Copies keys [j0, j0 + key_tile) of key head g, zero past N, so the micro-kernel needs no bounds.
@@ -140,15 +145,16 @@ KOBATTR_INLINE void visibility(const Plan& p, int64_t b, int64_t query_tile, int
     const uint8_t* valid = p.a.valid + b * p.N;
     int32_t query_ok[kQueryTile];
     for (int i = 0; i < kQueryTile; ++i) query_ok[i] = (pos[i] >= 0 && valid[pos[i]]) ? -1 : 0;
-    // clamped so that it fits the int32 lanes without changing the rule (i - j <= N - 1)
+    // clamped so that they fit the int32 lanes without changing the rule (|i - j| <= N - 1)
     const int32_t window = static_cast<int32_t>(std::min<int64_t>(p.a.window, p.N + 1));
+    const int32_t radius = static_cast<int32_t>(std::min<int64_t>(p.a.radius, p.N + 1));
     for (int j = 0; j < p.key_tile; ++j) {
         const int32_t key = static_cast<int32_t>(j0 + j);
         const int32_t key_ok = (key < p.N && valid[key]) ? -1 : 0;
         for (int v = 0; v < kVectors; ++v) {
             const VecI valid_pair = load(query_ok + v * kLanes) & key_ok;
             store(visible + j * kQueryTile + v * kLanes,
-                  kobattr::visible(valid_pair, load(pos + v * kLanes), splat(key), p.a.causal, window));
+                  kobattr::visible(valid_pair, load(pos + v * kLanes), splat(key), p.a.causal, window, radius));
         }
     }
 }
@@ -180,7 +186,15 @@ KOBATTR_INLINE void score_tile(const float* __restrict keys, const float* __rest
     }
 }
 
-// Pass 1 for one (b, h, query tile): lse_i = m_i + log(sum_j exp(s_ij - m_i)) over the visible keys,
+// scores = cap(scores) (soft_cap of ../pair_rules.h) over a key_tile x kQueryTile tile when soft-capping;
+// both passes call it right after score_tile, so alpha is normalised by the lse of the same logits.
+KOBATTR_INLINE void cap_scores(const Plan& p, float* scores) {
+    if (p.a.softcap <= 0.0f) return;
+    for (int64_t e = 0; e < int64_t(p.key_tile) * kQueryTile; e += kLanes)
+        store(scores + e, soft_cap(load(scores + e), p.a.softcap, VectorExp{}));
+}
+
+// Pass 1 for one (b, h, query tile): lse_i = m_i + log(sum_j exp(s_ij - m_i)) over the visible keys (s capped),
 // with the running maximum m_i updated tile by tile (the flash-attention recurrence); lse has kQueryTile slots.
 KOBATTR_HOT void row_stats_task(const Plan& p, int64_t b, int64_t h, int64_t query_tile, Scratch& w, float* lse) {
     const float* q_t = p.q_t.data() + (b * p.H + h) * p.Dh * p.padded_rows + query_tile * kQueryTile;
@@ -194,6 +208,7 @@ KOBATTR_HOT void row_stats_task(const Plan& p, int64_t b, int64_t h, int64_t que
         const int64_t j0 = kt * p.key_tile;
         load_keys(p, b, h / p.group, j0, w.keys.data());
         score_tile(w.keys.data(), q_t, p.padded_rows, p.Dh, p.key_tile, w.scores.data());
+        cap_scores(p, w.scores.data());
         visibility(p, b, query_tile, j0, w.visible.data());
         for (int v = 0; v < kVectors; ++v) {
             VecF tile_max = splat(-kInf);
@@ -234,6 +249,7 @@ KOBATTR_HOT void pair_tile(const Plan& p, int64_t b, int64_t query_tile, int64_t
         if (h % p.group == 0) load_keys(p, b, h / p.group, j0, w.keys.data());
         const float* q_t = p.q_t.data() + (b * H + h) * Dh * p.padded_rows + query_tile * kQueryTile;
         score_tile(w.keys.data(), q_t, p.padded_rows, Dh, BK, w.scores.data());
+        cap_scores(p, w.scores.data());
         const float* lse = p.lse.data() + (b * H + h) * p.padded_rows + query_tile * kQueryTile;
         for (int64_t j = 0; j < BK; ++j)
             for (int v = 0; v < kVectors; ++v) {

@@ -4,6 +4,7 @@
 // t % 16 and key lane t / 16, so a warp covers 16 queries of 2 keys and its reads of a key's Gram
 // matrix are broadcasts. q and k are staged through shared memory in chunks of head dimensions.
 //   row_stats_kernel  lse_i = log sum_j exp(s_ij) per (b, h, query row), looping over all key tiles
+//                     (s_ij the scaled logit, soft-capped when softcap > 0)
 //   pair_kernel       alpha for the tile from lse, then kappa^T G_j kappa per pair, reduced to the
 //                     output mode: map rows, row sums (for normalize_rows), or the weights contraction
 #include <cuda_runtime.h>
@@ -37,7 +38,7 @@ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + 
 __device__ __forceinline__ bool is_visible(const AttentionPairsArgs& a, int64_t b, int64_t i, int64_t j) {
     if (i < 0 || j >= a.seq_len) return false;
     const bool valid_pair = a.valid[b * a.seq_len + i] && a.valid[b * a.seq_len + j];
-    return visible(valid_pair, i, j, a.causal, a.window);
+    return visible(valid_pair, i, j, a.causal, a.window, a.radius);
 }
 
 // The block's query positions into stage.position (call before anything reads them).
@@ -49,7 +50,7 @@ __device__ void load_positions(const AttentionPairsArgs& a, int64_t r0, TileStag
     __syncthreads();
 }
 
-// True when causality or the window hides keys [j0, j0 + kTile) from every query of the block.
+// True when causality or a window hides keys [j0, j0 + kTile) from every query of the block.
 __device__ bool tile_hidden(const AttentionPairsArgs& a, const TileStage& stage, int64_t j0) {
     int64_t first = INT64_MAX, last = -1;
     for (int t = 0; t < kTile; ++t) {
@@ -58,10 +59,16 @@ __device__ bool tile_hidden(const AttentionPairsArgs& a, const TileStage& stage,
         first = min(first, pos);
         last = max(last, pos);
     }
-    return keys_hidden(first, last, j0, min(j0 + kTile, a.seq_len) - 1, a.causal, a.window);
+    return keys_hidden(first, last, j0, min(j0 + kTile, a.seq_len) - 1, a.causal, a.window, a.radius);
 }
 
-// s = scale * q^h_{position[t % 16]} . k^{g(h)}_{j0 + t / 16}, every thread of the block taking part.
+// The exponential soft_cap (../pair_rules.h) uses on the GPU.
+struct DeviceExp {
+    __device__ __forceinline__ float operator()(float x) const { return expf(x); }
+};
+
+// s = cap(scale * q^h_{position[t % 16]} . k^{g(h)}_{j0 + t / 16}) (soft_cap of ../pair_rules.h), every
+// thread of the block taking part; both kernels take their logits from here, so lse and alpha agree.
 __device__ float tile_score(const AttentionPairsArgs& a, int64_t b, int64_t h, int64_t j0, TileStage& stage) {
     const int query_lane = threadIdx.x % kTile, key_lane = threadIdx.x / kTile;
     const int64_t N = a.seq_len, Dh = a.head_dim, g = h / (a.heads / a.kv_heads);
@@ -78,7 +85,7 @@ __device__ float tile_score(const AttentionPairsArgs& a, int64_t b, int64_t h, i
         for (int c = 0; c < kChunk; ++c) dot += stage.q[query_lane][c] * stage.k[key_lane][c];
         __syncthreads();
     }
-    return dot * a.scale;
+    return soft_cap(dot * a.scale, a.softcap, DeviceExp{});
 }
 
 // lse[b, h, r] = m + log(sum_j exp(s_rj - m)) over the visible keys j (+inf when none is visible).

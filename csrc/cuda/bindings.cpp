@@ -17,10 +17,11 @@ namespace {
 void attention_maps(const at::Tensor& q, const at::Tensor& k, const at::Tensor& valid, const at::Tensor& grams,
                     const at::Tensor& row_scale, const std::optional<at::Tensor>& rows,
                     const std::optional<at::Tensor>& weights, const at::Tensor& out,
-                    const std::optional<at::Tensor>& alpha, bool causal, int64_t window, double scale,
-                    bool normalize_rows, uintptr_t stream) {
+                    const std::optional<at::Tensor>& alpha, bool causal, int64_t window, int64_t radius,
+                    double scale, double softcap, bool normalize_rows, uintptr_t stream) {
     const kobattr::AttentionPairsArgs args = kobattr::attention_maps_args(
-        q, k, valid, grams, row_scale, rows, weights, out, alpha, causal, window, scale, normalize_rows, at::kCUDA);
+        q, k, valid, grams, row_scale, rows, weights, out, alpha, causal, window, radius, scale, softcap,
+        normalize_rows, at::kCUDA);
     // Workspaces: the row log-sum-exp, and the row sums that normalize_rows divides by.
     const at::Tensor lse = q.new_empty({args.batch, args.heads, args.n_rows});
     const at::Tensor row_sums = normalize_rows ? q.new_empty({args.batch, args.n_grams, args.n_rows}) : at::Tensor();
@@ -39,5 +40,6 @@ PYBIND11_MODULE(_cuda, m) {
           "rows int64.",
           py::arg("q"), py::arg("k"), py::arg("valid"), py::arg("grams"), py::arg("row_scale"), py::arg("rows"),
           py::arg("weights"), py::arg("out"), py::arg("alpha"), py::arg("causal"), py::arg("window"),
-          py::arg("scale"), py::arg("normalize_rows"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+          py::arg("radius"), py::arg("scale"), py::arg("softcap"), py::arg("normalize_rows"), py::arg("stream"),
+          py::call_guard<py::gil_scoped_release>());
 }

@@ -29,7 +29,6 @@ class CompiledBackend(Backend):
 
     primitives = ("attention_maps",)
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
-    features = frozenset({"causal", "window", "gqa"})
 
     def __init__(self, device: str):
         self.name = device

@@ -50,6 +50,6 @@ def compiled_attention_maps(module: ModuleType, attn: Attention, grams: Tensor, 
     module.attention_maps(
         q=q, k=_f32(attn.k), valid=attn.valid.to(torch.bool).contiguous(), grams=_f32(grams),
         row_scale=_f32(row_scale), rows=rows, weights=None if weights is None else _f32(weights), out=out, alpha=alpha,
-        causal=bool(attn.causal), window=int(attn.window), scale=float(attn.scale),
-        normalize_rows=bool(normalize_rows) and weights is not None, **device_args)
+        causal=bool(attn.causal), window=int(attn.window), radius=int(attn.radius), scale=float(attn.scale),
+        softcap=float(attn.softcap), normalize_rows=bool(normalize_rows) and weights is not None, **device_args)
     return out, alpha

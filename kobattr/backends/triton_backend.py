@@ -38,7 +38,6 @@ class TritonBackend(Backend):
     dtypes = MODEL_DTYPES  # the kernels compute in float32; a float64 layer would lose its precision
     max_heads = MAX_HEADS
     max_head_size = MAX_HEAD_SIZE
-    features = frozenset({"causal", "window", "gqa"})
 
     @property
     def devices(self) -> tuple:
@@ -62,7 +61,8 @@ class TritonBackend(Backend):
         dev = attn.q.device
         return dict(
             q=attn.q.contiguous(), k=attn.k.contiguous(), valid=attn.valid.to(dev).contiguous(),
-            causal=bool(attn.causal), window=int(attn.window), scale=float(attn.scale),
+            causal=bool(attn.causal), window=int(attn.window), scale=float(attn.scale), radius=int(attn.radius),
+            softcap=float(attn.softcap),
             rows=None if rows is None else rows.to(device=dev, dtype=torch.int64).contiguous(),
             weights=None if weights is None else weights.to(device=dev, dtype=torch.float32).contiguous(),
         )
@@ -81,6 +81,7 @@ class TritonBackend(Backend):
         self._check("ff_maps", attn)
         from kobattr.kernels.ff_pairs import ff_maps
 
+        parts = parts.materialised()  # the kernel reads every key's parts from memory
         return ff_maps(
             ff_parts=_parts(parts.ff_parts), gate_parts=_parts(parts.gate_parts), res_parts=_parts(parts.res_parts),
             in_scale=parts.in_scale.float().contiguous(), res_scale=parts.res_scale.float().contiguous(),
