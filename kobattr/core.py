@@ -220,16 +220,26 @@ class _Prepared:
         in_rows, in_scale, w_sum, w_diag, w_bias = self._ff_input()
 
         def ff_linear(w):
-            hidden = (w @ ffn.w_in) * coef_in
-            if coef_gate is not None:
-                hidden = hidden + (w @ ffn.w_gate) * coef_gate
-            return hidden @ ffn.w_out
+            """((w W_in) * coef_in + (w W_gate) * coef_gate) W_out per row, in row blocks (no (N, F) temporaries)."""
+            out = torch.empty_like(w)
+            size = max(1, (1 << 22) // ffn.w_in.shape[1])
+            for start in range(0, w.shape[1], size):
+                rows = slice(start, start + size)
+                hidden = (w[:, rows] @ ffn.w_in) * coef_in[:, rows]
+                if coef_gate is not None:
+                    hidden += (w[:, rows] @ ffn.w_gate) * coef_gate[:, rows]
+                out[:, rows] = hidden @ ffn.w_out
+            return out
 
+        # the bias part: w_bias plus b_in / b_gate before the coefficients, b_out after (linear in the part but for those)
+        ff_bias = ff_linear(w_bias)
         zeros_f = mid.new_zeros(ffn.w_in.shape[1])
-        bias_hidden = (w_bias @ ffn.w_in + (ffn.b_in if ffn.b_in is not None else zeros_f)) * coef_in
-        if coef_gate is not None:
-            bias_hidden = bias_hidden + (w_bias @ ffn.w_gate + (ffn.b_gate if ffn.b_gate is not None else zeros_f)) * coef_gate
-        ff_bias = bias_hidden @ ffn.w_out + (ffn.b_out if ffn.b_out is not None else 0.0)
+        if ffn.b_in is not None or ffn.b_gate is not None:
+            ff_bias += ff_linear_rows(coef_in, coef_gate, ffn,
+                                      ffn.b_in if ffn.b_in is not None else zeros_f,
+                                      ffn.b_gate if ffn.b_gate is not None else zeros_f)
+        if ffn.b_out is not None:
+            ff_bias += ffn.b_out
         ff_sum, ff_diag = ff_linear(w_sum), ff_linear(w_diag)
         w_out = ffn.w_out
         p2 = self.cast.ffn_out_norm
@@ -298,6 +308,20 @@ class _Prepared:
                 rows = self.form_rows(f, raw, keys)
                 grams[:, keys, mi] = rows @ rows.transpose(-1, -2)
         return grams, scales
+
+
+def ff_linear_rows(coef_in: Tensor, coef_gate: Optional[Tensor], ffn, b_in: Tensor, b_gate: Tensor) -> Tensor:
+    """(b_in * coef_in + b_gate * coef_gate) W_out for row-independent b_in, b_gate (F,), in row blocks."""
+    B, N, F = coef_in.shape
+    out = coef_in.new_empty(B, N, ffn.w_out.shape[1])
+    size = max(1, (1 << 22) // F)
+    for start in range(0, N, size):
+        rows = slice(start, start + size)
+        hidden = b_in * coef_in[:, rows]
+        if coef_gate is not None:
+            hidden += b_gate * coef_gate[:, rows]
+        out[:, rows] = hidden @ ffn.w_out
+    return out
 
 
 def _cast_layer(layer: Layer, dtype) -> Layer:

@@ -123,16 +123,21 @@ class FeedForward:
                 gate = gate + self.b_gate
         return up, gate
 
-    def __call__(self, z: Tensor) -> Tensor:
+    def __call__(self, z: Tensor, block: int = 1 << 22) -> Tensor:
+        """FF(z) for rows z (..., D), in row blocks of about ``block`` hidden units (no (N, F) temporaries)."""
         from .ig import activation_fn
 
-        up, gate = self.pre_activations(z)
         act = activation_fn(self.base_activation)
-        hidden = act(gate) * up if self.gated else act(up)
-        out = hidden @ self.w_out
+        rows = z.reshape(-1, z.shape[-1])
+        out = rows.new_empty(rows.shape[0], self.w_out.shape[1])
+        size = max(1, block // self.w_in.shape[1])
+        for start in range(0, rows.shape[0], size):
+            up, gate = self.pre_activations(rows[start:start + size])
+            hidden = act(gate) * up if self.gated else act(up)
+            out[start:start + size] = hidden @ self.w_out
         if self.b_out is not None:
-            out = out + self.b_out
-        return out
+            out += self.b_out
+        return out.view(z.shape[:-1] + (self.w_out.shape[1],))
 
 
 @dataclass

@@ -175,6 +175,8 @@ class TorchBackend(Backend):
 
         def each_tile():
             for c0, c1 in _blocks(N, col_size):
+                if not visible_block(attn, rows, cols_all[c0:c1]).any():
+                    continue  # causality or a window hides these keys from every requested row: no parts needed
                 key_parts = parts.block(slice(c0, c1))
                 for r0, r1 in _blocks(len(rows), row_size):
                     yield r0, r1, c0, c1, tile(r0, r1, c0, c1, key_parts)
