@@ -353,7 +353,8 @@ def cmd_selftest(args) -> int:
     from .selftest import run
 
     names = tuple(args.backends.split(",")) if args.backends else None
-    report = run(device=args.device, names=names)
+    dtypes = tuple(getattr(torch, d) for d in args.dtypes.split(",")) if args.dtypes else None
+    report = run(device=args.device, names=names, dtypes=dtypes)
     print(report.table())
     if args.json:
         import dataclasses
@@ -465,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(run it after installing on a GPU machine)")
     t.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if torch sees a GPU, else cpu")
     t.add_argument("--backends", default=None, help="comma-separated implementations to test (default: all available)")
+    t.add_argument("--dtypes", default=None, help="comma-separated, e.g. float32,bfloat16 (default: float32, plus "
+                                                  "float16 and bfloat16 on cuda)")
     t.add_argument("--json", default=None, help="also write every outcome to this JSON file")
     t.set_defaults(func=cmd_selftest)
     r = sub.add_parser("reproduce", help="re-measure the Kobayashi et al. 2020/2021/2024 findings on a bundled corpus")
