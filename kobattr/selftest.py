@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -49,6 +49,12 @@ class Outcome:
     @property
     def passed(self) -> bool:
         return self.skipped is None and self.error is not None and self.error <= self.tolerance
+
+    def line(self) -> str:
+        what = f"{self.implementation:<8}{self.primitive:<16}{self.case:<24}{self.dtype:<10}"
+        if self.skipped is not None:
+            return f"{what}skipped: {self.skipped}"
+        return f"{what}{'ok  ' if self.passed else 'FAIL'} error {self.error:.1e} (tolerance {self.tolerance:.0e}) {self.seconds:.3f} s"
 
 
 @dataclass
@@ -90,9 +96,11 @@ def _cases():
     yield "pre/gqa", GQA[0], GQA[1]
 
 
-def run(device: Optional[str] = None, dtypes: Optional[tuple] = None, names: Optional[tuple] = None) -> Report:
+def run(device: Optional[str] = None, dtypes: Optional[tuple] = None, names: Optional[tuple] = None,
+        on_outcome: Optional[Callable[[Outcome], None]] = None) -> Report:
     """Run the self-test; ``device`` defaults to cuda where torch sees one, ``dtypes`` to float32 (plus
-    float16 and bfloat16 on cuda), ``names`` to every implementation."""
+    float16 and bfloat16 on cuda), ``names`` to every implementation. ``on_outcome`` sees each outcome as
+    soon as it is known (the CLI prints it, so a run cut short still shows what it found)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = dtypes or ((torch.float32, torch.float16, torch.bfloat16) if device == "cuda" else (torch.float32,))
     report = Report(device=device)
@@ -118,6 +126,8 @@ def run(device: Optional[str] = None, dtypes: Optional[tuple] = None, names: Opt
                     outcome = Outcome(name, primitive, case, str(dtype).replace("torch.", ""))
                     report.outcomes.append(outcome)
                     _try(outcome, impl, primitive, layer, methods, ref, dtype)
+                    if on_outcome is not None:
+                        on_outcome(outcome)
     return report
 
 
