@@ -18,7 +18,10 @@ from kobattr.reference import reference
 
 AVAILABLE = availability()
 CASES = [("bert", dict(N=7, pad=2)), ("gpt2", dict(N=9)), ("llama", dict(N=11, window=4, pad=3)),
-         ("post_geglu", dict(N=5))]
+         ("post_geglu", dict(N=5)),
+         # the other block structures: norms after attention / FFN folded into rows, scales and W_out
+         ("gemma2", dict(N=9, pad=2, softcap=1.5)), ("olmo2", dict(N=8)), ("pythia", dict(N=9, pad=2)),
+         ("sandwich_ln", dict(N=7, radius=2))]
 
 
 def _skip_unless_available(name):
