@@ -77,8 +77,39 @@ def run_one(impl: str, method: str, N: int, device: str) -> dict:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return dict(impl=impl, method=method, N=N, device=device, seconds=time.perf_counter() - start,
-                peak_bytes=max(peak, 0))
+    seconds = time.perf_counter() - start
+    row = dict(impl=impl, method=method, N=N, device=device, seconds=seconds, peak_bytes=max(peak, 0))
+    # the anchors, measured in this same process after the timed run: SDPA forward of the same q, k, v (the
+    # speed of light of the attention side) and this machine's sgemm rate (that of the FF side)
+    row["sdpa_seconds"] = _median_time(lambda: torch.nn.functional.scaled_dot_product_attention(layer.q, layer.k, layer.v),
+                                       device)
+    row["vs_sdpa"] = seconds / row["sdpa_seconds"]
+    if method in FF_METHODS:
+        a = torch.randn(2048, 2048, device=device)
+        row["sgemm_gflops"] = 2 * 2048 ** 3 / _median_time(lambda: a @ a, device) / 1e9
+        H, _, D, F = BERT_BASE.values()
+        row["useful_gflops"] = N * N * (2 * F * D + 2 * (H + 1) * F) / seconds / 1e9
+        row["sgemm_fraction"] = row["useful_gflops"] / row["sgemm_gflops"]
+    return row
+
+
+FF_METHODS = ("atbff", "atbffres", "atbffresln")
+
+
+def _median_time(fn, device: str, repeats: int = 3) -> float:
+    import torch
+
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 def measure(impl: str, method: str, N: int, device: str, timeout: float) -> dict:
@@ -114,7 +145,7 @@ def main() -> None:
     backends = args.backends or _available_backends(args.device)
     backend_max = {k: int(v) for k, v in (item.split("=") for item in args.backend_max)}
     rows = []
-    print(f"{'method':<12} {'N':>6} {'impl':<10} {'time':>10} {'peak':>10}  vs reference")
+    print(f"{'method':<12} {'N':>6} {'impl':<10} {'time':>10} {'peak':>10}  vs SDPA forward (FF: fraction of sgemm)  vs reference")
     for method in args.methods:
         for N in args.sizes:
             ref = None
@@ -200,7 +231,12 @@ def _format_row(r: dict, ref) -> str:
     if ref and "error" not in ref and "error" not in r:
         ratio = (f"  {ref['seconds'] / r['seconds']:6.2f}x faster, "
                  f"{ref['peak_bytes'] / max(r['peak_bytes'], 1):6.1f}x less memory")
-    return f"{r['method']:<12} {r['N']:>6} {r['impl']:<10} {_fmt(r)}{ratio}"
+    anchors = ""
+    if "vs_sdpa" in r:
+        anchors = f"  {r['vs_sdpa']:7.1f}x SDPA fwd"
+        if "sgemm_fraction" in r:
+            anchors += f", {r['sgemm_fraction']:.2f} of sgemm ({r['useful_gflops']:.0f}/{r['sgemm_gflops']:.0f} GFLOP/s)"
+    return f"{r['method']:<12} {r['N']:>6} {r['impl']:<10} {_fmt(r)}{anchors}{ratio}"
 
 
 if __name__ == "__main__":
