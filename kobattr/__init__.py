@@ -21,6 +21,13 @@ _LAZY = {
     "BackendUnavailable": "kobattr.backends.base",
     "VerificationError": "kobattr.verify",
     "REGISTRY": "kobattr.methods",
+    "attribute_decoder": "kobattr.seq2seq",
+    "attribute_cross": "kobattr.seq2seq",
+    "cross_reference": "kobattr.seq2seq",
+    "DecoderLayer": "kobattr.seq2seq",
+    "CrossAttention": "kobattr.seq2seq",
+    "CROSS_METHODS": "kobattr.seq2seq",
+    "capture_decoder": "kobattr.models.seq2seq",
     "head_statistics": "kobattr.analyses.heads",
     "read_conllu": "kobattr.analyses.heads",
 }

@@ -88,6 +88,8 @@ def analyze(model, inputs, tokenizer=None, methods=None, layers: Optional[Sequen
     sums; backend: "auto", a name or {primitive: name} (what ran: result.backends); verify: sampled rows
     per layer and text recomputed by the reference (result.spot_check; 0 disables).
     Completeness of the FF scopes is measured against the model's own layer outputs.
+    Encoder-decoder models (BART, Marian, M2M-100 / NLLB, mBART): the encoder layers, from the source text alone;
+    their decoder layers and cross-attention: kobattr.models.capture_decoder and kobattr.seq2seq.attribute_decoder.
     """
     adapter = get_adapter(model)
     structure = adapter.structure(model.config)

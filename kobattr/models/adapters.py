@@ -133,6 +133,9 @@ class Adapter:
     max_tokens: Callable[[object], Optional[int]] = lambda config: None
     # added to the norm's stored weight to give its scale: Gemma's RMSNorm multiplies by (1 + weight)
     norm_weight_offset: float = 0.0
+    # the submodule of model.base_model that capture runs (None: the base model itself). Encoder-decoder models
+    # run their encoder alone ("encoder"), with the encoder's inputs only, so no decoder inputs are needed
+    runs: Optional[str] = None
 
     # ------------------------------------------------------------------ modules
     def layer_modules(self, model: nn.Module) -> nn.ModuleList:
@@ -164,7 +167,10 @@ class Adapter:
         to the stream (after attn_out_norm); y: x + attn, where a module reads it (none in a parallel block);
         mid: the FFN input; ffn_out: what the FFN adds (after ffn_out_norm)."""
         get = layer_module.get_submodule
-        ffn = get(_module_path(self.ffn_in).rpartition(".")[0])  # the FFN block reads mid
+        # the FFN block reads mid; where the FFN has no block of its own (BART's fc1 / fc2 sit in the layer), its
+        # input projection does
+        parent, _, name = _module_path(self.ffn_in).rpartition(".")
+        ffn = get(parent or name)
         probes = {
             "attn": (get(self.attn_out_norm), "output") if self.attn_out_norm else (get(self.out_proj), "output"),
             "mid": (ffn, "input"),
@@ -296,6 +302,10 @@ def _learned_positions(config) -> int:
     return config.max_position_embeddings
 
 
+def _no_position_limit(config) -> None:
+    return None
+
+
 def _positions_after_padding(config) -> int:
     # RoBERTa-style positions start after the padding index
     return config.max_position_embeddings - config.pad_token_id - 1
@@ -425,6 +435,32 @@ ADAPTERS = (
         activation_key="hidden_activation",
         radius=_modernbert_radius,
     ),
+)
+# The encoders of encoder-decoder models (their decoders: kobattr.models.seq2seq): run alone (``runs``), so
+# kobattr.analyze attributes the encoder layers of a translation or summarisation model from its source text.
+# Embedding scale (sqrt(d_model) with scale_embedding), positions and BART's / mBART's layernorm_embedding act
+# before layer 0; M2M-100's and mBART's final encoder layer_norm acts after the last layer.
+_SEQ2SEQ_ENCODER_PATHS = dict(
+    layers="encoder.layers",
+    attention="self_attn",
+    out_proj="self_attn.out_proj",
+    ln1="self_attn_layer_norm",
+    ln2="final_layer_norm",
+    ffn_in="fc1",
+    ffn_out="fc2",
+    activation_key="activation_function",
+    runs="encoder",
+)
+ADAPTERS += (
+    # post-LN; learned positions (BartLearnedPositionalEmbedding: max_position_embeddings rows after an offset of 2)
+    Adapter("BART", ("bart",), **_SEQ2SEQ_ENCODER_PATHS, max_tokens=_learned_positions),
+    # post-LN; fixed sinusoidal positions, a table of max_position_embeddings rows
+    Adapter("Marian", ("marian",), **_SEQ2SEQ_ENCODER_PATHS, max_tokens=_learned_positions),
+    # pre-LN (NLLB's dense models are M2M-100 too); sinusoidal positions counted from the first non-padding token and
+    # grown on demand: no limit
+    Adapter("M2M-100", ("m2m_100",), **_SEQ2SEQ_ENCODER_PATHS, placement="pre", max_tokens=_no_position_limit),
+    # pre-LN; learned positions as BART's
+    Adapter("mBART", ("mbart",), **_SEQ2SEQ_ENCODER_PATHS, placement="pre", max_tokens=_learned_positions),
 )
 SUPPORTED_FAMILIES = tuple(adapter.family for adapter in ADAPTERS)
 _BY_MODEL_TYPE = {model_type: adapter for adapter in ADAPTERS for model_type in adapter.model_types}

@@ -226,25 +226,27 @@ class _AllLayersCaptured(Exception):
 
 
 # ----------------------------------------------------------------------------- mask verification
-def _model_visibility(call: _AttentionCall, batch: int, n: int) -> Tensor:
-    """(batch, query, key) bool: which keys the model's attention call let each query see."""
+def _model_visibility(call: _AttentionCall, batch: int, n: int, n_keys: Optional[int] = None) -> Tensor:
+    """(batch, query, key) bool: which keys the model's attention call let each query see (n queries, n_keys keys:
+    n unless given, as for cross-attention)."""
+    m = n if n_keys is None else n_keys
     mask = call.mask
     if mask is None:
         # SDPA falls back to its is_causal flag (only for more than one query); eager adds nothing.
         causal = call.inner == "sdpa" and call.module_causal and n > 1
-        seen = torch.ones(n, n, dtype=torch.bool, device=call.q.device)
-        return (seen.tril() if causal else seen).expand(batch, n, n)
-    if mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[-2:]) != (n, n):
-        raise CaptureError(f"the model's attention mask has shape {tuple(mask.shape)}; kobattr expects (batch, 1, {n}, {n}), one mask shared by all heads.")
+        seen = torch.ones(n, m, dtype=torch.bool, device=call.q.device)
+        return (seen.tril() if causal else seen).expand(batch, n, m)
+    if mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[-2:]) != (n, m):
+        raise CaptureError(f"the model's attention mask has shape {tuple(mask.shape)}; kobattr expects (batch, 1, {n}, {m}), one mask shared by all heads.")
     mask = mask[:, 0]
     if mask.dtype == torch.bool:
-        return mask.expand(batch, n, n)
+        return mask.expand(batch, n, m)
     seen = mask == 0
     blocked = mask <= torch.finfo(mask.dtype).min
     if not (seen | blocked).all():
         raise CaptureError("the model's additive attention mask carries values other than 0 and -inf, i.e. biases on the "
                            "attention logits (as ALiBi or T5's relative positions add), which kobattr does not support.")
-    return seen.expand(batch, n, n)
+    return seen.expand(batch, n, m)
 
 
 def _check_call(index: int, call: _AttentionCall) -> None:
@@ -303,7 +305,7 @@ def capture(model: nn.Module, inputs: dict, on_layer: OnLayer, layers: Optional[
     recorder = _Recorder(model, adapter, wanted, on_layer, key_valid=None if mask is None else mask.bool())
     with torch.no_grad(), _eval_mode(model), _recording_attention_implementation(model.config, adapter), recorder.hooks():
         try:
-            model.base_model(**_model_inputs(adapter, inputs))
+            _run(model, adapter, inputs)
         except _AllLayersCaptured:
             pass
 
@@ -326,7 +328,7 @@ def residual_stream(model: nn.Module, inputs: dict) -> list[Tensor]:
     handles += [m.register_forward_hook(keep_output) for m in layer_modules]
     try:
         with torch.no_grad(), _eval_mode(model):
-            model.base_model(**_model_inputs(adapter, inputs))
+            _run(model, adapter, inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -342,6 +344,19 @@ def _layer_indices(layers: Optional[Iterable[int]], n_layers: int) -> list[int]:
             raise IndexError(f"layer index {index!r} is out of range for a model with {n_layers} layers.")
         indices.append(index % n_layers)
     return sorted(set(indices))
+
+
+# what an encoder of an encoder-decoder model takes (a batch may also hold labels or decoder inputs)
+_ENCODER_INPUTS = ("input_ids", "attention_mask", "inputs_embeds")
+
+
+def _run(model: nn.Module, adapter: Adapter, inputs: dict):
+    """The forward pass capture needs: the base model, or the submodule ``adapter.runs`` of it (an encoder-decoder
+    model's encoder, on the encoder's inputs only)."""
+    if adapter.runs is None:
+        return model.base_model(**_model_inputs(adapter, inputs))
+    module = model.base_model.get_submodule(adapter.runs)
+    return module(**{key: value for key, value in inputs.items() if key in _ENCODER_INPUTS})
 
 
 def _model_inputs(adapter: Adapter, inputs: dict) -> dict:
