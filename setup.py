@@ -27,7 +27,9 @@ setup(
     install_requires=[
         "torch>=2.13,<2.14",  # the minor version the C++ extensions are built against (pyproject.toml)
         "numpy",
-        "triton; platform_system == 'Linux'",
+        # the oldest triton the kernels compile with (tl.dot on tiles narrower than 16, e.g. BLOCK_N = 4, needs 3.5):
+        # .ci/run compiles every kernel variant with exactly this version (tests/test_triton_compile.py)
+        "triton>=3.5.0; platform_system == 'Linux'",
         "transformers>=5,<6",
         "safetensors",
         "matplotlib",

@@ -10,6 +10,7 @@ standard library (tl.sum, tl.max, ...) consists of interpreted functions that ca
 One worker per CPU core; each test then checks the result of its variant.
 """
 
+import inspect
 import itertools
 import json
 import os
@@ -125,18 +126,28 @@ def signature(kernel, dtype, consts):
     return sig
 
 
+def ast_source(kernel, sig, consts):
+    """triton.compiler.ASTSource across the triton versions setup.py allows: 3.3 and later take
+    ``constexprs=`` and a signature naming every argument, constexprs as "constexpr"; 3.0-3.2 take
+    ``constants=`` (the same name -> value dict) and a signature of the other arguments only."""
+    from triton.compiler import ASTSource
+
+    if "constexprs" in inspect.signature(ASTSource.__init__).parameters:
+        return ASTSource(fn=kernel, signature=sig, constexprs=consts)
+    return ASTSource(fn=kernel, signature={k: v for k, v in sig.items() if k not in consts}, constants=consts)
+
+
 def compile_job(module, kernel_name, capability, dtype, num_stages, variant):
     """'ok', or why the compile failed or produced nothing usable."""
     import importlib
 
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     kernel = getattr(importlib.import_module(f"kobattr.kernels.{module}"), kernel_name)
     consts = constexprs(kernel_name, dtype, variant)
-    src = ASTSource(fn=kernel, signature=signature(kernel, dtype, consts), constexprs=consts)
     try:
+        src = ast_source(kernel, signature(kernel, dtype, consts), consts)
         compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
                                   options={"num_warps": 4, "num_stages": num_stages})
     except Exception as err:  # the message is the test failure
