@@ -11,6 +11,11 @@
 // normalize_rows; optionally alpha itself for the selected rows.
 //
 // The kernels take raw pointers; tensor_args.h builds this struct from checked at::Tensors.
+//
+// The row_lse entry points (the row_stats primitive: lse[b, h, i] = log sum_j exp(cap(scale q^h_i . k_j))
+// over the keys visible from i) take the same struct with only the attention pattern set: q, k, valid,
+// the sizes and options, rows null and n_rows = N, no pair tensor (n_grams = 0); their output is passed
+// beside it.
 #pragma once
 
 #include <cstdint>

@@ -1,5 +1,5 @@
-// kobattr._cpu: the CPU kernels, called by kobattr/backends/kernel_args.py (compiled_attention_maps)
-// with tensors, checked by tensor_args.h before the kernel sees their data pointers.
+// kobattr._cpu: the CPU kernels, called by kobattr/backends/kernel_args.py (compiled_attention_maps,
+// compiled_row_lse) with tensors, checked by tensor_args.h before the kernel sees their data pointers.
 #include <torch/csrc/utils/pybind.h>
 
 #include "cpu/attention_pairs.h"
@@ -20,6 +20,13 @@ void attention_maps(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     kobattr::attention_maps_cpu(args, num_threads);
 }
 
+void row_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& valid, const at::Tensor& lse, bool causal,
+             int64_t window, int64_t radius, double scale, double softcap, int64_t num_threads) {
+    const kobattr::AttentionPairsArgs args =
+        kobattr::row_lse_args(q, k, valid, lse, causal, window, radius, scale, softcap, at::kCPU);
+    kobattr::row_lse_cpu(args, lse.data_ptr<float>(), num_threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
@@ -32,6 +39,14 @@ PYBIND11_MODULE(_cpu, m) {
           py::arg("q"), py::arg("k"), py::arg("valid"), py::arg("grams"), py::arg("row_scale"), py::arg("rows"),
           py::arg("weights"), py::arg("out"), py::arg("alpha"), py::arg("causal"), py::arg("window"),
           py::arg("radius"), py::arg("scale"), py::arg("softcap"), py::arg("normalize_rows"), py::arg("num_threads"),
+          py::call_guard<py::gil_scoped_release>());
+    m.def("row_lse", &row_lse,
+          "Fills lse (B, H, N) with the row_stats primitive of kobattr/backends/base.py: lse[b, h, i] = log sum_j "
+          "exp(cap(scale q^h_i . k_j)) over the keys j visible from i (natural log; +inf on rows that see no key, "
+          "i.e. padding rows). Contiguous CPU tensors: q (B, H, N, Dh), k (B, KV, N, Dh) and lse float32, valid "
+          "(B, N) bool; num_threads OpenMP threads (0 = the OpenMP default).",
+          py::arg("q"), py::arg("k"), py::arg("valid"), py::arg("lse"), py::arg("causal"), py::arg("window"),
+          py::arg("radius"), py::arg("scale"), py::arg("softcap"), py::arg("num_threads"),
           py::call_guard<py::gil_scoped_release>());
 #ifdef _OPENMP
     m.attr("openmp") = true;

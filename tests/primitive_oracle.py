@@ -9,8 +9,8 @@ import torch
 from kobattr.backends.base import Attention, FFParts, visible_block
 
 
-def oracle_kappa(attn: Attention) -> torch.Tensor:
-    """(B, N, N, H+1) float64: alpha^h_ij for h < H and [i == j] in the last slot; 0 where invisible."""
+def _logits(attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
+    """((B, H, N, N) float64 capped logits cap(scale q^h_i . k_j), -inf where j is invisible from i; (B, N, N) vis)."""
     q, k = attn.q.double(), attn.k.double()
     B, H, N, _ = q.shape
     k = k.repeat_interleave(H // k.shape[1], 1)
@@ -19,10 +19,23 @@ def oracle_kappa(attn: Attention) -> torch.Tensor:
     s = (q @ k.transpose(-1, -2)) * attn.scale
     if attn.softcap:  # Gemma 2's logit soft-capping, before masking
         s = attn.softcap * torch.tanh(s / attn.softcap)
-    s = s.masked_fill(~vis[:, None], float("-inf"))
+    return s.masked_fill(~vis[:, None], float("-inf")), vis
+
+
+def oracle_kappa(attn: Attention) -> torch.Tensor:
+    """(B, N, N, H+1) float64: alpha^h_ij for h < H and [i == j] in the last slot; 0 where invisible."""
+    s, vis = _logits(attn)
+    B, N = vis.shape[:2]
     alpha = torch.softmax(s, -1).nan_to_num(0.0)  # (B, H, N, N)
-    eye = torch.eye(N, dtype=torch.float64, device=q.device).expand(B, N, N) * vis
+    eye = torch.eye(N, dtype=torch.float64, device=vis.device).expand(B, N, N) * vis
     return torch.cat([alpha.permute(0, 2, 3, 1), eye[..., None]], -1), vis
+
+
+def oracle_row_lse(attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row_stats primitive: ((B, H, N) float64 log sum_j exp(cap(scale q^h_i . k_j)) over the keys visible
+    from i, (B, H, N) bool: the rows that see at least one key, the only ones the primitive defines)."""
+    s, vis = _logits(attn)
+    return torch.logsumexp(s, -1), vis.any(-1)[:, None].expand(s.shape[:3])
 
 
 def _finish(maps, vis, rows, weights, normalize_rows):

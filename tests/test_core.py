@@ -267,6 +267,24 @@ def test_the_model_attention_output_gives_the_same_results(kind, kw, dtype):
         assert_close(fast.ratios[m].nan_to_num(0), plain.ratios[m].nan_to_num(0), tol, f"ratio {m}")
 
 
+@pytest.mark.parametrize("kind,kw", [("bert", dict(N=70, pad=4)), ("gemma2", dict(N=25, softcap=1.5, pad=2)),
+                                     ("sandwich_ln", dict(N=31, radius=4))])
+def test_auto_takes_the_row_lse_from_the_cpu_kernel(kind, kw):
+    """On CPU tensors backend="auto" runs row_stats through kobattr._cpu.row_lse, with the torch backend's results."""
+    from kobattr.backends import availability
+
+    if availability()["cpu"] is not None:
+        pytest.skip(availability()["cpu"])
+    given = with_head_outputs(random_layer(kind, dtype=torch.float32, **kw))
+    auto = attribute(given, methods="all", backend="auto")
+    plain = attribute(given, methods="all", backend="torch")
+    assert auto.backends["row_stats"] == "cpu" and plain.backends["row_stats"] == "torch"
+    for m in plain.methods:
+        assert_close(auto.maps[m], plain.maps[m], 1e-5, m)
+        assert torch.equal(auto.ratios[m].isnan(), plain.ratios[m].isnan())
+        assert_close(auto.ratios[m].nan_to_num(0), plain.ratios[m].nan_to_num(0), 1e-5, f"ratio {m}")
+
+
 def test_a_wrong_model_attention_output_is_caught_by_the_spot_check():
     from kobattr.verify import VerificationError
 

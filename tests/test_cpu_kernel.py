@@ -1,4 +1,5 @@
-"""The C++ CPU kernel (kobattr._cpu through compiled_attention_maps) against the fp64 primitive oracle."""
+"""The C++ CPU kernel (kobattr._cpu through compiled_attention_maps and compiled_row_lse) against the fp64
+primitive oracle."""
 
 import dataclasses
 
@@ -6,8 +7,9 @@ import pytest
 import torch
 
 from kobattr.backends.base import Attention
-from kobattr.backends.kernel_args import compiled_attention_maps
-from primitive_oracle import oracle_alpha, oracle_attention_maps, random_attention, random_grams, scrambled_layout
+from kobattr.backends.kernel_args import compiled_attention_maps, compiled_row_lse
+from primitive_oracle import (oracle_alpha, oracle_attention_maps, oracle_row_lse, random_attention, random_grams,
+                              scrambled_layout)
 
 
 def test_extension_is_built():
@@ -15,6 +17,7 @@ def test_extension_is_built():
     from kobattr import _cpu
 
     assert _cpu.device_type == "cpu"
+    assert callable(_cpu.row_lse)
 
 
 def cpu_maps(attn, grams, row_scale, **options):
@@ -248,6 +251,134 @@ def test_tensors_on_another_device_are_rejected():
         cpu_maps(attn, grams.to("meta"), row_scale)
 
 
+# ---------------------------------------------------------------- row_lse (the row_stats primitive)
+
+
+def cpu_row_lse(attn):
+    from kobattr import _cpu
+
+    return compiled_row_lse(_cpu, attn)
+
+
+def lse_close(lse, attn, atol=2e-6):
+    """fp32 row log-sum-exp against the fp64 oracle on the rows that see a key (relative to max(1, |lse|), the
+    float32 spacing of the logits and their max); the others are +inf, the binding's documented value."""
+    want, seen = oracle_row_lse(attn)
+    assert lse.dtype == torch.float32 and lse.shape == want.shape
+    error = ((lse.double() - want).abs() / want.abs().clamp_min(1.0))[seen]
+    assert error.numel() == 0 or error.max() < atol, f"max error {error.max():.2e}"
+    assert torch.all(lse[~seen] == float("inf"))
+
+
+@pytest.mark.parametrize("N", [1, 7, 97, 257])
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("H,KV", [(4, 2), (4, 1), (3, 3)])
+def test_row_lse(N, pattern, H, KV):
+    options = dict(PATTERNS[pattern])
+    options["pad"] = min(options.get("pad", 0), N - 1)
+    attn = random_attention(B=2, H=H, KV=KV, N=N, **options)
+    lse_close(cpu_row_lse(attn), attn)
+
+
+@pytest.mark.parametrize("H,KV", [(1, 1), (40, 8)])  # other key tiles, as for the maps
+def test_row_lse_head_counts(H, KV):
+    attn = random_attention(B=1, H=H, KV=KV, N=70, causal=True, window=30)
+    lse_close(cpu_row_lse(attn), attn)
+
+
+@pytest.mark.parametrize("pattern", FEATURE_PATTERNS)
+def test_radius_and_softcap_change_the_row_lse(pattern):
+    attn = random_attention(B=2, N=97, **PATTERNS[pattern])
+    lse = cpu_row_lse(attn)
+    _, seen = oracle_row_lse(attn)
+    for feature in ("radius", "softcap"):
+        if getattr(attn, feature):
+            ignored, _ = oracle_row_lse(dataclasses.replace(attn, **{feature: 0}))
+            assert (lse.double() - ignored)[seen].abs().max() > 0.05, feature
+
+
+def test_row_lse_of_a_fully_padded_batch_element_is_inf():
+    attn = random_attention(B=2, N=9, causal=True)
+    attn.valid[1] = False
+    lse = cpu_row_lse(attn)
+    assert torch.all(lse[1] == float("inf"))
+    lse_close(lse, attn)
+
+
+def test_row_lse_inputs_in_any_dtype_and_layout():
+    """bfloat16 q and k are converted (the oracle sees the same rounded values), strided ones copied."""
+    attn = random_attention(B=2, N=33, causal=True, pad=3, dtype=torch.bfloat16)
+    lse_close(cpu_row_lse(attn), attn)
+    attn = random_attention(B=2, N=33, window=5, pad=3)
+    strided = dataclasses.replace(attn, q=attn.q.transpose(1, 2).contiguous().transpose(1, 2))
+    assert not strided.q.is_contiguous()
+    lse_close(cpu_row_lse(strided), attn)
+
+
+def test_row_lse_thread_counts_agree():
+    attn = random_attention(B=1, N=130, causal=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = cpu_row_lse(attn)
+        torch.set_num_threads(2)
+        double = cpu_row_lse(attn)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(single, double, rtol=0, atol=0)
+
+
+def test_row_lse_is_the_first_pass_of_the_maps():
+    """alpha = exp(logit - lse) with the lse of row_lse is the alpha attention_maps returns."""
+    attn = random_attention(B=2, N=97, **PATTERNS["causal_window_radius_softcap_padding"])
+    grams, row_scale = random_grams(2, 97, 1, 4)
+    _, alpha = cpu_maps(attn, grams, row_scale, want_alpha=True)
+    diagonal = alpha.diagonal(dim1=-2, dim2=-1)  # (B, H, N): alpha^h_ii
+    q, k = attn.q.double(), attn.k.double().repeat_interleave(2, 1)
+    logit = (q * k).sum(-1) * attn.scale
+    logit = attn.softcap * torch.tanh(logit / attn.softcap)
+    mine = torch.exp(logit - cpu_row_lse(attn).double()) * attn.valid[:, None]
+    torch.testing.assert_close(mine.float(), diagonal, rtol=1e-5, atol=1e-6)
+
+
+def raw_row_lse(**overrides):
+    """kobattr._cpu.row_lse on a valid small problem (B=1, H=4, KV=2, N=5, Dh=16), with some arguments replaced."""
+    from kobattr import _cpu
+
+    attn = random_attention(B=1, H=4, KV=2, N=5)
+    args = dict(q=attn.q, k=attn.k, valid=attn.valid, lse=torch.empty(1, 4, 5), causal=False, window=0, radius=0,
+                scale=0.25, softcap=0.0, num_threads=1)
+    args.update(overrides)
+    _cpu.row_lse(**args)
+    return args["lse"]
+
+
+def test_raw_row_lse_runs():
+    assert torch.isfinite(raw_row_lse()).all()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(q=torch.zeros(1, 4, 5, 16, dtype=torch.float64)),
+     r"row_lse: q must be a contiguous float32 tensor of shape \(B, H, N, Dh\) on cpu; got a contiguous float64 "
+     r"tensor of shape \[1, 4, 5, 16\] on cpu\."),
+    (dict(k=torch.zeros(1, 3, 5, 16)), "row_lse: the number of query heads H=4 must be a multiple"),
+    (dict(valid=torch.ones(1, 6, dtype=torch.bool)), r"row_lse: valid must be a contiguous bool tensor of shape "
+                                                     r"\(B=1, N=5\)"),
+    (dict(lse=torch.empty(1, 4, 6)), r"row_lse: lse must be a contiguous float32 tensor of shape \(B=1, H=4, N=5\) "
+                                     r"on cpu; got a contiguous float32 tensor of shape \[1, 4, 6\]"),
+    (dict(lse=torch.empty(1, 5, 4).transpose(1, 2)), "row_lse: lse must be .* got a non-contiguous float32 tensor"),
+    (dict(lse=torch.empty(1, 4, 5, dtype=torch.float64)), "row_lse: lse must be a contiguous float32 tensor"),
+    (dict(q=torch.zeros(1, 4, 5, 16).to("meta")), "row_lse: this extension runs on cpu tensors, but q is"),
+    (dict(window=-1), "row_lse: the sliding window must be 0"),
+    (dict(radius=-1), "row_lse: the symmetric window radius must be 0"),
+    (dict(softcap=float("nan")), "row_lse: the logit soft-cap must be 0"),
+    (dict(scale=float("inf")), "row_lse: the softmax scale must be a finite"),
+])
+def test_raw_row_lse_rejects_bad_arguments(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        raw_row_lse(**overrides)
+
+
 # ---------------------------------------------------------------- the backend class (kobattr/backends/compiled_backend.py)
 
 
@@ -256,7 +387,8 @@ def test_backend_refuses_float64_and_other_devices():
 
     backend = CompiledBackend("cpu")
     attn = random_attention(B=1, N=5)
-    assert backend.refusals("attention_maps", attn) == []
+    assert backend.refusals("attention_maps", attn) == backend.refusals("row_stats", attn) == []
+    assert backend.primitives == ("attention_maps", "row_stats")
     every_feature = random_attention(B=1, N=5, **PATTERNS["causal_window_radius_softcap_padding"])
     assert backend.refusals("attention_maps", every_feature) == []
     as_double = random_attention(B=1, N=5, dtype=torch.float64)

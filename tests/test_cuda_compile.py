@@ -53,6 +53,11 @@ try:
                           stream=0)
 except ValueError as error:
     print(module.device_type, error)
+try:
+    module.row_lse(q=q, k=q, valid=torch.ones(1, 3, dtype=torch.bool), lse=torch.empty(1, 2, 3), causal=False,
+                   window=0, radius=0, scale=1.0, softcap=0.0, stream=0)
+except ValueError as error:
+    print(error)
 """
 
 
@@ -71,3 +76,5 @@ def test_the_extension_builds_and_checks_tensors_before_any_launch(tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith("cuda attention_maps: this extension runs on cuda tensors, but q is a contiguous "
                                    "float32 tensor of shape [1, 2, 3, 4] on cpu."), shown.stdout
+    assert ("\nrow_lse: this extension runs on cuda tensors, but q is a contiguous float32 tensor of shape "
+            "[1, 2, 3, 4] on cpu.") in shown.stdout, shown.stdout

@@ -15,8 +15,8 @@ pytest.importorskip("triton")
 from kobattr.backends.base import BackendUnavailable  # noqa: E402
 from kobattr.backends.triton_backend import TritonBackend  # noqa: E402
 from kobattr.kernels import attention_pairs, rows as kernel_rows  # noqa: E402
-from primitive_oracle import (oracle_alpha, oracle_attention_maps, oracle_ff_maps, random_attention,  # noqa: E402
-                              random_ff_parts, random_grams, scrambled_layout)
+from primitive_oracle import (oracle_alpha, oracle_attention_maps, oracle_ff_maps, oracle_row_lse,  # noqa: E402
+                              random_attention, random_ff_parts, random_grams, scrambled_layout)
 
 if TritonBackend.unavailable_reason() is not None:
     pytest.skip(TritonBackend.unavailable_reason(), allow_module_level=True)
@@ -190,6 +190,29 @@ def test_row_lse_of_rows_without_keys_is_finite():
     assert_close(maps, oracle_attention_maps(attn, grams, row_scale))
 
 
+# ---------------------------------------------------------------- row_lse (the row_stats primitive)
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_row_lse(name):
+    """The backend's natural-log lse (the kernel's base-2 one times ln 2) on the rows that see a key."""
+    attn = attention(name)
+    lse = BACKEND.row_lse(attn)
+    want, seen = oracle_row_lse(attn)
+    assert lse.dtype == torch.float32 and lse.shape == want.shape
+    assert_close(lse[seen], want[seen])
+    assert torch.isfinite(lse).all()  # 0 on the rows that see nothing
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_row_lse_low_precision(dtype):
+    attn = attention("N40-window-radius-softcap-gqa2")
+    rounded = dataclasses.replace(attn, q=attn.q.to(dtype), k=attn.k.to(dtype))
+    lse = BACKEND.row_lse(rounded)
+    want, seen = oracle_row_lse(attn)
+    assert_lowprec_close(lse[seen], want[seen], oracle_row_lse(rounded)[0][seen])
+
+
 # ---------------------------------------------------------------- feed-forward maps
 
 # (gated, n_scopes, center)
@@ -320,6 +343,7 @@ def test_refusal_reasons():
     assert BACKEND.refusals("ff_maps", attn) == []
     every_feature = attention("N97-causal-window-radius-softcap-gqa1")
     assert BACKEND.refusals("attention_maps", every_feature) == BACKEND.refusals("ff_maps", every_feature) == []
+    assert BACKEND.refusals("row_stats", every_feature) == []
     too_many_heads = random_attention(B=1, H=65, KV=1, N=3)
     assert any("heads" in reason for reason in BACKEND.refusals("attention_maps", too_many_heads))
     as_double = dataclasses.replace(attn, q=attn.q.double(), k=attn.k.double())
@@ -327,6 +351,8 @@ def test_refusal_reasons():
     grams, row_scale = random_grams(1, 3, 1, 65)
     with pytest.raises(BackendUnavailable):
         BACKEND.attention_maps(too_many_heads, grams, row_scale)
+    with pytest.raises(BackendUnavailable, match="float32"):
+        BACKEND.row_lse(as_double)
 
 
 def test_unavailable_without_device_or_interpreter(monkeypatch):

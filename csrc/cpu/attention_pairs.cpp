@@ -1,4 +1,5 @@
-// CPU kernel of the attention_maps primitive (see ../attention_pairs_args.h for the formulas).
+// CPU kernel of the attention_maps primitive (see ../attention_pairs_args.h for the formulas), and of
+// row_lse (the row_stats primitive), which is its first pass alone.
 //
 // Two passes over (query tile x key tile) blocks, never storing anything N x N beyond the requested
 // output: pass 1 computes the softmax log-sum-exp of every (b, h, query row); pass 2 recomputes alpha
@@ -98,7 +99,7 @@ struct Plan {
     std::vector<float> lse;      // (B, H, padded_rows) softmax log-sum-exp, +inf for rows seeing no key
 };
 
-// Per-thread scratch for one tile.
+// Per-thread scratch for one tile; pass 1 alone (row_lse) needs only keys, scores and visible.
 struct Scratch {
     std::vector<float> keys;     // (key_tile, Dh) keys of the tile, zero past N
     std::vector<float> scores;   // (key_tile, kQueryTile)
@@ -113,9 +114,10 @@ struct Scratch {
 
     explicit Scratch(const Plan& p)
         : keys(p.key_tile * p.Dh), scores(p.key_tile * kQueryTile), visible(p.key_tile * kQueryTile),
-          alpha(p.key_tile * p.H * kQueryTile), coef(p.H * p.H), maps(p.M * p.key_tile * kQueryTile),
-          row_scale(p.M * kQueryTile), row_weight(p.M * std::max<int64_t>(p.K, 1) * kQueryTile),
-          row_sum(p.M * kQueryTile), contraction(p.M * std::max<int64_t>(p.K, 1) * p.key_tile) {}
+          alpha(p.M > 0 ? p.key_tile * p.H * kQueryTile : 0), coef(p.M > 0 ? p.H * p.H : 0),
+          maps(p.M * p.key_tile * kQueryTile), row_scale(p.M * kQueryTile),
+          row_weight(p.M * std::max<int64_t>(p.K, 1) * kQueryTile), row_sum(p.M * kQueryTile),
+          contraction(p.M * std::max<int64_t>(p.K, 1) * p.key_tile) {}
 };
 
 // A tile is skipped when causality or a window hides all its keys from all its query rows.
@@ -376,7 +378,41 @@ Plan make_plan(const AttentionPairsArgs& a) {
     return p;
 }
 
+// The first part of every call, run by every thread of the caller's parallel region (orphaned `omp for`s,
+// each ending in a barrier): q_t[b][h][d][r] = scale * q[b][h][rows[r]][d], the query rows becoming the
+// vector lanes, then pass 1 (row_stats_task) for every (b, h, query tile) into p.lse.
+void row_stats_pass(Plan& p, Scratch& w) {
+    const int64_t BH = p.a.batch * p.H, Dh = p.Dh;
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < BH; ++bh)
+        for (int64_t r = 0; r < p.R; ++r) {
+            const float* src = p.a.q + (bh * p.N + p.q_pos[r]) * Dh;
+            float* dst = p.q_t.data() + bh * Dh * p.padded_rows + r;
+            for (int64_t d = 0; d < Dh; ++d) dst[d * p.padded_rows] = p.a.scale * src[d];
+        }
+#pragma omp for schedule(dynamic)
+    for (int64_t task = 0; task < BH * p.n_query_tiles; ++task)
+        row_stats_task(p, task / (p.H * p.n_query_tiles), (task / p.n_query_tiles) % p.H, task % p.n_query_tiles, w,
+                       p.lse.data() + task * kQueryTile);
+}
+
 }  // namespace
+
+void row_lse_cpu(const AttentionPairsArgs& a, float* lse, int64_t num_threads) {
+    Plan p = make_plan(a);  // every row (a.rows is null), no pair tensor (M = 0: a small scratch)
+    const int64_t BH = a.batch * p.H, N = p.N;
+    const int threads = thread_count(num_threads);
+    (void)threads;  // unused without OpenMP
+
+#pragma omp parallel num_threads(threads)
+    {
+        Scratch w(p);
+        row_stats_pass(p, w);
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < BH; ++bh)  // drop the padding rows of the last query tile
+            std::copy(p.lse.data() + bh * p.padded_rows, p.lse.data() + bh * p.padded_rows + N, lse + bh * N);
+    }
+}
 
 void attention_maps_cpu(const AttentionPairsArgs& a, int64_t num_threads) {
     if (a.n_rows == 0) {
@@ -385,26 +421,14 @@ void attention_maps_cpu(const AttentionPairsArgs& a, int64_t num_threads) {
         return;
     }
     Plan p = make_plan(a);
-    const int64_t B = a.batch, H = p.H, Dh = p.Dh;
+    const int64_t B = a.batch;
     const int threads = thread_count(num_threads);
     (void)threads;  // unused without OpenMP
 
 #pragma omp parallel num_threads(threads)
     {
-        // q_t[b][h][d][r] = scale * q[b][h][rows[r]][d]: the query rows become the vector lanes.
-#pragma omp for schedule(static)
-        for (int64_t bh = 0; bh < B * H; ++bh)
-            for (int64_t r = 0; r < p.R; ++r) {
-                const float* src = a.q + (bh * p.N + p.q_pos[r]) * Dh;
-                float* dst = p.q_t.data() + bh * Dh * p.padded_rows + r;
-                for (int64_t d = 0; d < Dh; ++d) dst[d * p.padded_rows] = a.scale * src[d];
-            }
-
         Scratch w(p);
-#pragma omp for schedule(dynamic)
-        for (int64_t task = 0; task < B * H * p.n_query_tiles; ++task)
-            row_stats_task(p, task / (H * p.n_query_tiles), (task / p.n_query_tiles) % H, task % p.n_query_tiles, w,
-                           p.lse.data() + task * kQueryTile);
+        row_stats_pass(p, w);
 
         if (!a.weights) {
             // The map: each task owns one (b, query tile) row band of the output.

@@ -1,4 +1,5 @@
-// CUDA kernels of the attention_maps primitive (formulas in ../attention_pairs_args.h).
+// CUDA kernels of the attention_maps primitive (formulas in ../attention_pairs_args.h), and of row_lse
+// (the row_stats primitive), which is row_stats_kernel alone over every row.
 //
 // A block owns a 16 x 16 tile of (query row, key) pairs, one thread per pair: thread t has query lane
 // t % 16 and key lane t / 16, so a warp covers 16 queries of 2 keys and its reads of a key's Gram
@@ -207,22 +208,34 @@ pair_kernel(AttentionPairsArgs a, const float* lse, float* row_sums, Mode mode, 
     }
 }
 
-void check_cuda(cudaError_t status, const std::string& what) {
+// `fn` names the Python function in the messages ("attention_maps", "row_lse").
+void check_cuda(const char* fn, cudaError_t status, const std::string& what) {
     if (status != cudaSuccess)
-        throw std::runtime_error("attention_maps: " + what + " failed: " + cudaGetErrorString(status) + ".");
+        throw std::runtime_error(std::string(fn) + ": " + what + " failed: " + cudaGetErrorString(status) + ".");
 }
 
 // Limits of this launch configuration, beyond what the tensor checks of ../tensor_args.h cover.
-void require(bool ok, const std::string& message) {
-    if (!ok) throw std::invalid_argument("attention_maps: " + message);
+void require(const char* fn, bool ok, const std::string& message) {
+    if (!ok) throw std::invalid_argument(std::string(fn) + ": " + message);
+}
+
+// The limits of the grids both entry points launch: (query tiles * H, B) for row_stats_kernel and
+// (query tiles * key tiles, B) for pair_kernel (with_pairs).
+void require_grid(const char* fn, const AttentionPairsArgs& a, bool with_pairs) {
+    require(fn, a.batch <= 65535, "the CUDA kernel handles at most 65535 batch elements per call, got B=" +
+                                      std::to_string(a.batch) + "; split the batch.");
+    const int64_t query_tiles = (a.n_rows + kTile - 1) / kTile, key_tiles = (a.seq_len + kTile - 1) / kTile;
+    require(fn, query_tiles * a.heads <= INT32_MAX && (!with_pairs || query_tiles * key_tiles <= INT32_MAX),
+            "the problem has too many tiles for one CUDA grid (R=" + std::to_string(a.n_rows) +
+                ", N=" + std::to_string(a.seq_len) + "); select fewer rows per call.");
 }
 
 // Makes `device` current for the launches and restores the caller's device afterwards.
 class DeviceGuard {
   public:
-    explicit DeviceGuard(int device) {
-        check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
-        if (device != previous_) check_cuda(cudaSetDevice(device), "cudaSetDevice");
+    DeviceGuard(const char* fn, int device) {
+        check_cuda(fn, cudaGetDevice(&previous_), "cudaGetDevice");
+        if (device != previous_) check_cuda(fn, cudaSetDevice(device), "cudaSetDevice");
     }
     ~DeviceGuard() { cudaSetDevice(previous_); }
     DeviceGuard(const DeviceGuard&) = delete;
@@ -235,37 +248,35 @@ class DeviceGuard {
 }  // namespace
 
 void attention_maps_cuda(const AttentionPairsArgs& a, float* lse, float* row_sums, int device, void* stream_handle) {
-    require(a.batch <= 65535, "the CUDA kernel handles at most 65535 batch elements per call, got B=" +
-                                  std::to_string(a.batch) + "; split the batch.");
+    constexpr const char* fn = "attention_maps";
+    require_grid(fn, a, true);
     const int64_t query_tiles = (a.n_rows + kTile - 1) / kTile, key_tiles = (a.seq_len + kTile - 1) / kTile;
-    require(query_tiles * a.heads <= INT32_MAX && query_tiles * key_tiles <= INT32_MAX,
-            "the problem has too many tiles for one CUDA grid (R=" + std::to_string(a.n_rows) +
-                ", N=" + std::to_string(a.seq_len) + "); select fewer rows per call.");
-    const DeviceGuard guard(device);
+    const DeviceGuard guard(fn, device);
     cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
     if (a.weights)  // the contraction accumulates into out; over no rows it stays 0
-        check_cuda(cudaMemsetAsync(a.out, 0, sizeof(float) * a.batch * a.n_grams * a.n_weight_rows * a.seq_len, stream),
+        check_cuda(fn,
+                   cudaMemsetAsync(a.out, 0, sizeof(float) * a.batch * a.n_grams * a.n_weight_rows * a.seq_len, stream),
                    "clearing out");
     if (a.n_rows == 0) return;
 
     const size_t alpha_bytes = size_t(a.heads) * kPlane * sizeof(float);
     int max_bytes = 0;
-    check_cuda(cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+    check_cuda(fn, cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
                "reading the shared memory limit");
     const size_t static_bytes = sizeof(TileStage) + sizeof(float) * kTile * (kTile + 1);
-    require(alpha_bytes + static_bytes <= size_t(max_bytes),
+    require(fn, alpha_bytes + static_bytes <= size_t(max_bytes),
             "H=" + std::to_string(a.heads) + " heads need " + std::to_string(alpha_bytes + static_bytes) +
                 " bytes of shared memory per block but this GPU allows " + std::to_string(max_bytes) + ".");
-    check_cuda(cudaFuncSetAttribute(pair_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(alpha_bytes)),
+    check_cuda(fn, cudaFuncSetAttribute(pair_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(alpha_bytes)),
                "raising the shared memory limit of pair_kernel");
 
     if (a.normalize_rows)
-        check_cuda(cudaMemsetAsync(row_sums, 0, sizeof(float) * a.batch * a.n_grams * a.n_rows, stream),
+        check_cuda(fn, cudaMemsetAsync(row_sums, 0, sizeof(float) * a.batch * a.n_grams * a.n_rows, stream),
                    "clearing row_sums");
 
     const dim3 stats_grid(unsigned(query_tiles * a.heads), unsigned(a.batch));
     row_stats_kernel<<<stats_grid, kThreads, 0, stream>>>(a, lse);
-    check_cuda(cudaGetLastError(), "launching row_stats_kernel");
+    check_cuda(fn, cudaGetLastError(), "launching row_stats_kernel");
 
     const dim3 pair_grid(unsigned(query_tiles * key_tiles), unsigned(a.batch));
     const bool want_alpha = a.alpha != nullptr;
@@ -276,10 +287,21 @@ void attention_maps_cuda(const AttentionPairsArgs& a, float* lse, float* row_sum
     } else {
         // The contraction divides by the row sums, so they need a sweep of their own first.
         pair_kernel<<<pair_grid, kThreads, alpha_bytes, stream>>>(a, lse, row_sums, Mode::kRowSums, want_alpha);
-        check_cuda(cudaGetLastError(), "launching pair_kernel (row sums)");
+        check_cuda(fn, cudaGetLastError(), "launching pair_kernel (row sums)");
         pair_kernel<<<pair_grid, kThreads, alpha_bytes, stream>>>(a, lse, row_sums, Mode::kContract, false);
     }
-    check_cuda(cudaGetLastError(), "launching pair_kernel");
+    check_cuda(fn, cudaGetLastError(), "launching pair_kernel");
+}
+
+void row_lse_cuda(const AttentionPairsArgs& a, float* lse, int device, void* stream_handle) {
+    constexpr const char* fn = "row_lse";
+    require_grid(fn, a, false);
+    const DeviceGuard guard(fn, device);
+    const int64_t query_tiles = (a.n_rows + kTile - 1) / kTile;
+    const dim3 grid(unsigned(query_tiles * a.heads), unsigned(a.batch));
+    // with every row selected (n_rows = N), row_stats_kernel writes lse[(b * H + h) * N + i]: the (B, H, N) output
+    row_stats_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream_handle)>>>(a, lse);
+    check_cuda(fn, cudaGetLastError(), "launching row_stats_kernel");
 }
 
 }  // namespace kobattr

@@ -1,6 +1,6 @@
-// CUDA entry point of the attention_maps primitive (formulas in ../attention_pairs_args.h). Plain C++ so
-// that the binding compiles with the host compiler and no CUDA headers, and the kernels with nvcc and
-// no torch headers.
+// CUDA entry points of the attention_maps primitive (formulas in ../attention_pairs_args.h) and of
+// row_lse. Plain C++ so that the binding compiles with the host compiler and no CUDA headers, and the
+// kernels with nvcc and no torch headers.
 #pragma once
 
 #include "attention_pairs_args.h"
@@ -15,5 +15,11 @@ namespace kobattr {
 // Returns once the kernels are enqueued; limits of the launch (batch, grid, shared memory) are thrown
 // as std::invalid_argument, CUDA errors as std::runtime_error.
 void attention_maps_cuda(const AttentionPairsArgs& args, float* lse, float* row_sums, int device, void* stream);
+
+// Enqueues the row statistics alone: lse (B, H, N) float32, memory of GPU `device`, gets
+// lse[b, h, i] = log sum_j exp(cap(scale q^h_i . k^{g(h)}_j)) over the keys j visible from i (natural log;
+// +inf on rows that see no key, i.e. padding rows). `args` comes from row_lse_args (../tensor_args.h):
+// every row, no pair tensor. Errors as for attention_maps_cuda.
+void row_lse_cuda(const AttentionPairsArgs& args, float* lse, int device, void* stream);
 
 }  // namespace kobattr

@@ -1,10 +1,11 @@
-"""The compiled C++ implementations of attention_maps: kobattr._cpu (OpenMP) and kobattr._cuda.
+"""The compiled C++ implementations of attention_maps and row_stats: kobattr._cpu (OpenMP) and kobattr._cuda.
 
 Both kernels (csrc/cpu/attention_pairs.cpp, csrc/cuda/attention_pairs.cu) recompute alpha tile by
 tile from q and k after a first pass for the softmax log-sum-exp, and reduce each (query tile x key
-tile) block to the requested output right away, storing nothing N x N beyond that output. They
-compute in float32, so they take float32, float16 and bfloat16 layers (converted first) and refuse
-float64 ones, which would lose their precision. ff_maps is not implemented here.
+tile) block to the requested output right away, storing nothing N x N beyond that output; row_stats
+(``row_lse``) is that first pass alone. They compute in float32, so they take float32, float16 and
+bfloat16 layers (converted first) and refuse float64 ones, which would lose their precision. ff_maps is
+not implemented here.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Optional
 import torch
 
 from .base import Attention, Backend
-from .kernel_args import compiled_attention_maps
+from .kernel_args import compiled_attention_maps, compiled_row_lse
 
 _MODULES = {"cpu": "kobattr._cpu", "cuda": "kobattr._cuda"}
 _BUILD_HINT = {
@@ -25,9 +26,11 @@ _BUILD_HINT = {
 
 
 class CompiledBackend(Backend):
-    """One class for both compiled extensions; ``device`` ("cpu" or "cuda") picks the module."""
+    """One class for both compiled extensions; ``device`` ("cpu" or "cuda") picks the module. ``primitives``
+    is per instance: row_stats only where the imported module has ``row_lse`` (a module built before it
+    existed still runs attention_maps)."""
 
-    primitives = ("attention_maps",)
+    primitives = ("attention_maps", "row_stats")
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
 
     def __init__(self, device: str):
@@ -38,6 +41,8 @@ class CompiledBackend(Backend):
             self._import_error: Optional[str] = None
         except ImportError as error:  # not built, or built for another Python
             self.module, self._import_error = None, str(error)
+        if self.module is not None and not hasattr(self.module, "row_lse"):
+            self.primitives = ("attention_maps",)
 
     def unavailable_reason(self) -> Optional[str]:
         if self.module is None:
@@ -50,3 +55,6 @@ class CompiledBackend(Backend):
     def attention_maps(self, attn: Attention, grams, row_scale, rows=None, weights=None, normalize_rows=False,
                        want_alpha=False):
         return compiled_attention_maps(self.module, attn, grams, row_scale, rows, weights, normalize_rows, want_alpha)
+
+    def row_lse(self, attn: Attention):
+        return compiled_row_lse(self.module, attn)

@@ -1,4 +1,5 @@
-"""The Triton backend: the two pair primitives of base.py as fused GPU kernels (kobattr/kernels/).
+"""The Triton backend: the two pair primitives of base.py as fused GPU kernels (kobattr/kernels/), and
+row_stats through the kernel their first pass runs (kernels/rows.py ``row_lse``).
 
 Nothing N x N x d (nor N x N x H) is materialised: alpha is recomputed tile by tile from q and k,
 see kernels/attention_pairs.py and kernels/ff_pairs.py for the kernel designs. Triton is imported
@@ -8,6 +9,7 @@ lazily so that this module imports (and says why it cannot run) on machines with
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from typing import Optional
 
@@ -34,7 +36,7 @@ def _parts(t: Optional[Tensor]) -> Optional[Tensor]:
 
 class TritonBackend(Backend):
     name = "triton"
-    primitives = ("attention_maps", "ff_maps")
+    primitives = ("attention_maps", "ff_maps", "row_stats")
     dtypes = MODEL_DTYPES  # the kernels compute in float32; a float64 layer would lose its precision
     max_heads = MAX_HEADS
     max_head_size = MAX_HEAD_SIZE
@@ -66,6 +68,18 @@ class TritonBackend(Backend):
             rows=None if rows is None else rows.to(device=dev, dtype=torch.int64).contiguous(),
             weights=None if weights is None else weights.to(device=dev, dtype=torch.float32).contiguous(),
         )
+
+    def row_lse(self, attn: Attention) -> Tensor:
+        """(B, H, N) float32 natural-log row log-sum-exp; 0 on rows that see no key (padding rows)."""
+        self._check("row_stats", attn)
+        from kobattr.kernels.rows import dot_settings, row_lse
+
+        common = self._common(attn, None, None)
+        # the kernel's lse2 = log2 sum_j exp2(log2(e) cap(scale q.k)) = lse / ln 2 (0 where no key is seen)
+        lse2 = row_lse(common["q"], common["k"], common["valid"].to(torch.int8), common["causal"], common["window"],
+                       common["scale"], None, dot_settings(attn.q.dtype), radius=common["radius"],
+                       softcap=common["softcap"])
+        return lse2 * math.log(2.0)
 
     def attention_maps(self, attn: Attention, grams: Tensor, row_scale: Tensor, rows: Optional[Tensor] = None,
                        weights: Optional[Tensor] = None, normalize_rows: bool = False,
