@@ -34,6 +34,9 @@ struct AttentionPairsArgs {
     // Outputs.
     float* out = nullptr;    // (B, M, R, N) map, or (B, M, K, N) contraction when weights is set
     float* alpha = nullptr;  // (B, H, R, N), or null when not wanted
+    // Optional input: the natural-log row log-sum-exp of every row (B, H, N), as row_lse computes it; the
+    // CPU kernel then skips its own first pass.
+    const float* row_lse = nullptr;
     // Sizes and options.
     int64_t batch = 0, heads = 0, kv_heads = 0, seq_len = 0, head_dim = 0;
     int64_t n_grams = 0;        // M

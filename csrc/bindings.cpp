@@ -13,10 +13,12 @@ void attention_maps(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                     const at::Tensor& row_scale, const std::optional<at::Tensor>& rows,
                     const std::optional<at::Tensor>& weights, const at::Tensor& out,
                     const std::optional<at::Tensor>& alpha, bool causal, int64_t window, int64_t radius,
-                    double scale, double softcap, bool normalize_rows, int64_t num_threads) {
-    const kobattr::AttentionPairsArgs args = kobattr::attention_maps_args(
+                    double scale, double softcap, bool normalize_rows, int64_t num_threads,
+                    const std::optional<at::Tensor>& row_lse) {
+    kobattr::AttentionPairsArgs args = kobattr::attention_maps_args(
         q, k, valid, grams, row_scale, rows, weights, out, alpha, causal, window, radius, scale, softcap,
         normalize_rows, at::kCPU);
+    kobattr::given_row_lse(args, row_lse, q);
     kobattr::attention_maps_cpu(args, num_threads);
 }
 
@@ -35,10 +37,12 @@ PYBIND11_MODULE(_cpu, m) {
     m.def("attention_maps", &attention_maps,
           "Fills out (and alpha unless None) with the attention_maps primitive of kobattr/backends/base.py on "
           "contiguous CPU tensors: q, k, grams, row_scale, weights, out, alpha float32, valid bool, rows int64; "
-          "num_threads OpenMP threads (0 = the OpenMP default).",
+          "num_threads OpenMP threads (0 = the OpenMP default); row_lse (B, H, N) float32 or None: every row's "
+          "log-sum-exp as row_lse gives it, which spares the kernel its first pass.",
           py::arg("q"), py::arg("k"), py::arg("valid"), py::arg("grams"), py::arg("row_scale"), py::arg("rows"),
           py::arg("weights"), py::arg("out"), py::arg("alpha"), py::arg("causal"), py::arg("window"),
           py::arg("radius"), py::arg("scale"), py::arg("softcap"), py::arg("normalize_rows"), py::arg("num_threads"),
+          py::arg("row_lse") = py::none(),
           py::call_guard<py::gil_scoped_release>());
     m.def("row_lse", &row_lse,
           "Fills lse (B, H, N) with the row_stats primitive of kobattr/backends/base.py: lse[b, h, i] = log sum_j "

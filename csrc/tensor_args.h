@@ -174,6 +174,14 @@ inline AttentionPairsArgs attention_maps_args(const at::Tensor& q, const at::Ten
     return a;
 }
 
+// Checks an optional precomputed row log-sum-exp (B, H, N) float32 for attention_maps and hands it to the kernel.
+inline void given_row_lse(AttentionPairsArgs& a, const std::optional<at::Tensor>& row_lse, const at::Tensor& q) {
+    if (!row_lse) return;
+    check_tensor("attention_maps", *row_lse, "row_lse", at::kFloat, q.device(),
+                 {{"B", a.batch}, {"H", a.heads}, {"N", a.seq_len}});
+    a.row_lse = row_lse->data_ptr<float>();
+}
+
 // Checks every argument of row_lse, the output lse (B, H, N) float32 too, and returns the kernels' view of
 // the attention pattern (every row, no pair tensor); the caller hands lse.data_ptr<float>() to the kernel.
 inline AttentionPairsArgs row_lse_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& valid,

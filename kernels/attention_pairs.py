@@ -145,12 +145,13 @@ def pair_tile_sizes(H):
 
 
 def attention_maps(q, k, valid, causal, window, scale, grams, row_scale, rows=None, weights=None,
-                   normalize_rows=False, want_alpha=False, radius=0, softcap=0.0):
+                   normalize_rows=False, want_alpha=False, radius=0, softcap=0.0, lse2=None):
     """The ``attention_maps`` primitive of kobattr/backends/base.py on contiguous CUDA (or interpreted) tensors.
 
     q (B, H, N, Dh), k (B, KV, N, Dh) in the model dtype; valid (B, N) bool; grams (B, N, M, H+1, H+1)
     and row_scale (B, N, M) float32; rows (R,) int64 or None; weights (B, K, N) float32 or None; radius
-    (0 = none) and softcap (0 = none) as in base.Attention.
+    (0 = none) and softcap (0 = none) as in base.Attention; lse2 (B, H, R) float32 or None: the base-2 row
+    log-sum-exp of the selected rows if the caller has it (then no row-statistics pass runs).
     Returns (maps, alpha): maps (B, M, R, N) or, with weights, their contraction over the selected rows
     (B, M, K, N); alpha (B, H, R, N) or None.
     """
@@ -167,7 +168,9 @@ def attention_maps(q, k, valid, causal, window, scale, grams, row_scale, rows=No
     shape = dict(H=H, KV_GROUP=H // k.shape[1], M=M, MP=pow2(M, 1), DH=DH, HP=pow2(H), BLOCK_M=block_m,
                  BLOCK_N=block_n, BLOCK_D=16, HAS_ROWS=rows is not None, CAUSAL=causal, WINDOWED=window > 0,
                  SYMMETRIC=radius > 0, SOFTCAP=softcap > 0, QK_FP32=dots[0], DOT_PRECISION=dots[1])
-    lse = row_lse(q, k, valid8, causal, window, scale, rows, dots, radius=radius, softcap=softcap)
+    if lse2 is None:  # the row statistics, unless the caller has them (base 2, (B, H, R) for the selected rows)
+        lse2 = row_lse(q, k, valid8, causal, window, scale, rows, dots, radius=radius, softcap=softcap)
+    lse = lse2
 
     def run(store_map=False, sum_rows=False, write_alpha=False, weights=None):
         maps = torch.zeros(B, M, R, N, device=dev, dtype=f32) if store_map else lse

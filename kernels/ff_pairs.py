@@ -227,7 +227,7 @@ def ff_tile_sizes():
 
 def ff_maps(q, k, valid, causal, window, scale, ff_parts, gate_parts, res_parts, in_scale, res_scale, out_scale,
             coef_in, coef_gate, w_out, out_weight, out_center, n_scopes, rows=None, weights=None,
-            normalize_rows=False, radius=0, softcap=0.0):
+            normalize_rows=False, radius=0, softcap=0.0, lse2=None):
     """The ``ff_maps`` primitive of kobattr/backends/base.py on contiguous CUDA (or interpreted) tensors.
 
     Shapes as in base.py; radius (0 = none) and softcap (0 = none) as in base.Attention. Returns
@@ -258,7 +258,9 @@ def ff_maps(q, k, valid, causal, window, scale, ff_parts, gate_parts, res_parts,
     tensors = (ff_parts, gate_parts if gated else ff_parts, res_parts, in_scale, res_scale, out_scale, coef_in,
                coef_gate if gated else coef_in, w_out, out_weight if out_weight is not None else in_scale,
                w_out_mean, res_mean)
-    lse = row_lse(q, k, valid8, causal, window, scale, rows, dots, radius=radius, softcap=softcap)
+    if lse2 is None:  # the row statistics, unless the caller has them (base 2, (B, H, R) for the selected rows)
+        lse2 = row_lse(q, k, valid8, causal, window, scale, rows, dots, radius=radius, softcap=softcap)
+    lse = lse2
 
     def run(store_map=False, sum_rows=False, weights=None):
         maps = torch.zeros(B, n_scopes, R, N, device=dev, dtype=f32) if store_map else lse

@@ -76,7 +76,8 @@ def _row_pass(layer: Layer, attn: Attention, dtype, budget: int, row_stats: Opti
         attn_sum = torch.einsum("bhnd,hde->bne", layer.head_outputs.to(dtype), w_o)
         q, k = layer.q.to(dtype), layer.k.to(dtype).repeat_interleave(group, 1)
         logit = cap_logits((q * k).sum(-1) * attn.scale, attn.softcap)  # (B, H, N): query i against key i
-        alpha_diag = torch.exp(logit - row_stats.row_lse(attn).to(dtype))
+        attn.row_lse = row_stats.row_lse(attn)  # the pair primitives reuse it where they can
+        alpha_diag = torch.exp(logit - attn.row_lse.to(dtype))
         return attn_sum, torch.where(layer.valid[:, None], alpha_diag, 0.0)  # i sees i whenever i is a real token
     v = layer.v.to(dtype)
     attn_sum = torch.zeros(B, N, layer.d_model, dtype=dtype, device=layer.q.device)

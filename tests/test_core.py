@@ -299,3 +299,21 @@ def test_head_outputs_must_have_the_shape_of_q():
     layer = random_layer("bert", N=5)
     with pytest.raises(LayerInputError, match=r"head_outputs must be \(B, H, N, Dh\)"):
         attribute(dataclasses.replace(layer, head_outputs=layer.q[:, :, :4]), backend="torch")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("rows", [None, [0, 7, 3, 12]])
+def test_pair_kernels_reuse_the_row_statistics(backend, rows):
+    """With the model's attention output the row pass's log-sum-exp goes into the pair kernels, which then
+    skip their own first pass: the maps (full, selected rows, FF scopes) must not change."""
+    from kobattr.backends import availability
+
+    if availability()[backend] is not None:
+        pytest.skip(availability()[backend])
+    layer = with_head_outputs(random_layer("llama", N=13, pad=2, window=6, dtype=torch.float32))
+    methods = ["attn_n", "attnresln_n", "atblnffres"]
+    fast = attribute(layer, methods=methods, rows=rows, backend=backend)
+    assert fast.backends["row_stats"] == backend
+    plain = attribute(layer, methods=methods, rows=rows, backend="torch")
+    for m in methods:
+        assert_close(fast.maps[m], plain.maps[m], 1e-5, m)

@@ -395,3 +395,34 @@ def test_backend_refuses_float64_and_other_devices():
     assert any("float64" in reason for reason in backend.refusals("attention_maps", as_double))
     meta = Attention(q=attn.q.to("meta"), k=attn.k.to("meta"), valid=attn.valid, causal=False, window=0, scale=1.0)
     assert any("not meta" in reason for reason in backend.refusals("attention_maps", meta))
+
+
+def test_a_given_row_lse_replaces_the_first_pass():
+    """attention_maps with row_lse (every row's log-sum-exp from row_lse) fills the same map, also for selected
+    rows; a wrongly shaped row_lse is refused with a sentence."""
+    import kobattr._cpu as cpu
+
+    torch.manual_seed(0)
+    B, H, N, Dh, M = 2, 4, 37, 8, 2
+    q, k = torch.randn(B, H, N, Dh), torch.randn(B, 2, N, Dh)
+    valid = torch.ones(B, N, dtype=torch.bool)
+    valid[1, -5:] = False
+    grams = torch.randn(B, N, M, H + 1, H + 1)
+    grams = grams @ grams.transpose(-1, -2)
+    row_scale = torch.rand(B, N, M)
+    lse = torch.empty(B, H, N)
+    options = dict(causal=True, window=9, radius=0, scale=0.3, softcap=0.0)
+    cpu.row_lse(q=q, k=k, valid=valid, lse=lse, num_threads=0, **options)
+    for rows in (None, torch.tensor([3, 0, 36, 20])):
+        R = N if rows is None else len(rows)
+        outs = []
+        for given in (None, lse):
+            out = torch.empty(B, M, R, N)
+            cpu.attention_maps(q=q, k=k, valid=valid, grams=grams, row_scale=row_scale, rows=rows, weights=None,
+                               out=out, alpha=None, normalize_rows=False, num_threads=0, row_lse=given, **options)
+            outs.append(out)
+        torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="row_lse"):
+        cpu.attention_maps(q=q, k=k, valid=valid, grams=grams, row_scale=row_scale, rows=None, weights=None,
+                           out=torch.empty(B, M, N, N), alpha=None, normalize_rows=False, num_threads=0,
+                           row_lse=lse[:, :, :5], **options)

@@ -380,16 +380,21 @@ Plan make_plan(const AttentionPairsArgs& a) {
 
 // The first part of every call, run by every thread of the caller's parallel region (orphaned `omp for`s,
 // each ending in a barrier): q_t[b][h][d][r] = scale * q[b][h][rows[r]][d], the query rows becoming the
-// vector lanes, then pass 1 (row_stats_task) for every (b, h, query tile) into p.lse.
+// vector lanes, then pass 1 (row_stats_task) for every (b, h, query tile) into p.lse, or, when the caller
+// gives every row's log-sum-exp (a.row_lse), the selected rows of it.
 void row_stats_pass(Plan& p, Scratch& w) {
     const int64_t BH = p.a.batch * p.H, Dh = p.Dh;
 #pragma omp for schedule(static)
-    for (int64_t bh = 0; bh < BH; ++bh)
+    for (int64_t bh = 0; bh < BH; ++bh) {
         for (int64_t r = 0; r < p.R; ++r) {
             const float* src = p.a.q + (bh * p.N + p.q_pos[r]) * Dh;
             float* dst = p.q_t.data() + bh * Dh * p.padded_rows + r;
             for (int64_t d = 0; d < Dh; ++d) dst[d * p.padded_rows] = p.a.scale * src[d];
         }
+        if (p.a.row_lse)  // given: the selected rows of it, and no first pass
+            for (int64_t r = 0; r < p.R; ++r) p.lse[bh * p.padded_rows + r] = p.a.row_lse[bh * p.N + p.q_pos[r]];
+    }
+    if (p.a.row_lse) return;
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < BH * p.n_query_tiles; ++task)
         row_stats_task(p, task / (p.H * p.n_query_tiles), (task / p.n_query_tiles) % p.H, task % p.n_query_tiles, w,

@@ -32,6 +32,14 @@ def _device_args(module: ModuleType, q: Tensor) -> dict:
     return dict(num_threads=torch.get_num_threads())
 
 
+def _given_row_lse(module: ModuleType, attn: Attention) -> dict:
+    """The row statistics the caller already has, for the CPU kernel (it then skips its first pass); the CUDA
+    kernel computes its own."""
+    if attn.row_lse is None or module.device_type != "cpu":
+        return {}
+    return dict(row_lse=_f32(attn.row_lse))
+
+
 def compiled_attention_maps(module: ModuleType, attn: Attention, grams: Tensor, row_scale: Tensor,
                             rows: Optional[Tensor] = None, weights: Optional[Tensor] = None,
                             normalize_rows: bool = False, want_alpha: bool = False) -> tuple[Tensor, Optional[Tensor]]:
@@ -55,7 +63,7 @@ def compiled_attention_maps(module: ModuleType, attn: Attention, grams: Tensor, 
         row_scale=_f32(row_scale), rows=rows, weights=None if weights is None else _f32(weights), out=out, alpha=alpha,
         causal=bool(attn.causal), window=int(attn.window), radius=int(attn.radius), scale=float(attn.scale),
         softcap=float(attn.softcap), normalize_rows=bool(normalize_rows) and weights is not None,
-        **_device_args(module, q))
+        **_device_args(module, q), **_given_row_lse(module, attn))
     return out, alpha
 
 

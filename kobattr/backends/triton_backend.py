@@ -69,6 +69,16 @@ class TritonBackend(Backend):
             weights=None if weights is None else weights.to(device=dev, dtype=torch.float32).contiguous(),
         )
 
+    @staticmethod
+    def _given_lse2(attn: Attention, rows: Optional[Tensor]) -> Optional[Tensor]:
+        """The row statistics the caller already has (Attention.row_lse, natural log), as the kernels read them:
+        base 2, the selected rows, 0 where no key is seen."""
+        if attn.row_lse is None:
+            return None
+        lse = attn.row_lse if rows is None else attn.row_lse[:, :, rows.to(attn.row_lse.device)]
+        lse2 = lse.float() / math.log(2.0)
+        return torch.where(torch.isfinite(lse2), lse2, 0.0).contiguous()
+
     def row_lse(self, attn: Attention) -> Tensor:
         """(B, H, N) float32 natural-log row log-sum-exp; 0 on rows that see no key (padding rows)."""
         self._check("row_stats", attn)
@@ -88,7 +98,8 @@ class TritonBackend(Backend):
         from kobattr.kernels.attention_pairs import attention_maps
 
         return attention_maps(grams=grams.float().contiguous(), row_scale=row_scale.float().contiguous(),
-                              normalize_rows=normalize_rows, want_alpha=want_alpha, **self._common(attn, rows, weights))
+                              normalize_rows=normalize_rows, want_alpha=want_alpha, lse2=self._given_lse2(attn, rows),
+                              **self._common(attn, rows, weights))
 
     def ff_maps(self, attn: Attention, parts: FFParts, rows: Optional[Tensor] = None,
                 weights: Optional[Tensor] = None, normalize_rows: bool = False) -> Tensor:
@@ -103,5 +114,5 @@ class TritonBackend(Backend):
             coef_gate=_parts(parts.coef_gate), w_out=_parts(parts.w_out),
             out_weight=None if parts.out_weight is None else parts.out_weight.float().contiguous(),
             out_center=bool(parts.out_center), n_scopes=int(parts.n_scopes), normalize_rows=normalize_rows,
-            **self._common(attn, rows, weights),
+            lse2=self._given_lse2(attn, rows), **self._common(attn, rows, weights),
         )
