@@ -37,6 +37,8 @@ struct AttentionPairsArgs {
     // Optional input: the natural-log row log-sum-exp of every row (B, H, N), as row_lse computes it; the
     // CPU kernel then skips its own first pass.
     const float* row_lse = nullptr;
+    // Optional output, only without `rows`: every row's log-sum-exp (B, H, N) as the first pass computed it.
+    float* row_lse_out = nullptr;
     // Sizes and options.
     int64_t batch = 0, heads = 0, kv_heads = 0, seq_len = 0, head_dim = 0;
     int64_t n_grams = 0;        // M

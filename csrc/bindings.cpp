@@ -14,11 +14,12 @@ void attention_maps(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                     const std::optional<at::Tensor>& weights, const at::Tensor& out,
                     const std::optional<at::Tensor>& alpha, bool causal, int64_t window, int64_t radius,
                     double scale, double softcap, bool normalize_rows, int64_t num_threads,
-                    const std::optional<at::Tensor>& row_lse) {
+                    const std::optional<at::Tensor>& row_lse, const std::optional<at::Tensor>& row_lse_out) {
     kobattr::AttentionPairsArgs args = kobattr::attention_maps_args(
         q, k, valid, grams, row_scale, rows, weights, out, alpha, causal, window, radius, scale, softcap,
         normalize_rows, at::kCPU);
     kobattr::given_row_lse(args, row_lse, q);
+    kobattr::row_lse_output(args, row_lse_out, q);
     kobattr::attention_maps_cpu(args, num_threads);
 }
 
@@ -38,11 +39,12 @@ PYBIND11_MODULE(_cpu, m) {
           "Fills out (and alpha unless None) with the attention_maps primitive of kobattr/backends/base.py on "
           "contiguous CPU tensors: q, k, grams, row_scale, weights, out, alpha float32, valid bool, rows int64; "
           "num_threads OpenMP threads (0 = the OpenMP default); row_lse (B, H, N) float32 or None: every row's "
-          "log-sum-exp as row_lse gives it, which spares the kernel its first pass.",
+          "log-sum-exp as row_lse gives it, which spares the kernel its first pass; row_lse_out (B, H, N) float32 "
+          "or None (only with rows=None): receives every row's log-sum-exp (+inf where a row sees no key).",
           py::arg("q"), py::arg("k"), py::arg("valid"), py::arg("grams"), py::arg("row_scale"), py::arg("rows"),
           py::arg("weights"), py::arg("out"), py::arg("alpha"), py::arg("causal"), py::arg("window"),
           py::arg("radius"), py::arg("scale"), py::arg("softcap"), py::arg("normalize_rows"), py::arg("num_threads"),
-          py::arg("row_lse") = py::none(),
+          py::arg("row_lse") = py::none(), py::arg("row_lse_out") = py::none(),
           py::call_guard<py::gil_scoped_release>());
     m.def("row_lse", &row_lse,
           "Fills lse (B, H, N) with the row_stats primitive of kobattr/backends/base.py: lse[b, h, i] = log sum_j "

@@ -182,6 +182,16 @@ inline void given_row_lse(AttentionPairsArgs& a, const std::optional<at::Tensor>
     a.row_lse = row_lse->data_ptr<float>();
 }
 
+// Checks an optional output for the row log-sum-exp of every row (B, H, N) float32 (only without rows).
+inline void row_lse_output(AttentionPairsArgs& a, const std::optional<at::Tensor>& row_lse_out, const at::Tensor& q) {
+    if (!row_lse_out) return;
+    TORCH_CHECK_VALUE(a.rows == nullptr, "attention_maps: row_lse_out holds every row's statistics, so it needs "
+                      "all rows (rows=None).");
+    check_tensor("attention_maps", *row_lse_out, "row_lse_out", at::kFloat, q.device(),
+                 {{"B", a.batch}, {"H", a.heads}, {"N", a.seq_len}});
+    a.row_lse_out = row_lse_out->data_ptr<float>();
+}
+
 // Checks every argument of row_lse, the output lse (B, H, N) float32 too, and returns the kernels' view of
 // the attention pattern (every row, no pair tensor); the caller hands lse.data_ptr<float>() to the kernel.
 inline AttentionPairsArgs row_lse_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& valid,

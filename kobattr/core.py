@@ -64,21 +64,19 @@ def _head_vectors(layer: Layer, keys: slice, dtype) -> Tensor:
     return torch.einsum("bhcd,hde->bche", v, layer.w_o.to(dtype))
 
 
-def _row_pass(layer: Layer, attn: Attention, dtype, budget: int, row_stats: Optional[Backend]) -> tuple[Tensor, Tensor]:
+def _row_pass(layer: Layer, attn: Attention, dtype, budget: int, row_stats: Optional[Backend],
+              defer_diagonal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
     """(sum_j sum_h alpha^h_ij v_j W_O^h (B, N, D), alpha^h_ii (B, H, N)).
 
-    With the model's own attention output (Layer.head_outputs) only the row log-sum-exp is recomputed, by
-    the ``row_stats`` implementation; otherwise alpha is recomputed in query blocks of at most ``budget``."""
+    With the model's own attention output (Layer.head_outputs) only the row log-sum-exp is needed, for alpha_ii
+    (diagonal_alpha); ``defer_diagonal`` leaves it to later (None), so that a pair primitive computing every
+    row's statistics anyway can provide them. Otherwise alpha is recomputed in query blocks of at most ``budget``."""
     B, H, N, Dh = layer.q.shape
     group = H // layer.n_kv_heads
     w_o = layer.w_o.to(dtype)
     if layer.head_outputs is not None:
         attn_sum = torch.einsum("bhnd,hde->bne", layer.head_outputs.to(dtype), w_o)
-        q, k = layer.q.to(dtype), layer.k.to(dtype).repeat_interleave(group, 1)
-        logit = cap_logits((q * k).sum(-1) * attn.scale, attn.softcap)  # (B, H, N): query i against key i
-        attn.row_lse = row_stats.row_lse(attn)  # the pair primitives reuse it where they can
-        alpha_diag = torch.exp(logit - attn.row_lse.to(dtype))
-        return attn_sum, torch.where(layer.valid[:, None], alpha_diag, 0.0)  # i sees i whenever i is a real token
+        return attn_sum, None if defer_diagonal else diagonal_alpha(layer, attn, dtype, row_stats)
     v = layer.v.to(dtype)
     attn_sum = torch.zeros(B, N, layer.d_model, dtype=dtype, device=layer.q.device)
     alpha_diag = torch.zeros(B, H, N, dtype=dtype, device=layer.q.device)
@@ -90,6 +88,18 @@ def _row_pass(layer: Layer, attn: Attention, dtype, budget: int, row_stats: Opti
         attn_sum[:, rows] = torch.einsum("bhrd,hde->bre", heads, w_o)
         alpha_diag[:, :, rows] = alpha[:, :, torch.arange(len(rows), device=rows.device), rows]
     return attn_sum, alpha_diag
+
+
+def diagonal_alpha(layer: Layer, attn: Attention, dtype, row_stats: Optional[Backend]) -> Tensor:
+    """alpha^h_ii = exp(logit_ii - lse_i) (B, H, N) from the row statistics: attn.row_lse where a primitive has
+    left them, else from the row_stats implementation (which stores them there for the pair kernels)."""
+    if attn.row_lse is None:
+        attn.row_lse = row_stats.row_lse(attn)
+    group = layer.n_heads // layer.n_kv_heads
+    q, k = layer.q.to(dtype), layer.k.to(dtype).repeat_interleave(group, 1)
+    logit = cap_logits((q * k).sum(-1) * attn.scale, attn.softcap)  # (B, H, N): query i against key i
+    alpha_diag = torch.exp(logit - attn.row_lse.to(dtype))
+    return torch.where(layer.valid[:, None], alpha_diag, 0.0)  # i sees i whenever i is a real token
 
 
 def attention_of(layer: Layer) -> Attention:
@@ -109,7 +119,7 @@ class _Prepared:
     """
 
     def __init__(self, layer: Layer, methods, ig: str, ig_steps: int, budget: int, targets: Optional[dict],
-                 keep_value_vectors: bool = False, row_stats: Optional[Backend] = None):
+                 keep_value_vectors: bool = False, row_stats: Optional[Backend] = None, defer_diagonal: bool = False):
         self.layer = L = layer
         self.structure = L.structure
         self.dtype = dtype = torch.float64 if layer.x.dtype == torch.float64 else torch.float32
@@ -117,10 +127,8 @@ class _Prepared:
         B, H, N, Dh = L.q.shape
         self.x = x = L.x.to(dtype)
         self.b_o = L.out_bias.to(dtype)
-        self.attn_sum, self.alpha_diag = _row_pass(L, self.attn, dtype, budget, row_stats)
-        group = H // L.n_kv_heads
-        v_diag = L.v.to(dtype).repeat_interleave(group, 1) * self.alpha_diag[..., None]
-        self.attn_diag = torch.einsum("bhnd,hde->bne", v_diag, L.w_o.to(dtype))  # sum_h alpha^h_ii f^h(x_i)
+        self.attn_sum, self.alpha_diag = _row_pass(L, self.attn, dtype, budget, row_stats, defer_diagonal)
+        self.row_stats, self.methods, self.ig, self.ig_steps = row_stats, methods, ig, ig_steps
         need_ff = bool(ff_methods(methods, self.structure))
         self.cast = cast = _cast_layer(L, dtype)
         self.real = cast.stream(self.attn_sum + self.b_o, with_ffn=need_ff or bool(targets))
@@ -134,15 +142,34 @@ class _Prepared:
         for key, t in (targets or {}).items():
             self.model_error = torch.maximum(self.model_error, _relative_error(self.real[key], t.to(dtype), L.valid))
             self.real[key] = t.to(dtype)
-        self.vectors: dict = {}  # method -> (sum over keys, diagonal, bias, real hidden state), each (B, N, D)
-        for m in methods:
-            f = form(m, self.structure)
-            if f.kind == "vector":
-                self.vectors[m] = self.vector_parts(f)
-        self.ff = self._prepare_ff(ig, ig_steps) if need_ff else None
         # f^h(x_j) as grams() computes them, (keys, (B, C, H, D)) blocks kept for the spot checks where they fit
         fits = B * H * N * L.d_model <= MAX_KEPT_VALUE_VECTORS
         self.value_blocks: Optional[list] = [] if keep_value_vectors and fits else None
+        self.vectors: dict = {}  # method -> (sum over keys, diagonal, bias, real hidden state), each (B, N, D)
+        self.ff: Optional[FFParts] = None
+        self.finished = False
+        if self.alpha_diag is not None:
+            self.finish()
+
+    def finish(self) -> None:
+        """The parts that need alpha_ii (the diagonal vectors behind the mixing ratios, the FF parts): right away,
+        or, with a deferred diagonal, after the attention maps, whose primitive may have left every row's
+        statistics in self.attn.row_lse."""
+        if self.finished:
+            return
+        L, dtype = self.layer, self.dtype
+        if self.alpha_diag is None:
+            self.alpha_diag = diagonal_alpha(L, self.attn, dtype, self.row_stats)
+        group = L.n_heads // L.n_kv_heads
+        v_diag = L.v.to(dtype).repeat_interleave(group, 1) * self.alpha_diag[..., None]
+        self.attn_diag = torch.einsum("bhnd,hde->bne", v_diag, L.w_o.to(dtype))  # sum_h alpha^h_ii f^h(x_i)
+        for m in self.methods:
+            f = form(m, self.structure)
+            if f.kind == "vector":
+                self.vectors[m] = self.vector_parts(f)
+        if ff_methods(self.methods, self.structure):
+            self.ff = self._prepare_ff(self.ig, self.ig_steps)
+        self.finished = True
 
     def split_norm(self, name: str):
         """(norm, 1 / s(y)) of the Layer norm ``name`` that follows the attention residual."""
@@ -422,6 +449,7 @@ def _compute_maps(prep: _Prepared, impls: dict, attn_methods, rows, contract, no
         out, alpha = impls["attention_maps"].attention_maps(prep.attn, grams, scales, rows=rows, weights=contract,
                                                             normalize_rows=normalize_rows, want_alpha=want_alpha)
         maps.update({m: out[:, i] for i, m in enumerate(attn_methods)})
+    prep.finish()
     if prep.ff is not None:
         out = impls["ff_maps"].ff_maps(prep.attn, prep.ff, rows=rows, weights=contract, normalize_rows=normalize_rows)
         maps.update({m: out[:, form(m, prep.structure).ff_scope] for m in prep.ff_scopes})
@@ -466,8 +494,9 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
                               f"{len(methods)} methods{' + heads' if heads else ''}); ask for fewer rows= or use contract= "
                               "to contract them.")
     impls = get_backend(backend, attention_of(layer), need_ff, need_row_stats=layer.head_outputs is not None)
+    # full maps: the attention primitive computes every row's statistics anyway, so alpha_ii can wait for them
     prep = _Prepared(layer, methods, ig, ig_steps, budget, targets, keep_value_vectors=verify > 0,
-                     row_stats=impls.get("row_stats"))
+                     row_stats=impls.get("row_stats"), defer_diagonal=rows is None and contract is None)
 
     # attention-side maps (an FF run with full maps also computes every scope, for the component analysis)
     scope_methods = STRUCTURES[structure].scopes if need_ff and full else ()

@@ -399,6 +399,12 @@ void row_stats_pass(Plan& p, Scratch& w) {
     for (int64_t task = 0; task < BH * p.n_query_tiles; ++task)
         row_stats_task(p, task / (p.H * p.n_query_tiles), (task / p.n_query_tiles) % p.H, task % p.n_query_tiles, w,
                        p.lse.data() + task * kQueryTile);
+    if (p.a.row_lse_out) {  // every row (no rows selection): hand the statistics back, padding rows dropped
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < BH; ++bh)
+            std::copy(p.lse.data() + bh * p.padded_rows, p.lse.data() + bh * p.padded_rows + p.N,
+                      p.a.row_lse_out + bh * p.N);
+    }
 }
 
 }  // namespace

@@ -94,8 +94,9 @@ class Attention:
     scale: float
     radius: int = 0  # symmetric window |i - j| <= radius (0: none)
     softcap: float = 0.0  # logits c tanh(scale q.k / c) (0: none)
-    # (B, H, N) natural-log row log-sum-exp of every row when the caller already has it (row_stats): the
-    # implementations that can skip their own row-statistics pass use it
+    # (B, H, N) natural-log row log-sum-exp of every row: the implementations that can skip their own
+    # row-statistics pass use it, and an attention_maps call over every row leaves it here when it was None
+    # (core then takes alpha_ii from it instead of running row_stats)
     row_lse: Optional[Tensor] = None
 
 

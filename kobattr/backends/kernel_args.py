@@ -32,12 +32,18 @@ def _device_args(module: ModuleType, q: Tensor) -> dict:
     return dict(num_threads=torch.get_num_threads())
 
 
-def _given_row_lse(module: ModuleType, attn: Attention) -> dict:
-    """The row statistics the caller already has, for the CPU kernel (it then skips its first pass); the CUDA
-    kernel computes its own."""
-    if attn.row_lse is None or module.device_type != "cpu":
+def _row_statistics(module: ModuleType, attn: Attention, rows: Optional[Tensor]) -> dict:
+    """The CPU kernel's row statistics: the ones the caller already has (the kernel then skips its first
+    pass), or, for all rows, an output that keeps them in attn.row_lse for the caller. The CUDA kernel
+    computes and keeps its own."""
+    if module.device_type != "cpu":
         return {}
-    return dict(row_lse=_f32(attn.row_lse))
+    if attn.row_lse is not None:
+        return dict(row_lse=_f32(attn.row_lse))
+    if rows is None:
+        B, H, N = attn.q.shape[:3]
+        return dict(row_lse_out=torch.empty(B, H, N, dtype=torch.float32, device=attn.q.device))
+    return {}
 
 
 def compiled_attention_maps(module: ModuleType, attn: Attention, grams: Tensor, row_scale: Tensor,
@@ -58,12 +64,15 @@ def compiled_attention_maps(module: ModuleType, attn: Attention, grams: Tensor, 
     out_shape = (B, _size(grams, 2), R if weights is None else _size(weights, 1), N)
     out = torch.empty(out_shape, dtype=torch.float32, device=q.device)
     alpha = torch.empty((B, H, R, N), dtype=torch.float32, device=q.device) if want_alpha else None
+    statistics = _row_statistics(module, attn, rows)
     module.attention_maps(
         q=q, k=_f32(attn.k), valid=attn.valid.to(torch.bool).contiguous(), grams=_f32(grams),
         row_scale=_f32(row_scale), rows=rows, weights=None if weights is None else _f32(weights), out=out, alpha=alpha,
         causal=bool(attn.causal), window=int(attn.window), radius=int(attn.radius), scale=float(attn.scale),
         softcap=float(attn.softcap), normalize_rows=bool(normalize_rows) and weights is not None,
-        **_device_args(module, q), **_given_row_lse(module, attn))
+        **_device_args(module, q), **statistics)
+    if "row_lse_out" in statistics:
+        attn.row_lse = statistics["row_lse_out"]
     return out, alpha
 
 

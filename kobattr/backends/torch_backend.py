@@ -111,9 +111,14 @@ class TorchBackend(Backend):
         alphas = torch.zeros(B, H, len(rows), N, dtype=dtype, device=attn.q.device) if want_alpha else None
         size = max(1, min(self.budget // max(1, B * N * H * M), max(N // 8, 32)))
         cols = torch.arange(N, device=attn.q.device)
+        keep_lse = attn.row_lse is None and len(rows) == N and torch.equal(rows, cols)  # every row: keep statistics
+        lse = torch.empty(B, H, N, dtype=dtype, device=attn.q.device) if keep_lse else None
         for start, stop in _blocks(len(rows), size):
             r = rows[start:stop]
-            alpha, vis = block_alpha(attn, r, dtype)  # (B, H, R, N)
+            scores, vis = block_scores(attn, r, dtype)
+            alpha = torch.softmax(scores, -1).nan_to_num(0.0)  # (B, H, R, N); rows seeing no key: 0
+            if keep_lse:
+                lse[:, :, start:stop] = torch.logsumexp(scores, -1)
             R = len(r)
             a = alpha.permute(0, 3, 2, 1).reshape(B * N, R, H).contiguous()  # per key, the rows' head coefficients
             ga = torch.bmm(a, g_heads).view(B, N, R, M, H)
@@ -127,6 +132,8 @@ class TorchBackend(Backend):
             result.add(maps, r, start, stop)
             if want_alpha:
                 alphas[:, :, start:stop] = alpha
+        if keep_lse:
+            attn.row_lse = lse
         return result.out, alphas
 
     def ff_maps(self, attn, parts: FFParts, rows=None, weights=None, normalize_rows=False):

@@ -97,6 +97,9 @@ class TritonBackend(Backend):
         self._check("attention_maps", attn)
         from kobattr.kernels.attention_pairs import attention_maps
 
+        if attn.row_lse is None and rows is None:  # every row's statistics, once, kept for the caller too
+            attn.row_lse = self.row_lse(attn)
+
         return attention_maps(grams=grams.float().contiguous(), row_scale=row_scale.float().contiguous(),
                               normalize_rows=normalize_rows, want_alpha=want_alpha, lse2=self._given_lse2(attn, rows),
                               **self._common(attn, rows, weights))
