@@ -14,6 +14,7 @@ _LAZY = {
     "attribute": "kobattr.core",
     "LayerAttribution": "kobattr.core",
     "Attribution": "kobattr.result",
+    "Seq2SeqAttribution": "kobattr.result",
     "Layer": "kobattr.layer",
     "Norm": "kobattr.layer",
     "FeedForward": "kobattr.layer",

@@ -4,10 +4,21 @@ Padding: texts of a batch are padded to one length on the tokenizer's padding si
 token, or its EOS token when it has none, as for GPT-2 and Llama); padded tokens get no attribution
 and no share. With left padding, decoder positions are counted from each text's first real token
 (as generate() does), so a padded text is attributed exactly like the same text alone.
+
+Encoder-decoder models (BART, Marian, M2M-100 / NLLB, mBART; spec section 7): with ``targets=`` (or a batch
+holding decoder_input_ids or labels) analyze() runs the model with teacher forcing on the targets and returns
+a :class:`~kobattr.result.Seq2SeqAttribution` of the decoder layers, the encoder's Attribution inside it.
+Each pair is tokenised as ``tokenizer(source, text_target=target)`` (Marian, M2M-100, NLLB and mBART
+tokenizers put the source and target language codes where their models expect them: set src_lang / tgt_lang
+on the tokenizer); the decoder inputs are the labels shifted right behind the model's decoder start token,
+by the model family's own shift (``prepare_decoder_input_ids_from_labels`` or the modeling file's
+``shift_tokens_right``). Sources and targets are padded on the right, with the model's pad id.
 """
 
 from __future__ import annotations
 
+import inspect
+import sys
 from typing import Optional, Sequence
 
 import torch
@@ -17,7 +28,7 @@ from .core import as_indices, attribute
 from .layer import LayerInputError
 from .methods import check_methods
 from .models import capture, get_adapter
-from .result import Attribution
+from .result import WHOLE_DECODER_LAYER, Attribution, Seq2SeqAttribution
 from .verify import VerificationError
 
 
@@ -70,6 +81,18 @@ def _tokenize(inputs, tokenizer, max_length: Optional[int]) -> dict:
     raise LayerInputError("inputs must be a text, a list of texts (with tokenizer=) or a tokenizer batch with input_ids.")
 
 
+def _wanted_layers(layers, n_layers: int, what: str = "layers") -> list[int]:
+    """The sorted, distinct layer indices of a request (None: all); LayerInputError for one that does not exist."""
+    if layers is None:
+        return list(range(n_layers))
+    indices = as_indices(layers, "layers")
+    for i in indices:
+        if not -n_layers <= i < n_layers:
+            raise LayerInputError(f"layer {i} does not exist; the model has {n_layers} {what} "
+                                  f"(0..{n_layers - 1}, or -{n_layers}..-1 from the end).")
+    return sorted({i % n_layers for i in indices})
+
+
 def _layer_output(output) -> Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -77,7 +100,7 @@ def _layer_output(output) -> Tensor:
 def analyze(model, inputs, tokenizer=None, methods=None, layers: Optional[Sequence[int]] = None, rows=None,
             heads: bool = False, contract: Optional[Tensor] = None, normalize_rows: bool = False,
             backend="auto", ig: str = "exact", ig_steps: int = 20, max_length: Optional[int] = None,
-            progress: bool = False, verify: int = 2) -> Attribution:
+            progress: bool = False, verify: int = 2, targets=None, encoder_methods=None) -> Attribution:
     """Attributions of ``model`` on ``inputs`` (a tokenizer batch, or text(s) plus ``tokenizer``).
 
     Each layer is attributed as soon as it has run, on its own device, and its captured tensors are
@@ -88,23 +111,28 @@ def analyze(model, inputs, tokenizer=None, methods=None, layers: Optional[Sequen
     sums; backend: "auto", a name or {primitive: name} (what ran: result.backends); verify: sampled rows
     per layer and text recomputed by the reference (result.spot_check; 0 disables).
     Completeness of the FF scopes is measured against the model's own layer outputs.
-    Encoder-decoder models (BART, Marian, M2M-100 / NLLB, mBART): the encoder layers, from the source text alone;
-    their decoder layers and cross-attention: kobattr.models.capture_decoder and kobattr.seq2seq.attribute_decoder.
+    Encoder-decoder models (BART, Marian, M2M-100 / NLLB, mBART): without targets, the encoder layers from the
+    source text alone. With ``targets=`` (the reference translation(s), one per source text) or a batch holding
+    decoder inputs ({"input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask"}, optionally
+    "labels"; or "labels" alone, shifted here), the decoder layers with teacher forcing: a Seq2SeqAttribution
+    (kobattr.result) with the decoder methods of spec section 7 (methods: None or "all" for every one, or names of
+    kobattr.seq2seq.decoder_methods) and ``result.encoder``, the encoder's Attribution with ``encoder_methods``
+    (None: the encoder's defaults; [] or False: no encoder analysis). Not with rows=, contract= or normalize_rows=.
     """
+    if targets is not None or _has_decoder_inputs(model, inputs):
+        return _analyze_pairs(model, inputs, targets, tokenizer, methods=methods, layers=layers, rows=rows,
+                              heads=heads, contract=contract, normalize_rows=normalize_rows, backend=backend, ig=ig,
+                              ig_steps=ig_steps, max_length=max_length, progress=progress, verify=verify,
+                              encoder_methods=encoder_methods)
+    if encoder_methods is not None:
+        raise LayerInputError("encoder_methods= goes with targets= (the decoder's analysis); without targets, "
+                              "methods= chooses the encoder's methods.")
     adapter = get_adapter(model)
     structure = adapter.structure(model.config)
     methods = check_methods(methods, structure)
     modules = adapter.layer_modules(model)
     n_layers = len(modules)
-    if layers is None:
-        wanted = list(range(n_layers))
-    else:
-        indices = as_indices(layers, "layers")
-        for i in indices:
-            if not -n_layers <= i < n_layers:
-                raise LayerInputError(f"layer {i} does not exist; the model has {n_layers} layers "
-                                      f"(0..{n_layers - 1}, or -{n_layers}..-1 from the end).")
-        wanted = sorted({i % n_layers for i in indices})
+    wanted = _wanted_layers(layers, n_layers)
     batch = _tokenize(inputs, tokenizer, max_length)
     input_ids = batch["input_ids"]
     limit = adapter.max_tokens(model.config)
@@ -174,3 +202,289 @@ def _tokens(input_ids: Tensor, tokenizer) -> list[list[str]]:
     if tokenizer is None:
         return [[str(t) for t in row.tolist()] for row in input_ids]
     return [tokenizer.convert_ids_to_tokens(row.tolist()) for row in input_ids]
+
+
+# ----------------------------------------------------------------------------------------- encoder-decoder
+def _has_decoder_inputs(model, inputs) -> bool:
+    """Whether a batch asks for the decoder: decoder_input_ids, or labels for an encoder-decoder model (a
+    classification batch's labels of an encoder are no target)."""
+    if not hasattr(inputs, "keys"):
+        return False
+    return "decoder_input_ids" in inputs or ("labels" in inputs and
+                                             bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False)))
+
+
+def _is_texts(value) -> bool:
+    return isinstance(value, str) or (isinstance(value, (list, tuple)) and bool(value)
+                                      and all(isinstance(t, str) for t in value))
+
+
+def _right_padded(mask: Tensor, what: str) -> None:
+    """LayerInputError unless every row of ``mask`` is real tokens then padding, with at least one real token."""
+    if (mask[:, 1:] & ~mask[:, :-1]).any():
+        row = int((mask[:, 1:] & ~mask[:, :-1]).any(1).nonzero()[0])
+        raise LayerInputError(f"{what} of pair {row} is not padded on the right; encoder-decoder inputs take right "
+                              "padding on both sides (BART's, Marian's and mBART's positions count from the first "
+                              "column whatever the mask says).")
+    if not mask[:, 0].all():
+        row = int((~mask[:, 0]).nonzero()[0])
+        raise LayerInputError(f"{what} of pair {row} has no tokens; every pair needs a source and a target token.")
+
+
+def _model_pad_id(model, tokenizer) -> int:
+    value = getattr(model.config, "pad_token_id", None)
+    if value is None and tokenizer is not None:
+        value = getattr(tokenizer, "pad_token_id", None)
+    return 0 if value is None else int(value)
+
+
+def shift_labels(model, labels: Tensor) -> Tensor:
+    """The decoder inputs of teacher forcing: ``labels`` (B, T; padding with the model's pad id) shifted one position
+    right behind the decoder start token, by the model family's own function: the model's
+    ``prepare_decoder_input_ids_from_labels`` (generation models of BART, Marian, mBART), else ``shift_tokens_right``
+    of its modeling file (M2M-100 / NLLB, the base models; mBART's wraps the last real token, its language code or
+    EOS, around to the front)."""
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    try:
+        if prepare is not None:
+            return prepare(labels=labels)
+        shift = getattr(sys.modules.get(type(model).__module__), "shift_tokens_right", None)
+        if shift is None:
+            raise LayerInputError(f"{type(model).__name__} has no way to shift labels into decoder inputs; pass "
+                                  "decoder_input_ids and decoder_attention_mask yourself.")
+        config = model.config
+        args = [labels, config.pad_token_id]
+        if len(inspect.signature(shift).parameters) >= 3:
+            args.append(config.decoder_start_token_id)
+        return shift(*args)
+    except ValueError as err:  # e.g. "decoder_start_token_id has to be defined"
+        raise LayerInputError(f"cannot shift the labels into decoder inputs: {err}") from None
+
+
+def _pair_batch(model, inputs, targets, tokenizer, max_length: Optional[int]) -> dict:
+    """input_ids, attention_mask, decoder_input_ids, decoder_attention_mask and (when known) labels, all (B, *)
+    right-padded tensors, from source and target texts or from a ready batch."""
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise LayerInputError(f"max_length must be a positive int (tokens per text), got {max_length!r}.")
+    pad = _model_pad_id(model, tokenizer)
+    if targets is not None:
+        if not _is_texts(inputs) or not _is_texts(targets):
+            raise LayerInputError("targets= takes the reference translation(s) as text, with the source(s) as text: "
+                                  "analyze(model, sources, targets=targets, tokenizer=tokenizer); ready tensors go in "
+                                  "one batch with decoder_input_ids (or labels) and no targets=.")
+        sources = [inputs] if isinstance(inputs, str) else list(inputs)
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        if len(sources) != len(targets):
+            raise LayerInputError(f"{len(sources)} source text(s) but {len(targets)} target text(s); give one target "
+                                  "per source.")
+        if tokenizer is None:
+            raise LayerInputError("text inputs need a tokenizer: analyze(model, sources, targets=targets, "
+                                  "tokenizer=tokenizer).")
+        rows = {"input_ids": [], "labels": []}
+        for k, (source, target) in enumerate(zip(sources, targets)):
+            encoded = tokenizer(source, text_target=target, truncation=max_length is not None, max_length=max_length)
+            if "labels" not in encoded:
+                raise LayerInputError(f"the tokenizer ({type(tokenizer).__name__}) gave no labels for text_target=; "
+                                      "pass a tokenized batch with decoder_input_ids instead.")
+            for key, what, text in (("input_ids", "source", source), ("labels", "target", target)):
+                ids = list(encoded[key])
+                if not ids:
+                    raise LayerInputError(f"{what} text {k} ({text[:40]!r}) has no tokens after tokenization; give "
+                                          "non-empty text.")
+                rows[key].append(ids)
+
+        def padded(lists):
+            width = max(len(ids) for ids in lists)
+            ids = torch.tensor([row + [pad] * (width - len(row)) for row in lists], dtype=torch.long)
+            mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in lists], dtype=torch.long)
+            return ids, mask
+
+        input_ids, attention_mask = padded(rows["input_ids"])
+        labels, label_mask = padded(rows["labels"])
+        return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                    decoder_input_ids=shift_labels(model, labels), decoder_attention_mask=label_mask)
+
+    batch = dict(inputs)
+    for key in ("input_ids",) + tuple(k for k in ("decoder_input_ids", "labels") if k in batch):
+        t = batch[key]
+        if not isinstance(t, Tensor) or t.dim() != 2 or t.is_floating_point() or 0 in t.shape:
+            raise LayerInputError(f"{key} must be a non-empty (batch, tokens) integer tensor; tokenize with "
+                                  "return_tensors='pt'.")
+    if "input_ids" not in batch:
+        raise LayerInputError("the batch needs the source: input_ids (and attention_mask for padded sources).")
+    labels = batch.get("labels")
+    if labels is not None:
+        real = labels != -100  # the usual ignore index of training batches; padding with the pad id counts too
+        real &= labels != pad
+        labels = torch.where(real, labels, torch.full_like(labels, pad))
+        batch["labels"] = labels
+        if "decoder_input_ids" not in batch:
+            batch["decoder_input_ids"] = shift_labels(model, labels)
+            batch.setdefault("decoder_attention_mask", real.long())
+    decoder_ids = batch["decoder_input_ids"]
+    if labels is not None and labels.shape != decoder_ids.shape:
+        raise LayerInputError(f"labels {tuple(labels.shape)} and decoder_input_ids {tuple(decoder_ids.shape)} must "
+                              "have one shape (row i predicts labels[i]).")
+    if batch.get("attention_mask") is None:
+        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    if batch.get("decoder_attention_mask") is None:
+        batch["decoder_attention_mask"] = torch.ones_like(decoder_ids)
+    for key, ids in (("attention_mask", batch["input_ids"]), ("decoder_attention_mask", decoder_ids)):
+        if not isinstance(batch[key], Tensor) or batch[key].shape != ids.shape:
+            raise LayerInputError(f"{key} must be a tensor shaped like its ids {tuple(ids.shape)}.")
+    if batch["input_ids"].shape[0] != decoder_ids.shape[0]:
+        raise LayerInputError(f"{batch['input_ids'].shape[0]} source(s) but {decoder_ids.shape[0]} target(s) in the batch.")
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels")
+            if batch.get(k) is not None}
+
+
+def _decoder_methods(methods, placement: str) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+    """(self-attention methods, cross methods, whether the whole decoder layer is asked for) of a decoder request."""
+    from .seq2seq import check_decoder_methods
+
+    names = (methods,) if isinstance(methods, str) else methods
+    whole = isinstance(names, (list, tuple)) and any(isinstance(m, str) and m.strip().lower() == WHOLE_DECODER_LAYER
+                                                     for m in names)
+    if whole:
+        names = [m for m in names if not (isinstance(m, str) and m.strip().lower() == WHOLE_DECODER_LAYER)]
+        if not names:  # the whole layer alone
+            return (), (), True
+        methods = names
+    return (*check_decoder_methods(methods, placement), whole)
+
+
+def _self_value_norms(layer) -> Tensor:
+    """(B, H, T) ||f^h(x_k)|| of a decoder layer's self-attention (0 on padding), when no self method ran."""
+    from .core import _head_vectors
+
+    dtype = torch.float64 if layer.x.dtype == torch.float64 else torch.float32
+    norms = _head_vectors(layer, slice(None), dtype).norm(dim=-1).transpose(1, 2)  # (B, H, T)
+    return (norms * layer.valid[:, None]).to(layer.x.dtype)
+
+
+def _special_ids(model, tokenizer) -> tuple[int, ...]:
+    """The ids word alignment leaves out: the tokenizer's all_special_ids (BOS, EOS, padding, language codes) minus
+    its unknown id (an unknown piece stands for a word); without a tokenizer the model config's special ids."""
+    if tokenizer is not None and hasattr(tokenizer, "all_special_ids"):
+        ids = set(int(i) for i in tokenizer.all_special_ids)
+        unk = getattr(tokenizer, "unk_token_id", None)
+        ids.discard(unk)
+    else:
+        config = model.config
+        ids = {getattr(config, name, None) for name in ("pad_token_id", "bos_token_id", "eos_token_id",
+                                                         "decoder_start_token_id", "forced_bos_token_id")}
+        ids = {int(i) for i in ids if isinstance(i, int)}
+    return tuple(sorted(ids))
+
+
+def _analyze_pairs(model, inputs, targets, tokenizer, methods, layers, rows, heads, contract, normalize_rows, backend,
+                   ig, ig_steps, max_length, progress, verify, encoder_methods) -> Seq2SeqAttribution:
+    """analyze() of an encoder-decoder model with teacher forcing (see analyze)."""
+    from .core import _relative_error
+    from .models import capture_decoder, get_decoder_adapter
+    from .decoder_layer import attribute_decoder_layer
+    from .seq2seq import DecoderAttribution, attribute_decoder
+
+    decoder = get_decoder_adapter(model)
+    if rows is not None or contract is not None or normalize_rows:
+        raise LayerInputError("rows=, contract= and normalize_rows= are not available for the decoder of an "
+                              "encoder-decoder model: analyze returns its full maps (row-normalise them yourself with "
+                              "kobattr.methods.row_normalize).")
+    self_methods, cross_methods, whole = _decoder_methods(methods, decoder.placement)
+    wanted = _wanted_layers(layers, len(decoder.layer_modules(model)), "decoder layers")
+    batch = _pair_batch(model, inputs, targets, tokenizer, max_length)
+    source_mask, target_mask = batch["attention_mask"].bool(), batch["decoder_attention_mask"].bool()
+    _right_padded(source_mask, "the source")
+    _right_padded(target_mask, "the target")
+    limit = get_adapter(model).max_tokens(model.config)
+    for what, ids in (("source", batch["input_ids"]), ("target", batch["decoder_input_ids"])):
+        if limit is not None and ids.shape[1] > limit:
+            raise LayerInputError(f"the {what} has {ids.shape[1]} tokens but {decoder.family} models take at most "
+                                  f"{limit} positions; truncate with max_length={limit} (CLI: --max-length {limit}).")
+
+    skip_encoder = encoder_methods is False or (isinstance(encoder_methods, (list, tuple)) and not encoder_methods)
+    encoder = None if skip_encoder else analyze(
+        model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, tokenizer=tokenizer,
+        methods=encoder_methods, heads=heads, backend=backend, ig=ig, ig_steps=ig_steps, progress=progress,
+        verify=verify)
+
+    per_layer: list = []
+    whole_maps: dict = {}  # decoder layer index -> DecoderLayerAttribution
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(wanted), desc="decoder layers", leave=False)
+
+    def on_layer(index, layer):
+        try:
+            res = (attribute_decoder(layer, methods=self_methods + cross_methods, heads=heads, backend=backend,
+                                     verify=verify, verify_seed=index) if self_methods + cross_methods
+                   else DecoderAttribution((), None, None))
+            if whole:  # the whole decoder layer: out_i over target-prefix and source columns
+                whole_maps[index] = attribute_decoder_layer(layer, ig=ig, ig_steps=ig_steps)
+        except (LayerInputError, VerificationError) as err:  # say which layer
+            raise type(err)(f"decoder layer {index}: {err}") from None
+        valid = layer.self_attn.valid
+        # the captured layer as a whole (kobattr's forward from the captured tensors) vs the model's layer output
+        errors = [_relative_error(layer.forward()["out"], layer.states["out"].to(layer.x.dtype), valid)]
+        errors += [part.model_error for part in (res.self_attn, res.cross) if part is not None]
+        value_norms = res.self_attn.value_norms if res.self_attn is not None else _self_value_norms(layer.self_attn)
+        per_layer.append((index, res, value_norms, torch.stack([e.float() for e in errors]).amax(0).amax(-1)))
+        if bar is not None:
+            bar.update()
+
+    try:
+        capture_decoder(model, {k: v for k, v in batch.items() if k != "labels"}, on_layer, layers=wanted)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    def stack(get):
+        return torch.stack([get(r).cpu() for _, r, _, _ in per_layer])
+
+    first = per_layer[0][1]
+    spot_keys = {**(first.self_attn.spot_check if first.self_attn else {}),
+                 **(first.cross.spot_check if first.cross else {})}
+    backends = []
+    for _, r, _, _ in per_layer:
+        used = dict(r.self_attn.backends) if r.self_attn is not None else {}
+        if r.cross is not None:
+            used["cross_maps"] = "torch"
+        backends.append(used)
+    labels = batch.get("labels")
+
+    def spot(r, m):
+        part = r.cross if m in (r.cross.spot_check if r.cross else {}) else r.self_attn
+        return part.spot_check[m].double()
+
+    maps = {m: stack(lambda r: r.maps[m]) for m in first.methods}
+    ratios = {m: stack(lambda r: r.ratios[m]) for m in first.ratios}
+    bias_norms = {m: stack(lambda r: r._merged("bias_norms")[m]) for m in first._merged("bias_norms")}
+    completeness = {m: stack(lambda r: r._merged("completeness")[m].amax(-1)) for m in first._merged("completeness")}
+    if whole:
+        def whole_stack(get):
+            return torch.stack([get(whole_maps[i]).cpu() for i, *_ in per_layer])
+
+        maps[WHOLE_DECODER_LAYER] = whole_stack(lambda w: w.map)
+        ratios[WHOLE_DECODER_LAYER] = whole_stack(lambda w: w.ratio)
+        bias_norms[WHOLE_DECODER_LAYER] = whole_stack(lambda w: w.bias_norm)
+        completeness[WHOLE_DECODER_LAYER] = whole_stack(lambda w: w.completeness["out"].amax(-1))
+    return Seq2SeqAttribution(
+        methods=tuple(first.methods) + ((WHOLE_DECODER_LAYER,) if whole else ()), layers=tuple(i for i, *_ in per_layer),
+        maps=maps, ratios=ratios,
+        value_norms=torch.stack([v.cpu() for _, _, v, _ in per_layer]),
+        bias_norms=bias_norms, completeness=completeness,
+        model_error=torch.stack([e.cpu() for *_, e in per_layer]),
+        tokens=_tokens(batch["decoder_input_ids"], tokenizer), attention_mask=target_mask.cpu(),
+        structure=decoder.placement, head_maps={m: stack(lambda r: r.head_maps[m]) for m in first.head_maps},
+        model_name=getattr(model.config, "_name_or_path", "") or model.config.model_type,
+        backends=backends, spot_check={m: stack(lambda r: spot(r, m)) for m in spot_keys},
+        source_tokens=_tokens(batch["input_ids"], tokenizer), source_mask=source_mask.cpu(),
+        source_ids=batch["input_ids"].cpu(), decoder_input_ids=batch["decoder_input_ids"].cpu(),
+        labels=None if labels is None else labels.cpu(),
+        label_tokens=None if labels is None else _tokens(labels, tokenizer),
+        special_ids=_special_ids(model, tokenizer),
+        cross_value_norms=stack(lambda r: r.cross.value_norms) if first.cross is not None else None,
+        encoder=encoder,
+    )

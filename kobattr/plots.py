@@ -235,6 +235,89 @@ def mixing_ratio_plot(ratios: Mapping[str, object], path=None, title: Optional[s
     return figure
 
 
+PRESERVED_LABEL = "[kept]"  # the column of what a target position keeps (cross_attnres_n, cross_attnresln_n)
+
+
+def cross_grid(maps: Mapping[str, object], source_tokens: Sequence[str], target_tokens: Sequence[str], path,
+               layers: Optional[Sequence[int]] = None, title: Optional[str] = None, cmap: str = "Blues") -> Figure:
+    """Target x source maps of one sentence pair: one heatmap per (method, layer), rows = methods, columns = layers.
+
+    maps: method -> (L, T, S), or (L, T, S + 1) with a last column for what the target position keeps (labelled
+    "[kept]"; it is left out of the colour scale, which it would otherwise wash out, and shows in the darkest colour
+    when larger). source_tokens: the S source tokens (x axis); target_tokens: the T target rows (y axis).
+    layers: the L layer numbers for the titles (default 1..L). Each method row shares one colour scale. Returns the
+    Figure (and saves a PNG at ``path``)."""
+    if not maps:
+        raise ValueError("maps is empty: give at least one method's (L, T, S) map.")
+    arrays = {str(method): _to_numpy(values) for method, values in maps.items()}
+    sources, targets = [str(t) for t in source_tokens], [str(t) for t in target_tokens]
+    count = None
+    for method, values in arrays.items():
+        if values.ndim != 3 or values.shape[1] != len(targets) or values.shape[2] not in (len(sources), len(sources) + 1):
+            raise ValueError(f"maps[{method!r}] must have shape (L, T, S) or (L, T, S + 1) with T = {len(targets)} "
+                             f"target and S = {len(sources)} source tokens; got {tuple(values.shape)}.")
+        if count is not None and values.shape[0] != count:
+            raise ValueError("all methods must have the same number of layers.")
+        count = values.shape[0]
+    layers = list(range(1, count + 1)) if layers is None else [int(layer) for layer in layers]
+    if len(layers) != count:
+        raise ValueError(f"layers names {len(layers)} layer(s) but the maps have {count}.")
+    panel_w = float(np.clip(0.18 * (len(sources) + 1), 2.2, 5.0))
+    panel_h = float(np.clip(0.18 * len(targets), 1.6, 5.0))
+    figure = Figure(figsize=(panel_w * count + 1.5, panel_h * len(arrays) + 1.2 + (0.3 if title else 0)),
+                    layout="constrained")
+    axes = figure.subplots(len(arrays), count, squeeze=False)
+    for row, (method, values) in enumerate(arrays.items()):
+        kept = values.shape[2] == len(sources) + 1
+        color_range = _color_range(values[:, :, :len(sources)])
+        columns = sources + ([PRESERVED_LABEL] if kept else [])
+        for column, layer in enumerate(layers):
+            ax = axes[row, column]
+            image = _draw_map(ax, values[column], columns, targets, cmap, color_range, (panel_w, panel_h),
+                              show_x_labels=row == len(arrays) - 1 or kept, show_y_labels=column == 0)
+            ax.set_title(f"layer {layer} - {method}", fontsize=8)
+        figure.colorbar(image, ax=axes[row, :], shrink=0.9, pad=0.01)
+    figure.supxlabel("source token", fontsize=9)
+    figure.supylabel("target row (decoder input)", fontsize=9)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.savefig(path, dpi=100)
+    return figure
+
+
+def aer_plot(aer: Mapping[str, Mapping[str, Sequence[Optional[float]]]], layers: Sequence[int], path=None,
+             title: Optional[str] = None) -> Figure:
+    """Alignment error rate by decoder layer: one line per method and setting (method: colour, setting: line style,
+    "output" solid and "input" dashed), so that weights (cross_attn_w) and norms (cross_attn_n, ...) compare at a
+    glance. aer: method -> setting -> one AER (a fraction, None when undefined) per layer in ``layers`` (the layer
+    numbers, counted from 1). Plotted in %. path: also save a PNG there. Returns the Figure."""
+    if not aer:
+        raise ValueError("aer is empty: give at least one method's AER by layer.")
+    layers = [int(layer) for layer in layers]
+    figure = Figure(figsize=(7.5, 4.5), layout="constrained")
+    ax = figure.add_subplot()
+    styles = {"output": "-", "input": "--"}
+    colors = [f"C{k % 10}" for k in range(len(aer))]
+    for color, (method, by_setting) in zip(colors, aer.items()):
+        for setting, values in by_setting.items():
+            values = [np.nan if v is None else 100.0 * float(v) for v in values]
+            if len(values) != len(layers):
+                raise ValueError(f"aer[{method!r}][{setting!r}] has {len(values)} values for {len(layers)} layers.")
+            ax.plot(layers, values, styles.get(setting, ":"), color=color, marker="o", markersize=4,
+                    label=f"{method} ({setting})")
+    ax.set_xticks(layers if len(layers) <= 16 else layers[::max(1, len(layers) // 16)])
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("alignment error rate (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    if title:
+        ax.set_title(title)
+    if path is not None:
+        figure.savefig(path, dpi=PNG_DPI)
+    return figure
+
+
 def _json_numbers(values: np.ndarray) -> str:
     """Nested JSON lists of the values at 4 significant digits; NaN and infinities become null."""
     if values.ndim == 1:
