@@ -586,6 +586,13 @@ def cmd_align(args) -> int:
                     plots.cross_grid(maps, result.source_tokens[b][:s_len], result.tokens[b][:t_len], png,
                                      layers=numbers, title=f"pair {k}: {sources[k][:60]}")
                     note(png)
+                    # the token viewer: click a target token, see each source token's contribution per layer; maps
+                    # without a preserved column get an empty one, so that every method shares the columns
+                    kept = {m: t if _residual(m) else torch.cat([t, torch.full_like(t[..., :1], float("nan"))], -1)
+                            for m, t in maps.items()}
+                    note(plots.html_report(kept, result.tokens[b][:t_len], png.with_suffix(".html"),
+                                           title=f"pair {k}: {sources[k][:60]}",
+                                           column_tokens=[*result.source_tokens[b][:s_len], plots.PRESERVED_LABEL]))
             for b in range(len(result.source_tokens)):
                 try:
                     for m in methods:

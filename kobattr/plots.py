@@ -151,6 +151,20 @@ def _check_maps(maps: Mapping[str, object], tokens: Sequence[str]) -> tuple[dict
     return arrays, _check_tokens(tokens, first.shape[1], "tokens", "column")
 
 
+def _check_rectangular_maps(maps: Mapping[str, object], tokens: Sequence[str], column_tokens: Sequence[str]):
+    """Convert (L, T, C) maps, checking they share L, T and C and match the row and column tokens."""
+    if not maps:
+        raise ValueError("maps is empty: give at least one method's (L, T, C) map.")
+    arrays = {str(method): _to_numpy(values) for method, values in maps.items()}
+    first_method, first = next(iter(arrays.items()))
+    for method, values in arrays.items():
+        if values.ndim != 3 or values.shape != first.shape:
+            raise ValueError(f"maps[{method!r}] has shape {tuple(values.shape)} but maps[{first_method!r}] has "
+                             f"{tuple(first.shape)}; all methods must be (L, T, C) of one shape.")
+    return (arrays, _check_tokens(tokens, first.shape[1], "tokens", "row"),
+            _check_tokens(column_tokens, first.shape[2], "column_tokens", "column"))
+
+
 def layer_grid(maps: Mapping[str, object], tokens: Sequence[str], path, methods: Optional[Sequence[str]] = None,
                layers: Optional[Sequence[int]] = None, cmap: str = "Blues") -> Figure:
     """An overview PNG: one heatmap per (method, layer), rows = methods, columns = layers.
@@ -339,17 +353,25 @@ def _fill_template(template: str, values: Mapping[str, str]) -> str:
 
 
 def html_report(maps: Mapping[str, object], tokens: Sequence[str], path, title: str = "kobattr",
-                ratios: Optional[Mapping[str, object]] = None) -> Path:
+                ratios: Optional[Mapping[str, object]] = None,
+                column_tokens: Optional[Sequence[str]] = None) -> Path:
     """Write one self-contained HTML page to explore the maps token by token; returns its path.
 
     maps: method -> (L, N, N), all with the same L and N. tokens: the N tokens. ratios: optional
     name -> (L, N) context-mixing ratios (fractions) of each token at each layer, shown as percentages.
+    column_tokens: for maps whose columns are other tokens than their rows (cross maps: target rows, source
+    columns, maps (L, T, C)), the C column labels; the page then shows, for a chosen row token, how much each
+    column token contributes to it.
     The page shows, for a chosen token i, a row per layer with every token coloured by row i of that
     layer's map (how much each token contributes to token i), a method selector, a row/table
     normalisation toggle and tooltips with the exact values. Data are embedded at 4 significant digits;
     the page loads nothing from outside.
     """
-    arrays, tokens = _check_maps(maps, tokens)
+    if column_tokens is None:
+        arrays, tokens = _check_maps(maps, tokens)
+        columns = tokens
+    else:
+        arrays, tokens, columns = _check_rectangular_maps(maps, tokens, column_tokens)
     layer_count, token_count = next(iter(arrays.values())).shape[:2]
     ratio_arrays = {str(name): _to_numpy(values) for name, values in (ratios or {}).items()}
     for name, values in ratio_arrays.items():
@@ -362,6 +384,8 @@ def html_report(maps: Mapping[str, object], tokens: Sequence[str], path, title: 
                               for name, values in arrays_by_name.items()) + "}"
 
     payload = ('{"tokens":' + json.dumps(tokens, ensure_ascii=False)
+               + ',"columns":' + json.dumps(columns, ensure_ascii=False)
+               + ',"square":' + json.dumps(column_tokens is None)
                + ',"methods":' + json.dumps(list(arrays), ensure_ascii=False)
                + ',"maps":' + keyed(arrays) + ',"ratios":' + keyed(ratio_arrays) + "}")
     page = _fill_template(_HTML_TEMPLATE, {"TITLE": html.escape(str(title)), "DATA": _embeddable_json(payload)})
@@ -487,13 +511,13 @@ layers share the scale of the largest value in the table. Hover a token for the 
       var scale = state.normalise ? largestMagnitude(row) : tableScale;
       var total = row.reduce(function (sum, v) { return v === null ? sum : sum + v; }, 0);
       row.forEach(function (value, j) {
-        var span = element("span", j === i ? "tok self" : "tok", shown(tokens[j]));
+        var span = element("span", data.square && j === i ? "tok self" : "tok", shown(data.columns[j]));
         var strength = value === null || scale === 0 ? 0 : Math.abs(value) / scale;
         // blue for positive contributions, red for negative ones (signed attributions)
         var rgb = value !== null && value < 0 ? "178,24,43" : "33,102,172";
         span.style.background = "rgba(" + rgb + "," + strength.toFixed(3) + ")";
         if (strength > 0.55) span.style.color = "#fff";
-        var tip = "layer " + (l + 1) + "  " + shown(tokens[j]) + " \u2192 " + shown(tokens[i]) +
+        var tip = "layer " + (l + 1) + "  " + shown(data.columns[j]) + " \u2192 " + shown(tokens[i]) +
                   "\nvalue " + number(value);
         if (value !== null && total !== 0) tip += "\n" + (100 * value / total).toFixed(1) + "% of the row total";
         span.dataset.tip = tip;

@@ -159,3 +159,17 @@ def test_html_report_rejects_bad_shapes(tmp_path):
         plots.html_report(maps, ["a", "b"], tmp_path / "r.html")
     with pytest.raises(ValueError, match=r"ratios\['x'\] must have shape \(L, N\) = \(2, 3\)"):
         plots.html_report(maps, ["a", "b", "c"], tmp_path / "r.html", ratios={"x": np.ones(3)})
+
+
+def test_html_report_of_rectangular_maps_labels_rows_and_columns(tmp_path):
+    """Cross maps (L, T, C): rows are the target tokens, columns the source tokens (and the kept column)."""
+    import json
+
+    maps = {"cross_attn_n": torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4)}
+    page = plots.html_report(maps, ["t0", "t1", "t2"], tmp_path / "cross.html",
+                             column_tokens=["s0", "s1", "s2", "[kept]"]).read_text(encoding="utf-8")
+    data = json.loads(page.split('id="kobattr-data">')[1].split("</script>")[0])
+    assert data["tokens"] == ["t0", "t1", "t2"] and data["columns"] == ["s0", "s1", "s2", "[kept]"]
+    assert data["square"] is False and data["maps"]["cross_attn_n"][1][2] == [20, 21, 22, 23]
+    with pytest.raises(ValueError, match="column_tokens has 3 tokens but the map has 4 columns"):
+        plots.html_report(maps, ["t0", "t1", "t2"], tmp_path / "bad.html", column_tokens=["s0", "s1", "s2"])

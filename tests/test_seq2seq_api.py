@@ -374,11 +374,15 @@ def test_align_recovers_the_planted_links_in_the_output_setting(planted, tmp_pat
             [({(s, t) for t, s in enumerate(perm)},) * 2 for _, _, perm in PAIRS]
     assert results["best"]["aer"] == 0.0 and results["best"]["layer"] == 2
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    expected = sorted([MANIFEST, "results.json", "aer_by_layer.png", "heatmaps/pair000.png"]
+    expected = sorted([MANIFEST, "results.json", "aer_by_layer.png", "heatmaps/pair000.png", "heatmaps/pair000.html"]
                       + [f"alignments/{m}.{s}.layer{L}.txt" for m in methods for s in ("input", "output")
                          for L in (1, 2)])
     assert files == expected
     assert sorted(json.loads((out / MANIFEST).read_text())["files"] + [MANIFEST]) == expected
+    # the token viewer: target rows, source columns plus the kept column
+    page = (out / "heatmaps" / "pair000.html").read_text(encoding="utf-8")
+    data = json.loads(page.split('id="kobattr-data">')[1].split("</script>")[0])
+    assert data["square"] is False and data["columns"][-1] == "[kept]" and len(data["columns"]) == len(data["maps"][methods[0]][0][0])
     lines = printed.strip().splitlines()
     assert "lowest AER: 0.0%" in printed and lines[-1].startswith(f"wrote {out}/: ")
     assert "sentence batches" in err  # the progress bar
