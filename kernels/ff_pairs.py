@@ -27,14 +27,15 @@ from .rows import LOG2E, alpha_tile, dot_settings, key_tile, pow2, query_block, 
 
 
 @triton.jit
-def _mix_parts(alpha_t, parts_ptr, b, cols, col_ok, diag, has_diagonal, offs, offs_ok, N, width,
+def _mix_parts(alpha_t, parts_ptr, b, cols, col_ok, diag, has_diagonal, offs, offs_ok, key_start, NB, width,
                H: tl.constexpr, HP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """mix[j, i, x] = sum_{h<H} alpha_t[j, i, h] parts[b, j, h, x] + diag[j, i] parts[b, j, H, x] -> (BN, BM, BX).
 
-    alpha_t (BN, BM, HP) fp32; parts_ptr (B, N, H+1, width); x runs over ``offs``.
+    alpha_t (BN, BM, HP) fp32; parts_ptr (B, NB, H+1, width), the parts of keys [key_start, key_start + NB);
+    x runs over ``offs``.
     """
     heads = tl.arange(0, HP)
-    base = (b * N + cols) * ((H + 1) * width)  # (BN,)
+    base = (b * NB + (cols - key_start)) * ((H + 1) * width)  # (BN,)
     parts = tl.load(parts_ptr + base[:, None, None] + heads[None, :, None] * width + offs[None, None, :],
                     mask=col_ok[:, None, None] & (heads < H)[None, :, None] & offs_ok[None, None, :], other=0.0)
     mix = tl.dot(alpha_t, parts.to(tl.float32), input_precision=DOT_PRECISION)
@@ -47,30 +48,31 @@ def _mix_parts(alpha_t, parts_ptr, b, cols, col_ok, diag, has_diagonal, offs, of
 
 @triton.jit
 def _hidden_slice(alpha_t, ff_ptr, gate_ptr, coef_in_ptr, coef_gate_ptr, in_scale, b, rows, row_ok, cols, col_ok,
-                  diag, has_diagonal, f, f_ok, N, F,
+                  diag, has_diagonal, f, f_ok, N, key_start, NB, F,
                   H: tl.constexpr, HP: tl.constexpr, GATED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """hidden[j, i, f] = in_scale_i (coef_in_if sum_r kappa_ij[r] ff_j[r, f]
                                        + coef_gate_if sum_r kappa_ij[r] gate_j[r, f]).
 
-    ff_ptr, gate_ptr (B, N, H+1, F); coef_in_ptr, coef_gate_ptr (B, N, F); in_scale (BM,) -> (BN, BM, BF).
+    ff_ptr, gate_ptr (B, NB, H+1, F) (keys from key_start); coef_in_ptr, coef_gate_ptr (B, N, F);
+    in_scale (BM,) -> (BN, BM, BF).
     """
     coef_offs = (b * N + rows)[:, None] * F + f[None, :]
     coef_mask = row_ok[:, None] & f_ok[None, :]
     coef = tl.load(coef_in_ptr + coef_offs, mask=coef_mask, other=0.0).to(tl.float32) * in_scale[:, None]
-    hidden = _mix_parts(alpha_t, ff_ptr, b, cols, col_ok, diag, has_diagonal, f, f_ok, N, F, H, HP,
+    hidden = _mix_parts(alpha_t, ff_ptr, b, cols, col_ok, diag, has_diagonal, f, f_ok, key_start, NB, F, H, HP,
                         DOT_PRECISION) * coef[None, :, :]
     if GATED:
         coef = tl.load(coef_gate_ptr + coef_offs, mask=coef_mask, other=0.0).to(tl.float32) * in_scale[:, None]
-        hidden += _mix_parts(alpha_t, gate_ptr, b, cols, col_ok, diag, has_diagonal, f, f_ok, N, F, H, HP,
-                             DOT_PRECISION) * coef[None, :, :]
+        hidden += _mix_parts(alpha_t, gate_ptr, b, cols, col_ok, diag, has_diagonal, f, f_ok, key_start, NB, F,
+                             H, HP, DOT_PRECISION) * coef[None, :, :]
     return hidden
 
 
 @triton.jit
 def _ff_tile(q_ptr, k_ptr, lse_ptr, ff_ptr, gate_ptr, res_ptr, in_scale_ptr, res_scale_ptr, out_scale_ptr,
              coef_in_ptr, coef_gate_ptr, w_out_ptr, out_weight_ptr, w_out_mean_ptr, res_mean_ptr,
-             b, rows, ridx, row_ok, cols, col_ok, vis, has_diagonal, N, R, F, D, scale_log2, softcap_log2,
-             H: tl.constexpr, KV_GROUP: tl.constexpr, DH: tl.constexpr, HP: tl.constexpr,
+             b, rows, ridx, row_ok, cols, col_ok, vis, has_diagonal, N, key_start, NB, R, F, D, scale_log2,
+             softcap_log2, H: tl.constexpr, KV_GROUP: tl.constexpr, DH: tl.constexpr, HP: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
              BLOCK_DO: tl.constexpr, GATED: tl.constexpr, N_SCOPES: tl.constexpr, CENTER: tl.constexpr,
              SOFTCAP: tl.constexpr, QK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -97,13 +99,14 @@ def _ff_tile(q_ptr, k_ptr, lse_ptr, ff_ptr, gate_ptr, res_ptr, in_scale_ptr, res
             f = f0 + tl.arange(0, BLOCK_F)
             f_ok = f < F
             hidden = _hidden_slice(alpha_t, ff_ptr, gate_ptr, coef_in_ptr, coef_gate_ptr, in_scale, b, rows, row_ok,
-                                   cols, col_ok, diag, has_diagonal, f, f_ok, N, F, H, HP, GATED, DOT_PRECISION)
+                                   cols, col_ok, diag, has_diagonal, f, f_ok, N, key_start, NB, F, H, HP, GATED,
+                                   DOT_PRECISION)
             w_out = tl.load(w_out_ptr + f[:, None] * D + dd[None, :], mask=f_ok[:, None] & d_ok[None, :], other=0.0)
             ff = tl.dot(tl.reshape(hidden, (BLOCK_N * BLOCK_M, BLOCK_F)), w_out.to(tl.float32), ff,
                         input_precision=DOT_PRECISION)
         ff = tl.reshape(ff, (BLOCK_N, BLOCK_M, BLOCK_DO))
-        total = ff + _mix_parts(alpha_t, res_ptr, b, cols, col_ok, diag, has_diagonal, dd, d_ok, N, D, H, HP,
-                                DOT_PRECISION) * res_scale[None, :, None]
+        total = ff + _mix_parts(alpha_t, res_ptr, b, cols, col_ok, diag, has_diagonal, dd, d_ok, key_start, NB, D,
+                                H, HP, DOT_PRECISION) * res_scale[None, :, None]
         sq_ff += tl.sum(ff * ff, 2)
         sq_total += tl.sum(total * total, 2)
         if N_SCOPES == 3:
@@ -116,11 +119,12 @@ def _ff_tile(q_ptr, k_ptr, lse_ptr, ff_ptr, gate_ptr, res_ptr, in_scale_ptr, res
             f = f0 + tl.arange(0, BLOCK_F)
             f_ok = f < F
             hidden = _hidden_slice(alpha_t, ff_ptr, gate_ptr, coef_in_ptr, coef_gate_ptr, in_scale, b, rows, row_ok,
-                                   cols, col_ok, diag, has_diagonal, f, f_ok, N, F, H, HP, GATED, DOT_PRECISION)
+                                   cols, col_ok, diag, has_diagonal, f, f_ok, N, key_start, NB, F, H, HP, GATED,
+                                   DOT_PRECISION)
             w_mean = tl.load(w_out_mean_ptr + f, mask=f_ok, other=0.0)
             mean_ff += tl.sum(hidden * w_mean[None, None, :], 2)
         heads = tl.arange(0, HP)
-        mean_base = (b * N + cols) * (H + 1)
+        mean_base = (b * NB + (cols - key_start)) * (H + 1)
         res_mean = tl.load(res_mean_ptr + mean_base[:, None] + heads[None, :],
                            mask=col_ok[:, None] & (heads < H)[None, :], other=0.0)
         res_mean_diag = tl.load(res_mean_ptr + mean_base + H, mask=col_ok, other=0.0)
@@ -141,21 +145,21 @@ def _ff_pairs_kernel(
     valid_ptr,  # (B, N) int8
     rows_ptr,  # (R,) int64, read if HAS_ROWS
     lse_ptr,  # (B, H, R) fp32 from rows._row_lse_kernel
-    ff_ptr,  # (B, N, H+1, F)
-    gate_ptr,  # (B, N, H+1, F), read if GATED
-    res_ptr,  # (B, N, H+1, D), centred over D if CENTER
+    ff_ptr,  # (B, NB, H+1, F): the parts of keys [key_start, key_stop) only, NB = key_stop - key_start
+    gate_ptr,  # (B, NB, H+1, F), read if GATED
+    res_ptr,  # (B, NB, H+1, D), centred over D if CENTER
     in_scale_ptr, res_scale_ptr, out_scale_ptr,  # (B, N) each
     coef_in_ptr,  # (B, N, F)
     coef_gate_ptr,  # (B, N, F), read if GATED
     w_out_ptr,  # (F, D), centred over D if CENTER
     out_weight_ptr,  # (D,), read if N_SCOPES == 3
     w_out_mean_ptr,  # (F,) mean over D of the uncentred w_out, read if CENTER
-    res_mean_ptr,  # (B, N, H+1) mean over D of the uncentred res_parts, read if CENTER
+    res_mean_ptr,  # (B, NB, H+1) mean over D of the uncentred res_parts, read if CENTER
     map_ptr,  # (B, N_SCOPES, R, N) fp32, written if STORE_MAP
-    row_sum_ptr,  # (B, N_SCOPES, R) fp32, written if SUM_ROWS
+    row_sum_ptr,  # (B, N_SCOPES, R) fp32, accumulated into (across launches) if SUM_ROWS
     weights_ptr,  # (B, N_SCOPES, K, R) fp32 with strides (weights_b_stride, weights_s_stride, R, 1), read if CONTRACT
     out_ptr,  # (B, N_SCOPES, K, N) fp32, zeroed, accumulated into if CONTRACT
-    N, R, K, F, D, scale_log2, window, radius, softcap_log2, weights_b_stride, weights_s_stride,
+    N, key_start, key_stop, R, K, F, D, scale_log2, window, radius, softcap_log2, weights_b_stride, weights_s_stride,
     H: tl.constexpr, KV_GROUP: tl.constexpr, DH: tl.constexpr, HP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
     BLOCK_DO: tl.constexpr, GATED: tl.constexpr, N_SCOPES: tl.constexpr, CENTER: tl.constexpr,
@@ -163,12 +167,14 @@ def _ff_pairs_kernel(
     SOFTCAP: tl.constexpr, STORE_MAP: tl.constexpr, SUM_ROWS: tl.constexpr, CONTRACT: tl.constexpr,
     BLOCK_K: tl.constexpr, QK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """map[b, s, r, j] = scope s of pair (i = rows[r], j) (see _ff_tile), and what the flags ask of it:
-    STORE_MAP: the map; SUM_ROWS: its sums over j;
+    """map[b, s, r, j] = scope s of pair (i = rows[r], j) (see _ff_tile) for the keys key_start <= j < key_stop,
+    and what the flags ask of it: STORE_MAP: the map (columns j); SUM_ROWS: row_sum[b, s, r] += its sums over
+    those j (so that launches over successive key blocks add up to the sums over all keys);
     CONTRACT: out[b, s, k, j] += sum_r weights[b, s, k, r] map[b, s, r, j]
     (atomically, as in kernels/attention_pairs.py).
 
-    One program per (block of BLOCK_M query rows, b), looping over the key tiles those rows can see.
+    One program per (block of BLOCK_M query rows, b), looping over the key tiles of the block those rows
+    can see. key_start is a multiple of BLOCK_N (the launcher's key blocks are), so tiles stay aligned.
     """
     b = tl.program_id(1).to(tl.int64)
     ridx, row_ok, rows, row_valid, row_first, row_last, key_lo, key_hi = query_block(
@@ -176,12 +182,17 @@ def _ff_pairs_kernel(
     sum0 = tl.zeros((BLOCK_M,), tl.float32)
     sum1 = tl.zeros((BLOCK_M,), tl.float32)
     sum2 = tl.zeros((BLOCK_M,), tl.float32)
-    for start in range(key_lo, key_hi, BLOCK_N):
+    NB = key_stop - key_start
+    for start in range(tl.maximum(key_lo, key_start), tl.minimum(key_hi, key_stop), BLOCK_N):
         cols, col_ok, vis, has_diagonal = key_tile(valid_ptr, b, start, rows, row_valid, row_first, row_last, N,
                                                    window, radius, BLOCK_N, CAUSAL, WINDOWED, SYMMETRIC)
+        in_block = cols < key_stop
+        col_ok = col_ok & in_block
+        vis = vis & in_block[None, :]
         s0, s1, s2 = _ff_tile(q_ptr, k_ptr, lse_ptr, ff_ptr, gate_ptr, res_ptr, in_scale_ptr, res_scale_ptr,
                               out_scale_ptr, coef_in_ptr, coef_gate_ptr, w_out_ptr, out_weight_ptr, w_out_mean_ptr,
-                              res_mean_ptr, b, rows, ridx, row_ok, cols, col_ok, vis, has_diagonal, N, R, F, D,
+                              res_mean_ptr, b, rows, ridx, row_ok, cols, col_ok, vis, has_diagonal, N, key_start,
+                              NB, R, F, D,
                               scale_log2, softcap_log2, H, KV_GROUP, DH, HP, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_F,
                               BLOCK_DO, GATED, N_SCOPES, CENTER, SOFTCAP, QK_FP32, DOT_PRECISION)
         if STORE_MAP:
@@ -212,11 +223,13 @@ def _ff_pairs_kernel(
                                   input_precision=DOT_PRECISION)
                     tl.atomic_add(out_offs + 2 * K * N, part, mask=out_mask, sem="relaxed")
     if SUM_ROWS:
+        # each (row block, b) belongs to one program of a launch: a plain read-add-write accumulates
         offs = b * N_SCOPES * R + ridx
-        tl.store(row_sum_ptr + offs, sum0, mask=row_ok)
-        tl.store(row_sum_ptr + offs + R, sum1, mask=row_ok)
+        tl.store(row_sum_ptr + offs, tl.load(row_sum_ptr + offs, mask=row_ok, other=0.0) + sum0, mask=row_ok)
+        tl.store(row_sum_ptr + offs + R, tl.load(row_sum_ptr + offs + R, mask=row_ok, other=0.0) + sum1, mask=row_ok)
         if N_SCOPES == 3:
-            tl.store(row_sum_ptr + offs + 2 * R, sum2, mask=row_ok)
+            tl.store(row_sum_ptr + offs + 2 * R, tl.load(row_sum_ptr + offs + 2 * R, mask=row_ok, other=0.0) + sum2,
+                     mask=row_ok)
 
 
 def ff_tile_sizes():
@@ -225,14 +238,32 @@ def ff_tile_sizes():
     return dict(BLOCK_M=16, BLOCK_N=4, BLOCK_D=16, BLOCK_F=32, BLOCK_DO=64)
 
 
+# a key block's parts (ff, gate and res over B x block x (H+1)) stay under this many bytes (launcher's default)
+KEY_BLOCK_BYTES = 256 * 2 ** 20
+
+
+def choose_key_block(B, N, H, F, D, gated, element_size, block_n, budget=None):
+    """Keys per launch: a multiple of the tile's BLOCK_N whose parts (in the kernel's float32 when centred)
+    fit ``budget`` bytes (KEY_BLOCK_BYTES), at least one tile, at most N rounded up to a tile."""
+    per_key = B * (H + 1) * ((2 if gated else 1) * F + D) * max(element_size, 4)
+    keys = max((budget or KEY_BLOCK_BYTES) // max(per_key, 1), 1)
+    return max(block_n, min(keys, triton.cdiv(max(N, 1), block_n) * block_n) // block_n * block_n)
+
+
 def ff_maps(q, k, valid, causal, window, scale, ff_parts, gate_parts, res_parts, in_scale, res_scale, out_scale,
             coef_in, coef_gate, w_out, out_weight, out_center, n_scopes, rows=None, weights=None,
-            normalize_rows=False, radius=0, softcap=0.0, lse2=None):
+            normalize_rows=False, radius=0, softcap=0.0, lse2=None, key_block=None, key_block_size=None):
     """The ``ff_maps`` primitive of kobattr/backends/base.py on contiguous CUDA (or interpreted) tensors.
 
     Shapes as in base.py; radius (0 = none) and softcap (0 = none) as in base.Attention. Returns
     (B, n_scopes, R, N) or, with weights (B, K, N), their contraction over the selected rows
     (B, n_scopes, K, N) float32.
+
+    The per-key parts come either whole (ff_parts, gate_parts or None, res_parts: (B, N, H+1, F / D)) or from
+    ``key_block``: keys (a slice) -> (ff_parts, gate_parts or None, res_parts) of those keys (B, C, H+1, F / D),
+    with ff_parts = gate_parts = res_parts = None; N is q's. The kernel then runs once per block of
+    ``key_block_size`` keys (a multiple of the key tile; default: whole tensors in one launch, ``key_block``
+    parts in blocks of at most KEY_BLOCK_BYTES), so only one block's parts are ever held.
     """
     B, H, N, DH = q.shape
     F, D = w_out.shape
@@ -240,48 +271,72 @@ def ff_maps(q, k, valid, causal, window, scale, ff_parts, gate_parts, res_parts,
     dev, f32 = q.device, torch.float32
     if R == 0:  # nothing to launch: no rows, and a contraction over no rows is 0
         return torch.zeros(B, n_scopes, 0 if weights is None else weights.shape[1], N, device=dev, dtype=f32)
+    tile = ff_tile_sizes()
+    block_m, block_n = tile["BLOCK_M"], tile["BLOCK_N"]
+    if key_block is None:
+        gated = gate_parts is not None
+        if key_block_size is None:
+            key_block_size = max(N, 1)
+
+        def key_block(keys):
+            return ff_parts[:, keys], gate_parts[:, keys] if gated else None, res_parts[:, keys]
+    else:
+        assert ff_parts is None and gate_parts is None and res_parts is None, "parts come whole or by key_block"
+        gated = coef_gate is not None
+        if key_block_size is None:
+            key_block_size = choose_key_block(B, N, H, F, D, gated, w_out.element_size(), block_n)
+    step = triton.cdiv(max(int(key_block_size), 1), block_n) * block_n  # blocks start on key tiles
     center = bool(out_center) and n_scopes == 3
     valid8 = valid.to(torch.int8)
-    gated = gate_parts is not None
-    w_out_mean = res_mean = in_scale  # placeholders, never read unless CENTER
+    w_out_mean = in_scale  # placeholder, never read unless CENTER
     if center:
         w_out_mean = w_out.to(f32).mean(1)
         w_out = (w_out.to(f32) - w_out_mean[:, None]).contiguous()
-        res_mean = res_parts.to(f32).mean(-1).contiguous()
-        res_parts = (res_parts.to(f32) - res_mean[..., None]).contiguous()
     dots = dot_settings(q.dtype)
-    tile = ff_tile_sizes()
-    block_m = tile["BLOCK_M"]
     shape = dict(H=H, KV_GROUP=H // k.shape[1], DH=DH, HP=pow2(H), **tile, GATED=gated, N_SCOPES=n_scopes,
                  CENTER=center, HAS_ROWS=rows is not None, CAUSAL=causal, WINDOWED=window > 0, SYMMETRIC=radius > 0,
                  SOFTCAP=softcap > 0, QK_FP32=dots[0], DOT_PRECISION=dots[1])
-    tensors = (ff_parts, gate_parts if gated else ff_parts, res_parts, in_scale, res_scale, out_scale, coef_in,
-               coef_gate if gated else coef_in, w_out, out_weight if out_weight is not None else in_scale,
-               w_out_mean, res_mean)
     if lse2 is None:  # the row statistics, unless the caller has them (base 2, (B, H, R) for the selected rows)
         lse2 = row_lse(q, k, valid8, causal, window, scale, rows, dots, radius=radius, softcap=softcap)
     lse = lse2
 
-    def run(store_map=False, sum_rows=False, weights=None):
+    def block_tensors(keys):
+        """The kernel's per-key and per-row pointers for the keys ``keys``: the block's parts, contiguous
+        (centred over D, with their means, if CENTER)."""
+        ff, gate, res = key_block(keys)
+        assert (gate is not None) == gated, "gate parts must come exactly when coef_gate does"
+        res_mean = in_scale  # placeholder, never read unless CENTER
+        if center:
+            res_mean = res.to(f32).mean(-1)
+            res = res.to(f32) - res_mean[..., None]
+        return tuple(t.contiguous() for t in (
+            ff, gate if gated else ff, res, in_scale, res_scale, out_scale, coef_in, coef_gate if gated else coef_in,
+            w_out, out_weight if out_weight is not None else in_scale, w_out_mean, res_mean))
+
+    def sweep(store_map=False, sum_rows=False, weights=None):
+        """One launch per key block, each adding its columns to the same map / row sums / contraction."""
         maps = torch.zeros(B, n_scopes, R, N, device=dev, dtype=f32) if store_map else lse
-        sums = torch.empty(B, n_scopes, R, device=dev, dtype=f32) if sum_rows else lse
+        sums = torch.zeros(B, n_scopes, R, device=dev, dtype=f32) if sum_rows else lse
         contract = weights is not None
         K = weights.shape[-2] if contract else 0
         out = torch.zeros(B, n_scopes, K, N, device=dev, dtype=f32) if contract else lse
-        _ff_pairs_kernel[(triton.cdiv(R, block_m), B)](
-            q, k, valid8, rows if rows is not None else lse, lse, *tensors, maps, sums,
-            weights if contract else lse, out, N, R, K, F, D, scale * LOG2E, window, radius, softcap * LOG2E,
-            weights.stride(0) if contract else 0, K * R if contract and weights.dim() == 4 else 0,
-            STORE_MAP=store_map, SUM_ROWS=sum_rows, CONTRACT=contract, BLOCK_K=pow2(min(K, 64)), num_stages=1,
-            **shape,
-        )
+        for key_start in range(0, N, step):
+            key_stop = min(key_start + step, N)
+            _ff_pairs_kernel[(triton.cdiv(R, block_m), B)](
+                q, k, valid8, rows if rows is not None else lse, lse, *block_tensors(slice(key_start, key_stop)),
+                maps, sums, weights if contract else lse, out, N, key_start, key_stop, R, K, F, D, scale * LOG2E,
+                window, radius, softcap * LOG2E, weights.stride(0) if contract else 0,
+                K * R if contract and weights.dim() == 4 else 0,
+                STORE_MAP=store_map, SUM_ROWS=sum_rows, CONTRACT=contract, BLOCK_K=pow2(min(K, 64)), num_stages=1,
+                **shape,
+            )
         return maps if store_map else sums if sum_rows else out
 
     if weights is None:
-        return run(store_map=True)
+        return sweep(store_map=True)
     # the kernel reads weights by output row r: those of the selected rows, (B, K, R)
     weights = (weights if rows is None else weights[:, :, rows]).to(f32)
-    if normalize_rows:
-        sums = run(sum_rows=True)
+    if normalize_rows:  # each row's sum over all keys first: a sweep over every key block, then the contraction
+        sums = sweep(sum_rows=True)
         weights = torch.where(sums[:, :, None] > 0, weights[:, None] / sums[:, :, None].clamp_min(1e-30), 0.0)
-    return run(weights=weights.contiguous())
+    return sweep(weights=weights.contiguous())

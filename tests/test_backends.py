@@ -125,3 +125,50 @@ def test_explicit_unavailable_backend_says_why():
         select("cuda", "attention_maps", attn)
     with pytest.raises(ValueError, match="unknown backend"):
         select("tpu", "attention_maps", attn)
+
+
+# (kind, random_layer options): N = 13..17 spans 4..5 ff_maps launches of 4 keys each
+STREAM_LAYERS = [("llama", dict(N=13, window=6, pad=3)), ("gemma2", dict(N=14, pad=2, softcap=1.5)),
+                 ("bert", dict(N=17, pad=2))]
+
+
+@pytest.mark.parametrize("kind,kw", STREAM_LAYERS, ids=[c[0] for c in STREAM_LAYERS])
+def test_triton_ff_maps_stream_key_blocks(kind, kw, monkeypatch):
+    """The triton ff_maps run over blocks of 4 keys made on demand (never materialised) equals the torch
+    backend on every FF method, in every output mode."""
+    _skip_unless_available("triton")
+    from kobattr.backends.base import FFParts
+    from kobattr.backends.triton_backend import TritonBackend
+    from kobattr.methods import ff_methods
+
+    layer = random_layer(kind, dtype=torch.float32, **kw)
+    N = layer.q.shape[2]
+    methods = ff_methods(attribute(layer, methods="all", backend="torch").methods, layer.structure)
+    assert methods
+    rows = [0, N - 1, 5]
+    weights = torch.rand(2, 2, N, generator=torch.Generator().manual_seed(4))
+    modes = [dict(), dict(rows=rows), dict(contract=weights), dict(contract=weights, normalize_rows=True),
+             dict(rows=rows, contract=weights, normalize_rows=True)]
+    expected = [attribute(layer, methods=methods, backend="torch", **mode) for mode in modes]
+
+    asked = []
+    block = FFParts.block
+
+    def recorded(self, keys):
+        asked.append(keys.stop - keys.start)
+        return block(self, keys)
+
+    def refuse(self):
+        raise AssertionError("the triton ff_maps must not materialise every key's parts")
+
+    monkeypatch.setattr(TritonBackend, "key_block_size", 4)
+    monkeypatch.setattr(FFParts, "block", recorded)
+    monkeypatch.setattr(FFParts, "materialised", refuse)
+    for mode, ref in zip(modes, expected):
+        asked.clear()
+        res = attribute(layer, methods=methods, backend="triton", **mode)
+        assert res.backends["ff_maps"] == "triton"
+        assert len(asked) >= -(-N // 4) and max(asked) <= 4, asked
+        for m in methods:
+            scale = ref.maps[m].abs().max()
+            assert (res.maps[m] - ref.maps[m]).abs().max() / scale < 1e-5, (mode.keys(), m)

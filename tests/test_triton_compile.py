@@ -25,7 +25,8 @@ CAPABILITIES = (80, 90)
 DTYPES = ("fp32", "fp16", "bf16")
 TARGETS = list(itertools.product(CAPABILITIES, DTYPES))
 
-INT_ARGS = {"N", "R", "K", "F", "D", "window", "radius", "weights_b_stride", "weights_m_stride", "weights_s_stride"}
+INT_ARGS = {"N", "key_start", "key_stop", "R", "K", "F", "D", "window", "radius", "weights_b_stride",
+            "weights_m_stride", "weights_s_stride"}
 MODEL_DTYPE_PTRS = {"q_ptr", "k_ptr", "ff_ptr", "gate_ptr", "res_ptr", "coef_in_ptr", "coef_gate_ptr", "w_out_ptr"}
 
 # Compiling takes 5-60 s a kernel on a small CPU, so each list below is a covering set rather than

@@ -322,6 +322,90 @@ def test_ff_low_precision(dtype):
     assert_lowprec_close(BACKEND.ff_maps(rounded, lowp), oracle_ff_maps(attn, parts), oracle_ff_maps(rounded, lowp))
 
 
+# ---------------------------------------------------------------- ff_maps streamed over key blocks
+
+STREAM_CASES = {  # (random_attention options, FF variant): N = 13..40 spans 4..10 blocks of 4 keys
+    "N13-causal-window-pad": (dict(H=4, KV=2, N=13, Dh=16, causal=True, window=5, pad=2), (True, 3, True)),
+    "N20-H12-dh80-causal-pad": (dict(H=12, KV=3, N=20, Dh=80, causal=True, pad=3), (False, 3, False)),
+    "N40-window-radius-softcap-pad": (dict(H=4, KV=2, N=40, Dh=16, window=5, pad=3, radius=8, softcap=1.0,
+                                           logit_std=3.0), (False, 2, False)),
+}
+STREAM_MODES = ["full", "rows", "contract", "contract-normalize", "rows-contract", "rows-contract-normalize"]
+
+
+def mode_kwargs(mode, N):
+    kw = {}
+    if mode.startswith("rows"):
+        kw["rows"] = torch.cat([rows_for(N), torch.tensor([N // 2])])
+    if "contract" in mode:
+        kw["weights"] = torch.rand(2, 3, N, generator=torch.Generator().manual_seed(11))
+        kw["normalize_rows"] = mode.endswith("normalize")
+    return kw
+
+
+def recording(parts):
+    """The same parts made on demand by key_block (as kobattr.core builds them), recording the blocks asked."""
+    asked = []
+
+    def key_block(keys):
+        asked.append((keys.start, keys.stop))
+        return (parts.ff_parts[:, keys], None if parts.gate_parts is None else parts.gate_parts[:, keys],
+                parts.res_parts[:, keys])
+
+    return dataclasses.replace(parts, ff_parts=None, gate_parts=None, res_parts=None, key_block=key_block), asked
+
+
+def launch(attn, parts, key_block_size, rows=None, weights=None, normalize_rows=False):
+    """kernels/ff_pairs.py ff_maps called with the whole part tensors, as the backend did before streaming."""
+    from kobattr.kernels.ff_pairs import ff_maps
+
+    return ff_maps(ff_parts=parts.ff_parts, gate_parts=parts.gate_parts, res_parts=parts.res_parts,
+                   in_scale=parts.in_scale, res_scale=parts.res_scale, out_scale=parts.out_scale,
+                   coef_in=parts.coef_in, coef_gate=parts.coef_gate, w_out=parts.w_out, out_weight=parts.out_weight,
+                   out_center=parts.out_center, n_scopes=parts.n_scopes, normalize_rows=normalize_rows,
+                   key_block_size=key_block_size, **TritonBackend._common(attn, rows, weights))
+
+
+@pytest.mark.parametrize("mode", STREAM_MODES)
+@pytest.mark.parametrize("name", list(STREAM_CASES))
+def test_ff_streamed_key_blocks(name, mode):
+    """Launches over blocks of 4 keys (parts made per block, or sliced from whole tensors) give the
+    single-launch result and the fp64 oracle in every output mode; no block is asked for twice per sweep and
+    none is wider than 4 keys."""
+    options, (gated, n_scopes, center) = STREAM_CASES[name]
+    N = options["N"]
+    attn = random_attention(B=2, seed=0, **options)
+    parts = random_ff_parts(2, N, options["H"], gated=gated, n_scopes=n_scopes, center=center)
+    kw = mode_kwargs(mode, N)
+    single = launch(attn, parts, None, **kw)
+    streamed_backend = TritonBackend()
+    streamed_backend.key_block_size = 4
+    on_demand, asked = recording(parts)
+    streamed = streamed_backend.ff_maps(attn, on_demand, **kw)
+    sweeps = 2 if kw.get("normalize_rows") else 1
+    assert len(asked) == sweeps * -(-N // 4) and all(stop - start <= 4 for start, stop in asked)
+    assert sorted(set(asked)) == [(s, min(s + 4, N)) for s in range(0, N, 4)]
+    sliced = launch(attn, parts, 8, **kw)
+    ref = oracle_ff_maps(attn, parts, **kw)
+    assert streamed.shape == single.shape == ref.shape
+    assert_close(streamed, single)
+    assert_close(sliced, single)
+    assert_close(streamed, ref)
+
+
+def test_ff_key_block_size_choice():
+    """The default block keeps a block's parts under the byte budget, on key tiles, and one block for small N."""
+    from kobattr.kernels.ff_pairs import KEY_BLOCK_BYTES, choose_key_block, ff_tile_sizes
+
+    bn = ff_tile_sizes()["BLOCK_N"]
+    assert choose_key_block(2, 13, 4, 32, 16, True, 4, bn) == 16
+    # Llama-7B: H = 32, F = 11008 (gated), D = 4096, N = 64k, bf16 parts (centred in fp32)
+    keys = choose_key_block(1, 65536, 32, 11008, 4096, True, 2, bn)
+    assert keys % bn == 0 and 0 < keys < 65536
+    assert keys * 33 * (2 * 11008 + 4096) * 4 <= KEY_BLOCK_BYTES
+    assert choose_key_block(1, 65536, 32, 11008, 4096, True, 2, bn, budget=1) == bn
+
+
 # ---------------------------------------------------------------- backend plumbing
 
 

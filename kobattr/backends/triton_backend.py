@@ -40,6 +40,9 @@ class TritonBackend(Backend):
     dtypes = MODEL_DTYPES  # the kernels compute in float32; a float64 layer would lose its precision
     max_heads = MAX_HEADS
     max_head_size = MAX_HEAD_SIZE
+    # keys per ff_maps launch (None: kernels/ff_pairs.py choose_key_block, a few hundred MB of parts); tests set
+    # it small so that several blocks run
+    key_block_size: Optional[int] = None
 
     @property
     def devices(self) -> tuple:
@@ -109,9 +112,12 @@ class TritonBackend(Backend):
         self._check("ff_maps", attn)
         from kobattr.kernels.ff_pairs import ff_maps
 
-        parts = parts.materialised()  # the kernel reads every key's parts from memory
+        def key_block(keys: slice) -> tuple:  # the parts of one block of keys, made (or sliced) when launched
+            return tuple(_parts(t) for t in parts.block(keys))
+
+        # the kernel runs once per block of keys: no (B, N, H+1, F) is held unless the parts were stored
         return ff_maps(
-            ff_parts=_parts(parts.ff_parts), gate_parts=_parts(parts.gate_parts), res_parts=_parts(parts.res_parts),
+            ff_parts=None, gate_parts=None, res_parts=None, key_block=key_block, key_block_size=self.key_block_size,
             in_scale=parts.in_scale.float().contiguous(), res_scale=parts.res_scale.float().contiguous(),
             out_scale=parts.out_scale.float().contiguous(), coef_in=_parts(parts.coef_in),
             coef_gate=_parts(parts.coef_gate), w_out=_parts(parts.w_out),
