@@ -407,6 +407,26 @@ void row_stats_pass(Plan& p, Scratch& w) {
     }
 }
 
+// The same preparation for one (b, query tile) inside its own task, for every head: the map's tasks need
+// nothing from each other, so the map runs as one dynamic loop without barriers (a thread that the machine
+// delays holds no other thread up). Fills the row_lse_out rows of the tile too.
+void prepare_tile(Plan& p, Scratch& w, int64_t b, int64_t qt) {
+    const int64_t Dh = p.Dh, first = qt * kQueryTile, last = std::min<int64_t>(first + kQueryTile, p.R);
+    for (int64_t h = 0; h < p.H; ++h) {
+        const int64_t bh = b * p.H + h;
+        for (int64_t r = first; r < last; ++r) {
+            const float* src = p.a.q + (bh * p.N + p.q_pos[r]) * Dh;
+            float* dst = p.q_t.data() + bh * Dh * p.padded_rows + r;
+            for (int64_t d = 0; d < Dh; ++d) dst[d * p.padded_rows] = p.a.scale * src[d];
+            if (p.a.row_lse) p.lse[bh * p.padded_rows + r] = p.a.row_lse[bh * p.N + p.q_pos[r]];
+        }
+        if (p.a.row_lse) continue;
+        float* lse = p.lse.data() + bh * p.padded_rows + first;
+        row_stats_task(p, b, h, qt, w, lse);
+        if (p.a.row_lse_out) std::copy(lse, lse + (last - first), p.a.row_lse_out + bh * p.N + first);
+    }
+}
+
 }  // namespace
 
 void row_lse_cpu(const AttentionPairsArgs& a, float* lse, int64_t num_threads) {
@@ -436,16 +456,15 @@ void attention_maps_cpu(const AttentionPairsArgs& a, int64_t num_threads) {
     const int threads = thread_count(num_threads);
     (void)threads;  // unused without OpenMP
 
+    if (!a.weights) {
 #pragma omp parallel num_threads(threads)
-    {
-        Scratch w(p);
-        row_stats_pass(p, w);
-
-        if (!a.weights) {
-            // The map: each task owns one (b, query tile) row band of the output.
+        {
+            // The map: each task owns one (b, query tile) row band of the output, its preparation included.
+            Scratch w(p);
 #pragma omp for schedule(dynamic)
             for (int64_t task = 0; task < B * p.n_query_tiles; ++task) {
                 const int64_t b = task / p.n_query_tiles, qt = task % p.n_query_tiles;
+                prepare_tile(p, w, b, qt);
                 for (int64_t kt = 0; kt < p.n_key_tiles; ++kt) {
                     const bool hidden = tile_hidden(p, qt, kt);
                     if (!hidden) pair_tile(p, b, qt, kt, w);
@@ -454,8 +473,15 @@ void attention_maps_cpu(const AttentionPairsArgs& a, int64_t num_threads) {
                 }
             }
         }
+        return;
     }
-    if (!a.weights) return;
+
+    // The contraction's tasks are key-major and read every query tile: prepare them all first.
+#pragma omp parallel num_threads(threads)
+    {
+        Scratch w(p);
+        row_stats_pass(p, w);
+    }
 
     // The contraction needs the row sums of the map first when normalising, hence a first sweep.
     const int64_t M = p.M, K = p.K;
