@@ -95,6 +95,7 @@ def diagonal_alpha(layer: Layer, attn: Attention, dtype, row_stats: Optional[Bac
     left them, else from the row_stats implementation (which stores them there for the pair kernels)."""
     if attn.row_lse is None:
         attn.row_lse = row_stats.row_lse(attn)
+        attn.row_stats_ran = True  # result.backends names row_stats only where it ran
     group = layer.n_heads // layer.n_kv_heads
     q, k = layer.q.to(dtype), layer.k.to(dtype).repeat_interleave(group, 1)
     logit = cap_logits((q * k).sum(-1) * attn.scale, attn.softcap)  # (B, H, N): query i against key i
@@ -530,7 +531,8 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
     result = LayerAttribution(methods=methods, maps={m: maps[m] for m in methods}, ratios={}, value_norms=value_norms,
                               bias_norms={}, completeness={}, model_error=prep.model_error, rows=rows,
                               contracted=contract is not None, head_maps=head_maps, context_change=context_change,
-                              ff_amp=amp, backends={p: impl.name for p, impl in impls.items()})
+                              ff_amp=amp, backends={p: impl.name for p, impl in impls.items()
+                                                    if p != "row_stats" or prep.attn.row_stats_ran})
     mean_self = prep.alpha_diag.mean(1)
     for m in methods:
         f = form(m, structure)

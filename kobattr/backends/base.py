@@ -98,6 +98,7 @@ class Attention:
     # row-statistics pass use it, and an attention_maps call over every row leaves it here when it was None
     # (core then takes alpha_ii from it instead of running row_stats)
     row_lse: Optional[Tensor] = None
+    row_stats_ran: bool = False  # whether the row_stats primitive computed row_lse (not an attention primitive)
 
 
 @dataclass
