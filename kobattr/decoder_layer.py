@@ -50,15 +50,15 @@ O(block x (T + S) x max(F, D)).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .core import check_rows
+from .core import _cast_ffn, _cast_norm, _head_vectors, _relative_error, check_rows
 from .ig import _check_method, ffn_coefficients
-from .layer import FeedForward, Layer, LayerInputError, Norm, cap_logits
+from .layer import Layer, LayerInputError, cap_logits
 from .methods import vector_ratio
 from .seq2seq import DecoderLayer
 
@@ -134,29 +134,6 @@ def _self_alpha(sa: Layer, rows: Tensor, dtype) -> Tensor:
     return torch.softmax(scores, -1).nan_to_num(0.0)
 
 
-def _head_vectors(sa: Layer, dtype) -> Tensor:
-    """f^h(.)_k = v_k W_O^h of every target token k: (B, T, H, D) (v as the model computed it: b_V, and LN_s in
-    pre-LN, inside)."""
-    v = sa.v.to(dtype).repeat_interleave(sa.n_heads // sa.n_kv_heads, 1)  # (B, H, T, Dh)
-    return torch.einsum("bhkd,hde->bkhe", v, sa.w_o.to(dtype))
-
-
-def _cast_norm(norm: Norm, dtype) -> Norm:
-    return replace(norm, weight=None if norm.weight is None else norm.weight.to(dtype),
-                   bias=None if norm.bias is None else norm.bias.to(dtype))
-
-
-def _cast_ffn(ffn: FeedForward, dtype) -> FeedForward:
-    return replace(ffn, **{f.name: getattr(ffn, f.name).to(dtype) for f in fields(ffn)
-                           if isinstance(getattr(ffn, f.name), Tensor)})
-
-
-def _relative_error(estimate: Tensor, real: Tensor, valid: Tensor) -> Tensor:
-    """||estimate - real|| / ||real|| per row (0 on padding rows)."""
-    err = (estimate - real).norm(dim=-1) / real.norm(dim=-1).clamp_min(1e-30)
-    return torch.where(valid, err, torch.zeros_like(err))
-
-
 def _check_ig(ig, ig_steps) -> None:
     try:
         _check_method(ig, ig_steps)
@@ -204,7 +181,7 @@ def decoder_layer_reference(layer: DecoderLayer, dtype: torch.dtype = torch.floa
 
     # the self-attention part of target column k: sum_h alpha^h_ik f^h(.)_k, plus the residual x_i in column k = i
     alpha = _self_alpha(sa, rows, dtype)  # (B, Hs, R, T)
-    f = _head_vectors(sa, dtype)  # (B, T, Hs, D): f^h of every target token (v is the model's)
+    f = _head_vectors(sa, slice(None), dtype)  # (B, T, Hs, D): f^h of every target token (v is the model's)
     u = torch.einsum("bhrk,bkhe->brke", alpha, f)
     own = (rows[:, None] == torch.arange(T, device=device)[None])[None] & row_valid[:, :, None]  # (B, R, T)
     u = u + own[..., None].to(dtype) * sa.x[:, None]  # x_k at k == i only, i.e. x_i in column i
@@ -327,7 +304,7 @@ def attribute_decoder_layer(layer: DecoderLayer, rows=None, ig: str = "exact", i
     valid_t = sa.valid
 
     # per-key pieces through the row-independent parts of the chain
-    f_self = _head_vectors(sa, dtype)  # (B, T, Hs, D)
+    f_self = _head_vectors(sa, slice(None), dtype)  # (B, T, Hs, D)
     stream_t = torch.cat([f_self, x[:, :, None]], 2)  # (B, T, Hs + 1, D): [f^h(.)_k for h, x_k]
     if post:
         stream_t = ln_s.split(stream_t)  # in the stream after LN_s (row scale 1 / s_s(i))

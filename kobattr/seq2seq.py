@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .core import _relative_error
 from .layer import NORM_KINDS, FeedForward, Layer, LayerInputError, Norm
 from .methods import vector_ratio
 
@@ -420,11 +421,6 @@ class DecoderAttribution:
 
 
 # ----------------------------------------------------------------------------- the cross maps
-def _relative_error(estimate: Tensor, real: Tensor, valid: Tensor) -> Tensor:
-    err = (estimate - real).norm(dim=-1) / real.norm(dim=-1).clamp_min(1e-30)
-    return torch.where(valid, err, torch.zeros_like(err))
-
-
 def _check_cross_methods(methods) -> tuple[str, ...]:
     if methods is None or (isinstance(methods, str) and methods.strip().lower() == "all"):
         return tuple(CROSS_METHODS)

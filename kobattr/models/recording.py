@@ -149,13 +149,8 @@ class _Recorder:
             module = self.layer_modules[index]
             handles.append(module.register_forward_pre_hook(self._input_hook(index), with_kwargs=True))
             handles.append(module.register_forward_hook(self._output_hook(index)))
-        token = _active_recorder.set(self)
-        try:
+        with recording(self, handles):
             yield
-        finally:
-            _active_recorder.reset(token)
-            for handle in handles:
-                handle.remove()
 
     def _input_hook(self, index: int):
         def hook(module, args, kwargs):
@@ -219,6 +214,19 @@ def _real_rows(output: Optional[Tensor], key_valid: Optional[Tensor]) -> Optiona
     if output is None or key_valid is None:
         return output
     return torch.where(key_valid.to(output.device)[:, None, :, None], output, 0.0)
+
+
+@contextmanager
+def recording(recorder, handles: list):
+    """``recorder`` receives the attention calls for the duration of the block; the hook ``handles`` are removed
+    at its end, however it ends."""
+    token = _active_recorder.set(recorder)
+    try:
+        yield
+    finally:
+        _active_recorder.reset(token)
+        for handle in handles:
+            handle.remove()
 
 
 class _AllLayersCaptured(Exception):

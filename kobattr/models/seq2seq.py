@@ -25,8 +25,9 @@ from torch import Tensor, nn
 from ..layer import Layer, LayerInputError
 from ..seq2seq import CrossAttention, DecoderLayer
 from .adapters import Adapter, UnsupportedModelError, _additive_bias, get_adapter
-from .recording import (CaptureError, _active_recorder, _AllLayersCaptured, _AttentionCall, _check_call, _check_mask,
-                        _eval_mode, _layer_indices, _model_visibility, _real_rows, _recording_attention_implementation)
+from .recording import (CaptureError, _AllLayersCaptured, _AttentionCall, _check_call, _check_mask,
+                        _eval_mode, _layer_indices, _model_visibility, _real_rows, _recording_attention_implementation,
+                        recording)
 
 OnDecoderLayer = Callable[[int, DecoderLayer], None]
 
@@ -145,13 +146,8 @@ class _DecoderRecorder:
             for state, (probe, which) in self.adapter.probes(module).items():
                 handles.append(probe.register_forward_hook(self._state_hook(index, state, which)))
             handles.append(module.register_forward_hook(self._output_hook(index)))
-        token = _active_recorder.set(self)
-        try:
+        with recording(self, handles):
             yield
-        finally:
-            _active_recorder.reset(token)
-            for handle in handles:
-                handle.remove()
 
     def _input_hook(self, index: int):
         def hook(module, args, kwargs):
