@@ -2,6 +2,7 @@
 primitive oracle."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -422,6 +423,15 @@ def test_a_given_row_lse_replaces_the_first_pass():
                                out=out, alpha=None, normalize_rows=False, num_threads=0, row_lse=given, **options)
             outs.append(out)
         torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    # the given statistics are really read: one more nat in every lse scales alpha by 1/e, and so every
+    # off-diagonal map value (no residual slot there) by 1/e
+    maps = {}
+    for name, given in (("right", lse), ("shifted", lse + 1.0)):
+        maps[name] = torch.empty(B, M, N, N)
+        cpu.attention_maps(q=q, k=k, valid=valid, grams=grams, row_scale=row_scale, rows=None, weights=None,
+                           out=maps[name], alpha=None, normalize_rows=False, num_threads=0, row_lse=given, **options)
+    off_diagonal = ~torch.eye(N, dtype=torch.bool)
+    torch.testing.assert_close(maps["shifted"][..., off_diagonal], maps["right"][..., off_diagonal] / math.e)
     with pytest.raises(ValueError, match="row_lse"):
         cpu.attention_maps(q=q, k=k, valid=valid, grams=grams, row_scale=row_scale, rows=None, weights=None,
                            out=torch.empty(B, M, N, N), alpha=None, normalize_rows=False, num_threads=0,
