@@ -54,6 +54,13 @@ PYBIND11_MODULE(_cpu, m) {
           py::arg("q"), py::arg("k"), py::arg("valid"), py::arg("lse"), py::arg("causal"), py::arg("window"),
           py::arg("radius"), py::arg("scale"), py::arg("softcap"), py::arg("num_threads"),
           py::call_guard<py::gil_scoped_release>());
+    m.def("isas", &kobattr::supported_isas,
+          "The instruction sets this build of the kernel has and this processor runs, widest first.");
+    m.def("isa", &kobattr::current_isa, "The instruction set the kernel runs with now.");
+    m.def("use_isa", &kobattr::use_isa,
+          "Makes every later call run the kernel built for `name` (one of isas()); returns the previous one. For "
+          "tests and benchmarks of each build.",
+          py::arg("name"));
 #ifdef _OPENMP
     m.attr("openmp") = true;
 #else

@@ -1,7 +1,8 @@
 """How setup.py builds csrc/ into kobattr._cpu and kobattr._cuda.
 
 kobattr._cpu  csrc/bindings.cpp + csrc/cpu/*.cpp, built on every install with the system C++ compiler,
-              with OpenMP where the compiler takes -fopenmp (single-threaded otherwise).
+              with OpenMP where the compiler takes -fopenmp (single-threaded otherwise); the kernel is
+              compiled for the x86-64 baseline, AVX2 and AVX-512 and picks the widest at run time.
 kobattr._cuda csrc/cuda/attention_pairs.cu (compiled by nvcc, no torch headers) + csrc/cuda/bindings.cpp
               (by the C++ compiler), linked with the static CUDA runtime.
               KOBATTR_BUILD_CUDA=auto (default): built where nvcc is found, and any failure is a
@@ -37,7 +38,10 @@ from setuptools.command.build_ext import build_ext
 CSRC = "csrc"
 DEFAULT_CUDA_ARCHS = "80;90"
 SHARED_HEADERS = [f"{CSRC}/attention_pairs_args.h", f"{CSRC}/pair_rules.h", f"{CSRC}/tensor_args.h"]
-CPU_HEADERS = SHARED_HEADERS + [f"{CSRC}/cpu/attention_pairs.h"]
+CPU_HEADERS = SHARED_HEADERS + [f"{CSRC}/cpu/attention_pairs.h", f"{CSRC}/cpu/attention_pairs_kernel.h"]
+# the kernel (attention_pairs_kernel.h) for the x86-64 baseline with the dispatch, then for AVX2 and AVX-512
+CPU_SOURCES = [f"{CSRC}/cpu/attention_pairs.cpp", f"{CSRC}/cpu/attention_pairs_x86_64_v3.cpp",
+               f"{CSRC}/cpu/attention_pairs_x86_64_v4.cpp"]
 CUDA_SOURCE = f"{CSRC}/cuda/attention_pairs.cu"
 CUDA_BINDINGS = f"{CSRC}/cuda/bindings.cpp"
 CUDA_HEADERS = SHARED_HEADERS + [f"{CSRC}/cuda/attention_pairs.h"]
@@ -46,7 +50,7 @@ HOST_FLAGS = ["-O3", "-fvisibility=hidden"]
 
 def ext_modules() -> list[Extension]:
     extensions = [
-        Extension("kobattr._cpu", sources=[f"{CSRC}/bindings.cpp", f"{CSRC}/cpu/attention_pairs.cpp"],
+        Extension("kobattr._cpu", sources=[f"{CSRC}/bindings.cpp", *CPU_SOURCES],
                   include_dirs=[CSRC], depends=CPU_HEADERS, language="c++", optional=True),
     ]
     if _cuda_mode() != "0":

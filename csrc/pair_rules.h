@@ -7,7 +7,8 @@
 #ifdef __CUDACC__
 #define KOBATTR_HOST_DEVICE __host__ __device__ __forceinline__
 #else
-#define KOBATTR_HOST_DEVICE inline
+// static: the CPU kernel is compiled once per instruction set, and each copy must keep its own helpers
+#define KOBATTR_HOST_DEVICE static inline
 #endif
 
 namespace kobattr {

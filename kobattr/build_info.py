@@ -15,7 +15,8 @@ EXTENSIONS = ("_cpu", "_cuda")
 
 
 def extension_report() -> dict:
-    """{"_cpu": {...}, "_cuda": {...}}: per extension built (bool), archs (CUDA SM versions), reason (why
+    """{"_cpu": {...}, "_cuda": {...}}: per extension built (bool), archs (CUDA SM versions; for _cpu the
+    instruction-set builds this processor runs, widest first, the first being the one used), reason (why
     not built, or a caveat; None if none), importable (bool) and import_error (str or None)."""
     try:
         recorded = json.loads(BUILD_INFO.read_text())
@@ -27,8 +28,10 @@ def extension_report() -> dict:
         entry = {"built": False, "archs": [], "reason": "the build did not record this extension"}
         entry.update(recorded.get(name, {}))
         try:
-            importlib.import_module(f"kobattr.{name}")
+            module = importlib.import_module(f"kobattr.{name}")
             entry["importable"], entry["import_error"] = True, None
+            if hasattr(module, "isas"):  # the CPU kernel's instruction-set builds this processor runs, widest first
+                entry["archs"] = module.isas()
         except ImportError as error:
             entry["importable"], entry["import_error"] = False, str(error)
         report[name] = entry

@@ -436,3 +436,48 @@ def test_a_given_row_lse_replaces_the_first_pass():
         cpu.attention_maps(q=q, k=k, valid=valid, grams=grams, row_scale=row_scale, rows=None, weights=None,
                            out=torch.empty(B, M, N, N), alpha=None, normalize_rows=False, num_threads=0,
                            row_lse=lse[:, :, :5], **options)
+
+
+# ------------------------------------------------------------------ every instruction set of the build
+# The kernel is compiled for the x86-64 baseline, AVX2 and AVX-512 (csrc/cpu/attention_pairs_x86_64_v*.cpp) and
+# runs the widest by default: the tests above check that one, these check each build this processor can run.
+ISAS = ["x86-64-v4", "x86-64-v3", "baseline"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    from kobattr import _cpu
+
+    if request.param not in _cpu.isas():
+        pytest.skip(f"this processor cannot run the {request.param} build (it runs {_cpu.isas()})")
+    previous = _cpu.use_isa(request.param)
+    yield request.param
+    _cpu.use_isa(previous)
+
+
+def test_the_widest_instruction_set_runs_by_default():
+    from kobattr import _cpu
+
+    assert _cpu.isas()[-1] == "baseline" and set(_cpu.isas()) <= set(ISAS)
+    assert _cpu.isa() == _cpu.isas()[0]
+    with pytest.raises(ValueError, match="unknown instruction set 'sse9'"):
+        _cpu.use_isa("sse9")
+
+
+@pytest.mark.parametrize("pattern", ["plain", "causal_window_padding", "causal_window_radius_softcap_padding",
+                                     "window_radius_softcap_padding"])
+def test_each_instruction_set(isa, pattern):
+    from kobattr import _cpu
+
+    attn = random_attention(B=2, H=4, KV=2, N=97, **PATTERNS[pattern])
+    grams, row_scale = random_grams(2, 97, 2, 4)
+    weights = torch.rand(2, 3, 97, generator=torch.Generator().manual_seed(7))
+    maps, alpha = cpu_maps(attn, grams, row_scale, want_alpha=True)
+    assert _cpu.isa() == isa
+    close(maps, oracle_attention_maps(attn, grams, row_scale))
+    close(alpha, oracle_alpha(attn))
+    rows, _ = cpu_maps(attn, grams, row_scale, rows=SELECTED_ROWS)
+    close(rows, oracle_attention_maps(attn, grams, row_scale, rows=SELECTED_ROWS))
+    out, _ = cpu_maps(attn, grams, row_scale, weights=weights, normalize_rows=True)
+    close(out, oracle_attention_maps(attn, grams, row_scale, weights=weights, normalize_rows=True))
+    lse_close(cpu_row_lse(attn), attn)

@@ -1,554 +1,93 @@
-// CPU kernel of the attention_maps primitive (see ../attention_pairs_args.h for the formulas), and of
-// row_lse (the row_stats primitive), which is its first pass alone.
-//
-// Two passes over (query tile x key tile) blocks, never storing anything N x N beyond the requested
-// output: pass 1 computes the softmax log-sum-exp of every (b, h, query row); pass 2 recomputes alpha
-// tile by tile, forms the quadratic forms kappa^T G_j kappa and hands each finished tile to the output
-// mode (map rows, row sums, weights contraction). Every inner loop runs over the kQueryTile query rows
-// of a tile, stored contiguously, as explicit vectors (no -ffast-math needed, NaN semantics kept).
+// The CPU entry points (attention_pairs.h): the kernel of attention_pairs_kernel.h compiled for the x86-64
+// baseline here, and for AVX2 (x86-64-v3) and AVX-512 (x86-64-v4) in attention_pairs_x86_64_v3.cpp and
+// _v4.cpp where GCC targets x86-64; each call runs the widest one this processor supports, unless use_isa
+// chose another.
+#define KOBATTR_ISA baseline
+#include "cpu/attention_pairs_kernel.h"
+
+#include <atomic>
+#include <stdexcept>
+#include <string>
+
 #include "cpu/attention_pairs.h"
 
-#include "pair_rules.h"
-
-#include <algorithm>
-#include <cmath>
-#include <cstring>
-#include <limits>
-#include <vector>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-// A wheel is built without -march=native: GCC compiles the hot functions for AVX-512, AVX2+FMA and the
-// x86-64 baseline, and the loader picks the best one for the machine the wheel runs on.
-#define KOBATTR_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define KOBATTR_HOT
-#endif
-#if defined(__GNUC__)
-#define KOBATTR_INLINE inline __attribute__((always_inline))  // so that the clones inline their helpers
-#else
-#define KOBATTR_INLINE inline
-#endif
-
 namespace kobattr {
+
+#if KOBATTR_X86_ISAS
+namespace x86_64_v3 {
+void attention_maps(const AttentionPairsArgs& a, int64_t num_threads);
+void row_lse(const AttentionPairsArgs& a, float* lse, int64_t num_threads);
+}  // namespace x86_64_v3
+namespace x86_64_v4 {
+void attention_maps(const AttentionPairsArgs& a, int64_t num_threads);
+void row_lse(const AttentionPairsArgs& a, float* lse, int64_t num_threads);
+}  // namespace x86_64_v4
+#endif
+
 namespace {
 
-constexpr int kQueryTile = 64;  // query rows per tile: the vector lanes of every inner loop
-constexpr int kLanes = 8;       // query rows per vector
-constexpr int kVectors = kQueryTile / kLanes;
-constexpr int kKeyStep = 4;  // keys per register block of the score micro-kernel
-constexpr float kInf = std::numeric_limits<float>::infinity();
-
-// GCC/Clang vectors of kLanes query rows (one AVX2 register, two SSE ones), so that the hot loops are
-// vector code on every clone without relying on the auto-vectoriser. Wider generic vectors than the
-// target's registers compile to poor code, hence 8 lanes and not 16 for AVX-512.
-typedef float VecF __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t VecI __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-KOBATTR_INLINE VecF load(const float* p) {
-    VecF v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-}
-KOBATTR_INLINE VecI load(const int32_t* p) {
-    VecI v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-}
-KOBATTR_INLINE void store(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
-KOBATTR_INLINE void store(int32_t* p, VecI v) { std::memcpy(p, &v, sizeof v); }
-KOBATTR_INLINE VecF splat(float x) { return VecF{} + x; }
-KOBATTR_INLINE VecI splat(int32_t x) { return VecI{} + x; }
-KOBATTR_INLINE VecF select(VecI mask, VecF yes, VecF no) { return mask ? yes : no; }
-
-// exp(x) = 2^n exp(x - n ln2), n = round(x / ln2), with the Cephes degree-6 polynomial (about 1 ulp).
-// NaN stays NaN and x < -87 underflows to 0.
-KOBATTR_INLINE VecF vector_exp(VecF x) {
-    const VecF rounder = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-    const VecF clamped = select(x > 88.0f, splat(88.0f), x);
-    const VecF n = (clamped * 1.44269504088896341f + rounder) - rounder;
-    const VecF r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
-    VecF p = splat(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const VecI exponent = (__builtin_convertvector(select(n < -126.0f, splat(-126.0f), n), VecI) + 127) << 23;
-    return select(x < -87.0f, splat(0.0f), p * (VecF)exponent);
-}
-
-// The exponential soft_cap (../pair_rules.h) uses on the lanes.
-struct VectorExp {
-    KOBATTR_INLINE VecF operator()(VecF x) const { return vector_exp(x); }
+struct Isa {
+    const char* name;
+    void (*attention_maps)(const AttentionPairsArgs&, int64_t);
+    void (*row_lse)(const AttentionPairsArgs&, float*, int64_t);
+    bool (*supported)();
 };
 
-// Everything the tiles share: the checked arguments plus the prepared per-call buffers.
-struct Plan {
-    AttentionPairsArgs a;
-    int64_t H, N, Dh, M, R, K, group;
-    int64_t padded_rows;  // R rounded up to kQueryTile
-    int64_t n_query_tiles, n_key_tiles;
-    int key_tile;                // keys per tile, a multiple of kKeyStep
-    std::vector<float> q_t;      // (B, H, Dh, padded_rows): scale * q of the selected rows, transposed
-    std::vector<int32_t> q_pos;  // (padded_rows) position of each selected row, -1 for padding
-    std::vector<float> lse;      // (B, H, padded_rows) softmax log-sum-exp, +inf for rows seeing no key
-};
-
-// Per-thread scratch for one tile; pass 1 alone (row_lse) needs only keys, scores and visible.
-struct Scratch {
-    std::vector<float> keys;     // (key_tile, Dh) keys of the tile, zero past N
-    std::vector<float> scores;   // (key_tile, kQueryTile)
-    std::vector<int32_t> visible;  // (key_tile, kQueryTile) -1 (all bits set) or 0
-    std::vector<float> alpha;    // (key_tile, H, kQueryTile)
-    std::vector<float> coef;     // (H, H) upper triangle of G + G^T (diagonal once)
-    std::vector<float> maps;     // (M, key_tile, kQueryTile) the finished map tile
-    std::vector<float> row_scale;  // (M, kQueryTile)
-    std::vector<float> row_weight;  // (M, K, kQueryTile) weights of the contraction, / row sum if normalising
-    std::vector<double> row_sum;    // (M, kQueryTile)
-    std::vector<double> contraction;  // (M, K, key_tile)
-
-    explicit Scratch(const Plan& p)
-        : keys(p.key_tile * p.Dh), scores(p.key_tile * kQueryTile), visible(p.key_tile * kQueryTile),
-          alpha(p.M > 0 ? p.key_tile * p.H * kQueryTile : 0), coef(p.M > 0 ? p.H * p.H : 0),
-          maps(p.M * p.key_tile * kQueryTile), row_scale(p.M * kQueryTile),
-          row_weight(p.M * std::max<int64_t>(p.K, 1) * kQueryTile), row_sum(p.M * kQueryTile),
-          contraction(p.M * std::max<int64_t>(p.K, 1) * p.key_tile) {}
-};
-
-// A tile is skipped when causality or a window hides all its keys from all its query rows.
-bool tile_hidden(const Plan& p, int64_t query_tile, int64_t key_tile) {
-    int32_t first = std::numeric_limits<int32_t>::max(), last = -1;
-    for (int i = 0; i < kQueryTile; ++i) {
-        const int32_t pos = p.q_pos[query_tile * kQueryTile + i];
-        if (pos < 0) continue;
-        first = std::min(first, pos);
-        last = std::max(last, pos);
-    }
-    const int64_t j0 = key_tile * p.key_tile, j1 = std::min<int64_t>(j0 + p.key_tile, p.N) - 1;
-    return keys_hidden(first, last, j0, j1, p.a.causal, p.a.window, p.a.radius);
-}
-
-// Copies keys [j0, j0 + key_tile) of key head g, zero past N, so the micro-kernel needs no bounds.
-KOBATTR_INLINE void load_keys(const Plan& p, int64_t b, int64_t g, int64_t j0, float* keys) {
-    const float* src = p.a.k + ((b * (p.H / p.group) + g) * p.N + j0) * p.Dh;
-    const int64_t n_keys = std::min<int64_t>(p.key_tile, p.N - j0);
-    std::copy(src, src + n_keys * p.Dh, keys);
-    std::fill(keys + n_keys * p.Dh, keys + p.key_tile * p.Dh, 0.0f);
-}
-
-// visible[j][i] = [query i sees key j0 + j] (the rule of ../pair_rules.h) as an all-ones/zero mask.
-KOBATTR_INLINE void visibility(const Plan& p, int64_t b, int64_t query_tile, int64_t j0, int32_t* visible) {
-    const int32_t* pos = p.q_pos.data() + query_tile * kQueryTile;
-    const uint8_t* valid = p.a.valid + b * p.N;
-    int32_t query_ok[kQueryTile];
-    for (int i = 0; i < kQueryTile; ++i) query_ok[i] = (pos[i] >= 0 && valid[pos[i]]) ? -1 : 0;
-    // clamped so that they fit the int32 lanes without changing the rule (|i - j| <= N - 1)
-    const int32_t window = static_cast<int32_t>(std::min<int64_t>(p.a.window, p.N + 1));
-    const int32_t radius = static_cast<int32_t>(std::min<int64_t>(p.a.radius, p.N + 1));
-    for (int j = 0; j < p.key_tile; ++j) {
-        const int32_t key = static_cast<int32_t>(j0 + j);
-        const int32_t key_ok = (key < p.N && valid[key]) ? -1 : 0;
-        for (int v = 0; v < kVectors; ++v) {
-            const VecI valid_pair = load(query_ok + v * kLanes) & key_ok;
-            store(visible + j * kQueryTile + v * kLanes,
-                  kobattr::visible(valid_pair, load(pos + v * kLanes), splat(key), p.a.causal, window, radius));
-        }
-    }
-}
-
-// scores[j][i] = sum_d keys[j][d] * q_t[d][i] for key_tile keys x kQueryTile queries, in register blocks
-// of kKeyStep keys x 2 vectors of queries (q_t rows are query_stride apart).
-KOBATTR_INLINE void score_tile(const float* __restrict keys, const float* __restrict q_t, int64_t query_stride,
-                               int64_t Dh, int key_tile, float* __restrict scores) {
-    for (int j = 0; j < key_tile; j += kKeyStep) {
-        const float* key_rows = keys + j * Dh;
-        for (int v = 0; v < kVectors; v += 2) {
-            VecF acc[kKeyStep][2] = {};
-            for (int64_t d = 0; d < Dh; ++d) {
-                const VecF query0 = load(q_t + d * query_stride + v * kLanes);
-                const VecF query1 = load(q_t + d * query_stride + (v + 1) * kLanes);
-#pragma GCC unroll 4
-                for (int jj = 0; jj < kKeyStep; ++jj) {
-                    const VecF key = splat(key_rows[jj * Dh + d]);
-                    acc[jj][0] += key * query0;
-                    acc[jj][1] += key * query1;
-                }
-            }
-#pragma GCC unroll 4
-            for (int jj = 0; jj < kKeyStep; ++jj) {
-                store(scores + (j + jj) * kQueryTile + v * kLanes, acc[jj][0]);
-                store(scores + (j + jj) * kQueryTile + (v + 1) * kLanes, acc[jj][1]);
-            }
-        }
-    }
-}
-
-// scores = cap(scores) (soft_cap of ../pair_rules.h) over a key_tile x kQueryTile tile when soft-capping;
-// both passes call it right after score_tile, so alpha is normalised by the lse of the same logits.
-KOBATTR_INLINE void cap_scores(const Plan& p, float* scores) {
-    if (p.a.softcap <= 0.0f) return;
-    for (int64_t e = 0; e < int64_t(p.key_tile) * kQueryTile; e += kLanes)
-        store(scores + e, soft_cap(load(scores + e), p.a.softcap, VectorExp{}));
-}
-
-// Pass 1 for one (b, h, query tile): lse_i = m_i + log(sum_j exp(s_ij - m_i)) over the visible keys (s capped),
-// with the running maximum m_i updated tile by tile (the flash-attention recurrence); lse has kQueryTile slots.
-KOBATTR_HOT void row_stats_task(const Plan& p, int64_t b, int64_t h, int64_t query_tile, Scratch& w, float* lse) {
-    const float* q_t = p.q_t.data() + (b * p.H + h) * p.Dh * p.padded_rows + query_tile * kQueryTile;
-    const float* scores = w.scores.data();
-    const int32_t* visible = w.visible.data();
-    float running_max[kQueryTile];
-    double running_sum[kQueryTile];
-    for (int i = 0; i < kQueryTile; ++i) running_max[i] = -kInf, running_sum[i] = 0.0;
-    for (int64_t kt = 0; kt < p.n_key_tiles; ++kt) {
-        if (tile_hidden(p, query_tile, kt)) continue;
-        const int64_t j0 = kt * p.key_tile;
-        load_keys(p, b, h / p.group, j0, w.keys.data());
-        score_tile(w.keys.data(), q_t, p.padded_rows, p.Dh, p.key_tile, w.scores.data());
-        cap_scores(p, w.scores.data());
-        visibility(p, b, query_tile, j0, w.visible.data());
-        for (int v = 0; v < kVectors; ++v) {
-            VecF tile_max = splat(-kInf);
-            for (int j = 0; j < p.key_tile; ++j) {
-                const VecF s = load(scores + j * kQueryTile + v * kLanes);
-                tile_max = select(load(visible + j * kQueryTile + v * kLanes) & (s > tile_max), s, tile_max);
-            }
-            const VecF old_max = load(running_max + v * kLanes);
-            const VecF new_max = select(old_max > tile_max, old_max, tile_max);
-            VecF tile_sum = {};
-            for (int j = 0; j < p.key_tile; ++j) {
-                const VecF e = vector_exp(load(scores + j * kQueryTile + v * kLanes) - new_max);
-                tile_sum += select(load(visible + j * kQueryTile + v * kLanes), e, splat(0.0f));
-            }
-            for (int l = 0; l < kLanes; ++l) {
-                // A row that has seen no visible key yet keeps max -inf and sum 0 (no inf - inf).
-                const int i = v * kLanes + l;
-                if (new_max[l] == -kInf) continue;
-                const double rescale = running_max[i] == -kInf ? 0.0 : std::exp(double(running_max[i]) - new_max[l]);
-                running_sum[i] = running_sum[i] * rescale + tile_sum[l];
-                running_max[i] = new_max[l];
-            }
-        }
-    }
-    for (int i = 0; i < kQueryTile; ++i)
-        lse[i] = running_sum[i] > 0.0 ? float(running_max[i] + std::log(running_sum[i])) : kInf;
-}
-
-// Pass 2 for one (b, query tile, key tile): alpha^h_ij = exp(s_ij - lse_i) into w.alpha, then
-// maps[m][j][i] = row_scale_i,m * sqrt(max(kappa_ij^T G_j,m kappa_ij, 0)), 0 where j is invisible from i.
-KOBATTR_HOT void pair_tile(const Plan& p, int64_t b, int64_t query_tile, int64_t key_tile, Scratch& w) {
-    const int64_t H = p.H, Dh = p.Dh, BK = p.key_tile, j0 = key_tile * BK;
-    const int32_t* pos = p.q_pos.data() + query_tile * kQueryTile;
-    const int32_t* visible = w.visible.data();
-    float* alpha_tile = w.alpha.data();
-    visibility(p, b, query_tile, j0, w.visible.data());
-    for (int64_t h = 0; h < H; ++h) {
-        if (h % p.group == 0) load_keys(p, b, h / p.group, j0, w.keys.data());
-        const float* q_t = p.q_t.data() + (b * H + h) * Dh * p.padded_rows + query_tile * kQueryTile;
-        score_tile(w.keys.data(), q_t, p.padded_rows, Dh, BK, w.scores.data());
-        cap_scores(p, w.scores.data());
-        const float* lse = p.lse.data() + (b * H + h) * p.padded_rows + query_tile * kQueryTile;
-        for (int64_t j = 0; j < BK; ++j)
-            for (int v = 0; v < kVectors; ++v) {
-                const VecF e = vector_exp(load(w.scores.data() + j * kQueryTile + v * kLanes) - load(lse + v * kLanes));
-                const VecI mask = load(visible + j * kQueryTile + v * kLanes);
-                store(alpha_tile + (j * H + h) * kQueryTile + v * kLanes, select(mask, e, splat(0.0f)));
-            }
-    }
-    for (int64_t m = 0; m < p.M; ++m)
-        for (int i = 0; i < kQueryTile; ++i)
-            w.row_scale[m * kQueryTile + i] = pos[i] >= 0 ? p.a.row_scale[(b * p.N + pos[i]) * p.M + m] : 0.0f;
-
-    const int64_t n_keys = std::min<int64_t>(BK, p.N - j0);
-    float* coef = w.coef.data();
-    for (int64_t m = 0; m < p.M; ++m) {
-        for (int64_t j = 0; j < BK; ++j) {
-            float* maps = w.maps.data() + (m * BK + j) * kQueryTile;
-            if (j >= n_keys) {
-                std::fill(maps, maps + kQueryTile, 0.0f);
-                continue;
-            }
-            const float* G = p.a.grams + ((b * p.N + j0 + j) * p.M + m) * (H + 1) * (H + 1);
-            // alpha^T G alpha = sum_r alpha_r (G_rr alpha_r + sum_{s>r} (G_rs + G_sr) alpha_s): half the work.
-            for (int64_t r = 0; r < H; ++r) {
-                coef[r * H + r] = G[r * (H + 1) + r];
-                for (int64_t s = r + 1; s < H; ++s) coef[r * H + s] = G[r * (H + 1) + s] + G[s * (H + 1) + r];
-            }
-            const float* alpha = alpha_tile + j * H * kQueryTile;
-            float quad[kQueryTile];
-            constexpr int kBlock = 4;  // vectors of queries sharing each coefficient broadcast
-            for (int v = 0; v < kVectors; v += kBlock) {
-                VecF acc[kBlock] = {};
-                for (int64_t r = 0; r < H; ++r) {
-                    VecF inner[kBlock] = {};
-                    for (int64_t s = r; s < H; ++s) {
-                        const VecF c = splat(coef[r * H + s]);
-#pragma GCC unroll 4
-                        for (int u = 0; u < kBlock; ++u) inner[u] += c * load(alpha + s * kQueryTile + (v + u) * kLanes);
-                    }
-#pragma GCC unroll 4
-                    for (int u = 0; u < kBlock; ++u) acc[u] += load(alpha + r * kQueryTile + (v + u) * kLanes) * inner[u];
-                }
-#pragma GCC unroll 4
-                for (int u = 0; u < kBlock; ++u) store(quad + (v + u) * kLanes, acc[u]);
-            }
-            const int32_t key = static_cast<int32_t>(j0 + j);
-            for (int i = 0; i < kQueryTile; ++i)
-                if (pos[i] == key && visible[j * kQueryTile + i] != 0) quad[i] += residual_term(G, H, alpha + i, kQueryTile);
-            const float* row_scale = w.row_scale.data() + m * kQueryTile;
-            for (int i = 0; i < kQueryTile; ++i) {
-                // quad < 0 only by rounding; NaN must stay NaN, so no std::max.
-                const float norm = std::sqrt(quad[i] < 0.0f ? 0.0f : quad[i]);
-                maps[i] = visible[j * kQueryTile + i] != 0 ? row_scale[i] * norm : 0.0f;
-            }
-        }
-    }
-}
-
-// dst[b, c, r, j0 + j] = src[c * c_stride + j * j_stride + i] for the tile's rows r and keys j and every
-// channel c < C of a (B, C, R, N) output (zeros when `hidden`): C = H for alpha, M for the maps.
-void write_tile(const Plan& p, float* dst_base, int64_t C, const float* src, int64_t c_stride, int64_t j_stride,
-                int64_t b, int64_t query_tile, int64_t key_tile, bool hidden) {
-    const int64_t j0 = key_tile * p.key_tile, n_keys = std::min<int64_t>(p.key_tile, p.N - j0);
-    for (int64_t c = 0; c < C; ++c)
-        for (int i = 0; i < kQueryTile; ++i) {
-            const int64_t r = query_tile * kQueryTile + i;
-            if (r >= p.R) break;
-            float* dst = dst_base + ((b * C + c) * p.R + r) * p.N + j0;
-            for (int64_t j = 0; j < n_keys; ++j)
-                dst[j] = hidden ? 0.0f : src[c * c_stride + j * j_stride + i];
-        }
-}
-
-// alpha[b, h, r, j0 + j]; the scratch holds alpha as (key, head, row).
-void write_alpha(const Plan& p, int64_t b, int64_t query_tile, int64_t key_tile, bool hidden, const Scratch& w) {
-    write_tile(p, p.a.alpha, p.H, w.alpha.data(), kQueryTile, p.H * kQueryTile, b, query_tile, key_tile, hidden);
-}
-
-// out[b, m, r, j0 + j]; the scratch holds the maps as (method, key, row).
-void write_map(const Plan& p, int64_t b, int64_t query_tile, int64_t key_tile, bool hidden, const Scratch& w) {
-    write_tile(p, p.a.out, p.M, w.maps.data(), p.key_tile * kQueryTile, kQueryTile, b, query_tile, key_tile, hidden);
-}
-
-// contraction[m][k][j] += sum_i row_weight[m][k][i] * maps[m][j][i]
-KOBATTR_HOT void contract_tile(const Plan& p, Scratch& w) {
-    for (int64_t m = 0; m < p.M; ++m)
-        for (int64_t k = 0; k < p.K; ++k) {
-            const float* weight = w.row_weight.data() + (m * p.K + k) * kQueryTile;
-            for (int64_t j = 0; j < p.key_tile; ++j) {
-                const float* maps = w.maps.data() + (m * p.key_tile + j) * kQueryTile;
-                float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-                for (int i = 0; i < kQueryTile; ++i) sum += weight[i] * maps[i];
-                w.contraction[(m * p.K + k) * p.key_tile + j] += sum;
-            }
-        }
-}
-
-int thread_count(int64_t requested) {
-#ifdef _OPENMP
-    return requested > 0 ? static_cast<int>(requested) : omp_get_max_threads();
-#else
-    (void)requested;
-    return 1;
+// Widest first.
+const Isa kIsas[] = {
+#if KOBATTR_X86_ISAS
+    {"x86-64-v4", x86_64_v4::attention_maps, x86_64_v4::row_lse,
+     [] { return __builtin_cpu_supports("x86-64-v4") != 0; }},
+    {"x86-64-v3", x86_64_v3::attention_maps, x86_64_v3::row_lse,
+     [] { return __builtin_cpu_supports("x86-64-v3") != 0; }},
 #endif
-}
+    {"baseline", baseline::attention_maps, baseline::row_lse, [] { return true; }},
+};
 
-Plan make_plan(const AttentionPairsArgs& a) {
-    Plan p;
-    p.a = a;
-    p.H = a.heads, p.N = a.seq_len, p.Dh = a.head_dim, p.M = a.n_grams, p.R = a.n_rows;
-    p.K = a.weights ? a.n_weight_rows : 0;
-    p.group = a.heads / a.kv_heads;
-    p.n_query_tiles = (p.R + kQueryTile - 1) / kQueryTile;
-    p.padded_rows = p.n_query_tiles * kQueryTile;
-    // Keep the (key_tile, H, kQueryTile) alpha tile near 128 KiB so that it stays in L2.
-    const int64_t keys_for_cache = (32 * 1024) / (kQueryTile * p.H);
-    p.key_tile = static_cast<int>(std::clamp<int64_t>(keys_for_cache / kKeyStep * kKeyStep, kKeyStep, 64));
-    p.n_key_tiles = (p.N + p.key_tile - 1) / p.key_tile;
-    p.q_pos.assign(p.padded_rows, -1);
-    for (int64_t r = 0; r < p.R; ++r) p.q_pos[r] = static_cast<int32_t>(query_position(a.rows, r));
-    p.q_t.assign(a.batch * p.H * p.Dh * p.padded_rows, 0.0f);
-    p.lse.assign(a.batch * p.H * p.padded_rows, kInf);
-    return p;
-}
+// Index into kIsas of the instruction set every call uses: the widest supported one until use_isa.
+std::atomic<int> chosen{-1};
 
-// The first part of every call, run by every thread of the caller's parallel region (orphaned `omp for`s,
-// each ending in a barrier): q_t[b][h][d][r] = scale * q[b][h][rows[r]][d], the query rows becoming the
-// vector lanes, then pass 1 (row_stats_task) for every (b, h, query tile) into p.lse, or, when the caller
-// gives every row's log-sum-exp (a.row_lse), the selected rows of it.
-void row_stats_pass(Plan& p, Scratch& w) {
-    const int64_t BH = p.a.batch * p.H, Dh = p.Dh;
-#pragma omp for schedule(static)
-    for (int64_t bh = 0; bh < BH; ++bh) {
-        for (int64_t r = 0; r < p.R; ++r) {
-            const float* src = p.a.q + (bh * p.N + p.q_pos[r]) * Dh;
-            float* dst = p.q_t.data() + bh * Dh * p.padded_rows + r;
-            for (int64_t d = 0; d < Dh; ++d) dst[d * p.padded_rows] = p.a.scale * src[d];
-        }
-        if (p.a.row_lse)  // given: the selected rows of it, and no first pass
-            for (int64_t r = 0; r < p.R; ++r) p.lse[bh * p.padded_rows + r] = p.a.row_lse[bh * p.N + p.q_pos[r]];
+const Isa& current() {
+    int index = chosen.load();
+    if (index < 0) {
+        index = 0;
+        while (!kIsas[index].supported()) ++index;
+        chosen.store(index);
     }
-    if (p.a.row_lse) return;
-#pragma omp for schedule(dynamic)
-    for (int64_t task = 0; task < BH * p.n_query_tiles; ++task)
-        row_stats_task(p, task / (p.H * p.n_query_tiles), (task / p.n_query_tiles) % p.H, task % p.n_query_tiles, w,
-                       p.lse.data() + task * kQueryTile);
-    if (p.a.row_lse_out) {  // every row (no rows selection): hand the statistics back, padding rows dropped
-#pragma omp for schedule(static)
-        for (int64_t bh = 0; bh < BH; ++bh)
-            std::copy(p.lse.data() + bh * p.padded_rows, p.lse.data() + bh * p.padded_rows + p.N,
-                      p.a.row_lse_out + bh * p.N);
-    }
-}
-
-// The same preparation for one (b, query tile) inside its own task, for every head: the map's tasks need
-// nothing from each other, so the map runs as one dynamic loop without barriers (a thread that the machine
-// delays holds no other thread up). Fills the row_lse_out rows of the tile too.
-void prepare_tile(Plan& p, Scratch& w, int64_t b, int64_t qt) {
-    const int64_t Dh = p.Dh, first = qt * kQueryTile, last = std::min<int64_t>(first + kQueryTile, p.R);
-    for (int64_t h = 0; h < p.H; ++h) {
-        const int64_t bh = b * p.H + h;
-        for (int64_t r = first; r < last; ++r) {
-            const float* src = p.a.q + (bh * p.N + p.q_pos[r]) * Dh;
-            float* dst = p.q_t.data() + bh * Dh * p.padded_rows + r;
-            for (int64_t d = 0; d < Dh; ++d) dst[d * p.padded_rows] = p.a.scale * src[d];
-            if (p.a.row_lse) p.lse[bh * p.padded_rows + r] = p.a.row_lse[bh * p.N + p.q_pos[r]];
-        }
-        if (p.a.row_lse) continue;
-        float* lse = p.lse.data() + bh * p.padded_rows + first;
-        row_stats_task(p, b, h, qt, w, lse);
-        if (p.a.row_lse_out) std::copy(lse, lse + (last - first), p.a.row_lse_out + bh * p.N + first);
-    }
+    return kIsas[index];
 }
 
 }  // namespace
 
-void row_lse_cpu(const AttentionPairsArgs& a, float* lse, int64_t num_threads) {
-    Plan p = make_plan(a);  // every row (a.rows is null), no pair tensor (M = 0: a small scratch)
-    const int64_t BH = a.batch * p.H, N = p.N;
-    const int threads = thread_count(num_threads);
-    (void)threads;  // unused without OpenMP
-
-#pragma omp parallel num_threads(threads)
-    {
-        Scratch w(p);
-        row_stats_pass(p, w);
-#pragma omp for schedule(static)
-        for (int64_t bh = 0; bh < BH; ++bh)  // drop the padding rows of the last query tile
-            std::copy(p.lse.data() + bh * p.padded_rows, p.lse.data() + bh * p.padded_rows + N, lse + bh * N);
-    }
+std::vector<std::string> supported_isas() {
+    std::vector<std::string> names;
+    for (const Isa& isa : kIsas)
+        if (isa.supported()) names.emplace_back(isa.name);
+    return names;
 }
 
-void attention_maps_cpu(const AttentionPairsArgs& a, int64_t num_threads) {
-    if (a.n_rows == 0) {
-        // a contraction over no rows is 0; an empty map has nothing to fill
-        if (a.weights) std::fill(a.out, a.out + a.batch * a.n_grams * a.n_weight_rows * a.seq_len, 0.0f);
-        return;
-    }
-    Plan p = make_plan(a);
-    const int64_t B = a.batch;
-    const int threads = thread_count(num_threads);
-    (void)threads;  // unused without OpenMP
+std::string current_isa() { return current().name; }
 
-    if (!a.weights) {
-#pragma omp parallel num_threads(threads)
-        {
-            // The map: each task owns one (b, query tile) row band of the output, its preparation included.
-            Scratch w(p);
-#pragma omp for schedule(dynamic)
-            for (int64_t task = 0; task < B * p.n_query_tiles; ++task) {
-                const int64_t b = task / p.n_query_tiles, qt = task % p.n_query_tiles;
-                prepare_tile(p, w, b, qt);
-                for (int64_t kt = 0; kt < p.n_key_tiles; ++kt) {
-                    const bool hidden = tile_hidden(p, qt, kt);
-                    if (!hidden) pair_tile(p, b, qt, kt, w);
-                    write_map(p, b, qt, kt, hidden, w);
-                    if (a.alpha) write_alpha(p, b, qt, kt, hidden, w);
-                }
-            }
+std::string use_isa(const std::string& name) {
+    const std::string previous = current_isa();
+    for (int index = 0; index < int(sizeof kIsas / sizeof kIsas[0]); ++index)
+        if (name == kIsas[index].name) {
+            if (!kIsas[index].supported())
+                throw std::invalid_argument("this processor cannot run the " + name + " build of the CPU kernel.");
+            chosen.store(index);
+            return previous;
         }
-        return;
-    }
+    std::string known;
+    for (const Isa& isa : kIsas) known += std::string(known.empty() ? "" : ", ") + isa.name;
+    throw std::invalid_argument("unknown instruction set '" + name + "'; this build has " + known + ".");
+}
 
-    // The contraction's tasks are key-major and read every query tile: prepare them all first.
-#pragma omp parallel num_threads(threads)
-    {
-        Scratch w(p);
-        row_stats_pass(p, w);
-    }
+void attention_maps_cpu(const AttentionPairsArgs& args, int64_t num_threads) {
+    current().attention_maps(args, num_threads);
+}
 
-    // The contraction needs the row sums of the map first when normalising, hence a first sweep.
-    const int64_t M = p.M, K = p.K;
-    std::vector<float> inv_row_sum(B * M * p.padded_rows, 1.0f);
-    if (a.normalize_rows) {
-#pragma omp parallel num_threads(threads)
-        {
-            Scratch w(p);
-#pragma omp for schedule(dynamic)
-            for (int64_t task = 0; task < B * p.n_query_tiles; ++task) {
-                const int64_t b = task / p.n_query_tiles, qt = task % p.n_query_tiles;
-                std::fill(w.row_sum.begin(), w.row_sum.end(), 0.0);
-                for (int64_t kt = 0; kt < p.n_key_tiles; ++kt) {
-                    const bool hidden = tile_hidden(p, qt, kt);
-                    if (!hidden) {
-                        pair_tile(p, b, qt, kt, w);
-                        for (int64_t m = 0; m < M; ++m)
-                            for (int64_t j = 0; j < p.key_tile; ++j)
-                                for (int i = 0; i < kQueryTile; ++i)
-                                    w.row_sum[m * kQueryTile + i] += w.maps[(m * p.key_tile + j) * kQueryTile + i];
-                    }
-                    if (a.alpha) write_alpha(p, b, qt, kt, hidden, w);
-                }
-                // Rows summing to 0 stay 0: any finite factor works, keep 1.
-                for (int64_t m = 0; m < M; ++m)
-                    for (int i = 0; i < kQueryTile; ++i) {
-                        const double sum = w.row_sum[m * kQueryTile + i];
-                        inv_row_sum[(b * M + m) * p.padded_rows + qt * kQueryTile + i] =
-                            sum > 0.0 ? float(1.0 / sum) : 1.0f;
-                    }
-            }
-        }
-    }
-
-#pragma omp parallel num_threads(threads)
-    {
-        // Each task owns one (b, key tile) column band of out[b, m, k, :] and sweeps all query tiles.
-        Scratch w(p);
-#pragma omp for schedule(dynamic)
-        for (int64_t task = 0; task < B * p.n_key_tiles; ++task) {
-            const int64_t b = task / p.n_key_tiles, kt = task % p.n_key_tiles;
-            std::fill(w.contraction.begin(), w.contraction.end(), 0.0);
-            for (int64_t qt = 0; qt < p.n_query_tiles; ++qt) {
-                const bool hidden = tile_hidden(p, qt, kt);
-                if (!hidden) pair_tile(p, b, qt, kt, w);
-                // alpha was written by the normalising sweep already, if there was one.
-                if (a.alpha && !a.normalize_rows) write_alpha(p, b, qt, kt, hidden, w);
-                if (hidden) continue;
-                for (int64_t m = 0; m < M; ++m)
-                    for (int64_t k = 0; k < K; ++k)
-                        for (int i = 0; i < kQueryTile; ++i) {
-                            const int64_t r = qt * kQueryTile + i;
-                            // weights are indexed by the row's position, whichever rows are selected
-                            w.row_weight[(m * K + k) * kQueryTile + i] =
-                                r < p.R ? a.weights[(b * K + k) * p.N + p.q_pos[r]] *
-                                              inv_row_sum[(b * M + m) * p.padded_rows + r]
-                                        : 0.0f;
-                        }
-                contract_tile(p, w);
-            }
-            const int64_t j0 = kt * p.key_tile, n_keys = std::min<int64_t>(p.key_tile, p.N - j0);
-            for (int64_t m = 0; m < M; ++m)
-                for (int64_t k = 0; k < K; ++k)
-                    for (int64_t j = 0; j < n_keys; ++j)
-                        a.out[((b * M + m) * K + k) * p.N + j0 + j] = float(w.contraction[(m * K + k) * p.key_tile + j]);
-        }
-    }
+void row_lse_cpu(const AttentionPairsArgs& args, float* lse, int64_t num_threads) {
+    current().row_lse(args, lse, num_threads);
 }
 
 }  // namespace kobattr
