@@ -50,6 +50,8 @@ struct AttentionPairsArgs {
     float scale = 1.0f;
     float softcap = 0.0f;  // 0 = no logit soft-capping
     bool normalize_rows = false;  // only with weights
+    // CPU kernel, map mode: bytes per thread it may keep pass 1's exponentials in (attention_pairs.cpp sets it)
+    int64_t cache_bytes = 0;
 };
 
 }  // namespace kobattr

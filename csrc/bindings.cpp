@@ -54,6 +54,10 @@ PYBIND11_MODULE(_cpu, m) {
           py::arg("q"), py::arg("k"), py::arg("valid"), py::arg("lse"), py::arg("causal"), py::arg("window"),
           py::arg("radius"), py::arg("scale"), py::arg("softcap"), py::arg("num_threads"),
           py::call_guard<py::gil_scoped_release>());
+    m.def("set_cache_limit", &kobattr::set_cache_limit,
+          "Bytes per thread the map may keep the first pass's exponentials in (H * N * 64 floats; default 512 MiB, "
+          "0 = recompute them in the second pass); returns the previous limit.",
+          py::arg("bytes"));
     m.def("isas", &kobattr::supported_isas,
           "The instruction sets this build of the kernel has and this processor runs, widest first.");
     m.def("isa", &kobattr::current_isa, "The instruction set the kernel runs with now.");

@@ -182,10 +182,12 @@ def test_thread_counts_agree():
     grams, row_scale = random_grams(1, 130, 1, 4)
     threads = torch.get_num_threads()
     try:
+        # each call on its own copy: the first call's row statistics, stored on attn, would spare the second its
+        # first pass, and with it the kept exponentials (a different, equally exact rounding)
         torch.set_num_threads(1)
-        single, _ = cpu_maps(attn, grams, row_scale)
+        single, _ = cpu_maps(dataclasses.replace(attn), grams, row_scale)
         torch.set_num_threads(2)
-        double, _ = cpu_maps(attn, grams, row_scale)
+        double, _ = cpu_maps(dataclasses.replace(attn), grams, row_scale)
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(single, double, rtol=0, atol=0)
@@ -414,15 +416,20 @@ def test_a_given_row_lse_replaces_the_first_pass():
     lse = torch.empty(B, H, N)
     options = dict(causal=True, window=9, radius=0, scale=0.3, softcap=0.0)
     cpu.row_lse(q=q, k=k, valid=valid, lse=lse, num_threads=0, **options)
-    for rows in (None, torch.tensor([3, 0, 36, 20])):
-        R = N if rows is None else len(rows)
-        outs = []
-        for given in (None, lse):
-            out = torch.empty(B, M, R, N)
-            cpu.attention_maps(q=q, k=k, valid=valid, grams=grams, row_scale=row_scale, rows=rows, weights=None,
-                               out=out, alpha=None, normalize_rows=False, num_threads=0, row_lse=given, **options)
-            outs.append(out)
-        torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    # bit for bit only when pass 2 recomputes exp(s - lse) either way (kept exponentials round differently)
+    previous = cpu.set_cache_limit(0)
+    try:
+        for rows in (None, torch.tensor([3, 0, 36, 20])):
+            R = N if rows is None else len(rows)
+            outs = []
+            for given in (None, lse):
+                out = torch.empty(B, M, R, N)
+                cpu.attention_maps(q=q, k=k, valid=valid, grams=grams, row_scale=row_scale, rows=rows, weights=None,
+                                   out=out, alpha=None, normalize_rows=False, num_threads=0, row_lse=given, **options)
+                outs.append(out)
+            torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    finally:
+        cpu.set_cache_limit(previous)
     # the given statistics are really read: one more nat in every lse scales alpha by 1/e, and so every
     # off-diagonal map value (no residual slot there) by 1/e
     maps = {}
@@ -464,9 +471,47 @@ def test_the_widest_instruction_set_runs_by_default():
         _cpu.use_isa("sse9")
 
 
+@pytest.fixture(params=["kept", "recomputed"])
+def exponentials(request):
+    """The map's pass 2 takes alpha from pass 1's kept exponentials (the default when they fit the per-thread
+    limit) or recomputes q.k and exp (limit 0, as for inputs too long for the limit)."""
+    from kobattr import _cpu
+
+    previous = _cpu.set_cache_limit(0 if request.param == "recomputed" else 512 << 20)
+    yield request.param
+    _cpu.set_cache_limit(previous)
+
+
+def test_kept_exponentials_are_used_when_they_fit():
+    """Both ways of pass 2 match the oracle and are really different code (they round differently somewhere),
+    so the kept-exponential tests do exercise the cache: 4 heads x 2 key tiles x 64 rows fit 512 MiB, not 0."""
+    from kobattr import _cpu
+
+    attn = random_attention(B=1, H=4, KV=2, N=97, causal=True)
+    grams, row_scale = random_grams(1, 97, 1, 4)
+    expected = oracle_attention_maps(attn, grams, row_scale)
+    maps = {}
+    previous = _cpu.set_cache_limit(512 << 20)
+    try:
+        for limit in (512 << 20, 0):
+            _cpu.set_cache_limit(limit)
+            maps[limit], _ = cpu_maps(dataclasses.replace(attn), grams, row_scale)
+            close(maps[limit], expected)
+    finally:
+        _cpu.set_cache_limit(previous)
+    assert not torch.equal(maps[512 << 20], maps[0])
+
+
+def test_cache_limit_is_checked():
+    from kobattr import _cpu
+
+    with pytest.raises(ValueError, match="at least 0"):
+        _cpu.set_cache_limit(-1)
+
+
 @pytest.mark.parametrize("pattern", ["plain", "causal_window_padding", "causal_window_radius_softcap_padding",
                                      "window_radius_softcap_padding"])
-def test_each_instruction_set(isa, pattern):
+def test_each_instruction_set(isa, exponentials, pattern):
     from kobattr import _cpu
 
     attn = random_attention(B=2, H=4, KV=2, N=97, **PATTERNS[pattern])

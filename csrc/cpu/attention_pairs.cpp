@@ -82,8 +82,17 @@ std::string use_isa(const std::string& name) {
     throw std::invalid_argument("unknown instruction set '" + name + "'; this build has " + known + ".");
 }
 
+std::atomic<int64_t> cache_limit{int64_t(512) << 20};
+
+int64_t set_cache_limit(int64_t bytes) {
+    if (bytes < 0) throw std::invalid_argument("the cache limit is a number of bytes, at least 0.");
+    return cache_limit.exchange(bytes);
+}
+
 void attention_maps_cpu(const AttentionPairsArgs& args, int64_t num_threads) {
-    current().attention_maps(args, num_threads);
+    AttentionPairsArgs with_cache = args;
+    with_cache.cache_bytes = cache_limit.load();
+    current().attention_maps(with_cache, num_threads);
 }
 
 void row_lse_cpu(const AttentionPairsArgs& args, float* lse, int64_t num_threads) {

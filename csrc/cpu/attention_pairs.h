@@ -33,4 +33,9 @@ std::vector<std::string> supported_isas();
 std::string current_isa();
 std::string use_isa(const std::string& name);
 
+// For the map (no weights): pass 1 keeps the exponentials of one query tile and every head, H * N * 64 floats per
+// thread, so that pass 2 needs neither q.k nor exp again, when they fit `bytes` per thread (default 512 MiB;
+// 0 turns it off). Returns the previous limit; std::invalid_argument for a negative one.
+int64_t set_cache_limit(int64_t bytes);
+
 }  // namespace kobattr

@@ -153,6 +153,9 @@ struct Plan {
     Buffer<float> q_t;
     Buffer<int32_t> q_pos;  // (padded_rows) position of each selected row, -1 for padding
     Buffer<float> lse;      // (B, H, padded_rows) softmax log-sum-exp, +inf for rows seeing no key
+    // Map mode: pass 1 keeps every tile's exponentials for pass 2 (Scratch::kept), which then needs neither
+    // the scores nor exp again, when they fit a.score_cache_bytes per thread.
+    bool keep_exponentials = false;
 };
 
 // The (Dh, kQueryTile) block of q_t holding query tile `query_tile` of head bh = b * H + h.
@@ -182,13 +185,19 @@ struct Scratch {
     Buffer<float> row_weight;  // (M, K, kQueryTile) weights of the contraction, / row sum if normalising
     Buffer<double> row_sum;    // (M, kQueryTile)
     Buffer<double> contraction;  // (M, K, key_tile)
+    // With p.keep_exponentials, for the query tile being mapped: (H, n_key_tiles, key_tile, kQueryTile)
+    // e_ij = exp(s_ij - m_i,t), 0 where invisible, with m_i,t the running maximum of row i after key tile t
+    // (pass 1's flash recurrence), and (H, n_key_tiles, kQueryTile) those maxima; alpha_ij = e_ij exp(m_i,t - lse_i).
+    Buffer<float> kept, kept_max;
 
     explicit Scratch(const Plan& p)
         : keys(p.key_tile * p.Dh), scores(p.key_tile * kQueryTile), visible(p.key_tile * kQueryTile),
           alpha(p.M > 0 ? p.key_tile * p.H * kQueryTile : 0), coef(p.M > 0 ? p.H * p.H : 0),
           maps(p.M * p.key_tile * kQueryTile), row_scale(p.M * kQueryTile),
           row_weight(p.M * larger<int64_t>(p.K, 1) * kQueryTile), row_sum(p.M * kQueryTile),
-          contraction(p.M * larger<int64_t>(p.K, 1) * p.key_tile) {}
+          contraction(p.M * larger<int64_t>(p.K, 1) * p.key_tile),
+          kept(p.keep_exponentials ? p.H * p.n_key_tiles * p.key_tile * kQueryTile : 0),
+          kept_max(p.keep_exponentials ? p.H * p.n_key_tiles * kQueryTile : 0) {}
 };
 
 // A tile is skipped when causality or a window hides all its keys from all its query rows.
@@ -273,7 +282,9 @@ KOBATTR_INLINE void cap_scores(const Plan& p, float* scores) {
 
 // Pass 1 for one (b, h, query tile): lse_i = m_i + log(sum_j exp(s_ij - m_i)) over the visible keys (s capped),
 // with the running maximum m_i updated tile by tile (the flash-attention recurrence); lse has kQueryTile slots.
-void row_stats_task(const Plan& p, int64_t b, int64_t h, int64_t query_tile, Scratch& w, float* lse) {
+// kept / kept_max: this head's part of Scratch::kept / kept_max to fill, or null.
+void row_stats_task(const Plan& p, int64_t b, int64_t h, int64_t query_tile, Scratch& w, float* lse,
+                    float* kept = nullptr, float* kept_max = nullptr) {
     const float* q_t = query_tile_block(p, b * p.H + h, query_tile);
     const float* scores = w.scores.data();
     const int32_t* visible = w.visible.data();
@@ -297,9 +308,12 @@ void row_stats_task(const Plan& p, int64_t b, int64_t h, int64_t query_tile, Scr
             const VecF new_max = select(old_max > tile_max, old_max, tile_max);
             VecF tile_sum = {};
             for (int j = 0; j < p.key_tile; ++j) {
-                const VecF e = vector_exp(load(scores + j * kQueryTile + v * kLanes) - new_max);
-                tile_sum += select(load(visible + j * kQueryTile + v * kLanes), e, splat(0.0f));
+                const VecF e = select(load(visible + j * kQueryTile + v * kLanes),
+                                      vector_exp(load(scores + j * kQueryTile + v * kLanes) - new_max), splat(0.0f));
+                tile_sum += e;
+                if (kept) store(kept + (kt * p.key_tile + j) * kQueryTile + v * kLanes, e);
             }
+            if (kept) store(kept_max + kt * kQueryTile + v * kLanes, new_max);
             for (int l = 0; l < kLanes; ++l) {
                 // A row that has seen no visible key yet keeps max -inf and sum 0 (no inf - inf).
                 const int i = v * kLanes + l;
@@ -323,11 +337,23 @@ void pair_tile(const Plan& p, int64_t b, int64_t query_tile, int64_t key_tile, S
     float* alpha_tile = w.alpha.data();
     visibility(p, b, query_tile, j0, w.visible.data());
     for (int64_t h = 0; h < H; ++h) {
+        const float* lse = p.lse.data() + (b * H + h) * p.padded_rows + query_tile * kQueryTile;
+        if (p.keep_exponentials) {  // alpha_ij = e_ij exp(m_i,t - lse_i), both factors <= 1
+            const float* kept = w.kept.data() + (h * p.n_key_tiles + key_tile) * BK * kQueryTile;
+            const float* kept_max = w.kept_max.data() + (h * p.n_key_tiles + key_tile) * kQueryTile;
+            VecF factor[kVectors];
+            for (int v = 0; v < kVectors; ++v)
+                factor[v] = vector_exp(load(kept_max + v * kLanes) - load(lse + v * kLanes));
+            for (int64_t j = 0; j < BK; ++j)
+                for (int v = 0; v < kVectors; ++v)
+                    store(alpha_tile + (j * H + h) * kQueryTile + v * kLanes,
+                          load(kept + j * kQueryTile + v * kLanes) * factor[v]);
+            continue;
+        }
         if (h % p.group == 0) load_keys(p, b, h / p.group, j0, w.keys.data());
         const float* q_t = query_tile_block(p, b * H + h, query_tile);
         score_tile(w.keys.data(), q_t, Dh, BK, w.scores.data());
         cap_scores(p, w.scores.data());
-        const float* lse = p.lse.data() + (b * H + h) * p.padded_rows + query_tile * kQueryTile;
         for (int64_t j = 0; j < BK; ++j)
             for (int v = 0; v < kVectors; ++v) {
                 const VecF e = vector_exp(load(w.scores.data() + j * kQueryTile + v * kLanes) - load(lse + v * kLanes));
@@ -490,7 +516,11 @@ void prepare_tile(Plan& p, Scratch& w, int64_t b, int64_t qt) {
         }
         if (p.a.row_lse) continue;
         float* lse = p.lse.data() + bh * p.padded_rows + first;
-        row_stats_task(p, b, h, qt, w, lse);
+        if (p.keep_exponentials)
+            row_stats_task(p, b, h, qt, w, lse, w.kept.data() + h * p.n_key_tiles * p.key_tile * kQueryTile,
+                           w.kept_max.data() + h * p.n_key_tiles * kQueryTile);
+        else
+            row_stats_task(p, b, h, qt, w, lse);
         if (p.a.row_lse_out) copy_n(lse, last - first, p.a.row_lse_out + bh * p.N + first);
     }
 }
@@ -525,6 +555,8 @@ void attention_maps(const AttentionPairsArgs& a, int64_t num_threads) {
     (void)threads;  // unused without OpenMP
 
     if (!a.weights) {
+        // Keeping one query tile's exponentials of every head spares pass 2 the scores and their exp.
+        p.keep_exponentials = !a.row_lse && p.H * p.n_key_tiles * (p.key_tile + 1) * kQueryTile * int64_t(sizeof(float)) <= a.cache_bytes;
 #pragma omp parallel num_threads(threads)
         {
             // The map: each task owns one (b, query tile) row band of the output, its preparation included.
