@@ -1,5 +1,6 @@
-"""The `kobattr` command: analyze texts, report the machine (info), reproduce the papers' findings, head
-statistics (heads), word alignment with an encoder-decoder model (align)."""
+"""The `kobattr` command: analyze texts, report the machine (info), check every implementation (selftest),
+reproduce the papers' findings, head statistics (heads), word alignment with an encoder-decoder model (align),
+a saved result as HTML views (view), corpus runs over torch.distributed ranks (corpus)."""
 
 from __future__ import annotations
 

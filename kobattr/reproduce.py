@@ -134,7 +134,11 @@ def frequency_ranks(corpus: MaskedCorpus, tokenizer) -> dict[int, float]:
     """token id -> frequency rank over the ordinary tokens of the unmasked corpus (1 = most frequent;
     ties share their average rank)."""
     special_ids = set(tokenizer.all_special_ids)
-    counts = Counter(t for ids in corpus.original_ids for t in ids if t not in special_ids)
+    return ranks_by_frequency(Counter(t for ids in corpus.original_ids for t in ids if t not in special_ids))
+
+
+def ranks_by_frequency(counts: dict[int, int]) -> dict[int, float]:
+    """token id -> frequency rank given each token's count (1 = most frequent; ties share their average rank)."""
     by_count: dict[int, list[int]] = {}
     for token, count in counts.items():
         by_count.setdefault(count, []).append(token)
