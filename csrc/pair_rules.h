@@ -1,6 +1,9 @@
-// The per-pair and per-tile rules that the CPU (cpu/attention_pairs.cpp) and CUDA
-// (cuda/attention_pairs.cu) attention_maps kernels share, written once for the host compiler and nvcc.
+// The per-pair and per-tile rules and the pair arithmetic that the CPU (cpu/attention_pairs_kernel.h) and CUDA
+// (cuda/attention_pairs.cu) attention_maps kernels share, written once for the host compiler and nvcc, so that
+// the CPU tests exercise the arithmetic the GPU runs.
 #pragma once
+
+#include <math.h>
 
 #include <cstdint>
 
@@ -54,6 +57,33 @@ KOBATTR_HOST_DEVICE float residual_term(const float* G, int64_t H, const float* 
     float term = G[H * (H + 1) + H];
     for (int64_t h = 0; h < H; ++h) term += (G[h * (H + 1) + H] + G[H * (H + 1) + h]) * alpha[h * stride];
     return term;
+}
+
+// C_rs of the symmetric form: G_rr on the diagonal, G_rs + G_sr above it (s > r), so that
+// kappa^T G kappa over the heads is sum_r alpha_r sum_{s >= r} C_rs alpha_s, half of the H^2 products.
+KOBATTR_HOST_DEVICE float symmetric_coefficient(const float* G, int64_t H, int64_t r, int64_t s) {
+    return r == s ? G[r * (H + 1) + r] : G[r * (H + 1) + s] + G[s * (H + 1) + r];
+}
+
+// sum_h sum_g alpha_h G_hg alpha_g over the heads of one pair (the residual slot is residual_term's), as
+// sum_r alpha(r) sum_{s >= r} coefficient(r, s) alpha(s) with coefficient = symmetric_coefficient. Value is
+// float on the GPU (a thread per pair) and a block of query-lane vectors on the CPU (a pair per lane), so
+// both kernels sum in the same order.
+template <typename Value, typename Coefficient, typename Alpha>
+KOBATTR_HOST_DEVICE Value head_quadratic_form(int64_t H, Coefficient coefficient, Alpha alpha) {
+    Value quad = Value();
+    for (int64_t r = 0; r < H; ++r) {
+        Value inner = Value();
+        for (int64_t s = r; s < H; ++s) inner += coefficient(r, s) * alpha(s);
+        quad += alpha(r) * inner;
+    }
+    return quad;
+}
+
+// map_ij = row_scale_i sqrt(max(quad_ij, 0)) where i sees j, 0 elsewhere. quad < 0 only by rounding, and NaN
+// must stay NaN, hence no max().
+KOBATTR_HOST_DEVICE float map_value(float quad, float row_scale, bool visible) {
+    return visible ? row_scale * sqrtf(quad < 0.0f ? 0.0f : quad) : 0.0f;
 }
 
 }  // namespace kobattr

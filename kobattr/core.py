@@ -120,7 +120,7 @@ class _Prepared:
     """
 
     def __init__(self, layer: Layer, methods, ig: str, ig_steps: int, budget: int, targets: Optional[dict],
-                 keep_value_vectors: bool = False, row_stats: Optional[Backend] = None, defer_diagonal: bool = False):
+                 row_stats: Optional[Backend] = None, defer_diagonal: bool = False):
         self.layer = L = layer
         self.structure = L.structure
         self.dtype = dtype = torch.float64 if layer.x.dtype == torch.float64 else torch.float32
@@ -143,9 +143,6 @@ class _Prepared:
         for key, t in (targets or {}).items():
             self.model_error = torch.maximum(self.model_error, _relative_error(self.real[key], t.to(dtype), L.valid))
             self.real[key] = t.to(dtype)
-        # f^h(x_j) as grams() computes them, (keys, (B, C, H, D)) blocks kept for the spot checks where they fit
-        fits = B * H * N * L.d_model <= MAX_KEPT_VALUE_VECTORS
-        self.value_blocks: Optional[list] = [] if keep_value_vectors and fits else None
         self.vectors: dict = {}  # method -> (sum over keys, diagonal, bias, real hidden state), each (B, N, D)
         self.ff: Optional[FFParts] = None
         self.finished = False
@@ -310,33 +307,60 @@ class _Prepared:
 
     def grams(self, methods) -> tuple[Tensor, Tensor]:
         """Per-key Gram matrices (B, N, M, H+1, H+1) and row scales (B, N, M) of attention-side methods
-        (fp32, or fp64 for an fp64 layer)."""
+        (fp32, or fp64 for an fp64 layer).
+
+        A vector form's head rows P(P1 f^h(x_j)) = v^h_j P(P1 W_O^h) (the splits are linear maps of the D
+        dimension), so each form gets its own folded W_O once and the rows come from one einsum per key block,
+        without splitting a (B, C, H, D) tensor; the Gram is assembled from head-head, head-residual and
+        residual-residual products, the residual row of form_rows on its own."""
         L, dtype = self.layer, self.dtype
         B, H, N, _ = L.q.shape
         M = len(methods)
-        grams = torch.empty(B, N, M, H + 1, H + 1, dtype=dtype, device=L.x.device)
+        grams = torch.zeros(B, N, M, H + 1, H + 1, dtype=dtype, device=L.x.device)
         scales = torch.ones(B, N, M, dtype=dtype, device=L.x.device)
-        x = self.x
+        group = L.n_heads // L.n_kv_heads
         forms = [form(m, self.structure) for m in methods]
+        vector_forms = [(mi, f) for mi, f in enumerate(forms) if f.kind == "vector"]
         for mi, f in enumerate(forms):
-            if f.kind == "vector":
-                scales[..., mi] = self.form_scale(f)
+            if f.kind == "weights":  # mean_h alpha (+ [i == j]) is a quadratic form of rank 1: w w^T
+                share = 0.5 if f.residual else 1.0
+                w = torch.cat([torch.full((H,), share / H), torch.full((1,), 1.0 - share)]).to(dtype=dtype, device=L.x.device)
+                grams[:, :, mi] = w[:, None] * w[None, :]
+        folded = {}
+        for mi, f in vector_forms:
+            scales[..., mi] = self.form_scale(f)
+            folded[mi] = self._fold(f, L.w_o.to(dtype))  # (H, Dh, D)
         step = max(1, (1 << 22) // max(1, B * (H + 1) * L.d_model))
         for start in range(0, N, step):
             keys = slice(start, min(start + step, N))
-            f_heads = _head_vectors(L, keys, dtype)  # (B, C, H, D)
-            if self.value_blocks is not None:
-                self.value_blocks.append((keys, f_heads))
-            raw = torch.cat([f_heads, x[:, keys, None]], 2)
-            for mi, f in enumerate(forms):
-                if f.kind == "weights":  # mean_h alpha (+ [i == j]) is a quadratic form of rank 1: w w^T
-                    share = 0.5 if f.residual else 1.0
-                    w = torch.cat([torch.full((H,), share / H), torch.full((1,), 1.0 - share)]).to(dtype=dtype, device=x.device)
-                    grams[:, keys, mi] = w[:, None] * w[None, :]
-                    continue
-                rows = self.form_rows(f, raw, keys)
-                grams[:, keys, mi] = rows @ rows.transpose(-1, -2)
+            v = L.v[:, :, keys].to(dtype).repeat_interleave(group, 1)  # (B, H, C, Dh)
+            for mi, f in vector_forms:
+                heads = torch.einsum("bhcd,hde->bche", v, folded[mi])  # (B, C, H, D)
+                gram = grams[:, keys, mi]
+                gram[..., :H, :H] = torch.einsum("bchd,bcgd->bchg", heads, heads)
+                if f.residual:
+                    res = self._residual_rows(f, keys)  # (B, C, D)
+                    cross = torch.einsum("bchd,bcd->bch", heads, res)
+                    gram[..., :H, H], gram[..., H, :H] = cross, cross
+                    gram[..., H, H] = (res * res).sum(-1)
         return grams, scales
+
+    def _fold(self, f, w: Tensor) -> Tensor:
+        """The splits form_rows applies to the head rows, applied to W_O (..., D) instead."""
+        if self.p1 is not None:
+            w = self.p1.split(w)
+        if f.norm is not None:
+            w = self.split_norm(f.norm)[0].split(w)
+        return w
+
+    def _residual_rows(self, f, keys: slice) -> Tensor:
+        """form_rows's residual row P(x_j) / s1_j of the keys ``keys``: (B, C, D)."""
+        res = self.x[:, keys]
+        if self.p1 is not None:
+            res = res / self.s1[:, keys, None]
+        if f.norm is not None:
+            res = self.split_norm(f.norm)[0].split(res)
+        return res
 
 
 def ff_linear_rows(coef_in: Tensor, coef_gate: Optional[Tensor], ffn, b_in: Tensor, b_gate: Tensor) -> Tensor:
@@ -382,7 +406,6 @@ def _relative_error(estimate: Tensor, real: Tensor, valid: Tensor) -> Tensor:
 
 
 MAX_OUTPUT_ELEMENTS = 1 << 33  # 32 GiB of fp32 output
-MAX_KEPT_VALUE_VECTORS = 1 << 26  # 256 MiB of fp32; above it the spot check recomputes f^h(x_j)
 
 
 def as_indices(value, name: str) -> list[int]:
@@ -496,7 +519,7 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
                               "to contract them.")
     impls = get_backend(backend, attention_of(layer), need_ff, need_row_stats=layer.head_outputs is not None)
     # full maps: the attention primitive computes every row's statistics anyway, so alpha_ii can wait for them
-    prep = _Prepared(layer, methods, ig, ig_steps, budget, targets, keep_value_vectors=verify > 0,
+    prep = _Prepared(layer, methods, ig, ig_steps, budget, targets,
                      row_stats=impls.get("row_stats"), defer_diagonal=rows is None and contract is None)
 
     # attention-side maps (an FF run with full maps also computes every scope, for the component analysis)
@@ -554,8 +577,7 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
             return sub_maps
 
         result.spot_check = spot_check(layer, result, impls, rerun, k=verify, seed=verify_seed, contract=contract,
-                                       normalize_rows=normalize_rows, ig=ig, ig_steps=ig_steps,
-                                       value_blocks=prep.value_blocks or None)  # empty: grams() did not run
+                                       normalize_rows=normalize_rows, ig=ig, ig_steps=ig_steps)
     return result
 
 

@@ -21,12 +21,8 @@ MAX_PAIR_ELEMENTS = 1 << 31  # the (B, R, N, D) tensors above this would not fit
 
 
 def reference(layer: Layer, methods=None, dtype: torch.dtype = torch.float64, ig: str = "exact",
-              ig_steps: int = 20, rows: Optional[Tensor] = None, value_blocks: Optional[list] = None) -> dict:
+              ig_steps: int = 20, rows: Optional[Tensor] = None) -> dict:
     """Every output of kobattr for one layer, materialised, for all query rows or only ``rows`` (R,).
-
-    ``value_blocks``: f^h(x_j) as already computed, a list of (keys slice, (B, C, H, D) tensor) covering
-    every key (the spot checks pass the preparation step's; the sum over heads then runs in their
-    dtype); by default they are computed here from v and W_O, one block of keys at a time.
 
     Returns a dict with (R = N without rows)
       maps[m]       (B, R, N) layer map of method m (0 where j is invisible from i or i is padding)
@@ -45,11 +41,11 @@ def reference(layer: Layer, methods=None, dtype: torch.dtype = torch.float64, ig
     if B * R * N * D > MAX_PAIR_ELEMENTS:
         raise LayerInputError(f"the reference materialises (B, R, N, D) = ({B}, {R}, {N}, {D}) tensors, too large; "
                               "use kobattr.attribute, which never builds them.")
-    return materialise(layer.validate().to(dtype), methods, ig, ig_steps, rows, value_blocks)
+    return materialise(layer.validate().to(dtype), methods, ig, ig_steps, rows)
 
 
 def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional[Tensor],
-                value_blocks: Optional[list], with_heads: bool = True) -> dict:
+                with_heads: bool = True) -> dict:
     """reference() for a validated layer already in the compute dtype and checked method names;
     without ``with_heads`` the value norms and head maps (another pass over every f^h(x_j)) are left out."""
     structure = L.structure
@@ -77,11 +73,9 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
     value_norms = torch.zeros(B, H, N, dtype=dtype, device=L.q.device)
     p1 = L.attn_out_norm
     split_value_norms = torch.zeros_like(value_norms)  # ||P1 f^h(x_j)|| under a norm after attention
-    if value_blocks is None:  # (B, keys, H, D) at a time, never (B, N, H, D) beside a
-        step = max(1, (1 << 24) // (B * H * D))
-        value_blocks = ((keys, torch.einsum("bhjd,hde->bjhe", v[:, :, keys], L.w_o))
-                        for keys in (slice(s, min(s + step, N)) for s in range(0, N, step)))
-    for keys, f in value_blocks:
+    step = max(1, (1 << 24) // (B * H * D))  # f^h(x_j) (B, keys, H, D) a block at a time, never (B, N, H, D) beside a
+    for keys in (slice(s, min(s + step, N)) for s in range(0, N, step)):
+        f = torch.einsum("bhjd,hde->bjhe", v[:, :, keys], L.w_o)
         # per key j: (R x H) alpha^h_ij times (H x D) f^h(x_j)
         a[:, :, keys] = (alpha[..., keys].permute(0, 3, 2, 1).to(f.dtype) @ f).transpose(1, 2)
         if with_heads:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .core import _relative_error
-from .layer import NORM_KINDS, FeedForward, Layer, LayerInputError, Norm
+from .layer import NORM_KINDS, FeedForward, Layer, LayerInputError, Norm, all_finite
 from .methods import vector_ratio
 
 DEFAULT_BUDGET = 1 << 23  # elements per intermediate, as the torch backend's
@@ -228,7 +228,7 @@ class CrossAttention:
             raise LayerInputError(f"cross.scale must be a finite positive number, got {self.scale}.")
         for f in fields(self):
             t = getattr(self, f.name)
-            if isinstance(t, Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            if isinstance(t, Tensor) and t.is_floating_point() and not all_finite(t):
                 raise LayerInputError(f"cross.{f.name} contains NaN or inf values.")
         return self
 

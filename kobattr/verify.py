@@ -57,9 +57,8 @@ def sample_rows(candidates: Tensor, valid: Tensor, k: int, seed: int) -> Tensor:
 
 
 def spot_check(layer, result, impls: dict, rerun, k: int, seed: int, contract, normalize_rows: bool,
-               ig: str, ig_steps: int, value_blocks=None) -> dict:
-    """{method: (B,) float64 error} of ``result`` (a LayerAttribution); raises VerificationError.
-    ``value_blocks``: f^h(x_j) from the preparation step (see reference()), reused where given."""
+               ig: str, ig_steps: int) -> dict:
+    """{method: (B,) float64 error} of ``result`` (a LayerAttribution); raises VerificationError."""
     B, H, N, _ = layer.q.shape
     requested = result.rows if result.rows is not None else torch.arange(N, device=layer.q.device)
     valid = layer.valid
@@ -81,7 +80,6 @@ def spot_check(layer, result, impls: dict, rerun, k: int, seed: int, contract, n
         rows = requested[s]
         # the layer was validated before it was attributed
         ref = materialise(layer.select(b).to(reference_dtype), result.methods, ig, ig_steps, rows,
-                          None if value_blocks is None else [(keys, f[b:b + 1]) for keys, f in value_blocks],
                           with_heads=bool(result.head_maps))
         for m in result.methods:
             expected = ref["maps"][m][0].to(layer.q.device)  # (S, N)

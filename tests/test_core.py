@@ -154,6 +154,8 @@ def test_method_lists_per_placement():
     (lambda L: setattr(L, "x", L.x.float()), "share one dtype"),
     (lambda L: setattr(L, "q", L.q[:, :3]), "multiple of the number of key/value heads"),
     (lambda L: L.x.__setitem__((0, 0, 0), float("nan")), "NaN or inf"),
+    (lambda L: L.v.__setitem__((0, 1, 2, 3), float("-inf")), "v contains NaN or inf"),
+    (lambda L: L.w_o.__setitem__((0, 0, 0), float("inf")), "w_o contains NaN or inf"),
     (lambda L: setattr(L, "w_o", L.w_o[:, :, :-1]), "w_o must be"),
     (lambda L: setattr(L, "key_valid", torch.ones(2, 3, dtype=torch.bool)), "key_valid"),
     (lambda L: setattr(L, "window", -1), "window"),

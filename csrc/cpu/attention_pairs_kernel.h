@@ -141,6 +141,38 @@ struct VectorExp {
     KOBATTR_INLINE VecF operator()(VecF x) const { return vector_exp(x); }
 };
 
+// Four vectors of query lanes as one value of head_quadratic_form (../pair_rules.h): each coefficient is
+// broadcast once for 32 pairs.
+struct QueryBlock {
+    static constexpr int kVectorsPerBlock = 4;
+    VecF v[kVectorsPerBlock] = {};
+
+    static KOBATTR_INLINE QueryBlock load(const float* p) {
+        QueryBlock block;
+        for (int u = 0; u < kVectorsPerBlock; ++u) block.v[u] = kobattr::KOBATTR_ISA::load(p + u * kLanes);
+        return block;
+    }
+    KOBATTR_INLINE void store(float* p) const {
+        for (int u = 0; u < kVectorsPerBlock; ++u) kobattr::KOBATTR_ISA::store(p + u * kLanes, v[u]);
+    }
+    KOBATTR_INLINE QueryBlock& operator+=(const QueryBlock& other) {
+        for (int u = 0; u < kVectorsPerBlock; ++u) v[u] += other.v[u];
+        return *this;
+    }
+    KOBATTR_INLINE QueryBlock operator*(const QueryBlock& other) const {
+        QueryBlock product;
+        for (int u = 0; u < kVectorsPerBlock; ++u) product.v[u] = v[u] * other.v[u];
+        return product;
+    }
+};
+static_assert(kVectors % QueryBlock::kVectorsPerBlock == 0, "a query tile is a whole number of blocks");
+
+KOBATTR_INLINE QueryBlock operator*(float c, const QueryBlock& block) {
+    QueryBlock product;
+    for (int u = 0; u < QueryBlock::kVectorsPerBlock; ++u) product.v[u] = splat(c) * block.v[u];
+    return product;
+}
+
 // Everything the tiles share: the checked arguments plus the prepared per-call buffers.
 struct Plan {
     AttentionPairsArgs a;
@@ -179,7 +211,7 @@ struct Scratch {
     Buffer<float> scores;   // (key_tile, kQueryTile)
     Buffer<int32_t> visible;  // (key_tile, kQueryTile) -1 (all bits set) or 0
     Buffer<float> alpha;    // (key_tile, H, kQueryTile)
-    Buffer<float> coef;     // (H, H) upper triangle of G + G^T (diagonal once)
+    Buffer<float> coef;     // (H, H) symmetric_coefficient of one Gram matrix, upper triangle
     Buffer<float> maps;     // (M, key_tile, kQueryTile) the finished map tile
     Buffer<float> row_scale;  // (M, kQueryTile)
     Buffer<float> row_weight;  // (M, K, kQueryTile) weights of the contraction, / row sum if normalising
@@ -375,38 +407,20 @@ void pair_tile(const Plan& p, int64_t b, int64_t query_tile, int64_t key_tile, S
                 continue;
             }
             const float* G = p.a.grams + ((b * p.N + j0 + j) * p.M + m) * (H + 1) * (H + 1);
-            // alpha^T G alpha = sum_r alpha_r (G_rr alpha_r + sum_{s>r} (G_rs + G_sr) alpha_s): half the work.
-            for (int64_t r = 0; r < H; ++r) {
-                coef[r * H + r] = G[r * (H + 1) + r];
-                for (int64_t s = r + 1; s < H; ++s) coef[r * H + s] = G[r * (H + 1) + s] + G[s * (H + 1) + r];
-            }
+            for (int64_t r = 0; r < H; ++r)
+                for (int64_t s = r; s < H; ++s) coef[r * H + s] = symmetric_coefficient(G, H, r, s);
             const float* alpha = alpha_tile + j * H * kQueryTile;
             float quad[kQueryTile];
-            constexpr int kBlock = 4;  // vectors of queries sharing each coefficient broadcast
-            for (int v = 0; v < kVectors; v += kBlock) {
-                VecF acc[kBlock] = {};
-                for (int64_t r = 0; r < H; ++r) {
-                    VecF inner[kBlock] = {};
-                    for (int64_t s = r; s < H; ++s) {
-                        const VecF c = splat(coef[r * H + s]);
-#pragma GCC unroll 4
-                        for (int u = 0; u < kBlock; ++u) inner[u] += c * load(alpha + s * kQueryTile + (v + u) * kLanes);
-                    }
-#pragma GCC unroll 4
-                    for (int u = 0; u < kBlock; ++u) acc[u] += load(alpha + r * kQueryTile + (v + u) * kLanes) * inner[u];
-                }
-#pragma GCC unroll 4
-                for (int u = 0; u < kBlock; ++u) store(quad + (v + u) * kLanes, acc[u]);
-            }
+            for (int v = 0; v < kVectors; v += QueryBlock::kVectorsPerBlock)
+                head_quadratic_form<QueryBlock>(
+                    H, [&](int64_t r, int64_t s) { return coef[r * H + s]; },
+                    [&](int64_t h) { return QueryBlock::load(alpha + h * kQueryTile + v * kLanes); })
+                    .store(quad + v * kLanes);
             const int32_t key = static_cast<int32_t>(j0 + j);
             for (int i = 0; i < kQueryTile; ++i)
                 if (pos[i] == key && visible[j * kQueryTile + i] != 0) quad[i] += residual_term(G, H, alpha + i, kQueryTile);
             const float* row_scale = w.row_scale.data() + m * kQueryTile;
-            for (int i = 0; i < kQueryTile; ++i) {
-                // quad < 0 only by rounding; NaN must stay NaN, so no max().
-                const float norm = std::sqrt(quad[i] < 0.0f ? 0.0f : quad[i]);
-                maps[i] = visible[j * kQueryTile + i] != 0 ? row_scale[i] * norm : 0.0f;
-            }
+            for (int i = 0; i < kQueryTile; ++i) maps[i] = map_value(quad[i], row_scale[i], visible[j * kQueryTile + i] != 0);
         }
     }
 }

@@ -170,15 +170,12 @@ pair_kernel(AttentionPairsArgs a, const float* lse, float* row_sums, Mode mode, 
         float quad = 0.0f;
         if (visible) {
             const float* G = a.grams + ((b * N + j) * M + m) * (H + 1) * (H + 1);
-            for (int64_t p = 0; p < H; ++p) {
-                float inner = 0.0f;
-                for (int64_t s = 0; s < H; ++s) inner += __ldg(G + p * (H + 1) + s) * alpha_tile[s * kPlane + slot];
-                quad += alpha_tile[p * kPlane + slot] * inner;
-            }
+            quad = head_quadratic_form<float>(
+                H, [&](int64_t r, int64_t s) { return symmetric_coefficient(G, H, r, s); },
+                [&](int64_t h) { return alpha_tile[h * kPlane + slot]; });
             if (pos == j) quad += residual_term(G, H, alpha_tile + slot, kPlane);
         }
-        // quad < 0 only by rounding; NaN must stay NaN, so no fmaxf.
-        const float value = visible ? a.row_scale[(b * N + pos) * M + m] * sqrtf(quad < 0.0f ? 0.0f : quad) : 0.0f;
+        const float value = map_value(quad, visible ? a.row_scale[(b * N + pos) * M + m] : 0.0f, visible);
 
         if (mode == Mode::kContract) {
             float inverse_sum = 1.0f;  // rows summing to 0 hold only zeros: any finite factor keeps them 0
