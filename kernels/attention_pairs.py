@@ -1,7 +1,7 @@
 """Attention-side pair kernels: map[b, m, i, j] = row_scale_im * sqrt(kappa_ij^T G_jm kappa_ij).
 
 Notation and output modes: kobattr/backends/base.py (``attention_maps``). Two passes, the
-flash-attention pattern: ``_row_lse_kernel`` (kernels/rows.py) stores the row log-sum-exp of the
+flash-attention pattern: ``row_lse`` (kernels/rows.py) computes the row log-sum-exp of the
 scaled logits, then the pair kernel recomputes alpha tile by tile from q, k and that statistic, so
 neither alpha (N x N x H) nor the map has to exist in memory unless it is the requested output. The
 query rows, the keys they see and alpha come from kernels/rows.py, shared with kernels/ff_pairs.py.
@@ -18,8 +18,14 @@ Why the pair kernels look the way they do:
   dot: it only touches diagonal pairs, added as 2 [i==j] G[H, :] . alpha + G[H, H] (G symmetric) in
   the tiles that contain the diagonal (a runtime branch).
 - HP = max(16, next power of two of H) (tl.dot needs >= 16). The register tile is HP x BM x BN,
-  so the launcher shrinks BM x BN as H grows; the cost that remains is re-reading the (H+1)^2 x M
-  Gram block of a key once per query block (L2 traffic ~ 4 M (H+1)^2 / BM bytes per pair).
+  so ``pair_settings`` shrinks BM x BN as H grows, and takes BM = 16 (twice the keys) for up to 16
+  rows, which would leave most of a 32-row tile masked; the cost that remains is re-reading the
+  (H+1)^2 x M Gram block of a key once per query block (L2 traffic ~ 4 M (H+1)^2 / BM bytes per pair).
+- The grid is (query blocks, B, key splits). Query blocks alone are a handful of programs for rows=
+  or short inputs (rows= of 8 rows on an H100: 1 program per batch element for 132 SMs), so each
+  block's visible keys are cut into contiguous shares of whole tiles (rows.key_split), their number
+  chosen by the launcher (rows.key_splits) to give ~4 programs per SM, 1 when the query blocks alone
+  do. Splits cost little here: no program state is carried between key tiles except the row sums.
 - fp32 dots use ``DOT_PRECISION`` (rows.dot_settings: "tf32x3" for fp32 models, near-fp32 accuracy
   on tensor cores; "tf32" for fp16/bf16 models, whose own rounding dominates). q and k are dotted in
   their own dtype with fp32 accumulation, except ``QK_FP32`` upcasts first: the interpreter's
@@ -28,13 +34,14 @@ Why the pair kernels look the way they do:
   and/or alpha tiles, sum map rows, or contract: w[k, rows] @ map_tile by ``tl.dot``, atomically
   added into out[:, :, k, cols] (key-major programs would avoid atomics, but the compiler then
   hoists the Gram block of their keys for all M out of the query loop into shared memory:
-  M BLOCK_N HP^2 4 bytes, beyond sm_80 for H >= 32). normalize_rows = a row-sum pass first,
-  folded into the weights (w[k, i] / rowsum[m, i]). Every pass runs over the same selected rows,
-  the contraction too (weights gathered at those rows by the launcher).
+  M BLOCK_N HP^2 4 bytes, beyond sm_80 for H >= 32). normalize_rows = a row-sum pass first (each key
+  split atomically adds its partial sums), folded into the weights (w[k, i] / rowsum[m, i]). Every pass
+  runs over the same selected rows, the contraction too (weights gathered at those rows by the launcher).
 - Programs run with num_stages=1: the tiles are register-bound, and software pipelining of the
   3D loads would double their shared memory.
 - Causal, sliding-window and symmetric-window (radius) tiles that see nothing are skipped via the
-  loop bounds; outputs start zeroed. All pointer offsets are int64 (N up to 128k).
+  loop bounds, which the key splits share out (a split past a block's last visible tile does nothing);
+  outputs start zeroed. All pointer offsets are int64 (N up to 128k).
 - Logit soft-capping (SOFTCAP) is a constexpr flag of the shared alpha helpers, not a kernel of its
   own: rows.capped_logits caps the logits in both passes.
 """
@@ -43,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import LOG2E, alpha_tile, dot_settings, key_tile, pow2, query_block, row_lse
+from .rows import LOG2E, alpha_tile, dot_settings, key_split, key_splits, key_tile, pow2, query_block, row_lse
 
 
 @triton.jit
@@ -76,11 +83,11 @@ def _attention_pairs_kernel(
     k_ptr,  # (B, H // KV_GROUP, N, DH)
     valid_ptr,  # (B, N) int8
     rows_ptr,  # (R,) int64, read if HAS_ROWS
-    lse_ptr,  # (B, H, R) fp32 from rows._row_lse_kernel
+    lse_ptr,  # (B, H, R) fp32 from rows.row_lse
     grams_ptr,  # (B, N, M, H+1, H+1) fp32
     row_scale_ptr,  # (B, N, M) fp32
     map_ptr,  # (B, M, R, N) fp32, written if STORE_MAP
-    row_sum_ptr,  # (B, M, R) fp32, written if SUM_ROWS
+    row_sum_ptr,  # (B, M, R) fp32, zeroed, accumulated into if SUM_ROWS
     alpha_ptr,  # (B, H, R, N) fp32, written if WRITE_ALPHA
     weights_ptr,  # (B, M, K, R) fp32 with strides (weights_b_stride, weights_m_stride, R, 1), read if CONTRACT
     out_ptr,  # (B, M, K, N) fp32, zeroed, accumulated into if CONTRACT
@@ -92,17 +99,19 @@ def _attention_pairs_kernel(
     WRITE_ALPHA: tl.constexpr, BLOCK_K: tl.constexpr, QK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """map[b, m, r, j] = row_scale[b, i, m] sqrt(kappa_ij^T G_jm kappa_ij), i = rows[r], and what the flags ask of it:
-    STORE_MAP: the map; SUM_ROWS: sum_j map[b, m, r, j];
+    STORE_MAP: the map; SUM_ROWS: row_sum[b, m, r] += sum_j map[b, m, r, j];
     CONTRACT: out[b, m, k, j] += sum_r weights[b, m, k, r] map[b, m, r, j];
     WRITE_ALPHA: alpha[b, h, r, j].
 
-    One program per (block of BLOCK_M query rows, b), looping over the key tiles those rows can see.
-    The contraction adds each tile's share with atomics: key-major programs would keep the whole
-    Gram block of their keys resident (LICM), more shared memory than sm_80 has for H >= 32.
+    One program per (block of BLOCK_M query rows, b, key split), looping over its share (rows.key_split)
+    of the key tiles those rows can see. Row sums and the contraction add each program's share with
+    atomics: key-major programs would keep the whole Gram block of their keys resident (LICM), more
+    shared memory than sm_80 has for H >= 32.
     """
     b = tl.program_id(1).to(tl.int64)
     ridx, row_ok, rows, row_valid, row_first, row_last, key_lo, key_hi = query_block(
         rows_ptr, valid_ptr, b, N, R, window, radius, BLOCK_M, BLOCK_N, HAS_ROWS, CAUSAL, WINDOWED, SYMMETRIC)
+    key_lo, key_hi = key_split(key_lo, key_hi, BLOCK_N)
     scopes = tl.arange(0, MP)
     heads = tl.arange(0, HP)
     sums = tl.zeros((MP, BLOCK_M), tl.float32)
@@ -133,15 +142,23 @@ def _attention_pairs_kernel(
                         tl.atomic_add(out_ptr + ((b * M + m) * K + kidx[:, None]) * N + cols[None, :], part,
                                       mask=(kidx < K)[:, None] & col_ok[None, :], sem="relaxed")
     if SUM_ROWS:
-        tl.store(row_sum_ptr + (b * M + scopes[:, None]) * R + ridx[None, :], sums,
-                 mask=(scopes < M)[:, None] & row_ok[None, :])
+        tl.atomic_add(row_sum_ptr + (b * M + scopes[:, None]) * R + ridx[None, :], sums,
+                      mask=(scopes < M)[:, None] & row_ok[None, :], sem="relaxed")
 
 
-def pair_tile_sizes(H):
-    """(BLOCK_M, BLOCK_N) of the pair kernels: the alpha tile HP x BM x BN stays <= 8192 fp32 and the
-    Gram tile BN x HP x HP <= 64 KB of shared memory."""
+def pair_settings(H, R):
+    """BLOCK_M, BLOCK_N and num_warps of _attention_pairs_kernel for H heads and R query rows.
+
+    The alpha tile HP x BM x BN stays <= 8192 fp32 (64 per thread of 4 warps; the Gram product T and
+    alpha_t are as large) and the Gram tile BN x HP x HP <= 64 KB of shared memory: BM = 32 with BN = 16
+    (HP = 16) or 8 (HP = 32), and 16 x 4 for HP = 64. Up to 16 rows (rows= of a few rows) take BM = 16,
+    half of the 32-row tile masked off otherwise, and twice the keys per tile.
+    """
     HP = pow2(H)
-    return (32, 16) if HP <= 16 else (32, 8) if HP <= 32 else (16, 4)
+    block_m, block_n = (32, 16) if HP <= 16 else (32, 8) if HP <= 32 else (16, 4)
+    if R <= 16 < block_m:
+        block_m, block_n = 16, 2 * block_n
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
 
 
 def attention_maps(q, k, valid, causal, window, scale, grams, row_scale, rows=None, weights=None,
@@ -164,22 +181,24 @@ def attention_maps(q, k, valid, causal, window, scale, grams, row_scale, rows=No
         return out, torch.zeros(B, H, 0, N, device=dev, dtype=f32) if want_alpha else None
     valid8 = valid.to(torch.int8)
     dots = dot_settings(q.dtype)
-    block_m, block_n = pair_tile_sizes(H)
-    shape = dict(H=H, KV_GROUP=H // k.shape[1], M=M, MP=pow2(M, 1), DH=DH, HP=pow2(H), BLOCK_M=block_m,
-                 BLOCK_N=block_n, BLOCK_D=16, HAS_ROWS=rows is not None, CAUSAL=causal, WINDOWED=window > 0,
-                 SYMMETRIC=radius > 0, SOFTCAP=softcap > 0, QK_FP32=dots[0], DOT_PRECISION=dots[1])
+    tile = pair_settings(H, R)
+    shape = dict(H=H, KV_GROUP=H // k.shape[1], M=M, MP=pow2(M, 1), DH=DH, HP=pow2(H), BLOCK_D=16,
+                 HAS_ROWS=rows is not None, CAUSAL=causal, WINDOWED=window > 0, SYMMETRIC=radius > 0,
+                 SOFTCAP=softcap > 0, QK_FP32=dots[0], DOT_PRECISION=dots[1], **tile)
+    grid = (triton.cdiv(R, tile["BLOCK_M"]), B)
+    grid += (key_splits(grid[0] * B, triton.cdiv(N, tile["BLOCK_N"]), dev),)
     if lse2 is None:  # the row statistics, unless the caller has them (base 2, (B, H, R) for the selected rows)
         lse2 = row_lse(q, k, valid8, causal, window, scale, rows, dots, radius=radius, softcap=softcap)
     lse = lse2
 
     def run(store_map=False, sum_rows=False, write_alpha=False, weights=None):
         maps = torch.zeros(B, M, R, N, device=dev, dtype=f32) if store_map else lse
-        sums = torch.empty(B, M, R, device=dev, dtype=f32) if sum_rows else lse
+        sums = torch.zeros(B, M, R, device=dev, dtype=f32) if sum_rows else lse
         alpha = torch.zeros(B, H, R, N, device=dev, dtype=f32) if write_alpha else lse
         contract = weights is not None
         K = weights.shape[-2] if contract else 0
         out = torch.zeros(B, M, K, N, device=dev, dtype=f32) if contract else lse
-        _attention_pairs_kernel[(triton.cdiv(R, block_m), B)](
+        _attention_pairs_kernel[grid](
             q, k, valid8, rows if rows is not None else lse, lse, grams, row_scale, maps, sums, alpha,
             weights if contract else lse, out, N, R, K, scale * LOG2E, window, radius, softcap * LOG2E,
             weights.stride(0) if contract else 0, K * R if contract and weights.dim() == 4 else 0,

@@ -17,13 +17,18 @@ Centring (scope 2 with out_center) would need the mean over all of D before the 
 instead the launcher centres w_out and res_parts (C is linear) so the GEMM yields C(ff) and C(res)
 directly, and scopes 0/1 add the mean back exactly, ||x||^2 = ||C(x)||^2 + D mean(x)^2, with
 mean(ff_ij) = hidden_ij . mean_d(w_out) and mean(res_ij) from per-key part means: no cancellation.
+
+The grid of each key-block launch is (query blocks, B, key splits), as in kernels/attention_pairs.py:
+a pair costs a whole F x D GEMM here, so one program per query block (rows= of a few rows: one per
+batch element) would leave the GPU nearly idle for the longest kernel of all; the splits share out
+the key tiles of the launch's key block, and row sums are added atomically across splits and launches.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .rows import LOG2E, alpha_tile, dot_settings, key_tile, pow2, query_block, row_lse
+from .rows import LOG2E, alpha_tile, dot_settings, key_split, key_splits, key_tile, pow2, query_block, row_lse
 
 
 @triton.jit
@@ -144,7 +149,7 @@ def _ff_pairs_kernel(
     k_ptr,  # (B, H // KV_GROUP, N, DH)
     valid_ptr,  # (B, N) int8
     rows_ptr,  # (R,) int64, read if HAS_ROWS
-    lse_ptr,  # (B, H, R) fp32 from rows._row_lse_kernel
+    lse_ptr,  # (B, H, R) fp32 from rows.row_lse
     ff_ptr,  # (B, NB, H+1, F): the parts of keys [key_start, key_stop) only, NB = key_stop - key_start
     gate_ptr,  # (B, NB, H+1, F), read if GATED
     res_ptr,  # (B, NB, H+1, D), centred over D if CENTER
@@ -156,7 +161,7 @@ def _ff_pairs_kernel(
     w_out_mean_ptr,  # (F,) mean over D of the uncentred w_out, read if CENTER
     res_mean_ptr,  # (B, NB, H+1) mean over D of the uncentred res_parts, read if CENTER
     map_ptr,  # (B, N_SCOPES, R, N) fp32, written if STORE_MAP
-    row_sum_ptr,  # (B, N_SCOPES, R) fp32, accumulated into (across launches) if SUM_ROWS
+    row_sum_ptr,  # (B, N_SCOPES, R) fp32, zeroed, accumulated into (across key splits and launches) if SUM_ROWS
     weights_ptr,  # (B, N_SCOPES, K, R) fp32 with strides (weights_b_stride, weights_s_stride, R, 1), read if CONTRACT
     out_ptr,  # (B, N_SCOPES, K, N) fp32, zeroed, accumulated into if CONTRACT
     N, key_start, key_stop, R, K, F, D, scale_log2, window, radius, softcap_log2, weights_b_stride, weights_s_stride,
@@ -173,17 +178,19 @@ def _ff_pairs_kernel(
     CONTRACT: out[b, s, k, j] += sum_r weights[b, s, k, r] map[b, s, r, j]
     (atomically, as in kernels/attention_pairs.py).
 
-    One program per (block of BLOCK_M query rows, b), looping over the key tiles of the block those rows
-    can see. key_start is a multiple of BLOCK_N (the launcher's key blocks are), so tiles stay aligned.
+    One program per (block of BLOCK_M query rows, b, key split), looping over its share (rows.key_split) of
+    the key tiles of the block those rows can see. key_start is a multiple of BLOCK_N (the launcher's key
+    blocks are), so tiles stay aligned.
     """
     b = tl.program_id(1).to(tl.int64)
     ridx, row_ok, rows, row_valid, row_first, row_last, key_lo, key_hi = query_block(
         rows_ptr, valid_ptr, b, N, R, window, radius, BLOCK_M, BLOCK_N, HAS_ROWS, CAUSAL, WINDOWED, SYMMETRIC)
+    key_lo, key_hi = key_split(tl.maximum(key_lo, key_start), tl.minimum(key_hi, key_stop), BLOCK_N)
     sum0 = tl.zeros((BLOCK_M,), tl.float32)
     sum1 = tl.zeros((BLOCK_M,), tl.float32)
     sum2 = tl.zeros((BLOCK_M,), tl.float32)
     NB = key_stop - key_start
-    for start in range(tl.maximum(key_lo, key_start), tl.minimum(key_hi, key_stop), BLOCK_N):
+    for start in range(key_lo, key_hi, BLOCK_N):
         cols, col_ok, vis, has_diagonal = key_tile(valid_ptr, b, start, rows, row_valid, row_first, row_last, N,
                                                    window, radius, BLOCK_N, CAUSAL, WINDOWED, SYMMETRIC)
         in_block = cols < key_stop
@@ -222,20 +229,19 @@ def _ff_pairs_kernel(
                     part = tl.dot(tl.load(w_offs + 2 * weights_s_stride, mask=w_mask, other=0.0), tl.trans(s2),
                                   input_precision=DOT_PRECISION)
                     tl.atomic_add(out_offs + 2 * K * N, part, mask=out_mask, sem="relaxed")
-    if SUM_ROWS:
-        # each (row block, b) belongs to one program of a launch: a plain read-add-write accumulates
-        offs = b * N_SCOPES * R + ridx
-        tl.store(row_sum_ptr + offs, tl.load(row_sum_ptr + offs, mask=row_ok, other=0.0) + sum0, mask=row_ok)
-        tl.store(row_sum_ptr + offs + R, tl.load(row_sum_ptr + offs + R, mask=row_ok, other=0.0) + sum1, mask=row_ok)
+    if SUM_ROWS:  # the key splits of a row block add up
+        offs = row_sum_ptr + b * N_SCOPES * R + ridx
+        tl.atomic_add(offs, sum0, mask=row_ok, sem="relaxed")
+        tl.atomic_add(offs + R, sum1, mask=row_ok, sem="relaxed")
         if N_SCOPES == 3:
-            tl.store(row_sum_ptr + offs + 2 * R, tl.load(row_sum_ptr + offs + 2 * R, mask=row_ok, other=0.0) + sum2,
-                     mask=row_ok)
+            tl.atomic_add(offs + 2 * R, sum2, mask=row_ok, sem="relaxed")
 
 
-def ff_tile_sizes():
-    """Tile of the FF kernel: BM x BN pairs, q and k chunks BLOCK_D wide, the hidden slice BLOCK_F wide,
-    the output slice BLOCK_DO wide."""
-    return dict(BLOCK_M=16, BLOCK_N=4, BLOCK_D=16, BLOCK_F=32, BLOCK_DO=64)
+def ff_settings():
+    """Tile and warps of the FF kernel: BM x BN pairs, q and k chunks BLOCK_D wide, the hidden slice BLOCK_F
+    wide, the output slice BLOCK_DO wide; 4 warps hold the (BM BN, BLOCK_DO) output accumulator at 32 fp32 a
+    thread. BM = 16 is already the least tl.dot takes, so few rows need no tile of their own."""
+    return dict(BLOCK_M=16, BLOCK_N=4, BLOCK_D=16, BLOCK_F=32, BLOCK_DO=64, num_warps=4)
 
 
 # a key block's parts (ff, gate and res over B x block x (H+1)) stay under this many bytes (launcher's default)
@@ -271,7 +277,7 @@ def ff_maps(q, k, valid, causal, window, scale, ff_parts, gate_parts, res_parts,
     dev, f32 = q.device, torch.float32
     if R == 0:  # nothing to launch: no rows, and a contraction over no rows is 0
         return torch.zeros(B, n_scopes, 0 if weights is None else weights.shape[1], N, device=dev, dtype=f32)
-    tile = ff_tile_sizes()
+    tile = ff_settings()
     block_m, block_n = tile["BLOCK_M"], tile["BLOCK_N"]
     if key_block is None:
         gated = gate_parts is not None
@@ -286,6 +292,7 @@ def ff_maps(q, k, valid, causal, window, scale, ff_parts, gate_parts, res_parts,
         if key_block_size is None:
             key_block_size = choose_key_block(B, N, H, F, D, gated, w_out.element_size(), block_n)
     step = triton.cdiv(max(int(key_block_size), 1), block_n) * block_n  # blocks start on key tiles
+    grid = (triton.cdiv(R, block_m), B)
     center = bool(out_center) and n_scopes == 3
     valid8 = valid.to(torch.int8)
     w_out_mean = in_scale  # placeholder, never read unless CENTER
@@ -322,7 +329,8 @@ def ff_maps(q, k, valid, causal, window, scale, ff_parts, gate_parts, res_parts,
         out = torch.zeros(B, n_scopes, K, N, device=dev, dtype=f32) if contract else lse
         for key_start in range(0, N, step):
             key_stop = min(key_start + step, N)
-            _ff_pairs_kernel[(triton.cdiv(R, block_m), B)](
+            splits = key_splits(grid[0] * B, triton.cdiv(key_stop - key_start, block_n), dev)
+            _ff_pairs_kernel[grid + (splits,)](
                 q, k, valid8, rows if rows is not None else lse, lse, *block_tensors(slice(key_start, key_stop)),
                 maps, sums, weights if contract else lse, out, N, key_start, key_stop, R, K, F, D, scale * LOG2E,
                 window, radius, softcap * LOG2E, weights.stride(0) if contract else 0,

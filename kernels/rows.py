@@ -2,10 +2,18 @@
 
 A program of kernels/attention_pairs.py or kernels/ff_pairs.py owns BLOCK_M query rows and loops over
 the key tiles they can see. ``query_block`` reads those rows (``rows`` indirection, padding) and the
-key range they can see, ``key_tile`` the keys of one tile and which of them each row sees: the only
-place where the visibility rule lives in Triton. ``_row_lse_kernel`` computes the softmax statistic
-the pair kernels recompute alpha from, ``alpha_tile`` that recomputation; both take their logits from
+key range they can see, ``key_split`` cuts that range into the shares of the programs of grid axis 2,
+``key_tile`` gives the keys of one tile and which of them each row sees: the only place where the
+visibility rule lives in Triton. ``_row_lse_kernel`` computes the softmax statistic the pair kernels
+recompute alpha from, ``alpha_tile`` that recomputation; both take their logits from
 ``capped_logits``, so that lse and alpha see the same (soft-capped) logits.
+
+Key splits: a launch over few query blocks (``rows=`` with a few rows, short inputs, one batch
+element) would leave most SMs idle, one program per block walking all its keys. Grid axis 2 splits
+every block's keys into contiguous shares of whole tiles (``key_splits`` chooses their number on the
+host so that the launch has ``programs_to_fill`` programs); what the programs of one block write
+is either disjoint (map and alpha tiles), atomically added (row sums, contractions) or, for the row
+log-sum-exp, one partial per split merged by ``row_lse``.
 
 Notation: kobattr/backends/base.py. Variants are constexpr flags: HAS_ROWS (rows selected), CAUSAL,
 WINDOWED (sliding window > 0), SYMMETRIC (symmetric window, radius > 0), SOFTCAP (logit soft-capping,
@@ -20,6 +28,11 @@ import triton.language as tl
 
 
 LOG2E = 1.4426950408889634
+# programs per SM a launch should reach: a pair program holds tiles of up to 8192 fp32 in registers, so
+# about two are resident per SM; four per SM is two waves, enough to even out splits that causal or
+# windowed masks leave short (a guess to measure on a GPU)
+FILL_PER_SM = 4
+INTERPRETER_SMS = 132  # an H100's count: the interpreter takes the splits an H100 would
 _TWO_LOG2E = tl.constexpr(2 * LOG2E)  # exp(2y) = exp2(2 log2(e) y), as a global jit functions may read
 
 
@@ -53,6 +66,20 @@ def query_block(rows_ptr, valid_ptr, b, N, R, window, radius,
         key_lo = tl.maximum(key_lo, tl.maximum(row_first - radius, 0) // BLOCK_N * BLOCK_N)
         key_hi = tl.minimum(key_hi, row_last + radius + 1)
     return ridx, row_ok, rows, row_valid, row_first, row_last, key_lo, key_hi
+
+
+@triton.jit
+def key_split(key_lo, key_hi, BLOCK_N: tl.constexpr):
+    """[lo, hi) = the share of keys [key_lo, key_hi) of key split program_id(2) out of num_programs(2): the
+    next ceil(tiles / splits) of its tiles = ceil((key_hi - key_lo) / BLOCK_N) tiles starting at key_lo.
+
+    Shares stay aligned on key_lo's tiles, so no tile belongs to two splits; splits past the last tile get
+    lo >= hi (no tile at all), as does an empty range.
+    """
+    tiles = tl.cdiv(tl.maximum(key_hi - key_lo, 0), BLOCK_N)
+    span = tl.cdiv(tiles, tl.num_programs(2)) * BLOCK_N
+    lo = key_lo + tl.program_id(2) * span
+    return lo, tl.minimum(key_hi, lo + span)
 
 
 @triton.jit
@@ -134,23 +161,25 @@ def _row_lse_kernel(
     k_ptr,  # (B, H // KV_GROUP, N, DH)
     valid_ptr,  # (B, N) int8
     rows_ptr,  # (R,) int64, read if HAS_ROWS
-    lse_ptr,  # (B, H, R) fp32, written
+    lse_ptr,  # (SPLITS, B, H, R) fp32, written: one partial per key split
     N, R, scale_log2, window, radius, softcap_log2,
     H: tl.constexpr, KV_GROUP: tl.constexpr, DH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_ROWS: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SYMMETRIC: tl.constexpr,
     SOFTCAP: tl.constexpr, QK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """lse2[b, h, r] = log2 sum_{j visible from i = rows[r]} exp2(capped_logits(q^h_i . k^{h // KV_GROUP}_j)).
+    """lse2[s, b, h, r] = log2 sum_{j in split s, visible from i = rows[r]} exp2(capped_logits(q^h_i . k^g_j)).
 
-    Base-2 log-sum-exp of the scaled logits, online over key tiles; 0 for rows that see no key. One
-    program per (BLOCK_M rows, b, h); BLOCK_D >= DH holds a whole head vector.
+    Base-2 log-sum-exp of the scaled logits over the keys of key split s (key_split), g = h // KV_GROUP,
+    online over key tiles; -inf for rows that see none of them. One program per (BLOCK_M rows, b * H + h, split s);
+    BLOCK_D >= DH holds a whole head vector. row_lse merges the splits.
     """
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     kv_head = b * (H // KV_GROUP) + (bh % H) // KV_GROUP
     ridx, row_ok, rows, row_valid, row_first, row_last, key_lo, key_hi = query_block(
         rows_ptr, valid_ptr, b, N, R, window, radius, BLOCK_M, BLOCK_N, HAS_ROWS, CAUSAL, WINDOWED, SYMMETRIC)
+    key_lo, key_hi = key_split(key_lo, key_hi, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     q = tl.load(q_ptr + (bh * N + rows)[:, None] * DH + d[None, :], mask=row_ok[:, None] & (d < DH)[None, :],
                 other=0.0)
@@ -171,8 +200,8 @@ def _row_lse_kernel(
         safe_max = tl.where(new_max == -float("inf"), 0.0, new_max)  # no inf - inf for rows seeing nothing yet
         row_sum = row_sum * tl.exp2(row_max - safe_max) + tl.sum(tl.exp2(logits - safe_max[:, None]), 1)
         row_max = new_max
-    lse = tl.where(row_sum > 0, row_max + tl.log2(tl.where(row_sum > 0, row_sum, 1.0)), 0.0)
-    tl.store(lse_ptr + bh * R + ridx, lse, mask=row_ok)
+    lse = tl.where(row_sum > 0, row_max + tl.log2(tl.where(row_sum > 0, row_sum, 1.0)), -float("inf"))
+    tl.store(lse_ptr + (tl.program_id(2) * tl.num_programs(1) + bh) * R + ridx, lse, mask=row_ok)
 
 
 def pow2(n, least=16):
@@ -190,18 +219,48 @@ def dot_settings(dtype):
     return interpreting, "tf32"
 
 
+def programs_to_fill(device):
+    """How many programs a launch needs to keep the GPU of ``device`` busy: FILL_PER_SM per streaming
+    multiprocessor (INTERPRETER_SMS off CUDA)."""
+    if device.type == "cuda":
+        return FILL_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return FILL_PER_SM * INTERPRETER_SMS
+
+
+def key_splits(programs, key_tiles, device):
+    """Grid axis 2 of a launch of ``programs`` query programs over at most ``key_tiles`` key tiles each:
+    enough splits to reach programs_to_fill(device), at most one per key tile, 1 when the query programs
+    alone fill the GPU."""
+    return max(1, min(key_tiles, triton.cdiv(programs_to_fill(device), max(programs, 1))))
+
+
+def lse_settings(DH, R):
+    """BLOCK_M, BLOCK_N, BLOCK_D and num_warps of _row_lse_kernel: 64 x 64 logit tiles for head sizes up to
+    64, 32 x 32 beyond (the q and k tiles are DH wide), BLOCK_M no larger than the rows need (rows= of a few
+    rows), 4 warps (32 fp32 of a 64 x 64 tile per thread)."""
+    block = 64 if DH <= 64 else 32
+    return dict(BLOCK_M=min(block, pow2(R)), BLOCK_N=block, BLOCK_D=pow2(DH), num_warps=4)
+
+
 def row_lse(q, k, valid8, causal, window, scale, rows, dots, radius=0, softcap=0.0):
     """lse2 (B, H, R) float32 of the scaled (and, softcap > 0, capped) logits (base 2) for ``rows`` (None =
-    all N); valid8 (B, N) int8; ``dots`` the (QK_FP32, DOT_PRECISION) of dot_settings."""
+    all N), 0 on rows that see no key; valid8 (B, N) int8; ``dots`` the (QK_FP32, DOT_PRECISION) of
+    dot_settings."""
     B, H, N, DH = q.shape
     R = N if rows is None else rows.numel()
-    lse = torch.empty(B, H, R, device=q.device, dtype=torch.float32)
-    block = 64 if DH <= 64 else 32
+    tile = lse_settings(DH, R)
+    grid = (triton.cdiv(R, tile["BLOCK_M"]), B * H)
+    splits = key_splits(grid[0] * grid[1], triton.cdiv(N, tile["BLOCK_N"]), q.device)
+    parts = torch.empty(splits, B, H, R, device=q.device, dtype=torch.float32)
     qk_fp32, precision = dots
-    _row_lse_kernel[(triton.cdiv(R, block), B * H)](
-        q, k, valid8, rows if rows is not None else lse, lse, N, R, scale * LOG2E, window, radius, softcap * LOG2E,
-        H=H, KV_GROUP=H // k.shape[1], DH=DH, BLOCK_M=block, BLOCK_N=block, BLOCK_D=pow2(DH),
-        HAS_ROWS=rows is not None, CAUSAL=causal, WINDOWED=window > 0, SYMMETRIC=radius > 0, SOFTCAP=softcap > 0,
-        QK_FP32=qk_fp32, DOT_PRECISION=precision, num_stages=2,
+    _row_lse_kernel[grid + (splits,)](
+        q, k, valid8, rows if rows is not None else parts, parts, N, R, scale * LOG2E, window, radius,
+        softcap * LOG2E, H=H, KV_GROUP=H // k.shape[1], DH=DH, HAS_ROWS=rows is not None, CAUSAL=causal,
+        WINDOWED=window > 0, SYMMETRIC=radius > 0, SOFTCAP=softcap > 0, QK_FP32=qk_fp32, DOT_PRECISION=precision,
+        num_stages=2, **tile,
     )
-    return lse
+    # log2 sum_s exp2(lse2_s), shifted by the largest partial; exact for one split
+    top = parts.amax(0)
+    seen = torch.isfinite(top)
+    shift = torch.where(seen, top, 0.0)
+    return torch.where(seen, shift + torch.log2(torch.exp2(parts - shift).sum(0)), 0.0)

@@ -32,6 +32,9 @@ MODEL_DTYPE_PTRS = {"q_ptr", "k_ptr", "ff_ptr", "gate_ptr", "res_ptr", "coef_in_
 # Compiling takes 5-60 s a kernel on a small CPU, so each list below is a covering set rather than
 # the full product: every kernel on every (capability, dtype), every value of every flag, every
 # launcher mode combination, the head sizes 32/64/80/128, H padded to HP = 16/32/64 and GQA.
+# Tiles and warps are the launchers' (pair_settings, lse_settings): the HAS_ROWS variants take those of
+# a few selected rows (ROWS_SELECTED; a 16-row query block), the others those of a long input (N_LONG).
+ROWS_SELECTED, N_LONG = 8, 4096
 
 # (H, KV_GROUP, DH, HAS_ROWS, CAUSAL, WINDOWED, SYMMETRIC, SOFTCAP)
 LSE_VARIANTS = [(12, 1, 64, False, False, False, False, False), (32, 4, 128, True, True, False, False, True),
@@ -77,8 +80,8 @@ def jobs():
     return out
 
 
-def constexprs(kernel, dtype, variant):
-    """The constexpr arguments the launchers pass for this variant."""
+def launch_settings(kernel, dtype, variant):
+    """(constexpr arguments, num_warps) the launchers pass for this variant."""
     import torch
 
     from kobattr.kernels import attention_pairs as ap
@@ -89,21 +92,25 @@ def constexprs(kernel, dtype, variant):
     dots = dict(QK_FP32=qk_fp32, DOT_PRECISION=precision)
     if kernel == "_row_lse_kernel":
         H, group, dh, has_rows, causal, windowed, symmetric, softcap = variant
-        block = 64 if dh <= 64 else 32
-        return dict(H=H, KV_GROUP=group, DH=dh, BLOCK_M=block, BLOCK_N=block, BLOCK_D=kr.pow2(dh),
-                    HAS_ROWS=has_rows, CAUSAL=causal, WINDOWED=windowed, SYMMETRIC=symmetric, SOFTCAP=softcap, **dots)
+        tile = kr.lse_settings(dh, ROWS_SELECTED if has_rows else N_LONG)
+        num_warps = tile.pop("num_warps")
+        return dict(H=H, KV_GROUP=group, DH=dh, HAS_ROWS=has_rows, CAUSAL=causal, WINDOWED=windowed,
+                    SYMMETRIC=symmetric, SOFTCAP=softcap, **tile, **dots), num_warps
     if kernel == "_attention_pairs_kernel":
         H, group, dh, M, has_rows, causal, windowed, symmetric, softcap, (store, sums, contract, alpha) = variant
-        block_m, block_n = ap.pair_tile_sizes(H)
-        return dict(H=H, KV_GROUP=group, M=M, MP=kr.pow2(M, 1), DH=dh, HP=kr.pow2(H), BLOCK_M=block_m,
-                    BLOCK_N=block_n, BLOCK_D=16, HAS_ROWS=has_rows, CAUSAL=causal, WINDOWED=windowed,
-                    SYMMETRIC=symmetric, SOFTCAP=softcap, STORE_MAP=store, SUM_ROWS=sums, CONTRACT=contract,
-                    WRITE_ALPHA=alpha, BLOCK_K=16, **dots)
+        tile = ap.pair_settings(H, ROWS_SELECTED if has_rows else N_LONG)
+        num_warps = tile.pop("num_warps")
+        return dict(H=H, KV_GROUP=group, M=M, MP=kr.pow2(M, 1), DH=dh, HP=kr.pow2(H), BLOCK_D=16,
+                    HAS_ROWS=has_rows, CAUSAL=causal, WINDOWED=windowed, SYMMETRIC=symmetric, SOFTCAP=softcap,
+                    STORE_MAP=store, SUM_ROWS=sums, CONTRACT=contract, WRITE_ALPHA=alpha, BLOCK_K=16, **tile,
+                    **dots), num_warps
     (H, group, dh, gated, n_scopes, center, has_rows, causal, windowed, symmetric, softcap,
      (store, sums, contract)) = variant
-    return dict(H=H, KV_GROUP=group, DH=dh, HP=kr.pow2(H), **fp.ff_tile_sizes(), GATED=gated, N_SCOPES=n_scopes,
-                CENTER=center, HAS_ROWS=has_rows, CAUSAL=causal, WINDOWED=windowed, SYMMETRIC=symmetric,
-                SOFTCAP=softcap, STORE_MAP=store, SUM_ROWS=sums, CONTRACT=contract, BLOCK_K=16, **dots)
+    tile = fp.ff_settings()
+    num_warps = tile.pop("num_warps")
+    return dict(H=H, KV_GROUP=group, DH=dh, HP=kr.pow2(H), GATED=gated, N_SCOPES=n_scopes, CENTER=center,
+                HAS_ROWS=has_rows, CAUSAL=causal, WINDOWED=windowed, SYMMETRIC=symmetric, SOFTCAP=softcap,
+                STORE_MAP=store, SUM_ROWS=sums, CONTRACT=contract, BLOCK_K=16, **tile, **dots), num_warps
 
 
 def signature(kernel, dtype, consts):
@@ -146,11 +153,11 @@ def compile_job(module, kernel_name, capability, dtype, num_stages, variant):
     from triton.backends.compiler import GPUTarget
 
     kernel = getattr(importlib.import_module(f"kobattr.kernels.{module}"), kernel_name)
-    consts = constexprs(kernel_name, dtype, variant)
+    consts, num_warps = launch_settings(kernel_name, dtype, variant)
     try:
         src = ast_source(kernel, signature(kernel, dtype, consts), consts)
         compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                                  options={"num_warps": 4, "num_stages": num_stages})
+                                  options={"num_warps": num_warps, "num_stages": num_stages})
     except Exception as err:  # the message is the test failure
         return f"compile error: {type(err).__name__}: {err}"[:4000]
     if not compiled.asm.get("ptx") or not compiled.asm.get("cubin"):

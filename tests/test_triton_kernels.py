@@ -2,7 +2,9 @@
 
 tests/conftest.py sets TRITON_INTERPRET=1 before anything imports triton. Shapes stay small (the
 interpreter executes every tile in numpy) but cross tile borders: N = 97 spans several query and
-key tiles, N = 1 and 7 are partial single tiles.
+key tiles, N = 1 and 7 are partial single tiles. The interpreter takes the key splits an H100 would
+(kernels/rows.py INTERPRETER_SMS), so launches over more than one key tile split their keys; the
+key_split_mode tests run the same calls with one split too.
 """
 
 import dataclasses
@@ -14,7 +16,7 @@ pytest.importorskip("triton")
 
 from kobattr.backends.base import BackendUnavailable  # noqa: E402
 from kobattr.backends.triton_backend import TritonBackend  # noqa: E402
-from kobattr.kernels import attention_pairs, rows as kernel_rows  # noqa: E402
+from kobattr.kernels import attention_pairs, ff_pairs, rows as kernel_rows  # noqa: E402
 from primitive_oracle import (oracle_alpha, oracle_attention_maps, oracle_ff_maps, oracle_row_lse,  # noqa: E402
                               random_attention, random_ff_parts, random_grams, scrambled_layout)
 
@@ -213,6 +215,77 @@ def test_row_lse_low_precision(dtype):
     assert_lowprec_close(lse[seen], want[seen], oracle_row_lse(rounded)[0][seen])
 
 
+# ---------------------------------------------------------------- key splits (grid axis 2)
+
+
+@pytest.fixture(params=["one-split", "split-keys"])
+def key_split_mode(request, monkeypatch):
+    """Every launch's key split count, recorded; "one-split" tells the launchers the query blocks fill the GPU
+    (so every launch takes 1 split), "split-keys" leaves the interpreter's H100-sized target (many splits)."""
+    counts = []
+    choose = kernel_rows.key_splits
+
+    def recorded(programs, key_tiles, device):
+        counts.append(choose(programs, key_tiles, device))
+        return counts[-1]
+
+    for module in (kernel_rows, attention_pairs, ff_pairs):
+        monkeypatch.setattr(module, "key_splits", recorded)
+    if request.param == "one-split":
+        monkeypatch.setattr(kernel_rows, "programs_to_fill", lambda device: 1)
+    yield counts
+    assert counts and (max(counts) == 1) == (request.param == "one-split"), counts
+
+
+def test_key_split_count():
+    """Enough splits for FILL_PER_SM programs per SM, none when the query blocks fill the GPU, at most one per
+    key tile; rows= of a few rows take the 16-row pair and lse tiles."""
+    cpu = torch.device("cpu")
+    fill = kernel_rows.programs_to_fill(cpu)
+    assert fill == kernel_rows.FILL_PER_SM * kernel_rows.INTERPRETER_SMS
+    assert kernel_rows.key_splits(fill, 1000, cpu) == kernel_rows.key_splits(10 * fill, 1000, cpu) == 1
+    assert kernel_rows.key_splits(2, 1000, cpu) == fill // 2
+    assert kernel_rows.key_splits(2, 7, cpu) == 7
+    assert attention_pairs.pair_settings(32, 8)["BLOCK_M"] == 16 < attention_pairs.pair_settings(32, 17)["BLOCK_M"]
+    assert kernel_rows.lse_settings(64, 5)["BLOCK_M"] == 16 and kernel_rows.lse_settings(64, 4096)["BLOCK_M"] == 64
+
+
+# rows of the causal / window / radius / pad pattern: one block whose keys reach over several splits (0 and the
+# padded N - 1 among them), and one whose keys (0..2) fit in one tile, so that all other splits see nothing
+SPLIT_ROWS = [torch.tensor([96, 0, 48, 32, 48]), torch.tensor([2, 0, 1])]
+
+
+@pytest.mark.parametrize("rows", SPLIT_ROWS, ids=["spread", "first"])
+def test_attention_key_splits(key_split_mode, rows):
+    """Maps, alpha, row sums (normalize_rows) and the contraction of selected rows, and the row statistics,
+    with keys split over many programs or none, against the oracle."""
+    attn = attention("N97-causal-window-radius-softcap-gqa1")
+    B, H, N, _ = attn.q.shape
+    grams, row_scale = random_grams(B, N, 2, H)
+    weights = torch.rand(B, 3, N, generator=torch.Generator().manual_seed(12))
+    maps, alpha = BACKEND.attention_maps(attn, grams, row_scale, rows=rows, want_alpha=True)
+    assert_close(maps, oracle_attention_maps(attn, grams, row_scale, rows=rows))
+    assert_close(alpha, oracle_alpha(attn, rows))
+    out, _ = BACKEND.attention_maps(attn, grams, row_scale, rows=rows, weights=weights, normalize_rows=True)
+    assert_close(out, oracle_attention_maps(attn, grams, row_scale, rows=rows, weights=weights, normalize_rows=True))
+    lse = BACKEND.row_lse(attn)
+    want, seen = oracle_row_lse(attn)
+    assert_close(lse[seen], want[seen])
+    assert (lse[~seen] == 0).all()
+
+
+def test_ff_key_splits(key_split_mode):
+    """The FF row sums (normalize_rows) and contraction with keys split over many programs or none (N = 37:
+    10 key tiles of the FF kernel)."""
+    attn = random_attention(B=2, H=4, KV=1, N=37, Dh=16, causal=True, window=13, pad=5, radius=6, softcap=1.5,
+                            logit_std=3.0)
+    parts = random_ff_parts(2, 37, 4, gated=True, n_scopes=3, center=True)
+    weights = torch.rand(2, 2, 37, generator=torch.Generator().manual_seed(13))
+    for normalize_rows in (False, True):  # normalised, a tile counted twice would cancel out
+        kw = dict(rows=torch.tensor([36, 0, 18, 12, 18]), weights=weights, normalize_rows=normalize_rows)
+        assert_close(*ff_maps_oracle_pair(attn, parts, **kw))
+
+
 # ---------------------------------------------------------------- feed-forward maps
 
 # (gated, n_scopes, center)
@@ -395,9 +468,9 @@ def test_ff_streamed_key_blocks(name, mode):
 
 def test_ff_key_block_size_choice():
     """The default block keeps a block's parts under the byte budget, on key tiles, and one block for small N."""
-    from kobattr.kernels.ff_pairs import KEY_BLOCK_BYTES, choose_key_block, ff_tile_sizes
+    from kobattr.kernels.ff_pairs import KEY_BLOCK_BYTES, choose_key_block, ff_settings
 
-    bn = ff_tile_sizes()["BLOCK_N"]
+    bn = ff_settings()["BLOCK_N"]
     assert choose_key_block(2, 13, 4, 32, 16, True, 4, bn) == 16
     # Llama-7B: H = 32, F = 11008 (gated), D = 4096, N = 64k, bf16 parts (centred in fp32)
     keys = choose_key_block(1, 65536, 32, 11008, 4096, True, 2, bn)
