@@ -41,6 +41,14 @@ KOBATTR_HOST_DEVICE bool keys_hidden(int64_t first_query, int64_t last_query, in
            (radius > 0 && (first_key - last_query > radius || first_query - last_key > radius));
 }
 
+// The opposite case: true when every key in [first_key, last_key] is visible (by the rule; validity aside) from
+// every query in [first_query, last_query], so that a kernel can drop the per-pair masks of the tile.
+KOBATTR_HOST_DEVICE bool keys_all_visible(int64_t first_query, int64_t last_query, int64_t first_key, int64_t last_key,
+                                          bool causal, int64_t window, int64_t radius) {
+    return last_query >= 0 && (!causal || last_key <= first_query) && (window <= 0 || last_query - first_key < window) &&
+           (radius <= 0 || (last_query - first_key <= radius && last_key - first_query <= radius));
+}
+
 // cap(s) = c tanh(s / c), the logit soft-capping of Gemma 2, for softcap c > 0 (s itself otherwise), on
 // the scaled logit s = scale q.k, before masking. Written as c - 2c / (exp(2 s / c) + 1) so that one
 // formula serves both kernels with their own exponential `exp` (expf on the GPU, the CPU kernel's vector

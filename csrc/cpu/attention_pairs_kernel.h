@@ -245,6 +245,24 @@ bool tile_hidden(const Plan& p, int64_t query_tile, int64_t key_tile) {
     return keys_hidden(first, last, j0, j1, p.a.causal, p.a.window, p.a.radius);
 }
 
+// True when every query row of the tile is a real, valid token that sees every key of key tile `key_tile`
+// (all inside N and valid): the first pass then needs no visibility masks for it.
+bool tile_fully_visible(const Plan& p, int64_t b, int64_t query_tile, int64_t key_tile) {
+    const int64_t j0 = key_tile * p.key_tile, j1 = j0 + p.key_tile - 1;
+    if (j1 >= p.N) return false;
+    const uint8_t* valid = p.a.valid + b * p.N;
+    int32_t first = std::numeric_limits<int32_t>::max(), last = -1;
+    for (int i = 0; i < kQueryTile; ++i) {
+        const int32_t pos = p.q_pos[query_tile * kQueryTile + i];
+        if (pos < 0 || !valid[pos]) return false;
+        first = smaller(first, pos);
+        last = larger(last, pos);
+    }
+    for (int64_t j = j0; j <= j1; ++j)
+        if (!valid[j]) return false;
+    return keys_all_visible(first, last, j0, j1, p.a.causal, p.a.window, p.a.radius);
+}
+
 // Copies keys [j0, j0 + key_tile) of key head g, zero past N, so the micro-kernel needs no bounds.
 KOBATTR_INLINE void load_keys(const Plan& p, int64_t b, int64_t g, int64_t j0, float* keys) {
     const float* src = p.a.k + ((b * (p.H / p.group) + g) * p.N + j0) * p.Dh;
@@ -312,6 +330,40 @@ KOBATTR_INLINE void cap_scores(const Plan& p, float* scores) {
         store(scores + e, soft_cap(load(scores + e), p.a.softcap, VectorExp{}));
 }
 
+// One key tile of pass 1: running_max / running_sum updated from the tile's scores (flash recurrence), the
+// exponentials kept when `kept` is set. kMasked: only where visible[j][i]; otherwise every pair of the tile counts.
+template <bool kMasked>
+KOBATTR_INLINE void tile_statistics(const Plan& p, int64_t kt, const float* scores, const int32_t* visible,
+                                    float* running_max, double* running_sum, float* kept, float* kept_max) {
+    for (int v = 0; v < kVectors; ++v) {
+        VecF tile_max = splat(-kInf);
+        for (int j = 0; j < p.key_tile; ++j) {
+            const VecF s = load(scores + j * kQueryTile + v * kLanes);
+            VecI larger_here = s > tile_max;
+            if constexpr (kMasked) larger_here &= load(visible + j * kQueryTile + v * kLanes);
+            tile_max = select(larger_here, s, tile_max);
+        }
+        const VecF old_max = load(running_max + v * kLanes);
+        const VecF new_max = select(old_max > tile_max, old_max, tile_max);
+        VecF tile_sum = {};
+        for (int j = 0; j < p.key_tile; ++j) {
+            VecF e = vector_exp(load(scores + j * kQueryTile + v * kLanes) - new_max);
+            if constexpr (kMasked) e = select(load(visible + j * kQueryTile + v * kLanes), e, splat(0.0f));
+            tile_sum += e;
+            if (kept) store(kept + (kt * p.key_tile + j) * kQueryTile + v * kLanes, e);
+        }
+        if (kept) store(kept_max + kt * kQueryTile + v * kLanes, new_max);
+        for (int l = 0; l < kLanes; ++l) {
+            // A row that has seen no visible key yet keeps max -inf and sum 0 (no inf - inf).
+            const int i = v * kLanes + l;
+            if (new_max[l] == -kInf) continue;
+            const double rescale = running_max[i] == -kInf ? 0.0 : std::exp(double(running_max[i]) - new_max[l]);
+            running_sum[i] = running_sum[i] * rescale + tile_sum[l];
+            running_max[i] = new_max[l];
+        }
+    }
+}
+
 // Pass 1 for one (b, h, query tile): lse_i = m_i + log(sum_j exp(s_ij - m_i)) over the visible keys (s capped),
 // with the running maximum m_i updated tile by tile (the flash-attention recurrence); lse has kQueryTile slots.
 // kept / kept_max: this head's part of Scratch::kept / kept_max to fill, or null.
@@ -329,31 +381,11 @@ void row_stats_task(const Plan& p, int64_t b, int64_t h, int64_t query_tile, Scr
         load_keys(p, b, h / p.group, j0, w.keys.data());
         score_tile(w.keys.data(), q_t, p.Dh, p.key_tile, w.scores.data());
         cap_scores(p, w.scores.data());
-        visibility(p, b, query_tile, j0, w.visible.data());
-        for (int v = 0; v < kVectors; ++v) {
-            VecF tile_max = splat(-kInf);
-            for (int j = 0; j < p.key_tile; ++j) {
-                const VecF s = load(scores + j * kQueryTile + v * kLanes);
-                tile_max = select(load(visible + j * kQueryTile + v * kLanes) & (s > tile_max), s, tile_max);
-            }
-            const VecF old_max = load(running_max + v * kLanes);
-            const VecF new_max = select(old_max > tile_max, old_max, tile_max);
-            VecF tile_sum = {};
-            for (int j = 0; j < p.key_tile; ++j) {
-                const VecF e = select(load(visible + j * kQueryTile + v * kLanes),
-                                      vector_exp(load(scores + j * kQueryTile + v * kLanes) - new_max), splat(0.0f));
-                tile_sum += e;
-                if (kept) store(kept + (kt * p.key_tile + j) * kQueryTile + v * kLanes, e);
-            }
-            if (kept) store(kept_max + kt * kQueryTile + v * kLanes, new_max);
-            for (int l = 0; l < kLanes; ++l) {
-                // A row that has seen no visible key yet keeps max -inf and sum 0 (no inf - inf).
-                const int i = v * kLanes + l;
-                if (new_max[l] == -kInf) continue;
-                const double rescale = running_max[i] == -kInf ? 0.0 : std::exp(double(running_max[i]) - new_max[l]);
-                running_sum[i] = running_sum[i] * rescale + tile_sum[l];
-                running_max[i] = new_max[l];
-            }
+        if (tile_fully_visible(p, b, query_tile, kt)) {
+            tile_statistics<false>(p, kt, scores, visible, running_max, running_sum, kept, kept_max);
+        } else {
+            visibility(p, b, query_tile, j0, w.visible.data());
+            tile_statistics<true>(p, kt, scores, visible, running_max, running_sum, kept, kept_max);
         }
     }
     for (int i = 0; i < kQueryTile; ++i)
