@@ -291,8 +291,8 @@ def cmd_analyze(args) -> int:
                         png = stem / f"{m}_layer{layer + 1}.png"
                         plots.heatmap(maps[m][li], tokens, path=png, title=f"layer {layer + 1} - {m}")
                         note(png)
-                note(plots.html_report(maps, tokens, stem / "report.html", title=text[:80],
-                                       ratios={m: result.ratios[m][:, 0] for m in result.methods}))
+                # the tokens view of kobattr.views, as result.save_html writes it
+                note(result.save_html(stem / "report.html", view="tokens", title=text[:80]))
         # pooled over every non-pad token of every text: (L, tokens)
         pooled = {m: torch.cat([r[m].flatten(1) for r in ratios], dim=1) for m in first.methods}
         means = {m: pooled[m].nanmean(dim=1) for m in pooled}
