@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from contextlib import contextmanager
 
 import numpy as np
@@ -219,6 +220,7 @@ def test_killed_runs_resume_with_another_world_size_to_identical_outputs(baselin
     out = tmp_path / "one_then_two"
     killed = subprocess.run([sys.executable, "-m", "kobattr.cli", "corpus", "--file", str(corpus_file), "--out",
                              str(out), *CLI_RUN], capture_output=True, text=True, timeout=300,
+                            cwd=tempfile.gettempdir(),  # not the source tree (see test_distributed.torchrun)
                             env={**os.environ, "OMP_NUM_THREADS": "1",
                                  "KOBATTR_FAULT_AFTER_SHARDS": "2"})
     assert killed.returncode == -9, killed.stderr[-2000:]

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,6 @@ from kobattr.layer import LayerInputError
 from kobattr.models import load_default_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-REPO = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "workers" / "row_split.py"
 METHODS = ["attnresln_n", "atbffresln"]  # an attention-side and an FF scope (different primitives)
 LAYERS = [0, 5]
@@ -34,10 +34,12 @@ def free_port() -> int:
 
 def torchrun(args, ranks: int = 2, env=None, timeout: int = 300) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --nproc-per-node=ranks ARGS`` on a free port, one thread per rank (as
-    torchrun's default), from the repository root."""
+    torchrun's default), from a directory outside the repository: ``python -m`` puts the working directory first
+    on sys.path, and the source tree's kobattr has no compiled extension unless it was installed in place (CI
+    installs it into site-packages), so the ranks would silently run other implementations than this process."""
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
                f"--master-port={free_port()}", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=tempfile.gettempdir(),
                           env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})})
 
 
