@@ -29,17 +29,22 @@ LAYERS = {
     "bert-base": dict(H=12, KV=12, Dh=64, d=768, d_ff=3072, causal=False, gated=False),
 }
 MAP_MAX_BYTES = 24 * 2 ** 30  # the full (1, 3, N, N) fp32 map is only timed below this size
+FEW_ROWS = 8  # rows= with a few query rows: the case the Triton kernels split the key range for
 FF_SIZES = (128, 512, 1024)
 
 
 def backends():
-    from kobattr.backends.triton_backend import TritonBackend
-    out = {"triton": TritonBackend()}
-    try:
-        from kobattr.backends.torch_backend import TorchBackend
-        out["torch"] = TorchBackend()
-    except ImportError as err:
-        print(f"torch backend not importable ({err}); comparing against SDPA only")
+    """Every implementation of attention_maps that runs here: triton, the compiled cuda kernel, torch."""
+    from kobattr.backends import implementation
+
+    out = {}
+    for name in ("triton", "cuda", "torch"):
+        impl = implementation(name)
+        reason = impl if isinstance(impl, str) else impl.unavailable_reason()
+        if reason is None:
+            out[name] = impl
+        else:
+            print(f"{name}: not benchmarked ({reason})")
     return out
 
 
@@ -102,13 +107,32 @@ def run_case(impls, fn):
 
 
 def check_agreement(impls, layer, dtype):
-    """max |triton - torch| / max |torch| of the full map at N = 512: the GPU-side correctness check."""
+    """{implementation: max |impl - torch| / max |torch|} of the full map at N = 512 and of 8 selected rows
+    (key splits on a GPU): the GPU-side correctness check."""
     if "torch" not in impls:
         return None
     attn, grams, row_scale = attention_inputs(layer, 512, dtype)
-    ours, _ = impls["triton"].attention_maps(attn, grams, row_scale)
-    ref, _ = impls["torch"].attention_maps(attn, grams, row_scale)
-    return ((ours - ref).abs().max() / ref.abs().max()).item()
+    rows = torch.arange(512 - FEW_ROWS, 512, device="cuda")
+    out = {}
+    for name in (n for n in impls if n != "torch"):
+        for label, selected in (("map", None), ("rows", rows)):
+            ours, _ = impls[name].attention_maps(attn, grams, row_scale, rows=selected)
+            ref, _ = impls["torch"].attention_maps(attn, grams, row_scale, rows=selected)
+            out[f"{name} {label}"] = ((ours - ref).abs().max() / ref.abs().max()).item()
+    return out
+
+
+def one_split(triton_backend, fn):
+    """run_case of the Triton backend with the grid it had before key splits (one program per query block):
+    the measurement that says what the splits gain."""
+    from kobattr.kernels import rows as triton_rows
+
+    fill = triton_rows.programs_to_fill
+    triton_rows.programs_to_fill = lambda device: 1
+    try:
+        return run_case({"triton": triton_backend}, fn)["triton"]
+    finally:
+        triton_rows.programs_to_fill = fill
 
 
 def ff_inputs(layer, N, dtype):
@@ -148,8 +172,12 @@ def main():
                                                             normalize_rows=True)}
             if 3 * N * N * 4 <= MAP_MAX_BYTES:
                 modes["map"] = lambda b: b.attention_maps(attn, grams, row_scale)
+            rows = torch.arange(N - FEW_ROWS, N, device="cuda")  # the last rows: causal ones see every key
+            modes[f"rows{FEW_ROWS}"] = lambda b: b.attention_maps(attn, grams, row_scale, rows=rows)
             for mode, fn in modes.items():
                 row = run_case(impls, fn)
+                if mode.startswith("rows") and "triton" in impls:
+                    row["triton 1 split"] = one_split(impls["triton"], fn)
                 for entry in row.values():
                     if "seconds" in entry:
                         entry["vs_sdpa"] = entry["seconds"] / sdpa
@@ -160,7 +188,8 @@ def main():
         for N in FF_SIZES:
             attn, _, _ = attention_inputs(layer, N, dtype, M=1)
             parts = ff_inputs(layer, N, dtype)
-            row = run_case(impls, lambda b: b.ff_maps(attn, parts))
+            row = run_case({n: b for n, b in impls.items() if "ff_maps" in b.primitives},
+                           lambda b: b.ff_maps(attn, parts))
             results["ff"].append(dict(layer=layer_name, N=N, **row))
             print(json.dumps(results["ff"][-1]), flush=True)
             del parts
@@ -185,12 +214,13 @@ def print_table(results, impls):
         return text + (f" x{entry['vs_sdpa']:.2f}" if "vs_sdpa" in entry else "")
 
     print(f"device: {results['device']}  dtype: {results['dtype']}")
-    print("agreement triton vs torch (max rel diff, N=512):", results["agreement"])
-    header = f"{'layer':10} {'mode':8} {'N':>6} {'sdpa ms':>9} " + " ".join(f"{impl:>34}" for impl in impls)
+    print("agreement with the torch backend (max rel diff, N=512; rows: 8 selected rows):", results["agreement"])
+    columns = [*impls] + (["triton 1 split"] if "triton" in impls else [])
+    header = f"{'layer':10} {'mode':8} {'N':>6} {'sdpa ms':>9} " + " ".join(f"{impl:>34}" for impl in columns)
     print(header)
     for row in results["attention"]:
         print(f"{row['layer']:10} {row['mode']:8} {row['N']:6d} {row['sdpa_seconds'] * 1e3:9.2f} "
-              + " ".join(f"{cell(row.get(impl)):>34}" for impl in impls))
+              + " ".join(f"{cell(row.get(impl)):>34}" for impl in columns))
     for row in results["ff"]:
         print(f"{row['layer']:10} {'ff':8} {row['N']:6d} {'':>9} "
               + " ".join(f"{cell(row.get(impl)):>34}" for impl in impls))
