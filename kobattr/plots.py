@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import html
 import json
-import re
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from .views.templating import embeddable_json, fill_template
 
 MAX_LABELLED_TOKENS = 128  # above this many tokens, tick labels are hidden: they could not be read anyway
 MIN_LABEL_FONTSIZE = 3.5  # points; smaller labels are hidden rather than printed as an unreadable smear
@@ -339,19 +340,6 @@ def _json_numbers(values: np.ndarray) -> str:
     return "[" + ",".join(_json_numbers(part) for part in values) + "]"
 
 
-def _embeddable_json(text: str) -> str:
-    """JSON that cannot end its <script> element early: <, > and & become \\u escapes (still valid JSON)."""
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-
-
-def _fill_template(template: str, values: Mapping[str, str]) -> str:
-    """The template with each {{NAME}} slot replaced by values[NAME], in one pass over the template only:
-    the values are never searched for slots, so a title or token that contains "{{DATA}}" stays text."""
-    parts = re.split(r"\{\{([A-Z]+)\}\}", template)
-    # re.split with a group alternates literal text (even indices) and slot names (odd indices)
-    return "".join(part if i % 2 == 0 else values[part] for i, part in enumerate(parts))
-
-
 def html_report(maps: Mapping[str, object], tokens: Sequence[str], path, title: str = "kobattr",
                 ratios: Optional[Mapping[str, object]] = None,
                 column_tokens: Optional[Sequence[str]] = None) -> Path:
@@ -388,7 +376,7 @@ def html_report(maps: Mapping[str, object], tokens: Sequence[str], path, title: 
                + ',"square":' + json.dumps(column_tokens is None)
                + ',"methods":' + json.dumps(list(arrays), ensure_ascii=False)
                + ',"maps":' + keyed(arrays) + ',"ratios":' + keyed(ratio_arrays) + "}")
-    page = _fill_template(_HTML_TEMPLATE, {"TITLE": html.escape(str(title)), "DATA": _embeddable_json(payload)})
+    page = fill_template(_HTML_TEMPLATE, {"TITLE": html.escape(str(title)), "DATA": embeddable_json(payload)})
     path = Path(path)
     path.write_text(page, encoding="utf-8")
     return path

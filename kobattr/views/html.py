@@ -9,10 +9,10 @@ import secrets
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..plots import _embeddable_json, _fill_template
 from ..result import Attribution, Seq2SeqAttribution, atomic_write
 from .assets import CSS, JS
 from .data import PARTS, VIEWS, automatic_top_k, display_name, payload, select
+from .templating import embeddable_json, fill_template
 
 _FRAGMENT = """<div class="kv-root kv-{{VIEW}}" id="{{ROOT}}">
 <style>{{STYLE}}</style>
@@ -79,18 +79,18 @@ def render(result: Attribution, view: str = "tokens", *, part: Optional[str] = N
     note = ("Every entry of each row is shown" if k == columns else
             f"Showing the top {k} of {columns} entries per row (largest magnitude) and each row's total")
     root = _unique_id("view")
-    return _fill_template(_FRAGMENT, {
+    return fill_template(_FRAGMENT, {
         "VIEW": view, "ROOT": root, "STYLE": CSS, "K": str(k), "N": str(columns),
         "TITLE": html.escape(title if title is not None else _default_title(selection)),
         "NOTE": html.escape(f"{note}. {_HELP[view]}"),
-        "DATA": _embeddable_json(json.dumps(data, ensure_ascii=False, allow_nan=False)),
-        "SCRIPT": _fill_template(JS, {"ROOT": root}),
+        "DATA": embeddable_json(json.dumps(data, ensure_ascii=False, allow_nan=False)),
+        "SCRIPT": fill_template(JS, {"ROOT": root}),
     })
 
 
 def page(body: str, title: str) -> str:
     """A standalone HTML document around view fragments."""
-    return _fill_template(_PAGE, {"TITLE": html.escape(title), "BODY": body})
+    return fill_template(_PAGE, {"TITLE": html.escape(title), "BODY": body})
 
 
 def save_html(result: Attribution, path, view: str = "tokens", **options) -> Path:
