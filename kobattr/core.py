@@ -19,7 +19,7 @@ from .backends import get_backend
 from .backends.base import Attention, Backend, FFParts
 from .backends.torch_backend import DEFAULT_BUDGET, block_alpha
 from .ig import ffn_coefficients
-from .layer import NORM_FIELDS, Layer, LayerInputError, cap_logits
+from .layer import NORM_FIELDS, Layer, LayerInputError, all_finite, cap_logits
 from .methods import (REGISTRY, STRUCTURES, check_methods, contextualization_change, ff_amp, ff_methods, form,
                       row_normalize, vector_ratio)
 
@@ -205,16 +205,11 @@ class _Prepared:
         return scale
 
     def form_rows(self, f, raw: Tensor, keys: slice) -> Tensor:
-        """A vector form's per-key rows (B, C, H+1, D) from raw = [f^h(x_j) for h, x_j] of the keys ``keys``."""
+        """A vector form's per-key rows (B, C, H+1, D) from raw = [f^h(x_j) for h, x_j] of the keys ``keys``: the
+        head rows through split_heads, then residual_row (zeros for a form without the residual)."""
         H = raw.shape[2] - 1
-        heads, res = raw[:, :, :H], raw[:, :, H:]
-        if self.p1 is not None:
-            heads = self.p1.split(heads)
-            res = res / self.s1[:, keys, None, None]  # meets kappa's [i == j] only, where s1_j = s1_i
-        rows = torch.cat([heads, res if f.residual else torch.zeros_like(res)], 2)
-        if f.norm is not None:
-            rows = self.split_norm(f.norm)[0].split(rows)
-        return rows
+        res = self.residual_row(f, keys) if f.residual else torch.zeros_like(raw[:, :, H])
+        return torch.cat([self.split_heads(f, raw[:, :, :H]), res[:, :, None]], 2)
 
     def _ff_input(self):
         """(rows function, row scale, sum, diagonal, bias) of the FFN input's decomposition."""
@@ -312,7 +307,7 @@ class _Prepared:
         A vector form's head rows P(P1 f^h(x_j)) = v^h_j P(P1 W_O^h) (the splits are linear maps of the D
         dimension), so each form gets its own folded W_O once and the rows come from one einsum per key block,
         without splitting a (B, C, H, D) tensor; the Gram is assembled from head-head, head-residual and
-        residual-residual products, the residual row of form_rows on its own."""
+        residual-residual products (form_rows's parts, without building the rows)."""
         L, dtype = self.layer, self.dtype
         B, H, N, _ = L.q.shape
         M = len(methods)
@@ -329,7 +324,7 @@ class _Prepared:
         folded = {}
         for mi, f in vector_forms:
             scales[..., mi] = self.form_scale(f)
-            folded[mi] = self._fold(f, L.w_o.to(dtype))  # (H, Dh, D)
+            folded[mi] = self.split_heads(f, L.w_o.to(dtype))  # (H, Dh, D)
         step = max(1, (1 << 22) // max(1, B * (H + 1) * L.d_model))
         for start in range(0, N, step):
             keys = slice(start, min(start + step, N))
@@ -339,22 +334,24 @@ class _Prepared:
                 gram = grams[:, keys, mi]
                 gram[..., :H, :H] = torch.einsum("bchd,bcgd->bchg", heads, heads)
                 if f.residual:
-                    res = self._residual_rows(f, keys)  # (B, C, D)
+                    res = self.residual_row(f, keys)  # (B, C, D)
                     cross = torch.einsum("bchd,bcd->bch", heads, res)
                     gram[..., :H, H], gram[..., H, :H] = cross, cross
                     gram[..., H, H] = (res * res).sum(-1)
         return grams, scales
 
-    def _fold(self, f, w: Tensor) -> Tensor:
-        """The splits form_rows applies to the head rows, applied to W_O (..., D) instead."""
+    def split_heads(self, f, t: Tensor) -> Tensor:
+        """The row-independent splits of a vector form's head rows (P1, then the form's norm) on t (..., D): the
+        rows f^h(x_j) themselves, or W_O, since the splits are linear maps of the D dimension."""
         if self.p1 is not None:
-            w = self.p1.split(w)
+            t = self.p1.split(t)
         if f.norm is not None:
-            w = self.split_norm(f.norm)[0].split(w)
-        return w
+            t = self.split_norm(f.norm)[0].split(t)
+        return t
 
-    def _residual_rows(self, f, keys: slice) -> Tensor:
-        """form_rows's residual row P(x_j) / s1_j of the keys ``keys``: (B, C, D)."""
+    def residual_row(self, f, keys: slice) -> Tensor:
+        """A vector form's residual row P(x_j) / s1_j of the keys ``keys`` (B, C, D): it meets kappa's [i == j]
+        only, where s1_j = s1_i."""
         res = self.x[:, keys]
         if self.p1 is not None:
             res = res / self.s1[:, keys, None]
@@ -460,7 +457,7 @@ def _check_contract(contract, batch: int, n: int, device) -> Optional[Tensor]:
     if contract.dim() != 3 or contract.shape[0] != batch or contract.shape[2] != n or contract.shape[1] == 0:
         raise LayerInputError(f"contract must be (K, N) or (B, K, N) with B = {batch}, N = {n} and K >= 1, "
                               f"got {tuple(contract.shape)}.")
-    if not torch.isfinite(contract).all():
+    if not all_finite(contract):
         raise LayerInputError("contract contains NaN or inf values.")
     return contract
 

@@ -232,17 +232,26 @@ struct Scratch {
           kept_max(p.keep_exponentials ? p.H * p.n_key_tiles * kQueryTile : 0) {}
 };
 
-// A tile is skipped when causality or a window hides all its keys from all its query rows.
-bool tile_hidden(const Plan& p, int64_t query_tile, int64_t key_tile) {
+// The first and last position among a query tile's selected rows (last = -1 for a tile of padding alone).
+struct QuerySpan {
     int32_t first = std::numeric_limits<int32_t>::max(), last = -1;
+};
+QuerySpan query_span(const Plan& p, int64_t query_tile) {
+    QuerySpan span;
     for (int i = 0; i < kQueryTile; ++i) {
         const int32_t pos = p.q_pos[query_tile * kQueryTile + i];
         if (pos < 0) continue;
-        first = smaller(first, pos);
-        last = larger(last, pos);
+        span.first = smaller(span.first, pos);
+        span.last = larger(span.last, pos);
     }
+    return span;
+}
+
+// A tile is skipped when causality or a window hides all its keys from all its query rows.
+bool tile_hidden(const Plan& p, int64_t query_tile, int64_t key_tile) {
+    const QuerySpan span = query_span(p, query_tile);
     const int64_t j0 = key_tile * p.key_tile, j1 = smaller<int64_t>(j0 + p.key_tile, p.N) - 1;
-    return keys_hidden(first, last, j0, j1, p.a.causal, p.a.window, p.a.radius);
+    return keys_hidden(span.first, span.last, j0, j1, p.a.causal, p.a.window, p.a.radius);
 }
 
 // True when every query row of the tile is a real, valid token that sees every key of key tile `key_tile`
@@ -251,16 +260,14 @@ bool tile_fully_visible(const Plan& p, int64_t b, int64_t query_tile, int64_t ke
     const int64_t j0 = key_tile * p.key_tile, j1 = j0 + p.key_tile - 1;
     if (j1 >= p.N) return false;
     const uint8_t* valid = p.a.valid + b * p.N;
-    int32_t first = std::numeric_limits<int32_t>::max(), last = -1;
     for (int i = 0; i < kQueryTile; ++i) {
         const int32_t pos = p.q_pos[query_tile * kQueryTile + i];
         if (pos < 0 || !valid[pos]) return false;
-        first = smaller(first, pos);
-        last = larger(last, pos);
     }
     for (int64_t j = j0; j <= j1; ++j)
         if (!valid[j]) return false;
-    return keys_all_visible(first, last, j0, j1, p.a.causal, p.a.window, p.a.radius);
+    const QuerySpan span = query_span(p, query_tile);
+    return keys_all_visible(span.first, span.last, j0, j1, p.a.causal, p.a.window, p.a.radius);
 }
 
 // Copies keys [j0, j0 + key_tile) of key head g, zero past N, so the micro-kernel needs no bounds.
