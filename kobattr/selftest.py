@@ -4,8 +4,11 @@ Each implementation runs the primitives it implements on small random layers of 
 (kobattr.testing), with each attention feature (padding, causal, windows, GQA, soft-capping) in turn,
 in float32 and, on a GPU, float16 and bfloat16. Its maps are compared with the materialising reference
 in float64 by the spot checks' row error (kobattr.verify.row_errors), the row log-sum-exp of row_stats
-by its absolute error, and held to the spot checks' tolerance for the dtype. An input an implementation declines (``Backend.refusals``) is counted as
-skipped with its reason, never as passed.
+by its absolute error, and held to the spot checks' tolerance for the dtype. In float16 and bfloat16 the
+tolerance is also at least twice the error of the reference itself run in that dtype on the same inputs
+(the flash-attention rule): rounding the inputs alone can cost more than the table allows, as in the
+bfloat16 post-LN-only FF case, where the reference in bfloat16 is off by 6.5e-2. An input an
+implementation declines (``Backend.refusals``) is counted as skipped with its reason, never as passed.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class Outcome:
     dtype: str
     error: Optional[float] = None  # worst row error over the methods, None when skipped
     tolerance: Optional[float] = None
+    reference_error: Optional[float] = None  # the reference's own error in this dtype (float16/bfloat16)
     seconds: float = 0.0
     skipped: Optional[str] = None  # the implementation's reasons for declining the input
 
@@ -118,6 +122,7 @@ def run(device: Optional[str] = None, dtypes: Optional[tuple] = None, names: Opt
         ref = reference(exact, methods="all")
         for dtype in dtypes:
             layer = exact.to(dtype=dtype)
+            low = None if dtype in (torch.float32, torch.float64) else reference(layer, methods="all")
             for name, impl in impls.items():
                 for primitive in impl.primitives:
                     methods = [m for m in methods_for(structure) if form(m, structure).primitive == primitive]
@@ -125,13 +130,15 @@ def run(device: Optional[str] = None, dtypes: Optional[tuple] = None, names: Opt
                         methods = [m for m in methods if m in STRUCTURES[structure].scopes]
                     outcome = Outcome(name, primitive, case, str(dtype).replace("torch.", ""))
                     report.outcomes.append(outcome)
-                    _try(outcome, impl, primitive, layer, methods, ref, dtype)
+                    _try(outcome, impl, primitive, layer, methods, ref, dtype, low)
                     if on_outcome is not None:
                         on_outcome(outcome)
     return report
 
 
-def _try(outcome: Outcome, impl, primitive: str, layer, methods, ref, dtype) -> None:
+def _try(outcome: Outcome, impl, primitive: str, layer, methods, ref, dtype, low=None) -> None:
+    """Run ``primitive`` of ``impl`` on ``layer`` and fill ``outcome``; ``low`` is the reference computed in the
+    layer's own (low) precision, whose error against ``ref`` sets the tolerance's floor, or None."""
     attn = attention_of(layer)
     reasons = impl.refusals(primitive, attn)
     if reasons:
@@ -159,3 +166,6 @@ def _try(outcome: Outcome, impl, primitive: str, layer, methods, ref, dtype) -> 
     outcome.seconds = time.perf_counter() - start
     assert result.backends[primitive] == impl.name
     outcome.error = max(float(row_errors(result.maps[m].to(ref["maps"][m].device), ref["maps"][m]).max()) for m in methods)
+    if low is not None:
+        outcome.reference_error = max(float(row_errors(low["maps"][m], ref["maps"][m]).max()) for m in methods)
+        outcome.tolerance = max(outcome.tolerance, 2 * outcome.reference_error)
