@@ -39,14 +39,14 @@ LLAMA_7B = dict(H=32, Dh=128, D=4096, F=11008)
 BUDGET = 1 << 23  # the torch backend's default budget (elements per intermediate)
 
 
-def build_layer(N: int, seed: int = 0):
+def build_layer(N: int, seed: int = 0, device: str = "cpu"):
     import torch
 
     from kobattr.layer import FeedForward, Layer, Norm
 
     H, Dh, D, F = LLAMA_7B.values()
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s, scale=1.0: torch.randn(*s, generator=g) * scale  # noqa: E731
+    g = torch.Generator(device=device).manual_seed(seed)
+    r = lambda *s, scale=1.0: torch.randn(*s, generator=g, device=device) * scale  # noqa: E731
     norm = lambda: Norm("rmsnorm", 1 + r(D, scale=0.1), None, 1e-6)  # noqa: E731
     ffn = FeedForward("swiglu", r(D, F, scale=D ** -0.5), r(F, D, scale=F ** -0.5), w_gate=r(D, F, scale=D ** -0.5))
     layer = Layer.from_weights(x=r(1, N, D), w_q=r(D, D, scale=D ** -0.5), w_k=r(D, D, scale=D ** -0.5),
@@ -78,6 +78,29 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def run_one_cuda(N: int, rows: str, block: int) -> dict:
+    """run_one on the GPU, with the implementations chosen automatically; the peak is what the call allocates
+    beyond the layer (torch.cuda.max_memory_allocated)."""
+    import torch
+
+    from kobattr.core import attribute
+
+    layer = build_layer(N, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    picked = list(range(N - block, N)) if rows == "last" else list(range(block))
+    start = time.perf_counter()
+    res = attribute(layer, methods=["atblnffres"], rows=picked, verify=0)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    assert torch.isfinite(res.maps["atblnffres"]).all()
+    return dict(N=N, rows=rows, block=block, device=torch.cuda.get_device_name(), seconds=seconds,
+                backends=res.backends, peak_bytes=torch.cuda.max_memory_allocated() - base,
+                layer_bytes=base, formula_bytes=formula(N))
+
+
 def run_one(N: int, rows: str, block: int) -> dict:
     import torch
 
@@ -102,9 +125,22 @@ def main(argv=None) -> int:
     parser.add_argument("--block", type=int, default=128, help="query rows attributed (one query block)")
     parser.add_argument("--predict", nargs="+", type=int, default=[16384, 65536])
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--one-cuda", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--cuda", type=int, nargs="+", metavar="N",
+                        help="instead: run these sizes on the GPU (one process each) and print one JSON line per size")
     args = parser.parse_args(argv)
+    if args.cuda:
+        for N in args.cuda:
+            out = subprocess.run([sys.executable, __file__, "--one-cuda", str(N), "--rows", args.rows,
+                                  "--block", str(args.block)], capture_output=True, text=True)
+            print(out.stdout.strip().splitlines()[-1] if out.returncode == 0 else
+                  json.dumps(dict(N=N, error=out.stderr.strip()[-600:])), flush=True)
+        return 0
     if args.one:
         print(json.dumps(run_one(args.one, args.rows, args.block)))
+        return 0
+    if args.one_cuda:
+        print(json.dumps(run_one_cuda(args.one_cuda, args.rows, args.block), default=str))
         return 0
     results, ok = [], True
     print(f"{'N':>7} {'rows':>5} {'seconds':>8} {'peak GiB':>9} {'formula GiB':>12}  check")

@@ -48,8 +48,12 @@ def backends():
     return out
 
 
-def timed(fn, max_seconds=20.0, repeats=5):
+MAX_SECONDS = 20.0  # timed repeats per case stop after about this long (--max-seconds)
+
+
+def timed(fn, max_seconds=None, repeats=5):
     """(median seconds, peak extra bytes) of fn(); one warm-up call (compiles), fewer repeats if slow."""
+    max_seconds = MAX_SECONDS if max_seconds is None else max_seconds
     torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
@@ -148,11 +152,17 @@ def ff_inputs(layer, N, dtype):
 
 
 def main():
+    global MAX_SECONDS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
+    parser.add_argument("--max-seconds", type=float, default=MAX_SECONDS, help="time spent on the repeats of one case")
+    parser.add_argument("--torch-max", type=int, default=None,
+                        help="largest N the torch backend is timed at (it materialises blocks: slow at 64k)")
+    parser.add_argument("--no-ff", action="store_true", help="skip the FF maps")
     args = parser.parse_args()
+    MAX_SECONDS = args.max_seconds
     if not torch.cuda.is_available():
         print("no GPU (torch.cuda.is_available() is False): GPU benchmark skipped.")
         return 0
@@ -174,8 +184,9 @@ def main():
                 modes["map"] = lambda b: b.attention_maps(attn, grams, row_scale)
             rows = torch.arange(N - FEW_ROWS, N, device="cuda")  # the last rows: causal ones see every key
             modes[f"rows{FEW_ROWS}"] = lambda b: b.attention_maps(attn, grams, row_scale, rows=rows)
+            timed_here = {n: b for n, b in impls.items() if n != "torch" or args.torch_max is None or N <= args.torch_max}
             for mode, fn in modes.items():
-                row = run_case(impls, fn)
+                row = run_case(timed_here, fn)
                 if mode.startswith("rows") and "triton" in impls:
                     row["triton 1 split"] = one_split(impls["triton"], fn)
                 for entry in row.values():
@@ -185,7 +196,7 @@ def main():
                 print(json.dumps(results["attention"][-1]), flush=True)  # a run cut short still shows its rows
             del attn, grams, row_scale
             torch.cuda.empty_cache()
-        for N in FF_SIZES:
+        for N in () if args.no_ff else FF_SIZES:
             attn, _, _ = attention_inputs(layer, N, dtype, M=1)
             parts = ff_inputs(layer, N, dtype)
             row = run_case({n: b for n, b in impls.items() if "ff_maps" in b.primitives},
