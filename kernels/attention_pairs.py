@@ -37,8 +37,9 @@ Why the pair kernels look the way they do:
   M BLOCK_N HP^2 4 bytes, beyond sm_80 for H >= 32). normalize_rows = a row-sum pass first (each key
   split atomically adds its partial sums), folded into the weights (w[k, i] / rowsum[m, i]). Every pass
   runs over the same selected rows, the contraction too (weights gathered at those rows by the launcher).
-- Programs run with num_stages=1: the tiles are register-bound, and software pipelining of the
-  3D loads would double their shared memory.
+- Tiles, warps and pipelining stages (``pair_settings``) are the fastest of ten candidates per head
+  count timed on an H200 (benchmarks/gpu_tiles.py, results in benchmarks/results/): the tiles are
+  register-bound, so 8 warps pay off at 32 heads and a second stage only at 16 or fewer.
 - Causal, sliding-window and symmetric-window (radius) tiles that see nothing are skipped via the
   loop bounds, which the key splits share out (a split past a block's last visible tile does nothing);
   outputs start zeroed. All pointer offsets are int64 (N up to 128k).
@@ -147,18 +148,24 @@ def _attention_pairs_kernel(
 
 
 def pair_settings(H, R):
-    """BLOCK_M, BLOCK_N and num_warps of _attention_pairs_kernel for H heads and R query rows.
+    """BLOCK_M, BLOCK_N, num_warps and num_stages of _attention_pairs_kernel for H heads and R query rows.
 
-    The alpha tile HP x BM x BN stays <= 8192 fp32 (64 per thread of 4 warps; the Gram product T and
-    alpha_t are as large) and the Gram tile BN x HP x HP <= 64 KB of shared memory: BM = 32 with BN = 16
-    (HP = 16) or 8 (HP = 32), and 16 x 4 for HP = 64. Up to 16 rows (rows= of a few rows) take BM = 16,
-    half of the 32-row tile masked off otherwise, and twice the keys per tile.
+    The alpha tile HP x BM x BN holds 64 fp32 a thread (the Gram product T and alpha_t are as large) and
+    the Gram tile BN x HP x HP <= 64 KB of shared memory: BM x BN = 32 x 16 with 4 warps and 2 stages for
+    HP = 16, with 8 warps and 1 stage for HP = 32 (on an H200 at N = 4096 / 16384, bf16: 0.78x / 0.83x and
+    0.63x / 0.59x the time of the 32 x 16 and 32 x 8 single-stage 4-warp tiles these replaced), and 16 x 4
+    for HP = 64 (not measured). Up to 16 rows (rows= of a few rows) take BM = 16 with twice the keys of the
+    old tiles (32 x 8 at HP = 32), 4 warps and 1 stage, half of a 32-row tile being masked off otherwise.
     """
     HP = pow2(H)
-    block_m, block_n = (32, 16) if HP <= 16 else (32, 8) if HP <= 32 else (16, 4)
-    if R <= 16 < block_m:
-        block_m, block_n = 16, 2 * block_n
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    if R <= 16:
+        block_n = 32 if HP <= 16 else 16 if HP <= 32 else 8
+        return dict(BLOCK_M=16, BLOCK_N=block_n, num_warps=4, num_stages=1)
+    if HP <= 16:
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2)
+    if HP <= 32:
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1)
+    return dict(BLOCK_M=16, BLOCK_N=4, num_warps=4, num_stages=1)
 
 
 def attention_maps(q, k, valid, causal, window, scale, grams, row_scale, rows=None, weights=None,
@@ -203,7 +210,7 @@ def attention_maps(q, k, valid, causal, window, scale, grams, row_scale, rows=No
             weights if contract else lse, out, N, R, K, scale * LOG2E, window, radius, softcap * LOG2E,
             weights.stride(0) if contract else 0, K * R if contract and weights.dim() == 4 else 0,
             STORE_MAP=store_map, SUM_ROWS=sum_rows, CONTRACT=contract, WRITE_ALPHA=write_alpha,
-            BLOCK_K=pow2(min(K, 64)), num_stages=1, **shape,
+            BLOCK_K=pow2(min(K, 64)), **shape,
         )
         return (maps if store_map else None, sums if sum_rows else None, alpha if write_alpha else None,
                 out if contract else None)

@@ -237,11 +237,17 @@ def _ff_pairs_kernel(
             tl.atomic_add(offs + 2 * R, sum2, mask=row_ok, sem="relaxed")
 
 
-def ff_settings():
-    """Tile and warps of the FF kernel: BM x BN pairs, q and k chunks BLOCK_D wide, the hidden slice BLOCK_F
-    wide, the output slice BLOCK_DO wide; 4 warps hold the (BM BN, BLOCK_DO) output accumulator at 32 fp32 a
-    thread. BM = 16 is already the least tl.dot takes, so few rows need no tile of their own."""
-    return dict(BLOCK_M=16, BLOCK_N=4, BLOCK_D=16, BLOCK_F=32, BLOCK_DO=64, num_warps=4)
+def ff_settings(H):
+    """Tile and warps of the FF kernel for H heads: BM x BN pairs, q and k chunks BLOCK_D wide, the hidden
+    slice BLOCK_F wide, the output slice BLOCK_DO wide. Up to 32 heads, 8 warps hold the (BM BN, BLOCK_DO) =
+    (128, 128) output accumulator at 64 fp32 a thread: the fastest of eight candidates on an H200
+    (benchmarks/gpu_tiles.py; Llama-7B shape, bf16, N = 256 / 512: 0.52x / 0.55x the time of the 16 x 4 pair
+    tile with 32-wide F, 64-wide output slices and 4 warps). More heads keep that smaller tile: the larger
+    one's HP x 128-pair alpha tile would need more shared memory than sm_90 has. BM = 16 is already the
+    least tl.dot takes, so few rows need no tile of their own."""
+    if pow2(H) <= 32:
+        return dict(BLOCK_M=16, BLOCK_N=8, BLOCK_D=16, BLOCK_F=64, BLOCK_DO=128, num_warps=8, num_stages=1)
+    return dict(BLOCK_M=16, BLOCK_N=4, BLOCK_D=16, BLOCK_F=32, BLOCK_DO=64, num_warps=4, num_stages=1)
 
 
 # a key block's parts (ff, gate and res over B x block x (H+1)) stay under this many bytes (launcher's default)
@@ -277,7 +283,7 @@ def ff_maps(q, k, valid, causal, window, scale, ff_parts, gate_parts, res_parts,
     dev, f32 = q.device, torch.float32
     if R == 0:  # nothing to launch: no rows, and a contraction over no rows is 0
         return torch.zeros(B, n_scopes, 0 if weights is None else weights.shape[1], N, device=dev, dtype=f32)
-    tile = ff_settings()
+    tile = ff_settings(H)
     block_m, block_n = tile["BLOCK_M"], tile["BLOCK_N"]
     if key_block is None:
         gated = gate_parts is not None
@@ -335,8 +341,7 @@ def ff_maps(q, k, valid, causal, window, scale, ff_parts, gate_parts, res_parts,
                 maps, sums, weights if contract else lse, out, N, key_start, key_stop, R, K, F, D, scale * LOG2E,
                 window, radius, softcap * LOG2E, weights.stride(0) if contract else 0,
                 K * R if contract and weights.dim() == 4 else 0,
-                STORE_MAP=store_map, SUM_ROWS=sum_rows, CONTRACT=contract, BLOCK_K=pow2(min(K, 64)), num_stages=1,
-                **shape,
+                STORE_MAP=store_map, SUM_ROWS=sum_rows, CONTRACT=contract, BLOCK_K=pow2(min(K, 64)), **shape,
             )
         return maps if store_map else sums if sum_rows else out
 

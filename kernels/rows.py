@@ -235,11 +235,11 @@ def key_splits(programs, key_tiles, device):
 
 
 def lse_settings(DH, R):
-    """BLOCK_M, BLOCK_N, BLOCK_D and num_warps of _row_lse_kernel: 64 x 64 logit tiles for head sizes up to
+    """BLOCK_M, BLOCK_N, BLOCK_D, num_warps and num_stages of _row_lse_kernel: 64 x 64 logit tiles for head sizes up to
     64, 32 x 32 beyond (the q and k tiles are DH wide), BLOCK_M no larger than the rows need (rows= of a few
     rows), 4 warps (32 fp32 of a 64 x 64 tile per thread)."""
     block = 64 if DH <= 64 else 32
-    return dict(BLOCK_M=min(block, pow2(R)), BLOCK_N=block, BLOCK_D=pow2(DH), num_warps=4)
+    return dict(BLOCK_M=min(block, pow2(R)), BLOCK_N=block, BLOCK_D=pow2(DH), num_warps=4, num_stages=2)
 
 
 def row_lse(q, k, valid8, causal, window, scale, rows, dots, radius=0, softcap=0.0):
@@ -257,7 +257,7 @@ def row_lse(q, k, valid8, causal, window, scale, rows, dots, radius=0, softcap=0
         q, k, valid8, rows if rows is not None else parts, parts, N, R, scale * LOG2E, window, radius,
         softcap * LOG2E, H=H, KV_GROUP=H // k.shape[1], DH=DH, HAS_ROWS=rows is not None, CAUSAL=causal,
         WINDOWED=window > 0, SYMMETRIC=radius > 0, SOFTCAP=softcap > 0, QK_FP32=qk_fp32, DOT_PRECISION=precision,
-        num_stages=2, **tile,
+        **tile,
     )
     # log2 sum_s exp2(lse2_s), shifted by the largest partial; exact for one split
     top = parts.amax(0)

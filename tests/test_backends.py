@@ -134,15 +134,17 @@ STREAM_LAYERS = [("llama", dict(N=13, window=6, pad=3)), ("gemma2", dict(N=14, p
 
 @pytest.mark.parametrize("kind,kw", STREAM_LAYERS, ids=[c[0] for c in STREAM_LAYERS])
 def test_triton_ff_maps_stream_key_blocks(kind, kw, monkeypatch):
-    """The triton ff_maps run over blocks of 4 keys made on demand (never materialised) equals the torch
-    backend on every FF method, in every output mode."""
+    """The triton ff_maps run over blocks of one key tile made on demand (never materialised) equals the
+    torch backend on every FF method, in every output mode."""
     _skip_unless_available("triton")
     from kobattr.backends.base import FFParts
     from kobattr.backends.triton_backend import TritonBackend
+    from kobattr.kernels.ff_pairs import ff_settings
     from kobattr.methods import ff_methods
 
     layer = random_layer(kind, dtype=torch.float32, **kw)
     N = layer.q.shape[2]
+    tile = ff_settings(layer.n_heads)["BLOCK_N"]  # blocks start on key tiles: the smallest block is one tile
     methods = ff_methods(attribute(layer, methods="all", backend="torch").methods, layer.structure)
     assert methods
     rows = [0, N - 1, 5]
@@ -161,14 +163,14 @@ def test_triton_ff_maps_stream_key_blocks(kind, kw, monkeypatch):
     def refuse(self):
         raise AssertionError("the triton ff_maps must not materialise every key's parts")
 
-    monkeypatch.setattr(TritonBackend, "key_block_size", 4)
+    monkeypatch.setattr(TritonBackend, "key_block_size", tile)
     monkeypatch.setattr(FFParts, "block", recorded)
     monkeypatch.setattr(FFParts, "materialised", refuse)
     for mode, ref in zip(modes, expected):
         asked.clear()
         res = attribute(layer, methods=methods, backend="triton", **mode)
         assert res.backends["ff_maps"] == "triton"
-        assert len(asked) >= -(-N // 4) and max(asked) <= 4, asked
+        assert len(asked) >= -(-N // tile) >= 2 and max(asked) <= tile, asked
         for m in methods:
             scale = ref.maps[m].abs().max()
             assert (res.maps[m] - ref.maps[m]).abs().max() / scale < 1e-5, (mode.keys(), m)

@@ -69,19 +69,19 @@ FF_VARIANTS = [
 
 
 def jobs():
-    """id -> (module, kernel, dtype, capability, num_stages, variant) of every compile."""
+    """id -> (module, kernel, dtype, capability, variant) of every compile."""
     out = {}
     for i, (target, variant) in enumerate(zip(TARGETS, LSE_VARIANTS)):
-        out[f"lse-{i}"] = ("rows", "_row_lse_kernel", *target, 2, variant)
+        out[f"lse-{i}"] = ("rows", "_row_lse_kernel", *target, variant)
     for i, (target, variant) in enumerate(zip(ATTENTION_TARGETS, ATTENTION_VARIANTS)):
-        out[f"attention-{i}"] = ("attention_pairs", "_attention_pairs_kernel", *target, 1, variant)
+        out[f"attention-{i}"] = ("attention_pairs", "_attention_pairs_kernel", *target, variant)
     for i, (target, variant) in enumerate(zip(TARGETS, FF_VARIANTS)):
-        out[f"ff-{i}"] = ("ff_pairs", "_ff_pairs_kernel", *target, 1, variant)
+        out[f"ff-{i}"] = ("ff_pairs", "_ff_pairs_kernel", *target, variant)
     return out
 
 
 def launch_settings(kernel, dtype, variant):
-    """(constexpr arguments, num_warps) the launchers pass for this variant."""
+    """(constexpr arguments, {num_warps, num_stages}) the launchers pass for this variant."""
     import torch
 
     from kobattr.kernels import attention_pairs as ap
@@ -93,24 +93,24 @@ def launch_settings(kernel, dtype, variant):
     if kernel == "_row_lse_kernel":
         H, group, dh, has_rows, causal, windowed, symmetric, softcap = variant
         tile = kr.lse_settings(dh, ROWS_SELECTED if has_rows else N_LONG)
-        num_warps = tile.pop("num_warps")
+        options = dict(num_warps=tile.pop("num_warps"), num_stages=tile.pop("num_stages"))
         return dict(H=H, KV_GROUP=group, DH=dh, HAS_ROWS=has_rows, CAUSAL=causal, WINDOWED=windowed,
-                    SYMMETRIC=symmetric, SOFTCAP=softcap, **tile, **dots), num_warps
+                    SYMMETRIC=symmetric, SOFTCAP=softcap, **tile, **dots), options
     if kernel == "_attention_pairs_kernel":
         H, group, dh, M, has_rows, causal, windowed, symmetric, softcap, (store, sums, contract, alpha) = variant
         tile = ap.pair_settings(H, ROWS_SELECTED if has_rows else N_LONG)
-        num_warps = tile.pop("num_warps")
+        options = dict(num_warps=tile.pop("num_warps"), num_stages=tile.pop("num_stages"))
         return dict(H=H, KV_GROUP=group, M=M, MP=kr.pow2(M, 1), DH=dh, HP=kr.pow2(H), BLOCK_D=16,
                     HAS_ROWS=has_rows, CAUSAL=causal, WINDOWED=windowed, SYMMETRIC=symmetric, SOFTCAP=softcap,
                     STORE_MAP=store, SUM_ROWS=sums, CONTRACT=contract, WRITE_ALPHA=alpha, BLOCK_K=16, **tile,
-                    **dots), num_warps
+                    **dots), options
     (H, group, dh, gated, n_scopes, center, has_rows, causal, windowed, symmetric, softcap,
      (store, sums, contract)) = variant
-    tile = fp.ff_settings()
-    num_warps = tile.pop("num_warps")
+    tile = fp.ff_settings(H)
+    options = dict(num_warps=tile.pop("num_warps"), num_stages=tile.pop("num_stages"))
     return dict(H=H, KV_GROUP=group, DH=dh, HP=kr.pow2(H), GATED=gated, N_SCOPES=n_scopes, CENTER=center,
                 HAS_ROWS=has_rows, CAUSAL=causal, WINDOWED=windowed, SYMMETRIC=symmetric, SOFTCAP=softcap,
-                STORE_MAP=store, SUM_ROWS=sums, CONTRACT=contract, BLOCK_K=16, **tile, **dots), num_warps
+                STORE_MAP=store, SUM_ROWS=sums, CONTRACT=contract, BLOCK_K=16, **tile, **dots), options
 
 
 def signature(kernel, dtype, consts):
@@ -145,7 +145,7 @@ def ast_source(kernel, sig, consts):
     return ASTSource(fn=kernel, signature={k: v for k, v in sig.items() if k not in consts}, constants=consts)
 
 
-def compile_job(module, kernel_name, capability, dtype, num_stages, variant):
+def compile_job(module, kernel_name, capability, dtype, variant):
     """'ok', or why the compile failed or produced nothing usable."""
     import importlib
 
@@ -153,11 +153,11 @@ def compile_job(module, kernel_name, capability, dtype, num_stages, variant):
     from triton.backends.compiler import GPUTarget
 
     kernel = getattr(importlib.import_module(f"kobattr.kernels.{module}"), kernel_name)
-    consts, num_warps = launch_settings(kernel_name, dtype, variant)
+    consts, options = launch_settings(kernel_name, dtype, variant)
     try:
         src = ast_source(kernel, signature(kernel, dtype, consts), consts)
         compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                                  options={"num_warps": num_warps, "num_stages": num_stages})
+                                  options=options)
     except Exception as err:  # the message is the test failure
         return f"compile error: {type(err).__name__}: {err}"[:4000]
     if not compiled.asm.get("ptx") or not compiled.asm.get("cubin"):
@@ -192,7 +192,7 @@ def compile_results():
 
 @pytest.mark.parametrize("job_id", sorted(jobs()))
 def test_kernel_variant_compiles(compile_results, job_id):
-    module, kernel, capability, dtype, _, variant = jobs()[job_id]
+    module, kernel, capability, dtype, variant = jobs()[job_id]
     result = compile_results[job_id]
     assert result == "ok", f"{kernel} sm_{capability} {dtype} {variant}: {result}"
 

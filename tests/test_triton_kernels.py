@@ -397,7 +397,7 @@ def test_ff_low_precision(dtype):
 
 # ---------------------------------------------------------------- ff_maps streamed over key blocks
 
-STREAM_CASES = {  # (random_attention options, FF variant): N = 13..40 spans 4..10 blocks of 4 keys
+STREAM_CASES = {  # (random_attention options, FF variant): N = 13..40 spans 2..5 key tiles of 8 keys
     "N13-causal-window-pad": (dict(H=4, KV=2, N=13, Dh=16, causal=True, window=5, pad=2), (True, 3, True)),
     "N20-H12-dh80-causal-pad": (dict(H=12, KV=3, N=20, Dh=80, causal=True, pad=3), (False, 3, False)),
     "N40-window-radius-softcap-pad": (dict(H=4, KV=2, N=40, Dh=16, window=5, pad=3, radius=8, softcap=1.0,
@@ -442,23 +442,26 @@ def launch(attn, parts, key_block_size, rows=None, weights=None, normalize_rows=
 @pytest.mark.parametrize("mode", STREAM_MODES)
 @pytest.mark.parametrize("name", list(STREAM_CASES))
 def test_ff_streamed_key_blocks(name, mode):
-    """Launches over blocks of 4 keys (parts made per block, or sliced from whole tensors) give the
+    """Launches over blocks of one key tile (parts made per block, or sliced from whole tensors) give the
     single-launch result and the fp64 oracle in every output mode; no block is asked for twice per sweep and
-    none is wider than 4 keys."""
+    none is wider than a tile."""
+    from kobattr.kernels.ff_pairs import ff_settings
+
     options, (gated, n_scopes, center) = STREAM_CASES[name]
     N = options["N"]
+    tile = ff_settings(options["H"])["BLOCK_N"]  # blocks start on key tiles: the smallest block is one tile
     attn = random_attention(B=2, seed=0, **options)
     parts = random_ff_parts(2, N, options["H"], gated=gated, n_scopes=n_scopes, center=center)
     kw = mode_kwargs(mode, N)
     single = launch(attn, parts, None, **kw)
     streamed_backend = TritonBackend()
-    streamed_backend.key_block_size = 4
+    streamed_backend.key_block_size = tile
     on_demand, asked = recording(parts)
     streamed = streamed_backend.ff_maps(attn, on_demand, **kw)
     sweeps = 2 if kw.get("normalize_rows") else 1
-    assert len(asked) == sweeps * -(-N // 4) and all(stop - start <= 4 for start, stop in asked)
-    assert sorted(set(asked)) == [(s, min(s + 4, N)) for s in range(0, N, 4)]
-    sliced = launch(attn, parts, 8, **kw)
+    assert len(asked) == sweeps * -(-N // tile) and all(stop - start <= tile for start, stop in asked)
+    assert sorted(set(asked)) == [(s, min(s + tile, N)) for s in range(0, N, tile)]
+    sliced = launch(attn, parts, 2 * tile, **kw)
     ref = oracle_ff_maps(attn, parts, **kw)
     assert streamed.shape == single.shape == ref.shape
     assert_close(streamed, single)
@@ -470,7 +473,7 @@ def test_ff_key_block_size_choice():
     """The default block keeps a block's parts under the byte budget, on key tiles, and one block for small N."""
     from kobattr.kernels.ff_pairs import KEY_BLOCK_BYTES, choose_key_block, ff_settings
 
-    bn = ff_settings()["BLOCK_N"]
+    bn = ff_settings(32)["BLOCK_N"]
     assert choose_key_block(2, 13, 4, 32, 16, True, 4, bn) == 16
     # Llama-7B: H = 32, F = 11008 (gated), D = 4096, N = 64k, bf16 parts (centred in fp32)
     keys = choose_key_block(1, 65536, 32, 11008, 4096, True, 2, bn)
