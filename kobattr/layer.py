@@ -149,8 +149,29 @@ class FeedForward:
         return out.view(z.shape[:-1] + (self.w_out.shape[1],))
 
 
+class AttentionShapes:
+    """The shapes every attention block reads off its q (B, H, queries, Dh) and k (B, KV, keys, Dh), and its
+    softmax scale (``scale``, None: Dh ** -0.5): shared by Layer and seq2seq.CrossAttention."""
+
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def n_heads(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.scale if self.scale is not None else self.q.shape[-1] ** -0.5
+
+
 @dataclass
-class Layer:
+class Layer(AttentionShapes):
     """One transformer layer, described completely for attribution.
 
     Attention (as the model computes it):
@@ -198,19 +219,7 @@ class Layer:
     ffn_out_norm: Optional[Norm] = None
     head_outputs: Optional[Tensor] = None
 
-    # ------------------------------------------------------------------ shapes
-    @property
-    def batch(self) -> int:
-        return self.q.shape[0]
-
-    @property
-    def n_heads(self) -> int:
-        return self.q.shape[1]
-
-    @property
-    def n_kv_heads(self) -> int:
-        return self.k.shape[1]
-
+    # ------------------------------------------------------------------ shapes (batch, heads, scale: AttentionShapes)
     @property
     def seq_len(self) -> int:
         return self.q.shape[2]
@@ -241,10 +250,6 @@ class Layer:
         if self.placement == "pre" and self.ln2 is None:
             raise LayerInputError("a pre-LN layer needs ln2 before the FFN (without any norm there it is not a structure kobattr knows).")
         return self.placement
-
-    @property
-    def softmax_scale(self) -> float:
-        return self.scale if self.scale is not None else self.q.shape[-1] ** -0.5
 
     @property
     def valid(self) -> Tensor:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .core import _relative_error
-from .layer import NORM_KINDS, FeedForward, Layer, LayerInputError, Norm, all_finite
+from .layer import NORM_KINDS, AttentionShapes, FeedForward, Layer, LayerInputError, Norm, all_finite
 from .methods import vector_ratio
 
 DEFAULT_BUDGET = 1 << 23  # elements per intermediate, as the torch backend's
@@ -108,7 +108,7 @@ def check_decoder_methods(methods, placement: str) -> tuple[tuple[str, ...], tup
 
 # ----------------------------------------------------------------------------- inputs
 @dataclass
-class CrossAttention:
+class CrossAttention(AttentionShapes):
     """The cross-attention block of one decoder layer, as the model computed it.
 
     q: (B, H, T, Dh) queries (after any norm the queries read: LN_c in pre-LN models).
@@ -136,18 +136,6 @@ class CrossAttention:
     head_outputs: Optional[Tensor] = None
 
     @property
-    def batch(self) -> int:
-        return self.q.shape[0]
-
-    @property
-    def n_heads(self) -> int:
-        return self.q.shape[1]
-
-    @property
-    def n_kv_heads(self) -> int:
-        return self.k.shape[1]
-
-    @property
     def target_len(self) -> int:
         return self.q.shape[2]
 
@@ -158,10 +146,6 @@ class CrossAttention:
     @property
     def d_model(self) -> int:
         return self.p.shape[-1]
-
-    @property
-    def softmax_scale(self) -> float:
-        return self.scale if self.scale is not None else self.q.shape[-1] ** -0.5
 
     @property
     def sources(self) -> Tensor:
