@@ -157,22 +157,25 @@ class TorchBackend(Backend):
         cols_all = torch.arange(N, device=attn.q.device)
 
         def tile(r0, r1, c0, c1, key_parts) -> Tensor:
-            """(B, S, R, C) scope norms of query rows rows[r0:r1] against keys c0:c1."""
+            """(B, S, R, C) scope norms of query rows rows[r0:r1] against keys c0:c1. The pair tensors are key-major,
+            (B, C, R, ...): the per-key products then write their outputs contiguously, and the (B C R, F) view
+            for W_out needs no copy."""
             r, cols = rows[r0:r1], cols_all[c0:c1]
             ff_p, gate_p, res_p = (None if t is None else t.to(dtype) for t in key_parts)
             scores, vis = block_scores(attn, r, dtype, cols)
             alpha = torch.exp(scores - lse[:, :, r0:r1, None]).nan_to_num(0.0) * vis[:, None]  # (B, H, R, C)
-            kappa = torch.cat([alpha.permute(0, 2, 3, 1), kappa_diag_mask(r, cols, vis).to(dtype)[..., None]], -1)
-            in_scale = p["in_scale"][:, r, None, None]
-            # in place: the (B, R, C, F) tiles are the largest temporaries
-            hidden = torch.einsum("brcx,bcxf->brcf", kappa, ff_p).mul_(in_scale * p["coef_in"][:, r, None])
+            kappa = torch.cat([alpha.permute(0, 3, 2, 1), kappa_diag_mask(r, cols, vis).transpose(1, 2).to(dtype)[..., None]],
+                              -1)  # (B, C, R, H+1)
+            in_scale = p["in_scale"][:, None, r, None]
+            # in place: the (B, C, R, F) tiles are the largest temporaries
+            hidden = (kappa @ ff_p).mul_(in_scale * p["coef_in"][:, None, r])
             if gate_p is not None:
-                hidden += torch.einsum("brcx,bcxf->brcf", kappa, gate_p).mul_(in_scale * p["coef_gate"][:, r, None])
-            # one (B R C, F) @ (F, D) product: a 4-D @ 2-D matmul would run as R small batched ones
-            ff = (hidden.reshape(-1, F) @ p["w_out"]).view(B, r1 - r0, c1 - c0, D)
+                hidden += (kappa @ gate_p).mul_(in_scale * p["coef_gate"][:, None, r])
+            # one (B C R, F) @ (F, D) product: a 4-D @ 2-D matmul would run as C small batched ones
+            ff = (hidden.view(-1, F) @ p["w_out"]).view(B, c1 - c0, r1 - r0, D)
             del hidden
-            total = ff + torch.einsum("brcx,bcxd->brcd", kappa, res_p) * p["res_scale"][:, r, None, None]
-            block = torch.empty(B, S, r1 - r0, c1 - c0, dtype=dtype, device=attn.q.device)
+            total = ff + (kappa @ res_p).mul_(p["res_scale"][:, None, r, None])
+            block = torch.empty(B, S, c1 - c0, r1 - r0, dtype=dtype, device=attn.q.device)
             block[:, 0] = ff.norm(dim=-1)
             block[:, 1] = total.norm(dim=-1)
             if S == 3:
@@ -180,8 +183,8 @@ class TorchBackend(Backend):
                     total -= total.mean(-1, keepdim=True)
                 if p["out_weight"] is not None:
                     total *= p["out_weight"]
-                block[:, 2] = total.norm(dim=-1) * p["out_scale"][:, r, None]
-            return block * vis[:, None]
+                block[:, 2] = total.norm(dim=-1) * p["out_scale"][:, None, r]
+            return block.transpose(-1, -2) * vis[:, None]
 
         def each_tile():
             for c0, c1 in _blocks(N, col_size):
