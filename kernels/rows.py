@@ -235,9 +235,10 @@ def key_splits(programs, key_tiles, device):
 
 
 def lse_settings(DH, R):
-    """BLOCK_M, BLOCK_N, BLOCK_D, num_warps and num_stages of _row_lse_kernel: 64 x 64 logit tiles for head sizes up to
-    64, 32 x 32 beyond (the q and k tiles are DH wide), BLOCK_M no larger than the rows need (rows= of a few
-    rows), 4 warps (32 fp32 of a 64 x 64 tile per thread)."""
+    """BLOCK_M, BLOCK_N, BLOCK_D, num_warps and num_stages of _row_lse_kernel: 64 x 64 logit tiles for head
+    sizes up to 64, 32 x 32 beyond (the q and k tiles are DH wide), BLOCK_M no larger than the rows need
+    (rows= of a few rows), 4 warps (32 fp32 of a 64 x 64 tile per thread), 2 stages (the next k tile loads
+    while this one's exponentials run, as in flash attention)."""
     block = 64 if DH <= 64 else 32
     return dict(BLOCK_M=min(block, pow2(R)), BLOCK_N=block, BLOCK_D=pow2(DH), num_warps=4, num_stages=2)
 

@@ -164,8 +164,8 @@ class TorchBackend(Backend):
             ff_p, gate_p, res_p = (None if t is None else t.to(dtype) for t in key_parts)
             scores, vis = block_scores(attn, r, dtype, cols)
             alpha = torch.exp(scores - lse[:, :, r0:r1, None]).nan_to_num(0.0) * vis[:, None]  # (B, H, R, C)
-            kappa = torch.cat([alpha.permute(0, 3, 2, 1), kappa_diag_mask(r, cols, vis).transpose(1, 2).to(dtype)[..., None]],
-                              -1)  # (B, C, R, H+1)
+            diagonal = kappa_diag_mask(r, cols, vis).transpose(1, 2).to(dtype)[..., None]
+            kappa = torch.cat([alpha.permute(0, 3, 2, 1), diagonal], -1)  # (B, C, R, H+1)
             in_scale = p["in_scale"][:, None, r, None]
             # in place: the (B, C, R, F) tiles are the largest temporaries
             hidden = (kappa @ ff_p).mul_(in_scale * p["coef_in"][:, None, r])
