@@ -53,8 +53,8 @@ def reference_bytes(N: int, method: str) -> float:
     return 4.0 * N * N * (tensors * D + 2 * H)
 
 
-def run_one(impl: str, method: str, N: int, device: str) -> dict:
-    """One measurement, in this process."""
+def run_one(impl: str, method: str, N: int, device: str, ff_gemm: str = "float32") -> dict:
+    """One measurement, in this process; ff_gemm as attribute() takes it."""
     import torch
 
     from kobattr.core import attribute
@@ -62,7 +62,7 @@ def run_one(impl: str, method: str, N: int, device: str) -> dict:
 
     layer = build_layer(N, device)
     if impl != "reference":  # one-time costs (thread pools, kernel compilation, first allocations) outside the timing
-        attribute(build_layer(64, device, seed=1), methods=[method], backend=impl, verify=0)
+        attribute(build_layer(64, device, seed=1), methods=[method], backend=impl, verify=0, ff_gemm=ff_gemm)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -73,7 +73,8 @@ def run_one(impl: str, method: str, N: int, device: str) -> dict:
     if impl == "reference":
         reference(layer, methods=[method], dtype=torch.float32)
     else:
-        attribute(layer, methods=[method], backend=impl, verify=0)  # spot checks: benchmarks/spot_check_bench.py
+        # spot checks: benchmarks/spot_check_bench.py
+        attribute(layer, methods=[method], backend=impl, verify=0, ff_gemm=ff_gemm)
     if device == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
@@ -81,6 +82,8 @@ def run_one(impl: str, method: str, N: int, device: str) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     seconds = time.perf_counter() - start
     row = dict(impl=impl, method=method, N=N, device=device, seconds=seconds, peak_bytes=max(peak, 0))
+    if ff_gemm != "float32":
+        row["ff_gemm"] = ff_gemm
     # the anchors, measured in this same process after the timed run: SDPA forward of the same q, k, v (the
     # speed of light of the attention side) and this machine's sgemm rate (that of the FF side)
     row["sdpa_seconds"] = _fastest_time(lambda: torch.nn.functional.scaled_dot_product_attention(layer.q, layer.k, layer.v),
@@ -116,8 +119,8 @@ def _fastest_time(fn, device: str, repeats: int = 5) -> float:
     return min(times)
 
 
-def measure(impl: str, method: str, N: int, device: str, timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--one", impl, method, str(N), device]
+def measure(impl: str, method: str, N: int, device: str, timeout: float, ff_gemm: str = "float32") -> dict:
+    cmd = [sys.executable, __file__, "--one", impl, method, str(N), device, "--ff-gemm", ff_gemm]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -139,11 +142,13 @@ def main() -> None:
     parser.add_argument("--memory-limit", type=float, default=14.0, help="GiB the reference may use")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--ff-gemm", choices=("float32", "bfloat16"), default="float32",
+                        help="the FF methods' W_2 products (attribute(ff_gemm=...)); the sgemm anchor stays float32")
     parser.add_argument("--one", nargs=4, metavar=("IMPL", "METHOD", "N", "DEVICE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         impl, method, N, device = args.one
-        print(json.dumps(run_one(impl, method, int(N), device)))
+        print(json.dumps(run_one(impl, method, int(N), device, args.ff_gemm)))
         return
 
     backends = args.backends or _available_backends(args.device)
@@ -164,7 +169,7 @@ def main() -> None:
             for backend in backends:
                 if N > backend_max.get(method, N):
                     continue
-                rows.append(measure(backend, method, N, args.device, args.timeout))
+                rows.append(measure(backend, method, N, args.device, args.timeout, args.ff_gemm))
                 print(_format_row(rows[-1], ref), flush=True)
 
     machine = dict(device=args.device, platform=platform.platform(), processor=platform.processor(),

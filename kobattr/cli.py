@@ -273,7 +273,7 @@ def cmd_analyze(args) -> int:
             iterator = tqdm(texts, desc="texts", file=sys.stderr)
         for k, text in enumerate(iterator):
             result = analyze(model, text, tokenizer=tokenizer, methods=args.methods, layers=args.layers,
-                             backend=args.backend, max_length=args.max_length)
+                             backend=args.backend, max_length=args.max_length, ff_gemm=args.ff_gemm)
             if first is None:
                 first = result
             ratios.append(result.ratios)
@@ -702,6 +702,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--methods", nargs="+", help="method names or 'all' (default: the model's default methods)")
     a.add_argument("--layers", nargs="+", type=int, help="layer indices (default: all)")
     _add_run_options(a, "kobattr_out")
+    a.add_argument("--ff-gemm", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of the FF methods' products with W_2 (bfloat16: about 2x faster on CPUs with "
+                        "AVX512-BF16 or AMX, float32 sums; default float32)")
     a.add_argument("--no-plots", action="store_true", help="skip PNG and HTML output")
     a.set_defaults(func=cmd_analyze)
     i = sub.add_parser("info", help="versions, available backends and compiled extensions")

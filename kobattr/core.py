@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import get_backend
+from .backends import PRIMITIVES, get_backend
 from .backends.base import Attention, Backend, FFParts
 from .backends.torch_backend import DEFAULT_BUDGET, block_alpha
 from .ig import ffn_coefficients
@@ -120,8 +120,10 @@ class _Prepared:
     """
 
     def __init__(self, layer: Layer, methods, ig: str, ig_steps: int, budget: int, targets: Optional[dict],
-                 row_stats: Optional[Backend] = None, defer_diagonal: bool = False):
+                 row_stats: Optional[Backend] = None, defer_diagonal: bool = False,
+                 ff_gemm_dtype: Optional[torch.dtype] = None):
         self.layer = L = layer
+        self.ff_gemm_dtype = ff_gemm_dtype
         self.structure = L.structure
         self.dtype = dtype = torch.float64 if layer.x.dtype == torch.float64 else torch.float32
         self.attn = attention_of(L)
@@ -298,7 +300,7 @@ class _Prepared:
                 self.ff_scopes.append(m)
         return FFParts(key_block=key_block, in_scale=in_scale, res_scale=self.form_scale(stream), out_scale=out_scale,
                        coef_in=coef_in, coef_gate=coef_gate, w_out=w_out, out_weight=out_weight, out_center=out_center,
-                       n_scopes=len(scope_vectors))
+                       n_scopes=len(scope_vectors), gemm_dtype=self.ff_gemm_dtype)
 
     def grams(self, methods) -> tuple[Tensor, Tensor]:
         """Per-key Gram matrices (B, N, M, H+1, H+1) and row scales (B, N, M) of attention-side methods
@@ -477,10 +479,29 @@ def _compute_maps(prep: _Prepared, impls: dict, attn_methods, rows, contract, no
     return maps, alpha
 
 
+FF_GEMM_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+def _check_ff_gemm(ff_gemm: str, layer: Layer, backend):
+    """(the FF product's dtype or None, backend with ff_maps on the torch backend unless named) of ff_gemm."""
+    if ff_gemm not in FF_GEMM_DTYPES:
+        raise LayerInputError(f"ff_gemm must be one of {', '.join(FF_GEMM_DTYPES)}, got {ff_gemm!r}.")
+    dtype = FF_GEMM_DTYPES[ff_gemm]
+    if dtype is None:
+        return None, backend
+    if layer.x.dtype == torch.float64:
+        raise LayerInputError(f"ff_gemm={ff_gemm!r} would discard a float64 layer's precision; convert the layer "
+                              "to float32 first, or keep ff_gemm='float32'.")
+    per_primitive = dict(backend) if isinstance(backend, dict) else {p: backend for p in PRIMITIVES}
+    if per_primitive.get("ff_maps", "auto") in ("auto", "cpu", "cuda"):  # none of these has ff_gemm: torch has
+        per_primitive["ff_maps"] = "torch"
+    return dtype, per_primitive
+
+
 def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contract: Optional[Tensor] = None,
               normalize_rows: bool = False, backend="auto", ig: str = "exact", ig_steps: int = 20,
               budget: int = DEFAULT_BUDGET, targets: Optional[dict] = None, verify: int = 2,
-              verify_seed: int = 0) -> LayerAttribution:
+              verify_seed: int = 0, ff_gemm: str = "float32") -> LayerAttribution:
     """Attributions of one layer.
 
     methods: names from the registry (kobattr.methods; default: the registry's defaults; "all" for every
@@ -495,6 +516,11 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
         verify: recompute this many sampled query rows of every returned map per batch element with the
         materialising reference (0 disables); result.spot_check holds the errors and
         kobattr.VerificationError is raised above the dtype's tolerance. verify_seed seeds the sample.
+        ff_gemm: "float32" (default) or "bfloat16": the FF methods' (pairs, d_ff) @ (d_ff, d) products with W_2
+        take bfloat16 inputs and sum in float32, about twice as fast where the CPU has AVX512-BF16 or AMX, with
+        an error within twice that of the reference computed in bfloat16 (tests/test_ff_gemm.py); the spot
+        checks then hold the FF maps to the bfloat16 tolerance. It runs on the torch backend, the one that
+        has the option.
     """
     layer.validate()
     structure = layer.structure
@@ -507,6 +533,7 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
     if isinstance(verify, bool) or not isinstance(verify, int) or verify < 0:
         raise LayerInputError(f"verify must be a number of sampled rows >= 0 (0 disables the spot check), got {verify!r}.")
     need_ff = bool(ff_methods(methods, structure))
+    ff_gemm_dtype, backend = _check_ff_gemm(ff_gemm, layer, backend)
     full = rows is None and contract is None
     n_rows = N if rows is None else len(rows)
     out_elements = B * n_rows * N * (len(methods) + (H if heads else 0))
@@ -516,8 +543,8 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
                               "to contract them.")
     impls = get_backend(backend, attention_of(layer), need_ff, need_row_stats=layer.head_outputs is not None)
     # full maps: the attention primitive computes every row's statistics anyway, so alpha_ii can wait for them
-    prep = _Prepared(layer, methods, ig, ig_steps, budget, targets,
-                     row_stats=impls.get("row_stats"), defer_diagonal=rows is None and contract is None)
+    prep = _Prepared(layer, methods, ig, ig_steps, budget, targets, row_stats=impls.get("row_stats"),
+                     defer_diagonal=rows is None and contract is None, ff_gemm_dtype=ff_gemm_dtype)
 
     # attention-side maps (an FF run with full maps also computes every scope, for the component analysis)
     scope_methods = STRUCTURES[structure].scopes if need_ff and full else ()
@@ -574,7 +601,7 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
             return sub_maps
 
         result.spot_check = spot_check(layer, result, impls, rerun, k=verify, seed=verify_seed, contract=contract,
-                                       normalize_rows=normalize_rows, ig=ig, ig_steps=ig_steps)
+                                       normalize_rows=normalize_rows, ig=ig, ig_steps=ig_steps, ff_dtype=ff_gemm_dtype)
     return result
 
 

@@ -250,3 +250,15 @@ def test_html_title_is_never_a_template_slot(tmp_path):
     (data,) = re.findall(r'<script type="application/json" id="kobattr-data">(.*?)</script>', page, re.S)
     parsed = json.loads(data)
     assert parsed["tokens"] == tokens and parsed["maps"]["attn_w"][0][0] == [0.3333] * 3
+
+
+def test_ff_gemm_option_reaches_the_ff_maps(checkpoint, tmp_path, capsys):
+    runs = {}
+    for gemm in ("float32", "bfloat16"):
+        out = tmp_path / gemm
+        code, _, _ = run(analyze_args(checkpoint, out, "The cat sat on the mat.", extra=("--ff-gemm", gemm)), capsys)
+        assert code == 0
+        runs[gemm] = Attribution.load(out / "text000" / "attribution")
+    exact, rounded = runs["float32"].maps["atbff"], runs["bfloat16"].maps["atbff"]
+    assert 1e-5 < float((rounded - exact).abs().max() / exact.abs().max()) < 5e-2  # the bfloat16 products ran
+    assert torch.equal(runs["float32"].maps["attn_w"], runs["bfloat16"].maps["attn_w"])  # the attention side did not change

@@ -122,6 +122,9 @@ class FFParts:
     gate_parts: Optional[Tensor] = None
     res_parts: Optional[Tensor] = None
     key_block: Optional[Callable[[slice], tuple]] = None  # keys -> (ff_parts, gate_parts or None, res_parts)
+    # the (pairs, F) @ (F, D) product with W_out in this dtype (bfloat16: attribute(ff_gemm=...), opt-in),
+    # accumulated in float32; None: the compute dtype
+    gemm_dtype: Optional[torch.dtype] = None
 
     def block(self, keys: slice) -> tuple:
         """(ff_parts, gate_parts or None, res_parts) of the keys ``keys``, (B, C, H+1, F / D)."""

@@ -155,6 +155,7 @@ class TorchBackend(Backend):
         row_size = max(1, min(len(rows), int(pair_budget ** 0.5), max(N // 8, 32)))
         col_size = max(1, min(pair_budget // row_size, max(N // 8, 32)))
         cols_all = torch.arange(N, device=attn.q.device)
+        w_out_gemm = p["w_out"] if parts.gemm_dtype in (None, dtype) else p["w_out"].to(parts.gemm_dtype)
 
         def tile(r0, r1, c0, c1, key_parts) -> Tensor:
             """(B, S, R, C) scope norms of query rows rows[r0:r1] against keys c0:c1. The pair tensors are key-major,
@@ -172,7 +173,10 @@ class TorchBackend(Backend):
             if gate_p is not None:
                 hidden += (kappa @ gate_p).mul_(in_scale * p["coef_gate"][:, None, r])
             # one (B C R, F) @ (F, D) product: a 4-D @ 2-D matmul would run as C small batched ones
-            ff = (hidden.view(-1, F) @ p["w_out"]).view(B, c1 - c0, r1 - r0, D)
+            if w_out_gemm is p["w_out"]:
+                ff = (hidden.view(-1, F) @ w_out_gemm).view(B, c1 - c0, r1 - r0, D)
+            else:  # opt-in low precision: the product's inputs rounded, its sums in float32 (oneDNN, cuBLAS)
+                ff = (hidden.view(-1, F).to(w_out_gemm.dtype) @ w_out_gemm).to(dtype).view(B, c1 - c0, r1 - r0, D)
             del hidden
             total = ff + (kappa @ res_p).mul_(p["res_scale"][:, None, r, None])
             block = torch.empty(B, S, c1 - c0, r1 - r0, dtype=dtype, device=attn.q.device)

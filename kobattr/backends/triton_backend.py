@@ -110,6 +110,9 @@ class TritonBackend(Backend):
     def ff_maps(self, attn: Attention, parts: FFParts, rows: Optional[Tensor] = None,
                 weights: Optional[Tensor] = None, normalize_rows: bool = False) -> Tensor:
         self._check("ff_maps", attn)
+        if parts.gemm_dtype is not None:
+            raise ValueError("the triton ff_maps keeps its own precision (fp32 sums of tf32 or tf32x3 products); "
+                             "ff_gemm='bfloat16' runs on the torch backend (backend={'ff_maps': 'torch'}).")
         from kobattr.kernels.ff_pairs import ff_maps
 
         def key_block(keys: slice) -> tuple:  # the parts of one block of keys, made (or sliced) when launched
