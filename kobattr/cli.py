@@ -703,7 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--layers", nargs="+", type=int, help="layer indices (default: all)")
     _add_run_options(a, "kobattr_out")
     a.add_argument("--ff-gemm", choices=("float32", "bfloat16"), default="float32",
-                   help="dtype of the FF methods' products with W_2 (bfloat16: about 2x faster on CPUs with "
+                   help="dtype of the FF methods' products with W_2 (bfloat16: about 1.7x faster on CPUs with "
                         "AVX512-BF16 or AMX, float32 sums; default float32)")
     a.add_argument("--no-plots", action="store_true", help="skip PNG and HTML output")
     a.set_defaults(func=cmd_analyze)
