@@ -792,6 +792,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--verify", type=int, default=2, help="sampled rows per layer and text checked against the "
                                                          "reference (default: 2; 0 disables)")
     c.add_argument("--save-maps", action="store_true", help="also write every text's full maps (maps/)")
+    c.add_argument("--ff-gemm", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of the FF methods' products with W_2 (as for analyze; default float32)")
     c.set_defaults(func=cmd_corpus)
     return parser
 
@@ -810,7 +812,7 @@ def cmd_corpus(args) -> int:
         summary = run_corpus(model, tokenizer, args.file, args.out, field=args.field, column=args.column,
                              methods=args.methods, layers=args.layers, resume=args.resume, shard_size=args.shard_size,
                              batch_size=args.batch_size, max_length=args.max_length, backend=args.backend,
-                             verify=args.verify, save_maps=args.save_maps)
+                             verify=args.verify, save_maps=args.save_maps, ff_gemm=args.ff_gemm)
     except StoppedOnRankZero:  # rank 0 says why
         return 2
     except CorpusError as err:

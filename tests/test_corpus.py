@@ -269,6 +269,7 @@ def test_a_mismatched_resume_is_refused(baseline, corpus_file, minilm, tmp_path)
     refused(r"another methods \(run: \['attn_w', 'attnresln_n'\], now: \['attn_w'\]\)", methods=["attn_w"])
     refused(r"another layers \(run: \[0, 5\], now: \[0\]\)", layers=[0])
     refused(r"shard size \(run: 3, now: 4\)", shard_size=4)
+    refused(r"ff gemm \(run: 'float32', now: 'bfloat16'\)", ff_gemm="bfloat16")
     changed = tmp_path / "changed.txt"
     changed.write_text(corpus_file.read_text(encoding="utf-8").replace("cat", "dog"), encoding="utf-8")
     refused(r"another input content; resume it with what it was started with", file=changed)
@@ -283,6 +284,32 @@ def test_a_mismatched_resume_is_refused(baseline, corpus_file, minilm, tmp_path)
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(CorpusError, match="is not empty and holds no corpus run"):
         run_corpus(model, tokenizer, corpus_file, foreign, **RUN)
+
+
+def test_a_run_from_before_the_ff_gemm_setting_resumes(baseline, corpus_file, minilm, tmp_path):
+    model, tokenizer = minilm
+    out = tmp_path / "older"
+    shutil.copytree(baseline[0], out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["settings"]["ff_gemm"]  # as written before the setting existed: float32 products
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "summary.json").unlink()
+    with one_thread():
+        assert run_corpus(model, tokenizer, corpus_file, out, resume=True, **RUN) == baseline[1]
+
+
+def test_ff_gemm_reaches_the_corpus_ff_maps(corpus_file, minilm, tmp_path):
+    from safetensors.torch import load_file
+
+    model, tokenizer = minilm
+    settings = dict(RUN, methods=["atbff"], layers=[0], shard_size=10, save_maps=True)
+    with one_thread():
+        for gemm in ("float32", "bfloat16"):
+            run_corpus(model, tokenizer, corpus_file, tmp_path / gemm, ff_gemm=gemm, **settings)
+    exact, rounded = (load_file(tmp_path / gemm / "maps" / "shard-00000.safetensors") for gemm in ("float32", "bfloat16"))
+    assert exact.keys() == rounded.keys()
+    worst = max(float((rounded[k] - exact[k]).abs().max() / exact[k].abs().max()) for k in exact)
+    assert 1e-5 < worst < 5e-2  # the bfloat16 products ran, within their error
 
 
 def test_the_command_line_refuses_with_one_line(baseline, corpus_file, capsys):

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from ..distributed import world
+from ..core import FF_GEMM_DTYPES
 from ..layer import LayerInputError
 from ..result import atomic_write
 
@@ -289,15 +290,19 @@ _COMPARED = [
     (("input", "format"), "input format", True), (("input", "key"), "input field/column", True),
     (("input", "texts"), "number of input texts", True), (("input", "sha256"), "input content", False),
     *((("settings", s), s.replace("_", " "), True) for s in ("methods", "layers", "max_length", "shard_size",
-                                                             "batch_size", "backend", "verify", "save_maps")),
+                                                             "batch_size", "backend", "verify", "save_maps",
+                                                             "ff_gemm")),
 ]
+
+
+_DEFAULTS = {("settings", "ff_gemm"): "float32"}  # what a run from before the setting existed used
 
 
 def _differences(stored: dict, current: dict) -> list[str]:
     """What differs between a run's manifest and the current request, named as a refusal says it."""
     def get(manifest, path):
         for part in path:
-            manifest = manifest.get(part) if isinstance(manifest, dict) else None
+            manifest = manifest.get(part, _DEFAULTS.get(path)) if isinstance(manifest, dict) else None
         return manifest
 
     named = []
@@ -376,6 +381,7 @@ class _Job:
     backend: object
     verify: int
     save_maps: bool
+    ff_gemm: str
 
 
 def _token_schema():
@@ -408,7 +414,8 @@ def _compute_shard(job: _Job, index: int, span: list[int], between_batches: Call
         chunk = order[first:first + job.batch_size]
         try:
             result = analyze(job.model, [texts[k] for k in chunk], tokenizer=tokenizer, methods=list(methods),
-                             layers=job.layers, backend=job.backend, verify=job.verify, max_length=job.max_length)
+                             layers=job.layers, backend=job.backend, verify=job.verify, max_length=job.max_length,
+                             ff_gemm=job.ff_gemm)
         except LayerInputError as err:  # say which texts
             raise CorpusError(f"texts {', '.join(str(start + k) for k in sorted(chunk))}: {err}") from None
         with_bias |= set(result.bias_norms)
@@ -575,11 +582,11 @@ def run_corpus(model, tokenizer, file, out, field: Optional[str] = None, column:
                methods=None, layers: Optional[Sequence[int]] = None, resume: bool = False,
                shard_size: int = DEFAULT_SHARD_SIZE, batch_size: int = DEFAULT_BATCH_SIZE,
                max_length: Optional[int] = None, backend="auto", verify: int = 2, save_maps: bool = False,
-               progress: bool = True) -> Optional[dict]:
+               progress: bool = True, ff_gemm: str = "float32") -> Optional[dict]:
     """Analyse every text of ``file`` (see open_corpus) into ``out`` (see the module docstring); under torchrun
     the ranks share the shards. Returns the summary (summary.json) on rank 0, None on the other ranks.
 
-    methods, layers, backend, verify, max_length: as for kobattr.analyze. resume: continue the run in ``out``
+    methods, layers, backend, verify, max_length, ff_gemm: as for kobattr.analyze. resume: continue the run in ``out``
     (refused when anything that decides its outputs differs; a new or empty ``out`` starts a run). shard_size:
     texts per shard (the unit of work, of resuming and of the files). batch_size: texts per analyze() call.
     save_maps: also write every text's full maps (maps/). With CUDA, a model on the CPU is moved to this rank's
@@ -597,6 +604,8 @@ def run_corpus(model, tokenizer, file, out, field: Optional[str] = None, column:
             raise CorpusError(f"{name} must be a positive number of texts, got {value!r}.")
     if isinstance(verify, bool) or not isinstance(verify, int) or verify < 0:
         raise CorpusError(f"verify must be a number of sampled rows >= 0 (0 disables the spot check), got {verify!r}.")
+    if ff_gemm not in FF_GEMM_DTYPES:
+        raise CorpusError(f"ff_gemm must be one of {', '.join(FF_GEMM_DTYPES)}, got {ff_gemm!r}.")
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
         raise CorpusError(f"max_length must be a positive number of tokens, got {max_length!r}.")
     fault_after = _fault_after()
@@ -617,7 +626,7 @@ def run_corpus(model, tokenizer, file, out, field: Optional[str] = None, column:
                     "input": corpus.describe(),
                     "settings": {"methods": list(methods), "layers": layers, "max_length": max_length,
                                  "shard_size": shard_size, "batch_size": batch_size, "backend": backend,
-                                 "verify": verify, "save_maps": save_maps},
+                                 "verify": verify, "save_maps": save_maps, "ff_gemm": ff_gemm},
                     "shards": shard_plan(corpus.count, shard_size)}
         return _start(out, manifest, resume, save_maps)
 
@@ -629,7 +638,7 @@ def run_corpus(model, tokenizer, file, out, field: Optional[str] = None, column:
                               "every rank must see the same input.")
     layout = _Layout(out, len(plan))
     job = _Job(model, tokenizer, corpus, layout, methods, layers, batch_size, max_length, backend, verify,
-               save_maps)
+               save_maps, ff_gemm)
     done = plan[-1][1] - sum(plan[i][1] - plan[i][0] for i in todo)
     bar = _Progress(layout, todo, plan[-1][1], done, here.size, progress) if here.main else None
     poll = bar.poll if bar is not None else (lambda: None)
