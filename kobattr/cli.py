@@ -693,6 +693,8 @@ def _add_run_options(parser, default_out: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .core import FF_GEMM_DTYPES
+
     parser = _ArgumentParser(prog="kobattr", description="Token-wise attribution analysis of transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("analyze", help="attribute texts and write maps, plots and an HTML page")
@@ -702,7 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--methods", nargs="+", help="method names or 'all' (default: the model's default methods)")
     a.add_argument("--layers", nargs="+", type=int, help="layer indices (default: all)")
     _add_run_options(a, "kobattr_out")
-    a.add_argument("--ff-gemm", choices=("float32", "bfloat16"), default="float32",
+    a.add_argument("--ff-gemm", choices=tuple(FF_GEMM_DTYPES), default="float32",
                    help="dtype of the FF methods' products with W_2 (bfloat16: about 1.7x faster on CPUs with "
                         "AVX512-BF16 or AMX, float32 sums; default float32)")
     a.add_argument("--no-plots", action="store_true", help="skip PNG and HTML output")
@@ -792,7 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--verify", type=int, default=2, help="sampled rows per layer and text checked against the "
                                                          "reference (default: 2; 0 disables)")
     c.add_argument("--save-maps", action="store_true", help="also write every text's full maps (maps/)")
-    c.add_argument("--ff-gemm", choices=("float32", "bfloat16"), default="float32",
+    c.add_argument("--ff-gemm", choices=tuple(FF_GEMM_DTYPES), default="float32",
                    help="dtype of the FF methods' products with W_2 (as for analyze; default float32)")
     c.set_defaults(func=cmd_corpus)
     return parser

@@ -302,8 +302,8 @@ def _differences(stored: dict, current: dict) -> list[str]:
     """What differs between a run's manifest and the current request, named as a refusal says it."""
     def get(manifest, path):
         for part in path:
-            manifest = manifest.get(part, _DEFAULTS.get(path)) if isinstance(manifest, dict) else None
-        return manifest
+            manifest = manifest.get(part) if isinstance(manifest, dict) else None
+        return _DEFAULTS.get(path) if manifest is None else manifest
 
     named = []
     for path, name, show in _COMPARED:

@@ -172,11 +172,10 @@ class TorchBackend(Backend):
             hidden = (kappa @ ff_p).mul_(in_scale * p["coef_in"][:, None, r])
             if gate_p is not None:
                 hidden += (kappa @ gate_p).mul_(in_scale * p["coef_gate"][:, None, r])
-            # one (B C R, F) @ (F, D) product: a 4-D @ 2-D matmul would run as C small batched ones
-            if w_out_gemm is p["w_out"]:
-                ff = (hidden.view(-1, F) @ w_out_gemm).view(B, c1 - c0, r1 - r0, D)
-            else:  # opt-in low precision: the product's inputs rounded, its sums in float32 (oneDNN, cuBLAS)
-                ff = (hidden.view(-1, F).to(w_out_gemm.dtype) @ w_out_gemm).to(dtype).view(B, c1 - c0, r1 - r0, D)
+            # one (B C R, F) @ (F, D) product: a 4-D @ 2-D matmul would run as C small batched ones; with the
+            # opt-in gemm_dtype its inputs are rounded and its sums stay float32 (oneDNN, cuBLAS); .to() of the
+            # dtype a tensor already has returns it, copying nothing
+            ff = (hidden.view(-1, F).to(w_out_gemm.dtype) @ w_out_gemm).to(dtype).view(B, c1 - c0, r1 - r0, D)
             del hidden
             total = ff + (kappa @ res_p).mul_(p["res_scale"][:, None, r, None])
             block = torch.empty(B, S, c1 - c0, r1 - r0, dtype=dtype, device=attn.q.device)
