@@ -5,7 +5,8 @@
 # this GPU's SM version unless KOBATTR_CUDA_ARCHS says otherwise), runs `kobattr selftest --device cuda`
 # (every implementation against the float64 reference on every block structure and attention feature; one
 # process per implementation group and dtype, in parallel, so that Triton's compiles share the CPU cores),
-# the GPU benchmark, the GPU tests, the key-split sweep and the FF peak memory on the GPU; everything lands
+# the GPU benchmark, the pair-kernel profile (benchmarks/gpu_profile.py, and ncu's stall reasons where ncu is
+# installed), the GPU tests, the key-split sweep and the FF peak memory on the GPU; everything lands
 # in $OUT, each step as it finishes, so a run cut short keeps what it found.
 # QUICK=1 keeps to float32/bfloat16 self-tests and benchmark sizes 4k, 16k and 64k (a few minutes in all).
 set -uo pipefail
@@ -56,6 +57,22 @@ sizes=$([ "$QUICK" = 1 ] && echo "4096 16384 65536" || echo "1024 4096 16384 655
 timeout ${BENCH_TIMEOUT:-900} python benchmarks/gpu_bench.py --sizes $sizes --torch-max 16384 \
   --max-seconds ${BENCH_SECONDS:-5} 2>&1 | tee "$OUT/gpu_bench.txt"
 cp benchmarks/results/gpu_*.json "$OUT/" 2>/dev/null
+
+step "pair-kernel profile (where the time goes; ncu stall reasons where ncu is installed)"
+timeout ${PROFILE_TIMEOUT:-300} python benchmarks/gpu_profile.py 2>&1 | tee "$OUT/gpu_profile.txt"
+cp benchmarks/results/gpu_profile_*.json "$OUT/" 2>/dev/null
+ncu=$(command -v ncu || ls "${CUDA_HOME:-/usr/local/cuda}/bin/ncu" 2> /dev/null)
+if [ -n "$ncu" ]; then
+  for layer in llama-7b bert-base; do
+    timeout ${NCU_TIMEOUT:-300} "$ncu" --target-processes all --kernel-name regex:_attention_pairs_kernel --launch-skip 1 \
+      --launch-count 1 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section SchedulerStats --section MemoryWorkloadAnalysis \
+      python benchmarks/gpu_profile.py --once $layer > "$OUT/ncu_pairs_$layer.txt" 2>&1
+    tail -60 "$OUT/ncu_pairs_$layer.txt"
+  done
+else
+  echo "ncu not found: no stall reasons" | tee -a "$OUT/steps.txt"
+fi
 
 step "pytest (gpu tests)"
 timeout ${PYTEST_TIMEOUT:-900} python -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/pytest_gpu.txt"

@@ -5,7 +5,8 @@
 
 Attention side: attention_maps of the Triton backend with M = 1 Gram (ATTNRESLN-N alone), the full map at
 --attention-n (default 4096), bf16 q/k, for gpu_bench.py's Llama-7B and BERT-base shapes, with
-kernels.attention_pairs.pair_settings replaced by each candidate (BLOCK_M, BLOCK_N, num_warps, num_stages).
+kernels.attention_pairs.pair_settings replaced by each candidate (BLOCK_M, BLOCK_N, BLOCK_D, num_warps,
+num_stages).
 FF side: ff_maps at --ff-n (default 512) for the Llama-7B shape with kernels.ff_pairs.ff_settings replaced.
 Each line: the candidate, its median time, the ratio to the launcher's own settings (timed first) and
 the largest difference from that one's output relative to its largest entry. Compile or resource failures
@@ -23,13 +24,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu_bench import LAYERS, attention_inputs, ff_inputs, timed  # noqa: E402
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) by HP = padded head count (the first of each: the tiles before
-# the 2026-11-26 sweep)
+# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) by HP = padded head count (the first of each: the tiles
+# before the 2026-11-26 sweep)
 ATTENTION = {
-    16: [(32, 16, 4, 1), (32, 32, 4, 1), (32, 32, 8, 1), (64, 16, 4, 1), (64, 16, 8, 1), (64, 32, 8, 1),
-         (16, 32, 4, 1), (16, 16, 2, 1), (32, 16, 4, 2), (64, 64, 8, 1), (32, 32, 4, 2), (32, 32, 8, 2)],
-    32: [(32, 8, 4, 1), (16, 16, 4, 1), (32, 16, 4, 1), (32, 16, 8, 1), (64, 8, 4, 1), (64, 8, 8, 1),
-         (64, 16, 8, 1), (32, 8, 8, 1), (16, 8, 2, 1), (32, 8, 4, 2), (32, 16, 8, 2), (16, 32, 8, 1)],
+    16: [(32, 16, 16, 4, 1), (32, 32, 16, 4, 1), (32, 32, 16, 8, 1), (64, 16, 16, 4, 1), (64, 16, 16, 8, 1),
+         (64, 32, 16, 8, 1), (16, 32, 16, 4, 1), (16, 16, 16, 2, 1), (32, 16, 16, 4, 2), (32, 32, 16, 4, 2),
+         (32, 32, 16, 8, 2), (32, 16, 32, 4, 2), (32, 16, 64, 4, 2)],
+    32: [(32, 8, 16, 4, 1), (16, 16, 16, 4, 1), (32, 16, 16, 4, 1), (32, 16, 16, 8, 1), (64, 8, 16, 4, 1),
+         (64, 8, 16, 8, 1), (64, 16, 16, 8, 1), (32, 8, 16, 8, 1), (16, 8, 16, 2, 1), (32, 8, 16, 4, 2),
+         (32, 16, 16, 8, 2), (16, 32, 16, 8, 1), (32, 16, 32, 8, 1), (32, 16, 64, 8, 1)],
 }
 # (BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_F, BLOCK_DO, num_warps, num_stages) (the first: the tile before that sweep)
 FF = [(16, 4, 16, 32, 64, 4, 1), (16, 8, 16, 32, 64, 4, 1), (16, 8, 16, 64, 128, 8, 1), (32, 4, 16, 32, 128, 8, 1),
@@ -62,9 +65,9 @@ def run_job(kind, name, N, candidate, dtype):
     triton = implementation("triton")
     layer = LAYERS[name]
     if kind == "attention":
-        bm, bn, warps, stages = candidate
+        bm, bn, bd, warps, stages = candidate
         attn, grams, row_scale = attention_inputs(layer, N, dtype, M=1)
-        settings = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        settings = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages)
         module, attr = attention_pairs, "pair_settings"
         call = lambda: triton.attention_maps(attn, grams, row_scale)[0]  # noqa: E731
     else:

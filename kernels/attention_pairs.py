@@ -148,7 +148,7 @@ def _attention_pairs_kernel(
 
 
 def pair_settings(H, R):
-    """BLOCK_M, BLOCK_N, num_warps and num_stages of _attention_pairs_kernel for H heads and R query rows.
+    """BLOCK_M, BLOCK_N, BLOCK_D, num_warps and num_stages of _attention_pairs_kernel for H heads and R query rows.
 
     The alpha tile HP x BM x BN holds 64 fp32 a thread (the Gram product T and alpha_t are as large) and
     the Gram tile BN x HP x HP <= 64 KB of shared memory: BM x BN = 32 x 16 with 4 warps and 2 stages for
@@ -160,12 +160,12 @@ def pair_settings(H, R):
     HP = pow2(H)
     if R <= 16:
         block_n = 32 if HP <= 16 else 16 if HP <= 32 else 8
-        return dict(BLOCK_M=16, BLOCK_N=block_n, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_D=16, num_warps=4, num_stages=1)
     if HP <= 16:
-        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=16, num_warps=4, num_stages=2)
     if HP <= 32:
-        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1)
-    return dict(BLOCK_M=16, BLOCK_N=4, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=16, num_warps=8, num_stages=1)
+    return dict(BLOCK_M=16, BLOCK_N=4, BLOCK_D=16, num_warps=4, num_stages=1)
 
 
 def attention_maps(q, k, valid, causal, window, scale, grams, row_scale, rows=None, weights=None,
@@ -189,7 +189,7 @@ def attention_maps(q, k, valid, causal, window, scale, grams, row_scale, rows=No
     valid8 = valid.to(torch.int8)
     dots = dot_settings(q.dtype)
     tile = pair_settings(H, R)
-    shape = dict(H=H, KV_GROUP=H // k.shape[1], M=M, MP=pow2(M, 1), DH=DH, HP=pow2(H), BLOCK_D=16,
+    shape = dict(H=H, KV_GROUP=H // k.shape[1], M=M, MP=pow2(M, 1), DH=DH, HP=pow2(H),
                  HAS_ROWS=rows is not None, CAUSAL=causal, WINDOWED=window > 0, SYMMETRIC=radius > 0,
                  SOFTCAP=softcap > 0, QK_FP32=dots[0], DOT_PRECISION=dots[1], **tile)
     grid = (triton.cdiv(R, tile["BLOCK_M"]), B)

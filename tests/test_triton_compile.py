@@ -100,7 +100,7 @@ def launch_settings(kernel, dtype, variant):
         H, group, dh, M, has_rows, causal, windowed, symmetric, softcap, (store, sums, contract, alpha) = variant
         tile = ap.pair_settings(H, ROWS_SELECTED if has_rows else N_LONG)
         options = dict(num_warps=tile.pop("num_warps"), num_stages=tile.pop("num_stages"))
-        return dict(H=H, KV_GROUP=group, M=M, MP=kr.pow2(M, 1), DH=dh, HP=kr.pow2(H), BLOCK_D=16,
+        return dict(H=H, KV_GROUP=group, M=M, MP=kr.pow2(M, 1), DH=dh, HP=kr.pow2(H),
                     HAS_ROWS=has_rows, CAUSAL=causal, WINDOWED=windowed, SYMMETRIC=symmetric, SOFTCAP=softcap,
                     STORE_MAP=store, SUM_ROWS=sums, CONTRACT=contract, WRITE_ALPHA=alpha, BLOCK_K=16, **tile,
                     **dots), options
