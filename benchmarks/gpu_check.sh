@@ -11,6 +11,8 @@
 # QUICK=1 keeps to float32/bfloat16 self-tests and benchmark sizes 4k, 16k and 64k (a few minutes in all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# python -P: the repository root stays off sys.path, where its kernels/ folder would hide Hugging Face's `kernels`
+# package that transformers >= 5.25 imports.
 OUT=${OUT:-benchmarks/results/gpu_check}
 QUICK=${QUICK:-0}
 mkdir -p "$OUT"
@@ -20,7 +22,7 @@ step() { echo "== [$(( $(date +%s) - started )) s] $*" | tee -a "$OUT/steps.txt"
 
 step versions
 { nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv
-  python -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print('transformers', transformers.__version__)"
+  python -P -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print('transformers', transformers.__version__)"
   command -v nvcc && nvcc --version | tail -1; } > "$OUT/versions.txt" 2>&1
 cat "$OUT/versions.txt"
 
@@ -30,7 +32,7 @@ export KOBATTR_CUDA_ARCHS=${KOBATTR_CUDA_ARCHS:-${arch:-80;90}}
 if ! KOBATTR_BUILD_CUDA=1 timeout ${BUILD_TIMEOUT:-600} python -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
   echo "build failed (see build.log); the CUDA extension will be reported unavailable" | tee -a "$OUT/steps.txt"; status=1
 fi
-python -m kobattr.cli info > "$OUT/info.txt" 2>&1
+python -P -m kobattr.cli info > "$OUT/info.txt" 2>&1
 grep -i -A3 "cuda\|backend" "$OUT/info.txt" | head -20
 
 step selftest
@@ -41,7 +43,7 @@ groups="$groups cuda,torch:$(echo $dtypes | tr ' ' ,)"
 for group in $groups; do
   names=${group%%:*} which=${group#*:}
   tag="${names//,/_}_${which//,/_}"
-  ( timeout ${SELFTEST_TIMEOUT:-900} python -m kobattr.cli selftest --device cuda --verbose --backends "$names" \
+  ( timeout ${SELFTEST_TIMEOUT:-900} python -P -m kobattr.cli selftest --device cuda --verbose --backends "$names" \
       --dtypes "$which" --json "$OUT/selftest_$tag.json" > "$OUT/selftest_$tag.txt" 2>&1
     echo $? > "$OUT/selftest_$tag.rc" ) &
 done
@@ -75,7 +77,7 @@ else
 fi
 
 step "pytest (gpu tests)"
-timeout ${PYTEST_TIMEOUT:-900} python -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/pytest_gpu.txt"
+timeout ${PYTEST_TIMEOUT:-900} python -P -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/pytest_gpu.txt"
 [ "${PIPESTATUS[0]}" = 0 ] || [ "${PIPESTATUS[0]}" = 5 ] || status=1  # 5: no test selected
 
 step "key-split sweep"

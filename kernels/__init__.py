@@ -1,3 +1,8 @@
 """Triton kernels of kobattr, installed as ``kobattr.kernels``. attention_pairs.py and ff_pairs.py each
 hold their pair kernel and its launcher; rows.py what both share: the query rows of a program, the keys
 they see (the visibility rule), the row log-sum-exp kernel and the alpha tiles."""
+
+if __name__ == "kernels":  # imported from the source tree's root, in place of Hugging Face's `kernels` package
+    raise ImportError("this is kobattr's kernels/ folder (installed as kobattr.kernels), found because the kobattr "
+                      "repository's root is on sys.path, where it hides Hugging Face's `kernels` package that "
+                      "transformers imports: run from another directory, or `python -P` (Python >= 3.11).")

@@ -231,3 +231,19 @@ def test_random_layer_helper_is_usable_for_attribute():
     # a guard that the public per-layer entry point is exported
     res = kobattr.attribute(random_layer("bert"), methods=["attn_n"], backend="torch")
     assert res.maps["attn_n"].shape == (2, 7, 7)
+
+
+def test_source_tree_kernels_folder_says_why_it_cannot_stand_in_for_hugging_faces():
+    """From the repository root, kernels/ would be imported as the top-level `kernels` that transformers
+    imports (Hugging Face's package): it refuses with a sentence instead of a missing-name error."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "-c", "import kernels"], cwd=root, capture_output=True, text=True)
+    assert run.returncode != 0 and "installed as kobattr.kernels" in run.stderr
+    run = subprocess.run([sys.executable, "-c", "import kobattr.kernels.rows, kobattr.models"],
+                         cwd=tempfile.gettempdir(), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr

@@ -137,8 +137,9 @@ def test_file_texts_and_no_utf8_locale(checkpoint, tmp_path):
     env.update(LANG="C", LC_ALL="C", PYTHONUTF8="0")
     argv = ["analyze", "naïve ✓", "--file", str(texts), "--model", checkpoint, "--out", str(out),
             "--methods", "attn_w", "--backend", "torch"]  # with plots: report.html and PNGs too
+    # cwd: not the repository root, whose kernels/ folder would hide Hugging Face's `kernels` (README, Development)
     done = subprocess.run([sys.executable, "-m", "kobattr.cli", *argv], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
     assert manifest["texts"] == ["naïve ✓", "日本 🎉", "second line"]  # argv texts first

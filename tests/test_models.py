@@ -108,12 +108,19 @@ def test_minilm_alpha_matches_eager_attentions(minilm):
 
 
 def test_minilm_capture_is_the_same_under_sdpa_and_eager(minilm):
+    """On the real tokens: padded rows carry no attribution, and the two forwards differ there by 1e-4 after
+    a few layers (transformers 5.25), against ~3e-6 on the real tokens."""
     model, eager, inputs = minilm
+    valid = inputs["attention_mask"].bool()
     from_sdpa, from_eager = collect(model, inputs), collect(eager, inputs)
     for index in range(6):
         a, b = from_sdpa[index], from_eager[index]
-        for name in ("q", "k", "v", "x", "w_o", "b_o", "key_valid"):
-            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-5)
+        for name in ("q", "k", "v"):  # (B, H, N, Dh) -> (B, N, H, Dh)
+            torch.testing.assert_close(getattr(a, name).transpose(1, 2)[valid], getattr(b, name).transpose(1, 2)[valid],
+                                       rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.x[valid], b.x[valid], rtol=1e-5, atol=1e-5)
+        for name in ("w_o", "b_o", "key_valid"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
         assert (a.scale, a.causal, a.window) == (b.scale, b.causal, b.window)
 
 
