@@ -8,7 +8,8 @@ M = 3 Grams (ATTN-N, ATTNRES-N and ATTNRESLN-N of one layer at once) in two outp
 (B, 3, N, N) map (only where it fits in memory) and the contraction with one weight row over
 normalised rows (what rollout-style aggregation asks for, O(N) output). The speed-of-light anchor
 is torch SDPA forward on the same q/k/v shapes: ``vs_sdpa`` = kernel time / SDPA time. Peak
-memory is what the call allocates beyond its inputs. FF maps are O(N^2 d_ff d): small N only.
+memory is what the call allocates beyond its inputs. FF maps are O(N^2 d_ff d): the full map at small N only,
+and the last FF_ROWS rows at N = 4096 and 8192 (which of torch and triton ff_maps should lead on a GPU).
 Exits 0 with a message when there is no GPU. Results: benchmarks/results/gpu_<device>.json.
 """
 
@@ -31,6 +32,9 @@ LAYERS = {
 MAP_MAX_BYTES = 24 * 2 ** 30  # the full (1, 3, N, N) fp32 map is only timed below this size
 FEW_ROWS = 8  # rows= with a few query rows: the case the Triton kernels split the key range for
 FF_SIZES = (128, 512, 1024)
+# rows= of one query block (the last FF_ROWS rows) at long N: whether ff_maps should prefer torch or triton on
+# a GPU (the full FF map is out of reach there); the parts are stored whole, 4 (H+1) N (2 d_ff + d) bytes
+FF_ROWS, FF_ROWS_SIZES = 16, (4096, 8192)
 
 
 def backends():
@@ -196,12 +200,18 @@ def main():
                 print(json.dumps(results["attention"][-1]), flush=True)  # a run cut short still shows its rows
             del attn, grams, row_scale
             torch.cuda.empty_cache()
-        for N in () if args.no_ff else FF_SIZES:
+        ff_cases = [(N, None) for N in FF_SIZES] + [(N, FF_ROWS) for N in FF_ROWS_SIZES]
+        for N, few in () if args.no_ff else ff_cases:
             attn, _, _ = attention_inputs(layer, N, dtype, M=1)
-            parts = ff_inputs(layer, N, dtype)
+            try:
+                parts = ff_inputs(layer, N, dtype)
+            except torch.cuda.OutOfMemoryError:
+                print(json.dumps(dict(layer=layer_name, N=N, ff="parts do not fit")), flush=True)
+                continue
+            rows = None if few is None else torch.arange(N - few, N, device="cuda")
             row = run_case({n: b for n, b in impls.items() if "ff_maps" in b.primitives},
-                           lambda b: b.ff_maps(attn, parts))
-            results["ff"].append(dict(layer=layer_name, N=N, **row))
+                           lambda b: b.ff_maps(attn, parts, rows=rows))
+            results["ff"].append(dict(layer=layer_name, N=N, mode="map" if few is None else f"rows{few}", **row))
             print(json.dumps(results["ff"][-1]), flush=True)
             del parts
             torch.cuda.empty_cache()
@@ -233,7 +243,7 @@ def print_table(results, impls):
         print(f"{row['layer']:10} {row['mode']:8} {row['N']:6d} {row['sdpa_seconds'] * 1e3:9.2f} "
               + " ".join(f"{cell(row.get(impl)):>34}" for impl in columns))
     for row in results["ff"]:
-        print(f"{row['layer']:10} {'ff':8} {row['N']:6d} {'':>9} "
+        print(f"{row['layer']:10} {'ff ' + row['mode']:8} {row['N']:6d} {'':>9} "
               + " ".join(f"{cell(row.get(impl)):>34}" for impl in impls))
 
 

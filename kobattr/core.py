@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import PRIMITIVES, get_backend
+from .backends import get_backend
 from .backends.base import Attention, Backend, FFParts
 from .backends.torch_backend import DEFAULT_BUDGET, block_alpha
 from .ig import ffn_coefficients
@@ -482,20 +482,15 @@ def _compute_maps(prep: _Prepared, impls: dict, attn_methods, rows, contract, no
 FF_GEMM_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 
-def _check_ff_gemm(ff_gemm: str, layer: Layer, backend):
-    """(the FF product's dtype or None, backend with ff_maps on the torch backend unless named) of ff_gemm."""
+def _check_ff_gemm(ff_gemm: str, layer: Layer) -> Optional[torch.dtype]:
+    """The FF product's dtype (None: the compute dtype) of ff_gemm; dispatch then picks an ff_maps that takes it."""
     if ff_gemm not in FF_GEMM_DTYPES:
         raise LayerInputError(f"ff_gemm must be one of {', '.join(FF_GEMM_DTYPES)}, got {ff_gemm!r}.")
     dtype = FF_GEMM_DTYPES[ff_gemm]
-    if dtype is None:
-        return None, backend
-    if layer.x.dtype == torch.float64:
+    if dtype is not None and layer.x.dtype == torch.float64:
         raise LayerInputError(f"ff_gemm={ff_gemm!r} would discard a float64 layer's precision; convert the layer "
                               "to float32 first, or keep ff_gemm='float32'.")
-    per_primitive = dict(backend) if isinstance(backend, dict) else {p: backend for p in PRIMITIVES}
-    if per_primitive.get("ff_maps", "auto") in ("auto", "cpu", "cuda"):  # none of these has ff_gemm: torch has
-        per_primitive["ff_maps"] = "torch"
-    return dtype, per_primitive
+    return dtype
 
 
 def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contract: Optional[Tensor] = None,
@@ -519,8 +514,8 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
         ff_gemm: "float32" (default) or "bfloat16": the FF methods' (pairs, d_ff) @ (d_ff, d) products with W_2
         take bfloat16 inputs and sum in float32, 1.7x faster on a 2-core CPU with AVX512-BF16 (README), with
         an error within twice that of the reference computed in bfloat16 (tests/test_ff_gemm.py); the spot
-        checks then hold the FF maps to the bfloat16 tolerance. It runs on the torch backend, the one that
-        has the option.
+        checks then hold the FF maps to the bfloat16 tolerance. Dispatch picks an ff_maps that takes it (the torch
+        backend; the others refuse it, Backend.ff_gemm_dtypes).
     """
     layer.validate()
     structure = layer.structure
@@ -533,7 +528,7 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
     if isinstance(verify, bool) or not isinstance(verify, int) or verify < 0:
         raise LayerInputError(f"verify must be a number of sampled rows >= 0 (0 disables the spot check), got {verify!r}.")
     need_ff = bool(ff_methods(methods, structure))
-    ff_gemm_dtype, backend = _check_ff_gemm(ff_gemm, layer, backend)
+    ff_gemm_dtype = _check_ff_gemm(ff_gemm, layer)
     full = rows is None and contract is None
     n_rows = N if rows is None else len(rows)
     out_elements = B * n_rows * N * (len(methods) + (H if heads else 0))
@@ -541,7 +536,8 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
         raise LayerInputError(f"the requested maps hold {out_elements / 2**30:.1f} G values ({B} x {n_rows} rows x {N} keys x "
                               f"{len(methods)} methods{' + heads' if heads else ''}); ask for fewer rows= or use contract= "
                               "to contract them.")
-    impls = get_backend(backend, attention_of(layer), need_ff, need_row_stats=layer.head_outputs is not None)
+    impls = get_backend(backend, attention_of(layer), need_ff, need_row_stats=layer.head_outputs is not None,
+                        ff_gemm_dtype=ff_gemm_dtype)
     # full maps: the attention primitive computes every row's statistics anyway, so alpha_ii can wait for them
     prep = _Prepared(layer, methods, ig, ig_steps, budget, targets, row_stats=impls.get("row_stats"),
                      defer_diagonal=rows is None and contract is None, ff_gemm_dtype=ff_gemm_dtype)

@@ -5,7 +5,8 @@ bfloat16 on the same (rounded) layer."""
 import pytest
 import torch
 
-from kobattr.core import attribute
+from kobattr.backends import BackendUnavailable, implementation, select
+from kobattr.core import attention_of, attribute
 from kobattr.layer import LayerInputError
 from kobattr.methods import ff_methods
 from kobattr.reference import reference
@@ -37,5 +38,20 @@ def test_bad_ff_gemm_gets_a_clear_error():
         attribute(layer, methods=["atbff"], ff_gemm="fp8")
     with pytest.raises(LayerInputError, match="float64 layer"):
         attribute(layer.to(dtype=torch.float64), methods=["atbff"], ff_gemm="bfloat16")
-    with pytest.raises(ValueError, match="runs on the torch backend"):
+    with pytest.raises(BackendUnavailable, match="triton computes the FF products with W_2 in its own precision, "
+                                                 "not bfloat16"):
         attribute(layer, methods=["atbff"], ff_gemm="bfloat16", backend={"ff_maps": "triton"})
+
+
+def test_dispatch_routes_ff_gemm_to_an_implementation_that_takes_it():
+    """auto dispatch skips the implementations without the option (their reason says why); naming one of them
+    fails with that reason."""
+    attn = attention_of(random_layer("llama", dtype=torch.float32, N=9))
+    assert select("auto", "ff_maps", attn, torch.bfloat16).name == "torch"
+    assert select("cpu", "ff_maps", attn, torch.bfloat16).name == "torch"  # cpu has no ff_maps: auto's choice
+    triton = implementation("triton")
+    if not isinstance(triton, str):
+        assert any("not bfloat16 (ff_gemm)" in r for r in triton.refusals("ff_maps", attn, torch.bfloat16))
+        assert not any("ff_gemm" in r for r in triton.refusals("ff_maps", attn))
+        with pytest.raises(BackendUnavailable, match="backend 'triton' cannot run ff_maps"):
+            select("triton", "ff_maps", attn, torch.bfloat16)

@@ -64,13 +64,14 @@ def _preferences(backend, primitive: str, device: str) -> tuple[tuple[str, ...],
     return (backend,), True
 
 
-def select(backend, primitive: str, attn: Attention) -> Backend:
-    """The implementation that runs ``primitive`` on this input, or BackendUnavailable with every reason."""
+def select(backend, primitive: str, attn: Attention, ff_gemm_dtype=None) -> Backend:
+    """The implementation that runs ``primitive`` on this input (ff_maps with FFParts.gemm_dtype = ff_gemm_dtype),
+    or BackendUnavailable with every reason."""
     names, explicit = _preferences(backend, primitive, attn.q.device.type)
     reasons = []
     for name in names:
         impl = implementation(name)
-        refused = [impl] if isinstance(impl, str) else impl.refusals(primitive, attn)
+        refused = [impl] if isinstance(impl, str) else impl.refusals(primitive, attn, ff_gemm_dtype)
         if not refused:
             return impl
         reasons.append(f"{name}: {' '.join(refused)}")
@@ -78,8 +79,9 @@ def select(backend, primitive: str, attn: Attention) -> Backend:
     raise BackendUnavailable(f"{what} {primitive} on this input; " + "; ".join(reasons))
 
 
-def get_backend(name, attn: Attention, need_ff: bool, need_row_stats: bool = False) -> dict[str, Backend]:
-    """{primitive: implementation} for the primitives a layer needs (ff_maps only if need_ff, row_stats only if
-    need_row_stats)."""
+def get_backend(name, attn: Attention, need_ff: bool, need_row_stats: bool = False,
+                ff_gemm_dtype=None) -> dict[str, Backend]:
+    """{primitive: implementation} for the primitives a layer needs (ff_maps only if need_ff, with FFParts.gemm_dtype
+    = ff_gemm_dtype; row_stats only if need_row_stats)."""
     wanted = ("attention_maps",) + (("ff_maps",) if need_ff else ()) + (("row_stats",) if need_row_stats else ())
-    return {p: select(name, p, attn) for p in wanted}
+    return {p: select(name, p, attn, ff_gemm_dtype) for p in wanted}

@@ -157,14 +157,16 @@ class Backend:
     max_heads: Optional[int] = None
     max_head_size: Optional[int] = None
     features: frozenset = frozenset(FEATURES)  # the block features of FEATURES it computes
+    ff_gemm_dtypes: tuple = (None,)  # FFParts.gemm_dtype values its ff_maps takes (None: the compute dtype)
 
     @classmethod
     def unavailable_reason(cls) -> Optional[str]:
         """None if the implementation can run on this machine, else a sentence saying why not."""
         return None
 
-    def refusals(self, primitive: str, attn: Attention) -> list[str]:
-        """Every reason this implementation cannot run ``primitive`` on this input (empty: it can)."""
+    def refusals(self, primitive: str, attn: Attention, ff_gemm_dtype: Optional[torch.dtype] = None) -> list[str]:
+        """Every reason this implementation cannot run ``primitive`` on this input (empty: it can);
+        ``ff_gemm_dtype``: the FFParts.gemm_dtype that ff_maps would get."""
         if primitive not in self.primitives:
             return [f"{self.name} does not implement {primitive}."]
         reasons = []
@@ -186,6 +188,9 @@ class Backend:
             reasons.append(f"{self.name} takes head sizes up to {self.max_head_size}, got {Dh}.")
         for feature in sorted(required_features(attn) - self.features):
             reasons.append(f"{self.name} does not compute {FEATURES[feature]}.")
+        if primitive == "ff_maps" and ff_gemm_dtype not in self.ff_gemm_dtypes:
+            reasons.append(f"{self.name} computes the FF products with W_2 in its own precision, not "
+                           f"{str(ff_gemm_dtype).replace('torch.', '')} (ff_gemm).")
         return reasons
 
     def row_lse(self, attn: Attention) -> Tensor:

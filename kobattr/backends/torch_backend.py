@@ -72,6 +72,7 @@ class _Output:
 class TorchBackend(Backend):
     name = "torch"
     primitives = ("attention_maps", "ff_maps", "row_stats")
+    ff_gemm_dtypes = (None, torch.bfloat16)  # attribute(ff_gemm="bfloat16"): the W_2 product in bfloat16
 
     def __init__(self, budget: int = DEFAULT_BUDGET):
         self.budget = budget

@@ -56,8 +56,8 @@ class TritonBackend(Backend):
             return "the triton backend needs a CUDA device (or TRITON_INTERPRET=1 to run its kernels on the CPU)."
         return None
 
-    def _check(self, primitive: str, attn: Attention) -> None:
-        reasons = self.refusals(primitive, attn)
+    def _check(self, primitive: str, attn: Attention, ff_gemm_dtype=None) -> None:
+        reasons = self.refusals(primitive, attn, ff_gemm_dtype)
         if reasons:
             raise BackendUnavailable(" ".join(reasons))
 
@@ -109,10 +109,7 @@ class TritonBackend(Backend):
 
     def ff_maps(self, attn: Attention, parts: FFParts, rows: Optional[Tensor] = None,
                 weights: Optional[Tensor] = None, normalize_rows: bool = False) -> Tensor:
-        self._check("ff_maps", attn)
-        if parts.gemm_dtype is not None:
-            raise ValueError("the triton ff_maps keeps its own precision (fp32 sums of tf32 or tf32x3 products); "
-                             "ff_gemm='bfloat16' runs on the torch backend (backend={'ff_maps': 'torch'}).")
+        self._check("ff_maps", attn, parts.gemm_dtype)
         from kobattr.kernels.ff_pairs import ff_maps
 
         def key_block(keys: slice) -> tuple:  # the parts of one block of keys, made (or sliced) when launched
