@@ -11,8 +11,8 @@ passed in (``lse2``), so that the pair pass is timed alone:
 - ``gram``: (map M=3 - map M=1) / 2, what one Gram's quadratic form and map store add to a tile;
 - ``alpha``: map M=1 - gram, what the tile costs before any Gram: q.k of every head, exp, the transpose;
 - SDPA forward on the same q/k/v, the speed-of-light anchor, and each time over it.
-And the streamed experiment (benchmarks/pair_experiments.py) on the same inputs, each tile's time and its
-largest difference from the production kernel's map. Also the registers and spill stores of the pair kernel
+And the experiments of benchmarks/pair_experiments.py on the same inputs (streamed: per tile; staged: alpha's
+scratch in float32 and bfloat16), each one's time and its largest difference from the production kernel's map. Also the registers and spill stores of the pair kernel
 as this GPU's triton compiled it. bf16 q/k, M = 1
 Gram unless said otherwise, the median of gpu_bench.timed. Exits 0 with a message when there is no GPU.
 """
@@ -72,6 +72,34 @@ def streamed(name, inputs, production):
     return out
 
 
+# bfloat16-scratch tiles of the staged experiment besides its own (BM, BN, SUB_N, warps, programs per SM): the
+# fewest issue cycles per pair at 12-20 warps per SM in a triton 3.6 sm_90 compile (kernel_static.py --staged-tile)
+STAGED_TILES = {"llama-7b": [dict(BLOCK_M=32, BLOCK_N=64, SUB_N=4, num_warps=4, per_sm=per_sm) for per_sm in (2, 3)],
+                "bert-base": [dict(BLOCK_M=32, BLOCK_N=64, SUB_N=4, num_warps=4, per_sm=per_sm) for per_sm in (3, 5)]}
+
+
+def staged(name, inputs, production):
+    """{variant: (median seconds, max |staged - production| / max |production|)} of the staged experiment
+    (its own tile with alpha's scratch in float32 and in bfloat16, then STAGED_TILES) on the pair pass's inputs."""
+    from pair_experiments import staged_maps
+
+    attn, grams, row_scale, lse2 = inputs
+    gram, scale = grams[:, :, 0].contiguous(), row_scale[:, :, 0].contiguous()
+    out = {}
+    variants = [(torch.float32, None), (torch.bfloat16, None)] + [(torch.bfloat16, t) for t in STAGED_TILES[name]]
+    for scratch, tile in variants:
+        call = lambda: staged_maps(attn.q, attn.k, attn.causal, attn.scale, gram, scale, lse2,  # noqa: E731
+                                   tile=tile, scratch_dtype=scratch)
+        label = f"scratch {str(scratch).replace('torch.', '')}" + (f", tile {tuple(tile.values())}" if tile else "")
+        try:
+            diff = ((call() - production[:, 0]).abs().max() / production.abs().max()).item()
+            out[label] = (timed(call, max_seconds=2.0)[0], diff)
+        except Exception as err:  # noqa: BLE001 - an experiment that fails is reported, not fatal
+            out[label] = f"{type(err).__name__}: {err}"[:200]
+        torch.cuda.empty_cache()
+    return out
+
+
 def compiled_facts():
     """{'registers': ..., 'spilled_bytes': ...} of each compiled variant of the pair kernel so far (triton's
     per-device kernel cache; its layout varies across versions, so anything unexpected gives an empty list)."""
@@ -98,7 +126,9 @@ def profile(name, N, dtype):
                map_m3=timed(three, max_seconds=2.0)[0])
     row["gram"] = (row["map_m3"] - row["map_m1"]) / 2
     row["alpha"] = row["map_m1"] - row["gram"]
-    row["streamed"] = streamed(name, inputs, one())
+    production = one()
+    row["streamed"] = streamed(name, inputs, production)
+    row["staged"] = staged(name, inputs, production)
     return row
 
 
@@ -119,16 +149,20 @@ def main():
         call()
         torch.cuda.synchronize()
         return 0
-    rows = [profile(name, args.n, dtype) for name in args.layers]
     print(f"{torch.cuda.get_device_name()}, N = {args.n}, {args.dtype}; ms, and x SDPA forward in brackets")
     print(f"{'layer':10s} {'SDPA':>7s} {'lse':>14s} {'map M=1':>14s} {'alpha':>14s} {'gram':>14s} {'map M=3':>14s}")
-    for r in rows:
+    rows = []
+    for name in args.layers:  # each layer printed as it finishes: a run cut short keeps what it measured
+        r = profile(name, args.n, dtype)
+        rows.append(r)
         cells = [f"{r[key] * 1e3:6.2f} ({r[key] / r['sdpa']:4.1f}x)" for key in ("lse", "map_m1", "alpha", "gram", "map_m3")]
         print(f"{r['layer']:10s} {r['sdpa'] * 1e3:7.3f} " + " ".join(f"{c:>14s}" for c in cells))
-        for tile, result in r["streamed"].items():
+        experiments = [(f"streamed experiment (BM, BN, warps) = {tile}", result) for tile, result in r["streamed"].items()]
+        experiments += [(f"staged experiment, {variant}", result) for variant, result in r["staged"].items()]
+        for label, result in experiments:
             shown = (f"{result[0] * 1e3:.2f} ms ({result[0] / r['sdpa']:.1f}x SDPA, {result[0] / r['map_m1']:.2f}x map M=1), "
                      f"differs by {result[1]:.1e}" if isinstance(result, tuple) else result)
-            print(f"{'':10s} streamed experiment (BM, BN, warps) = {tile}: {shown}")
+            print(f"{'':10s} {label}: {shown}", flush=True)
     compiled = compiled_facts()
     print("pair kernel variants compiled here:", json.dumps(compiled))
     out = Path(__file__).parent / "results" / f"gpu_profile_{torch.cuda.get_device_name().replace(' ', '_')}.json"

@@ -16,7 +16,7 @@ ships with triton:
 With ``--measured LAYER=MS`` (a GPU time at ``--n`` from gpu_tiles.py / gpu_bench.py) it also prints the
 cycles per pair that time means on ``--sms`` SMs at ``--clock-ghz``, and their ratio to the issue floor:
 how much of the time is spent waiting (memory latency, barriers, bank conflicts) rather than issuing.
-Results: benchmarks/results/kernel_static_sm<arch>_triton<version>.json.
+Results: benchmarks/results/kernel_static_sm<arch>_triton<version>.json (an earlier run's rows stay unless this run redoes them).
 """
 
 import argparse
@@ -62,12 +62,23 @@ def streamed_constants(layer, tile):
                 CP=pow2(layer["H"]), BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], CAUSAL=layer["causal"])
 
 
-def compile_kernel(kernel, consts, dtype, arch, tile):
+def staged_constants(layer, dtype, tile):
+    """The constexpr arguments of pair_experiments._staged_pairs_kernel for ``layer`` and ``tile``."""
+    import torch
+
+    from kobattr.kernels import rows as kr
+    qk_fp32, precision = kr.dot_settings({"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
+    return dict(H=layer["H"], KV_GROUP=layer["H"] // layer["KV"], DH=layer["Dh"], DP=kr.pow2(layer["Dh"]),
+                HP=kr.pow2(layer["H"]), BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], SUB_N=tile["SUB_N"],
+                CAUSAL=layer["causal"], QK_FP32=qk_fp32, DOT_PRECISION=precision)
+
+
+def compile_kernel(kernel, consts, dtype, arch, tile, overrides=None):
     """(cubin path, shared bytes) of ``kernel`` compiled as an aligned launch would compile it."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    sig = signature(kernel, dtype, consts)
+    sig = dict(signature(kernel, dtype, consts), **(overrides or {}))
     src = ast_source(kernel, sig, consts)
     # what the launcher specializes on for 16-byte-aligned tensors and N, R divisible by 16
     src.attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in sig.items()
@@ -85,15 +96,19 @@ def cuobjdump(*args):
     return subprocess.run([str(tool), *args], capture_output=True, text=True, check=True).stdout
 
 
-def key_loop_counts(sass, inner_trips):
-    """{opcode: warp instructions per key tile} over the outermost backward branch's body, instructions of a
-    nested loop counted inner_trips times."""
+def key_loop_counts(sass, inner_trips, nested=False):
+    """{opcode: warp instructions per key tile} over the outermost backward branch's body (with ``nested``, the
+    largest loop inside it: a persistent kernel's key loop), instructions of a nested loop counted inner_trips
+    times."""
     code = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in map(SASS_LINE.match, sass.splitlines()) if m]
     loops = [(int(target, 16), address) for address, op, target in code
              if op == "BRA" and target is not None and int(target, 16) < address]
     if not loops:
         raise RuntimeError("no backward branch: the key loop was not found in the SASS")
     outer = max(loops, key=lambda loop: loop[1] - loop[0])
+    if nested:
+        outer = max((loop for loop in loops if loop != outer and outer[0] <= loop[0] and loop[1] <= outer[1]),
+                    key=lambda loop: loop[1] - loop[0])
     inner = [loop for loop in loops if loop != outer and outer[0] <= loop[0] and loop[1] <= outer[1]]
     counts = {}
     for address, op, _ in code:
@@ -103,27 +118,38 @@ def key_loop_counts(sass, inner_trips):
     return counts
 
 
-def analyse(name, layer, dtype, arch, tile, streamed=False):
-    """The numbers of the module docstring for the production pair kernel, or with ``streamed`` for
-    pair_experiments._streamed_pairs_kernel (whose inner loop runs over the H heads)."""
-    if streamed:
+def analyse(name, layer, dtype, arch, tile, kind="pairs"):
+    """The numbers of the module docstring for the production pair kernel (kind "pairs") or an experiment of
+    pair_experiments.py: "streamed" (its inner loop runs over the H heads), "staged" and "staged-bf16" (the
+    key loop inside the persistent loop, the head loop inside it; alpha's scratch in fp32 or bf16)."""
+    nested, overrides = False, {}
+    if kind == "streamed":
         from pair_experiments import _streamed_pairs_kernel as kernel
         consts, inner_trips = streamed_constants(layer, tile), layer["H"]
+    elif kind.startswith("staged"):
+        from pair_experiments import _staged_pairs_kernel as kernel
+        consts, inner_trips, nested = staged_constants(layer, dtype, tile), layer["H"], True
+        scratch = "*bf16" if kind == "staged-bf16" else "*fp32"
+        overrides = dict(B="i32", scratch_ptr=scratch, gram_ptr=scratch)
     else:
         from kobattr.kernels.attention_pairs import _attention_pairs_kernel as kernel
         consts, inner_trips = constants(layer, dtype, tile), math.ceil(layer["Dh"] / tile["BLOCK_D"])
-    path, shared = compile_kernel(kernel, consts, dtype, arch, tile)
+    path, shared = compile_kernel(kernel, consts, dtype, arch, tile, overrides)
     usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", cuobjdump("--dump-resource-usage", str(path)))
     regs, stack = int(usage.group(1)), int(usage.group(2))
-    counts = key_loop_counts(cuobjdump("-sass", str(path)), inner_trips)
+    counts = key_loop_counts(cuobjdump("-sass", str(path)), inner_trips, nested)
     warps, pairs = tile["num_warps"], tile["BLOCK_M"] * tile["BLOCK_N"]
     regs_per_warp = math.ceil(regs * 32 / 256) * 256
     ctas = dict(registers=REGISTERS_PER_SM // (regs_per_warp * warps), shared=SHARED_PER_SM[arch] // (shared + 1024),
                 warps=MAX_WARPS_PER_SM // warps)
-    H, KV, Dh, e = layer["H"], layer["KV"], layer["Dh"], ELEMENT_BYTES[dtype]
-    per_key = (H + 1) * consts["CP"] if streamed else (H + 1) ** 2  # factor rows or the Gram, fp32
+    H, Dh, e = layer["H"], layer["Dh"], ELEMENT_BYTES[dtype]
+    # factor rows, the Gram (fp32) or the padded Gram (in the scratch dtype)
+    per_key = {"streamed": (H + 1) * consts.get("CP", 0) * 4, "staged": consts.get("HP", 0) ** 2 * 4,
+               "staged-bf16": consts.get("HP", 0) ** 2 * 2}.get(kind, (H + 1) ** 2 * 4)
     l2 = dict(q=H * Dh * e / tile["BLOCK_N"], k=H * Dh * e / tile["BLOCK_M"],  # k as loaded: h // KV_GROUP repeats
-              gram=per_key * 4 / tile["BLOCK_M"])
+              gram=per_key / tile["BLOCK_M"])
+    if kind.startswith("staged"):  # alpha written to the scratch and read back
+        l2["scratch"] = 2 * H * (2 if kind == "staged-bf16" else 4)
     per_tile = sum(counts.values())
     return dict(layer=name, arch=arch, dtype=dtype, tile=tile, registers=regs, spilled_bytes=stack,
                 shared_bytes=shared, shared_limit=SHARED_LIMIT[arch],
@@ -132,7 +158,7 @@ def analyse(name, layer, dtype, arch, tile, streamed=False):
                 warp_instructions_per_tile=per_tile, tensor_core_instructions_per_tile=counts.get("HMMA", 0),
                 top_opcodes=dict(sorted(counts.items(), key=lambda kv: -kv[1])[:12]),
                 issue_cycles_per_pair=per_tile * warps / SCHEDULERS / pairs,
-                l2_bytes_per_pair=dict(l2, total=sum(l2.values())), kernel="streamed" if streamed else "pairs")
+                l2_bytes_per_pair=dict(l2, total=sum(l2.values())), kernel=kind)
 
 
 def pairs_of(layer, n):
@@ -146,6 +172,10 @@ def main():
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     parser.add_argument("--tile", nargs=5, type=int, action="append", metavar=("BM", "BN", "BD", "WARPS", "STAGES"),
                         help="a tile to analyse besides the launcher's own (repeatable)")
+    parser.add_argument("--staged", action="store_true",
+                        help="also the staged experiment of pair_experiments.py, alpha's scratch in fp32 and bf16")
+    parser.add_argument("--staged-tile", nargs=4, type=int, action="append", metavar=("BM", "BN", "SUB_N", "WARPS"),
+                        help="a tile of the staged experiment to analyse (both scratch dtypes); repeatable")
     parser.add_argument("--streamed", action="store_true",
                         help="also analyse pair_experiments.py's streamed kernel with its own tile")
     parser.add_argument("--measured", nargs="+", default=[], metavar="LAYER=MS",
@@ -157,7 +187,7 @@ def main():
     import triton
 
     from kobattr.kernels.attention_pairs import pair_settings
-    from pair_experiments import streamed_settings
+    from pair_experiments import staged_settings, streamed_settings
     measured = {k: float(v) for k, v in (item.split("=") for item in args.measured)}
     results = []
     for name in args.layers:
@@ -167,9 +197,14 @@ def main():
                                   for bm, bn, bd, w, s in args.tile or []]
         if args.streamed:
             tiles.append(("streamed", dict(streamed_settings(layer["H"]), BLOCK_D=layer["Dh"], num_stages=1)))
+        staged = [{k: v for k, v in staged_settings(layer["H"]).items() if k != "per_sm"}] if args.staged else []
+        staged += [dict(BLOCK_M=bm, BLOCK_N=bn, SUB_N=sub, num_warps=w) for bm, bn, sub, w in args.staged_tile or []]
+        tiles += [(kind, dict(tile, BLOCK_D=layer["Dh"], num_stages=1)) for tile in staged
+                  for kind in ("staged", "staged-bf16")]
         for label, tile in tiles:
             try:
-                row = analyse(name, layer, args.dtype, args.arch, tile, streamed=label == "streamed")
+                row = analyse(name, layer, args.dtype, args.arch, tile,
+                              kind=label if label in ("streamed", "staged", "staged-bf16") else "pairs")
             except Exception as err:  # noqa: BLE001 - a tile that does not compile is reported, not fatal
                 print(f"{name} {tile}: {type(err).__name__}: {str(err)[:300]}")
                 continue
@@ -184,14 +219,20 @@ def main():
           f"{'warps/SM':>8s} {'instr/tile':>10s} {'issue cyc/pair':>14s} {'L2 B/pair':>9s} {'measured cyc/pair':>17s}")
     for r in results:
         t = r["tile"]
-        shape = f"{t['BLOCK_M']} {t['BLOCK_N']} {t['BLOCK_D']} {t['num_warps']} {t['num_stages']} ({r['tile_label']})"
+        shape = (f"{t['BLOCK_M']} {t['BLOCK_N']} sub {t['SUB_N']} {t['num_warps']}" if "SUB_N" in t else
+                 f"{t['BLOCK_M']} {t['BLOCK_N']} {t['BLOCK_D']} {t['num_warps']} {t['num_stages']}") + f" ({r['tile_label']})"
         seen = (f"{r['measured']['cycles_per_pair']:.0f} ({r['measured']['over_issue_floor']:.0f}x)"
                 if "measured" in r else "")
         print(f"{r['layer']:10s} {shape:28s} {r['registers']:4d} {r['spilled_bytes']:5d} {r['shared_bytes'] / 1024:7.0f} "
               f"{r['warps_per_sm']:8d} {r['warp_instructions_per_tile']:10d} {r['issue_cycles_per_pair']:14.1f} "
               f"{r['l2_bytes_per_pair']['total']:9.0f} {seen:>17s}")
     out = HERE / "results" / f"kernel_static_sm{args.arch}_triton{triton.__version__}.json"
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    # merged into what earlier runs wrote there: a run of one layer or kernel replaces only its own rows
+    def key(row):
+        return row["layer"], row["dtype"], row["kernel"], json.dumps(row["tile"], sort_keys=True)
+    new = {key(row) for row in results}
+    kept = [row for row in json.loads(out.read_text())] if out.exists() else []
+    out.write_text(json.dumps([row for row in kept if key(row) not in new] + results, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
 
