@@ -12,8 +12,8 @@ passed in (``lse2``), so that the pair pass is timed alone:
 - ``alpha``: map M=1 - gram, what the tile costs before any Gram: q.k of every head, exp, the transpose;
 - SDPA forward on the same q/k/v, the speed-of-light anchor, and each time over it.
 And the experiments of benchmarks/pair_experiments.py on the same inputs (streamed: per tile; staged: alpha's
-scratch in float32 and bfloat16), each one's time and its largest difference from the production kernel's map. Also the registers and spill stores of the pair kernel
-as this GPU's triton compiled it. bf16 q/k, M = 1
+scratch in float32 and bfloat16), each one's time and its largest difference from the production kernel's
+map. Also the registers and spill stores of the pair kernel as this GPU's triton compiled it. bf16 q/k, M = 1
 Gram unless said otherwise, the median of gpu_bench.timed. Exits 0 with a message when there is no GPU.
 """
 
@@ -51,6 +51,18 @@ STREAMED_TILES = {"llama-7b": [dict(BLOCK_M=16, BLOCK_N=32, num_warps=8)],
                   "bert-base": [dict(BLOCK_M=32, BLOCK_N=16, num_warps=8)]}
 
 
+def try_experiment(call, production):
+    """(median seconds, max |call() - production map| / max |production|) of an experiment's call, or why it
+    failed: an experiment that fails is reported, not fatal."""
+    try:
+        diff = ((call() - production[:, 0]).abs().max() / production.abs().max()).item()
+        result = (timed(call, max_seconds=2.0)[0], diff)
+    except Exception as err:  # noqa: BLE001
+        result = f"{type(err).__name__}: {err}"[:200]
+    torch.cuda.empty_cache()
+    return result
+
+
 def streamed(name, inputs, production):
     """{tile: (median seconds, max |streamed - production| / max |production|)} of the streamed experiment
     on the pair pass's inputs (its Gram factors made beforehand, untimed)."""
@@ -61,21 +73,17 @@ def streamed(name, inputs, production):
     scale = row_scale[:, :, 0].contiguous()
     out = {}
     for tile in [streamed_settings(LAYERS[name]["H"])] + STREAMED_TILES[name]:
-        call = lambda: streamed_maps(attn.q, attn.k, attn.causal, attn.scale, factor, residual, scale,  # noqa: E731
-                                     lse2, tile=tile)
-        try:
-            diff = ((call() - production[:, 0]).abs().max() / production.abs().max()).item()
-            out[str(tuple(tile.values()))] = (timed(call, max_seconds=2.0)[0], diff)
-        except Exception as err:  # noqa: BLE001 - an experiment that fails is reported, not fatal
-            out[str(tuple(tile.values()))] = f"{type(err).__name__}: {err}"[:200]
-        torch.cuda.empty_cache()
+        out[str(tuple(tile.values()))] = try_experiment(
+            lambda: streamed_maps(attn.q, attn.k, attn.causal, attn.scale, factor, residual, scale, lse2, tile=tile),
+            production)
     return out
 
 
 # bfloat16-scratch tiles of the staged experiment besides its own (BM, BN, SUB_N, warps, programs per SM): the
-# fewest issue cycles per pair at 12-20 warps per SM in a triton 3.6 sm_90 compile (kernel_static.py --staged-tile)
+# fewest issue cycles per pair of the 4-warp candidates in a triton 3.6 sm_90 compile (kernel_static.py
+# --staged-tile), with as many programs per SM as an SM holds (2 for Llama-7B, 3 for BERT-base) and one more
 STAGED_TILES = {"llama-7b": [dict(BLOCK_M=32, BLOCK_N=64, SUB_N=4, num_warps=4, per_sm=per_sm) for per_sm in (2, 3)],
-                "bert-base": [dict(BLOCK_M=32, BLOCK_N=64, SUB_N=4, num_warps=4, per_sm=per_sm) for per_sm in (3, 5)]}
+                "bert-base": [dict(BLOCK_M=32, BLOCK_N=64, SUB_N=4, num_warps=4, per_sm=per_sm) for per_sm in (3, 4)]}
 
 
 def staged(name, inputs, production):
@@ -88,15 +96,9 @@ def staged(name, inputs, production):
     out = {}
     variants = [(torch.float32, None), (torch.bfloat16, None)] + [(torch.bfloat16, t) for t in STAGED_TILES[name]]
     for scratch, tile in variants:
-        call = lambda: staged_maps(attn.q, attn.k, attn.causal, attn.scale, gram, scale, lse2,  # noqa: E731
-                                   tile=tile, scratch_dtype=scratch)
         label = f"scratch {str(scratch).replace('torch.', '')}" + (f", tile {tuple(tile.values())}" if tile else "")
-        try:
-            diff = ((call() - production[:, 0]).abs().max() / production.abs().max()).item()
-            out[label] = (timed(call, max_seconds=2.0)[0], diff)
-        except Exception as err:  # noqa: BLE001 - an experiment that fails is reported, not fatal
-            out[label] = f"{type(err).__name__}: {err}"[:200]
-        torch.cuda.empty_cache()
+        out[label] = try_experiment(lambda: staged_maps(attn.q, attn.k, attn.causal, attn.scale, gram, scale, lse2,
+                                                        tile=tile, scratch_dtype=scratch), production)
     return out
 
 

@@ -42,35 +42,20 @@ ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 SASS_LINE = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)[^;]*?(?:\s0x([0-9a-f]+))?\s*;")
 
 
+def torch_dtype(dtype):
+    import torch
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+
+
 def constants(layer, dtype, tile):
     """The constexpr arguments attention_maps passes for the full map of ``layer`` with M = 1 and ``tile``."""
-    import torch
-
     from kobattr.kernels import rows as kr
-    qk_fp32, precision = kr.dot_settings({"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
+    qk_fp32, precision = kr.dot_settings(torch_dtype(dtype))
     return dict(H=layer["H"], KV_GROUP=layer["H"] // layer["KV"], M=1, MP=kr.pow2(1, 1), DH=layer["Dh"],
                 HP=kr.pow2(layer["H"]), BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], BLOCK_D=tile["BLOCK_D"],
                 HAS_ROWS=False, CAUSAL=layer["causal"], WINDOWED=False, SYMMETRIC=False, SOFTCAP=False,
                 STORE_MAP=True, SUM_ROWS=False, CONTRACT=False, WRITE_ALPHA=False, BLOCK_K=16,
                 QK_FP32=qk_fp32, DOT_PRECISION=precision)
-
-
-def streamed_constants(layer, tile):
-    """The constexpr arguments of pair_experiments._streamed_pairs_kernel for ``layer`` and ``tile``."""
-    from kobattr.kernels.rows import pow2
-    return dict(H=layer["H"], KV_GROUP=layer["H"] // layer["KV"], DH=layer["Dh"], DP=pow2(layer["Dh"]),
-                CP=pow2(layer["H"]), BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], CAUSAL=layer["causal"])
-
-
-def staged_constants(layer, dtype, tile):
-    """The constexpr arguments of pair_experiments._staged_pairs_kernel for ``layer`` and ``tile``."""
-    import torch
-
-    from kobattr.kernels import rows as kr
-    qk_fp32, precision = kr.dot_settings({"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
-    return dict(H=layer["H"], KV_GROUP=layer["H"] // layer["KV"], DH=layer["Dh"], DP=kr.pow2(layer["Dh"]),
-                HP=kr.pow2(layer["H"]), BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], SUB_N=tile["SUB_N"],
-                CAUSAL=layer["causal"], QK_FP32=qk_fp32, DOT_PRECISION=precision)
 
 
 def compile_kernel(kernel, consts, dtype, arch, tile, overrides=None):
@@ -105,11 +90,17 @@ def key_loop_counts(sass, inner_trips, nested=False):
              if op == "BRA" and target is not None and int(target, 16) < address]
     if not loops:
         raise RuntimeError("no backward branch: the key loop was not found in the SASS")
-    outer = max(loops, key=lambda loop: loop[1] - loop[0])
+
+    def inside(outer):
+        return [loop for loop in loops if loop != outer and outer[0] <= loop[0] and loop[1] <= outer[1]]
+
+    def span(loop):
+        return loop[1] - loop[0]
+
+    outer = max(loops, key=span)
     if nested:
-        outer = max((loop for loop in loops if loop != outer and outer[0] <= loop[0] and loop[1] <= outer[1]),
-                    key=lambda loop: loop[1] - loop[0])
-    inner = [loop for loop in loops if loop != outer and outer[0] <= loop[0] and loop[1] <= outer[1]]
+        outer = max(inside(outer), key=span)
+    inner = inside(outer)
     counts = {}
     for address, op, _ in code:
         if outer[0] <= address <= outer[1]:
@@ -122,15 +113,21 @@ def analyse(name, layer, dtype, arch, tile, kind="pairs"):
     """The numbers of the module docstring for the production pair kernel (kind "pairs") or an experiment of
     pair_experiments.py: "streamed" (its inner loop runs over the H heads), "staged" and "staged-bf16" (the
     key loop inside the persistent loop, the head loop inside it; alpha's scratch in fp32 or bf16)."""
+    import pair_experiments as pe
+
+    H, KV, Dh, e = layer["H"], layer["KV"], layer["Dh"], ELEMENT_BYTES[dtype]
     nested, overrides = False, {}
+    per_key = (H + 1) ** 2 * 4  # L2 bytes a key tile reads per key for the quadratic form: the fp32 Gram
     if kind == "streamed":
-        from pair_experiments import _streamed_pairs_kernel as kernel
-        consts, inner_trips = streamed_constants(layer, tile), layer["H"]
+        kernel, inner_trips = pe._streamed_pairs_kernel, H
+        consts = pe.streamed_constants(H, KV, Dh, layer["causal"], tile)
+        per_key = (H + 1) * consts["CP"] * 4  # the factor rows
     elif kind.startswith("staged"):
-        from pair_experiments import _staged_pairs_kernel as kernel
-        consts, inner_trips, nested = staged_constants(layer, dtype, tile), layer["H"], True
-        scratch = "*bf16" if kind == "staged-bf16" else "*fp32"
-        overrides = dict(B="i32", scratch_ptr=scratch, gram_ptr=scratch)
+        kernel, inner_trips, nested = pe._staged_pairs_kernel, H, True
+        consts = pe.staged_constants(H, KV, Dh, layer["causal"], torch_dtype(dtype), tile)
+        scratch = "bf16" if kind == "staged-bf16" else "fp32"
+        overrides = dict(scratch_ptr="*" + scratch, gram_ptr="*" + scratch)
+        per_key = consts["HP"] ** 2 * ELEMENT_BYTES[scratch]  # the padded Gram
     else:
         from kobattr.kernels.attention_pairs import _attention_pairs_kernel as kernel
         consts, inner_trips = constants(layer, dtype, tile), math.ceil(layer["Dh"] / tile["BLOCK_D"])
@@ -142,14 +139,10 @@ def analyse(name, layer, dtype, arch, tile, kind="pairs"):
     regs_per_warp = math.ceil(regs * 32 / 256) * 256
     ctas = dict(registers=REGISTERS_PER_SM // (regs_per_warp * warps), shared=SHARED_PER_SM[arch] // (shared + 1024),
                 warps=MAX_WARPS_PER_SM // warps)
-    H, Dh, e = layer["H"], layer["Dh"], ELEMENT_BYTES[dtype]
-    # factor rows, the Gram (fp32) or the padded Gram (in the scratch dtype)
-    per_key = {"streamed": (H + 1) * consts.get("CP", 0) * 4, "staged": consts.get("HP", 0) ** 2 * 4,
-               "staged-bf16": consts.get("HP", 0) ** 2 * 2}.get(kind, (H + 1) ** 2 * 4)
     l2 = dict(q=H * Dh * e / tile["BLOCK_N"], k=H * Dh * e / tile["BLOCK_M"],  # k as loaded: h // KV_GROUP repeats
               gram=per_key / tile["BLOCK_M"])
     if kind.startswith("staged"):  # alpha written to the scratch and read back
-        l2["scratch"] = 2 * H * (2 if kind == "staged-bf16" else 4)
+        l2["scratch"] = 2 * H * ELEMENT_BYTES[scratch]
     per_tile = sum(counts.values())
     return dict(layer=name, arch=arch, dtype=dtype, tile=tile, registers=regs, spilled_bytes=stack,
                 shared_bytes=shared, shared_limit=SHARED_LIMIT[arch],
@@ -231,7 +224,7 @@ def main():
     def key(row):
         return row["layer"], row["dtype"], row["kernel"], json.dumps(row["tile"], sort_keys=True)
     new = {key(row) for row in results}
-    kept = [row for row in json.loads(out.read_text())] if out.exists() else []
+    kept = json.loads(out.read_text()) if out.exists() else []
     out.write_text(json.dumps([row for row in kept if key(row) not in new] + results, indent=1) + "\n")
     print(f"wrote {out}")
     return 0

@@ -21,8 +21,8 @@ program's own scratch tile (BN, HP, BM) in global memory (L2-resident: a persist
 per SM, each reusing its scratch), then reads it back SUB_N keys at a time as (SUB_N, BM, HP) for the batched
 dot with the Gram: the (BM x BN x H) state the production kernel keeps in registers lives in L2, so the key tile
 BN (which sets how often q is re-read) no longer sets the registers. Compiled by triton 3.6 for sm_90 (bf16
-scratch, 32 x 32 tiles, 4 warps): Llama-7B 128 registers, 16 warps per SM, 8.3 issue cycles per pair; BERT-base
-112 registers, 2.5 cycles (benchmarks/results/kernel_static_2026-12-06.md).
+scratch, 32 x 32 tiles, 4 warps): Llama-7B 160 registers, 12 warps per SM, 8.8 issue cycles per pair; BERT-base
+128 registers, 16 warps, 2.8 cycles (benchmarks/results/kernel_static_2026-12-06.md).
 """
 
 import torch
@@ -109,17 +109,21 @@ def streamed_settings(H):
     return dict(BLOCK_M=32, BLOCK_N=16, num_warps=8 if pow2(H) >= 32 else 4)
 
 
+def streamed_constants(H, KV, DH, causal, tile):
+    """The constexpr arguments of _streamed_pairs_kernel (num_warps apart) for H query and KV key heads."""
+    return dict(H=H, KV_GROUP=H // KV, DH=DH, DP=pow2(DH), CP=pow2(H), CAUSAL=causal,
+                BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"])
+
+
 def streamed_maps(q, k, causal, scale, factor, residual, row_scale, lse2, tile=None):
     """(B, N, N) float32 map of one Gram from q (B, H, N, Dh), k (B, KV, N, Dh), gram_factors' output, row_scale
     (B, N) float32 and lse2 (B, H, N), the base-2 row log-sum-exp of kernels/rows.row_lse (every key valid)."""
     B, H, N, DH = q.shape
-    tile = dict(tile or streamed_settings(H))
-    warps = tile.pop("num_warps")
+    tile = tile or streamed_settings(H)
     out = torch.zeros(B, N, N, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(N, tile["BLOCK_M"]), B)
-    _streamed_pairs_kernel[grid](q, k, lse2, factor, residual, row_scale, out, N, scale * LOG2E, H=H,
-                                 KV_GROUP=H // k.shape[1], DH=DH, DP=pow2(DH), CP=factor.shape[-1], CAUSAL=causal,
-                                 num_warps=warps, **tile)
+    _streamed_pairs_kernel[grid](q, k, lse2, factor, residual, row_scale, out, N, scale * LOG2E,
+                                 num_warps=tile["num_warps"], **streamed_constants(H, k.shape[1], DH, causal, tile))
     return out
 
 
@@ -188,13 +192,14 @@ def _staged_pairs_kernel(
                 tl.store(scratch + (n[None, :] * HP + h) * BLOCK_M + m[:, None], alpha.to(scratch_ptr.dtype.element_ty))
             tl.debug_barrier()  # every head's alpha of the tile is in the scratch before it is read back
             for part in tl.static_range(BLOCK_N // SUB_N):
-                keys = start + part * SUB_N + sub  # (SUB_N,)
+                key0 = start + part * SUB_N
+                keys = key0 + sub  # (SUB_N,)
                 key_ok = keys < N
                 alpha_t = tl.permute(tl.reshape(tl.load(scratch + part * (SUB_N * HP * BLOCK_M) + chunk),
                                                 (SUB_N, HP, BLOCK_M)), (0, 2, 1))  # (SUB_N, BM, HP)
                 # keys past N read the Grams of the next batch element or past the end: masked as a whole key
-                gram_ok = (start + part * SUB_N + gram_chunk // (HP * HP)) < N
-                gram = tl.reshape(tl.load(gram_ptr + (b * N + start + part * SUB_N) * (HP * HP) + gram_chunk,
+                gram_ok = (key0 + gram_chunk // (HP * HP)) < N
+                gram = tl.reshape(tl.load(gram_ptr + (b * N + key0) * (HP * HP) + gram_chunk,
                                           mask=gram_ok, other=0.0), (SUB_N, HP, HP))
                 if QK_FP32:  # the interpreter's bf16 dot is wrong: the product of the rounded values in fp32
                     alpha_t = alpha_t.to(tl.float32)
@@ -203,7 +208,7 @@ def _staged_pairs_kernel(
                               * alpha_t.to(tl.float32), 2)  # (SUB_N, BM)
                 # kappa's last slot is [i == j]: 2 G[H, :H] . alpha + G[H, H] on the diagonal (G symmetric)
                 diagonal = (keys[:, None] == rows[None, :]) & row_ok[None, :]
-                if block * BLOCK_M < start + part * SUB_N + SUB_N and start + part * SUB_N < block * BLOCK_M + BLOCK_M:
+                if block * BLOCK_M < key0 + SUB_N and key0 < block * BLOCK_M + BLOCK_M:
                     res_row = tl.load(residual_ptr + (b * N + keys)[:, None] * HP + heads[None, :],
                                       mask=key_ok[:, None], other=0.0)  # (SUB_N, HP)
                     res_diag = tl.load(residual_diag_ptr + b * N + keys, mask=key_ok, other=0.0)
@@ -215,10 +220,24 @@ def _staged_pairs_kernel(
 
 
 def staged_settings(H, scratch_dtype=torch.bfloat16):
-    """BLOCK_M, BLOCK_N, SUB_N, num_warps and programs per SM of the staged experiment: as many programs as an SM
-    holds at once by a triton 3.6 sm_90 compile (16 warps in bfloat16, 8 in float32 for 32 heads), so that the
-    scratch tiles in use, programs x BN x HP x BM elements, stay within L2 (34 MB here)."""
-    return dict(BLOCK_M=32, BLOCK_N=32, SUB_N=4, num_warps=4, per_sm=4 if scratch_dtype.itemsize == 2 else 2)
+    """BLOCK_M, BLOCK_N, SUB_N, num_warps and programs per SM of the staged experiment: as many 4-warp programs as
+    an SM holds at once by a triton 3.6 sm_90 compile (warps per SM: 12 in bfloat16 and 8 in float32 for 32 heads,
+    16 and 12 for 12 heads), so that the scratch tiles in use, programs x BN x HP x BM elements, stay in L2."""
+    warps_per_sm = (12 if pow2(H) >= 32 else 16) if scratch_dtype.itemsize == 2 else (8 if pow2(H) >= 32 else 12)
+    return dict(BLOCK_M=32, BLOCK_N=32, SUB_N=4, num_warps=4, per_sm=warps_per_sm // 4)
+
+
+def staged_constants(H, KV, DH, causal, dtype, tile):
+    """The constexpr arguments of _staged_pairs_kernel (num_warps apart) for H query and KV key heads in ``dtype``."""
+    from kobattr.kernels.rows import dot_settings
+
+    qk_fp32, precision = dot_settings(dtype)
+    return dict(H=H, KV_GROUP=H // KV, DH=DH, DP=pow2(DH), HP=pow2(H), CAUSAL=causal, QK_FP32=qk_fp32,
+                DOT_PRECISION=precision, BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], SUB_N=tile["SUB_N"])
+
+
+# SMs assumed off CUDA: so few programs that the interpreter runs the persistent loop's later rounds
+INTERPRETED_SMS = 2
 
 
 def staged_grams(grams, dtype):
@@ -240,20 +259,15 @@ def staged_maps(q, k, causal, scale, grams, row_scale, lse2, tile=None, scratch_
     valid). ``scratch_dtype``: alpha's precision in the scratch and in the Gram dot (float32: tf32 products
     as the production kernel has them; bfloat16: the tensor cores' native rate, a bf16 rounding of alpha and G).
     The padded Grams are made here, inside what gpu_profile.py times."""
-    from kobattr.kernels.rows import dot_settings
-
     B, H, N, DH = q.shape
-    tile = dict(tile or staged_settings(H, scratch_dtype))
-    warps, per_sm = tile.pop("num_warps"), tile.pop("per_sm")
+    tile = tile or staged_settings(H, scratch_dtype)
+    consts = staged_constants(H, k.shape[1], DH, causal, q.dtype, tile)
     gram, residual, residual_diag = staged_grams(grams, scratch_dtype)
-    HP = gram.shape[-1]
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
-    programs = min(per_sm * sms, triton.cdiv(N, tile["BLOCK_M"]) * B)
-    scratch = torch.zeros(programs, tile["BLOCK_N"], HP, tile["BLOCK_M"], device=q.device, dtype=scratch_dtype)
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else INTERPRETED_SMS
+    programs = min(tile["per_sm"] * sms, triton.cdiv(N, tile["BLOCK_M"]) * B)
+    scratch = torch.zeros(programs, tile["BLOCK_N"], consts["HP"], tile["BLOCK_M"], device=q.device,
+                          dtype=scratch_dtype)
     out = torch.zeros(B, N, N, device=q.device, dtype=torch.float32)
-    qk_fp32, precision = dot_settings(q.dtype)
     _staged_pairs_kernel[(programs,)](q, k, lse2, gram, residual, residual_diag, row_scale, out, scratch, N, B,
-                                      scale * LOG2E, H=H, KV_GROUP=H // k.shape[1], DH=DH, DP=pow2(DH), HP=HP,
-                                      CAUSAL=causal, QK_FP32=qk_fp32, DOT_PRECISION=precision, num_warps=warps,
-                                      **tile)
+                                      scale * LOG2E, num_warps=tile["num_warps"], **consts)
     return out

@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,7 +26,7 @@ CAPABILITIES = (80, 90)
 DTYPES = ("fp32", "fp16", "bf16")
 TARGETS = list(itertools.product(CAPABILITIES, DTYPES))
 
-INT_ARGS = {"N", "key_start", "key_stop", "R", "K", "F", "D", "window", "radius", "weights_b_stride",
+INT_ARGS = {"N", "B", "key_start", "key_stop", "R", "K", "F", "D", "window", "radius", "weights_b_stride",
             "weights_m_stride", "weights_s_stride"}
 MODEL_DTYPE_PTRS = {"q_ptr", "k_ptr", "ff_ptr", "gate_ptr", "res_ptr", "coef_in_ptr", "coef_gate_ptr", "w_out_ptr"}
 
@@ -67,6 +68,16 @@ FF_VARIANTS = [
     (40, 8, 32, False, 3, False, True, False, True, False, True, (False, False, True)),
 ]
 
+# the candidate kernels of benchmarks/pair_experiments.py (not kobattr's, but timed on GPUs by gpu_profile.py):
+# (kernel, capability, dtype, (H, KV, DH, CAUSAL, scratch dtype of the staged kernel))
+EXPERIMENT_JOBS = [
+    ("_streamed_pairs_kernel", 90, "bf16", (32, 4, 128, True, None)),
+    ("_streamed_pairs_kernel", 80, "fp32", (12, 12, 64, False, None)),
+    ("_staged_pairs_kernel", 90, "bf16", (32, 4, 128, True, "bf16")),
+    ("_staged_pairs_kernel", 80, "fp16", (12, 12, 64, False, "fp32")),
+]
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
 
 def jobs():
     """id -> (module, kernel, dtype, capability, variant) of every compile."""
@@ -77,25 +88,37 @@ def jobs():
         out[f"attention-{i}"] = ("attention_pairs", "_attention_pairs_kernel", *target, variant)
     for i, (target, variant) in enumerate(zip(TARGETS, FF_VARIANTS)):
         out[f"ff-{i}"] = ("ff_pairs", "_ff_pairs_kernel", *target, variant)
+    for i, (kernel, capability, dtype, variant) in enumerate(EXPERIMENT_JOBS):
+        out[f"experiment-{i}"] = ("pair_experiments", kernel, capability, dtype, variant)
     return out
 
 
 def launch_settings(kernel, dtype, variant):
-    """(constexpr arguments, {num_warps, num_stages}) the launchers pass for this variant."""
+    """(constexpr arguments, {num_warps, num_stages}, signature entries that differ from ``signature``'s) the
+    launchers pass for this variant."""
     import torch
 
     from kobattr.kernels import attention_pairs as ap
     from kobattr.kernels import ff_pairs as fp
     from kobattr.kernels import rows as kr
-    qk_fp32, precision = kr.dot_settings({"fp32": torch.float32, "fp16": torch.float16,
-                                          "bf16": torch.bfloat16}[dtype])
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    qk_fp32, precision = kr.dot_settings(dtypes[dtype])
     dots = dict(QK_FP32=qk_fp32, DOT_PRECISION=precision)
+    if kernel in ("_streamed_pairs_kernel", "_staged_pairs_kernel"):
+        import pair_experiments as pe
+        H, KV, dh, causal, scratch = variant
+        if kernel == "_streamed_pairs_kernel":
+            tile = pe.streamed_settings(H)
+            return pe.streamed_constants(H, KV, dh, causal, tile), dict(num_warps=tile["num_warps"]), {}
+        tile = pe.staged_settings(H, dtypes[scratch])
+        consts = pe.staged_constants(H, KV, dh, causal, dtypes[dtype], tile)
+        return consts, dict(num_warps=tile["num_warps"]), dict(scratch_ptr="*" + scratch, gram_ptr="*" + scratch)
     if kernel == "_row_lse_kernel":
         H, group, dh, has_rows, causal, windowed, symmetric, softcap = variant
         tile = kr.lse_settings(dh, ROWS_SELECTED if has_rows else N_LONG)
         options = dict(num_warps=tile.pop("num_warps"), num_stages=tile.pop("num_stages"))
         return dict(H=H, KV_GROUP=group, DH=dh, HAS_ROWS=has_rows, CAUSAL=causal, WINDOWED=windowed,
-                    SYMMETRIC=symmetric, SOFTCAP=softcap, **tile, **dots), options
+                    SYMMETRIC=symmetric, SOFTCAP=softcap, **tile, **dots), options, {}
     if kernel == "_attention_pairs_kernel":
         H, group, dh, M, has_rows, causal, windowed, symmetric, softcap, (store, sums, contract, alpha) = variant
         tile = ap.pair_settings(H, ROWS_SELECTED if has_rows else N_LONG)
@@ -103,14 +126,14 @@ def launch_settings(kernel, dtype, variant):
         return dict(H=H, KV_GROUP=group, M=M, MP=kr.pow2(M, 1), DH=dh, HP=kr.pow2(H),
                     HAS_ROWS=has_rows, CAUSAL=causal, WINDOWED=windowed, SYMMETRIC=symmetric, SOFTCAP=softcap,
                     STORE_MAP=store, SUM_ROWS=sums, CONTRACT=contract, WRITE_ALPHA=alpha, BLOCK_K=16, **tile,
-                    **dots), options
+                    **dots), options, {}
     (H, group, dh, gated, n_scopes, center, has_rows, causal, windowed, symmetric, softcap,
      (store, sums, contract)) = variant
     tile = fp.ff_settings(H)
     options = dict(num_warps=tile.pop("num_warps"), num_stages=tile.pop("num_stages"))
     return dict(H=H, KV_GROUP=group, DH=dh, HP=kr.pow2(H), GATED=gated, N_SCOPES=n_scopes, CENTER=center,
                 HAS_ROWS=has_rows, CAUSAL=causal, WINDOWED=windowed, SYMMETRIC=symmetric, SOFTCAP=softcap,
-                STORE_MAP=store, SUM_ROWS=sums, CONTRACT=contract, BLOCK_K=16, **tile, **dots), options
+                STORE_MAP=store, SUM_ROWS=sums, CONTRACT=contract, BLOCK_K=16, **tile, **dots), options, {}
 
 
 def signature(kernel, dtype, consts):
@@ -152,10 +175,13 @@ def compile_job(module, kernel_name, capability, dtype, variant):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    kernel = getattr(importlib.import_module(f"kobattr.kernels.{module}"), kernel_name)
-    consts, options = launch_settings(kernel_name, dtype, variant)
+    if module == "pair_experiments":
+        sys.path.insert(0, str(BENCHMARKS))
+    kernel = getattr(importlib.import_module(module if module == "pair_experiments" else f"kobattr.kernels.{module}"),
+                     kernel_name)
+    consts, options, entries = launch_settings(kernel_name, dtype, variant)
     try:
-        src = ast_source(kernel, signature(kernel, dtype, consts), consts)
+        src = ast_source(kernel, dict(signature(kernel, dtype, consts), **entries), consts)
         compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
                                   options=options)
     except Exception as err:  # the message is the test failure
