@@ -29,7 +29,7 @@ class LayerAttribution:
     """The attributions of one layer (shape vocabulary: B batch, R rows, N keys, H heads, K weight rows).
 
     maps[m]          (B, R, N) rows of method m's map (R = N for full maps), or (B, K, N) = contract @ map
-    head_maps[m]     (B, H, R, N) per-head maps of attn_w / attn_n when heads=True
+    head_maps[m]     (B, H, R, N) per-head maps of attn_w / attn_n / attn_n_prenorm when heads=True
     ratios[m]        (B, N) context-mixing ratio of every row (NaN on padding)
     value_norms      (B, H, N) ||f^h(x_j)||
     bias_norms[m]    (B, N) norm of the part of row i that goes to no token (vector and FF methods)
@@ -178,10 +178,11 @@ class _Prepared:
             self._norms[name] = (norm, norm.inv_std(self.y))
         return self._norms[name]
 
-    def attention_parts(self) -> tuple:
-        """(sum over keys, diagonal, bias) of t_ij, what attention adds to the stream."""
+    def attention_parts(self, prenorm: bool = False) -> tuple:
+        """(sum over keys, diagonal, bias) of t_ij, what attention adds to the stream (``prenorm``: of a_ij, before
+        the norm after attention)."""
         total, diag, bias = self.attn_sum, self.attn_diag, self.b_o.expand_as(self.y)
-        if self.p1 is not None:
+        if self.p1 is not None and not prenorm:
             s = self.s1[..., None]
             total, diag = self.p1.split(total) * s, self.p1.split(diag) * s
             bias = self.p1.split(self.b_o) * s + self.p1.bias_vector(self.layer.d_model, self.y)
@@ -189,7 +190,7 @@ class _Prepared:
 
     def vector_parts(self, f) -> tuple:
         """(sum over keys, diagonal, bias, real hidden state) of an attention-side vector form."""
-        total, diag, bias = self.attention_parts()
+        total, diag, bias = self.attention_parts(f.prenorm)
         if f.residual:
             total, diag = total + self.x, diag + self.x
         if f.norm is not None:
@@ -201,7 +202,7 @@ class _Prepared:
 
     def form_scale(self, f) -> Tensor:
         """(B, N) row scale of a vector form's per-key rows."""
-        scale = torch.ones_like(self.y[..., 0]) if self.s1 is None else self.s1
+        scale = torch.ones_like(self.y[..., 0]) if self.s1 is None or f.prenorm else self.s1
         if f.norm is not None:
             scale = scale * self.split_norm(f.norm)[1]
         return scale
@@ -345,7 +346,7 @@ class _Prepared:
     def split_heads(self, f, t: Tensor) -> Tensor:
         """The row-independent splits of a vector form's head rows (P1, then the form's norm) on t (..., D): the
         rows f^h(x_j) themselves, or W_O, since the splits are linear maps of the D dimension."""
-        if self.p1 is not None:
+        if self.p1 is not None and not f.prenorm:
             t = self.p1.split(t)
         if f.norm is not None:
             t = self.split_norm(f.norm)[0].split(t)
@@ -501,7 +502,7 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
 
     methods: names from the registry (kobattr.methods; default: the registry's defaults; "all" for every
         method of the layer's block structure). rows: query rows to return (None = all). heads: also
-        per-head maps of attn_w and attn_n. contract: (B, K, N) or (K, N) to get contract @ map instead of
+        per-head maps of attn_w, attn_n and attn_n_prenorm. contract: (B, K, N) or (K, N) to get contract @ map instead of
         the map (rollout vectors, column sums) without building it, over the selected rows. normalize_rows:
         divide each map row by its sum first (full maps, rows= and contractions alike).
         backend: "auto", an implementation name, or {primitive: name}; what ran is in result.backends.
@@ -562,6 +563,8 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
                 split_norms = _value_norms(layer, prep.dtype, prep.p1) * valid[:, None]
                 s1 = prep.s1 if rows is None else prep.s1[:, rows]
                 head_maps["attn_n"] = alpha * split_norms[:, :, None, :] * s1[:, None, :, None]
+        if "attn_n_prenorm" in methods:  # alpha^h_ij ||f^h(x_j)||, before the norm after attention
+            head_maps["attn_n_prenorm"] = alpha * value_norms[:, :, None, :]
     context_change, amp = {}, []
     if need_ff and full:  # from the maps as computed, before any row normalisation
         vis = layer.visible()

@@ -401,7 +401,7 @@ class Layer(AttentionShapes):
     def forward(self) -> dict:
         """An independent plain forward of this layer: the hidden states the decompositions must sum to.
 
-        Returns the states of :meth:`stream`: attn, y, mid, ffn_raw, ffn_out, ffn_res, out.
+        Returns the states of :meth:`stream`: attn_raw, attn, y, mid, ffn_raw, ffn_out, ffn_res, out.
         """
         B, H, N, Dh = self.q.shape
         group = H // self.n_kv_heads
@@ -416,10 +416,12 @@ class Layer(AttentionShapes):
 
     def stream(self, attn: Tensor, with_ffn: bool = True) -> dict:
         """The hidden states of the layer from its attention output ``attn`` (B, N, D), b_O included:
-        attn (what attention adds to the stream, after attn_out_norm), y = x + attn, mid (the FFN input),
+        attn_raw (``attn`` itself), attn (what attention adds to the stream, after attn_out_norm), y = x + attn, mid
+        (the FFN input),
         and with_ffn: ffn_raw (the FFN output), ffn_out (what the FFN adds: ffn_raw after ffn_out_norm),
         ffn_res (the sum the FFN output joins) and out (the layer output)."""
         structure = self.structure
+        raw = attn
         if self.attn_out_norm is not None:
             attn = self.attn_out_norm(attn)
         y = self.x + attn
@@ -429,7 +431,7 @@ class Layer(AttentionShapes):
             mid, stream = (self.x if self.ln2 is None else self.ln2(self.x)), y
         else:
             mid, stream = (y if self.ln2 is None else self.ln2(y)), y
-        states = dict(attn=attn, y=y, mid=mid)
+        states = dict(attn_raw=raw, attn=attn, y=y, mid=mid)
         if not with_ffn:
             return states
         states["ffn_raw"] = ffn_out = self.ffn(mid)

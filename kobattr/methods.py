@@ -8,7 +8,8 @@ A method takes a *form* in each block structure it applies to (kobattr.layer.STR
   weights  mean_h alpha^h_ij (+ [i == j] with residual), mixed 50/50 when the residual is in
   vector   the norm of t_ij = sum_h alpha^h_ij f^h(x_j) (split by the norm after attention, attn_out_norm,
            where the layer has one) (+ [i == j] x_i with residual), optionally split by the norm that
-           follows the residual (``norm``: the Layer attribute holding it)
+           follows the residual (``norm``: the Layer attribute holding it); ``prenorm``: a_ij itself, before
+           the norm after attention
   ff       scope ``ff_scope`` of the feed-forward primitive: 0 ||FF_ij||, 1 ||res_ij + FF_ij||,
            2 ||g(res_ij + FF_ij)|| with g the norm after the FFN residual; FF_ij is split by the norm
            after the FFN (ffn_out_norm) where the layer has one
@@ -44,6 +45,7 @@ class Form:
     target: Optional[str] = None  # the real hidden state parts + bias sum to (vector and ff forms)
     norm: Optional[str] = None  # vector forms: the Layer norm split after the residual ("ln1", "ln2"; it reads y)
     ff_scope: Optional[int] = None  # ff forms: index into the ff_maps output
+    prenorm: bool = False  # vector forms: a_ij = sum_h alpha^h_ij f^h(x_j) before the norm after attention (P1)
 
     @property
     def primitive(self) -> str:
@@ -118,6 +120,10 @@ _REGISTRY = [
                {"post": _ff(1, "ffn_res", True), "post_only": _ff(1, "out", True), "parallel": _ff(1, "out", True)}),
     MethodSpec("atblnffres", "ATBLNFFRES", "kobayashi2024", _each(_PRE_LIKE, lambda s: _ff(1, "out", True))),
     MethodSpec("atbffresln", "ATBFFRESLN", "kobayashi2024", {"post": _ff(2, "out", True)}),
+    # the literal Kobayashi 2020 quantity where a norm follows attention (attn_n there is after it); elsewhere attn_n
+    # is already this, so it is not offered
+    MethodSpec("attn_n_prenorm", "ATTN-N-PRENORM", "kobayashi2020",
+               _each(("sandwich", "post_only"), lambda s: Form("vector", False, "attn_raw", prenorm=True)), heads=True),
 ]
 REGISTRY: dict[str, MethodSpec] = {spec.name: spec for spec in _REGISTRY}
 

@@ -26,7 +26,8 @@ def reference(layer: Layer, methods=None, dtype: torch.dtype = torch.float64, ig
 
     Returns a dict with (R = N without rows)
       maps[m]       (B, R, N) layer map of method m (0 where j is invisible from i or i is padding)
-      head_maps[m]  (B, H, R, N) for attn_w (alpha) and attn_n (alpha ||f||)
+      head_maps[m]  (B, H, R, N) for attn_w (alpha), attn_n and attn_n_prenorm (alpha ||f||, after / before a norm
+                    after attention)
       ratios[m]     (B, R) context-mixing ratio (NaN on padding rows)
       value_norms   (B, H, N) ||f^h(x_j)||
       bias[m]       (B, R, D) the part of row i's vector that goes to no token (vector and ff methods)
@@ -45,9 +46,13 @@ def reference(layer: Layer, methods=None, dtype: torch.dtype = torch.float64, ig
 
 
 def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional[Tensor],
-                with_heads: bool = True) -> dict:
+                with_heads: bool = True, attention_output: Optional[Tensor] = None) -> dict:
     """reference() for a validated layer already in the compute dtype and checked method names;
-    without ``with_heads`` the value norms and head maps (another pass over every f^h(x_j)) are left out."""
+    without ``with_heads`` the value norms and head maps (another pass over every f^h(x_j)) are left out.
+    ``attention_output`` (B, R, D): sum_h o^h_i W_O^h of the rows from the model's own head outputs o^h_i
+    (Layer.head_outputs, b_O excluded), the reference computed the model's way: the real hidden states (y, every
+    norm's statistic, the FFN input) then read it instead of the sum of the pair vectors, as kobattr.attribute
+    does with head_outputs (the spot checks; kobattr.verify checks the head outputs themselves)."""
     structure = L.structure
     struct = STRUCTURES[structure]
     dtype = L.x.dtype
@@ -86,7 +91,7 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
     # t_ij: what attention adds to the stream, through the norm after attention with the statistic of the
     # whole attention output a_i + b_O
     b_o = L.out_bias
-    a_total = a.sum(2) + b_o
+    a_total = (a.sum(2) if attention_output is None else attention_output) + b_o  # the real attention output
     if p1 is None:
         t, t_bias, s1 = a, b_o.expand_as(a_total), None
     else:
@@ -95,10 +100,16 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
         t_bias = p1.split(b_o)[None, None] * s1[..., None] + p1.bias_vector(D, a_total)
     u = t.clone()
     u[diagonal] += eye[diagonal][..., None] * x_rows  # the residual x_i goes wholly to cell (i, i)
-    y = x_rows + t.sum(2) + t_bias
+    y = x_rows + (a_total if p1 is None else p1(a_total))  # = x_i + sum_j t_ij + t_bias without attention_output
+
+    def real_state(spec_form) -> Tensor:
+        """The real hidden state (B, R, D) an attention-side vector form's parts plus bias sum to."""
+        return y if spec_form.norm is None else getattr(L, spec_form.norm)(y)
 
     def vector_form(spec_form) -> tuple[Tensor, Tensor]:
         """(pair vectors (B, R, N, D), bias (B, R, D)) of an attention-side vector form."""
+        if spec_form.prenorm:  # a_ij before the norm after attention
+            return a, b_o.expand_as(a_total)
         vec, bias = (u if spec_form.residual else t), t_bias
         if spec_form.norm is not None:
             norm = getattr(L, spec_form.norm)
@@ -116,6 +127,7 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
     if ff_methods(methods, structure):
         if struct.ff_input is not None:  # the FFN reads the sum of these pairs
             normed, normed_bias = vector_form(form(struct.ff_input, structure))
+            ff_in = real_state(form(struct.ff_input, structure))  # the FFN's real input
         else:  # parallel: the FFN reads ln2(x_i), token i alone, all in cell (i, i)
             ln2 = L.ln2
             normed = torch.zeros_like(a)
@@ -125,7 +137,7 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
             else:
                 normed[diagonal] = ln2.split(x_rows) * ln2.inv_std(x_rows)[..., None] * eye[diagonal][..., None]
                 normed_bias = ln2.bias_vector(D, x_rows).expand_as(x_rows)
-        ff_in = normed.sum(2) + normed_bias  # the FFN's real input, from the parts
+            ff_in = normed.sum(2) + normed_bias
         coef_in, coef_gate = ffn_coefficients(L.ffn, ff_in, ig, ig_steps)
 
         def ff_share(part: Tensor, r: int) -> Tensor:
@@ -157,7 +169,7 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
         if struct.out_norm is not None:
             out_norm = getattr(L, struct.out_norm)
             real_ff = L.ffn(ff_in) if p2 is None else p2(L.ffn(ff_in))
-            s3 = out_norm.inv_std(stream.sum(2) + stream_bias + real_ff)[:, :, None]  # its true input
+            s3 = out_norm.inv_std(real_state(form(struct.ff_stream, structure)) + real_ff)[:, :, None]  # its true input
             scope_vectors.append((out_norm.split(res) * s3[..., None],
                                   out_norm.split(res_bias) * s3 + out_norm.bias_vector(L.d_model, y)))
         for m in struct.scopes:
@@ -188,6 +200,8 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
         elif with_heads and m == "attn_n":  # alpha^h_ij times the norm of head h's vector as it reaches the stream
             out["head_maps"][m] = (alpha * out["value_norms"][:, :, None, :] if p1 is None else
                                    alpha * split_value_norms[:, :, None, :] * s1[:, None, :, None] * valid[:, None, None, :])
+        elif with_heads and m == "attn_n_prenorm":  # alpha^h_ij ||f^h(x_j)||, before the norm after attention
+            out["head_maps"][m] = alpha * out["value_norms"][:, :, None, :]
     if ff_methods(methods, structure) and full:
         scope_maps = {m: vec.norm(dim=-1) for m, vec in vectors.items()}
         out["context_change"] = {c: contextualization_change(scope_maps[before], scope_maps[after], vis)

@@ -617,7 +617,7 @@ class Seq2SeqAttribution(Attribution):
     decoder start token) and predicts ``labels[i]`` (spec section 7).
 
     The inherited fields describe the decoder:
-    maps[m]          self-attention methods (attn_w, attn_n, attnres_n; attnresln_n in post-LN decoders):
+    maps[m]          self-attention methods (attn_w, attnres_w, attn_n, attnres_n, attnresln_n):
                      (L, B, T, T); cross_attn_w and cross_attn_n: (L, B, T, S); cross_attnres_n and
                      cross_attnresln_n: (L, B, T, S + 1), the last column what the target position keeps (never an
                      alignment candidate); decoder_layer (the whole layer): (L, B, T, T + S), target columns first

@@ -20,9 +20,11 @@ g_i is the distributive split of g with the statistic of its whole real input y_
 shift are the row's bias term. The last column is what the target position keeps (never an alignment candidate).
 Mixing ratio of the cross block: ||sum_j c_ij|| / (||sum_j c_ij|| + ||p_i||) (with g applied for the ln variant).
 
-Decoder layers offer exactly attn_w, attn_n, attnres_n (the self-attention block, through kobattr.attribute on
-DecoderLayer.self_attn), attnresln_n (post-LN only: LN_s; in pre-LN the next norm feeds only the queries) and the
-cross maps above.
+Decoder layers offer exactly attn_w, attnres_w, attn_n, attnres_n, attnresln_n (the self-attention block, through
+kobattr.attribute on DecoderLayer.self_attn) and the cross maps above. attnresln_n splits the self-attention block
+with its residual by the norm that follows that residual: LN_s in post-LN; in pre-LN LN_c, the cross-attention's
+pre-norm, applied as a pre-LN encoder's attnresln_n applies the FFN's pre-norm LN2 (self_attn.ln2 is LN_c), so its
+parts plus bias sum to LN_c(p_i), the cross-attention's query input.
 
 The cross maps never build a (T, S, D) tensor: per source key j the Gram matrix G_j (H x H) of the vectors
 f_c^h(e_j) (or of their norm split) gives ||sum_h alpha^h_ij f_c^h(e_j)||^2 = alpha_ij^T G_j alpha_ij, evaluated for
@@ -71,8 +73,8 @@ CROSS_METHODS: dict[str, CrossMethod] = {m.name: m for m in (
 
 # the self-attention methods a decoder layer offers, by its placement (spec section 7)
 DECODER_SELF_METHODS = {
-    "post": ("attn_w", "attn_n", "attnres_n", "attnresln_n"),
-    "pre": ("attn_w", "attn_n", "attnres_n"),
+    "post": ("attn_w", "attnres_w", "attn_n", "attnres_n", "attnresln_n"),
+    "pre": ("attn_w", "attnres_w", "attn_n", "attnres_n", "attnresln_n"),
 }
 PLACEMENTS = tuple(DECODER_SELF_METHODS)
 
@@ -99,9 +101,7 @@ def check_decoder_methods(methods, placement: str) -> tuple[tuple[str, ...], tup
             raise ValueError("no methods requested; name at least one or ask for 'all'.")
         for m in names:
             if m not in available:
-                hint = (" (attnresln_n is post-LN only: in a pre-LN decoder the norm after the self-attention residual "
-                        "feeds only the cross-attention's queries)" if m == "attnresln_n" else "")
-                raise ValueError(f"unknown method {m!r} for a {placement}-LN decoder layer{hint}; choose from "
+                raise ValueError(f"unknown method {m!r} for a {placement}-LN decoder layer; choose from "
                                  f"{', '.join(available)} or 'all'.")
     return tuple(m for m in names if m not in CROSS_METHODS), tuple(m for m in names if m in CROSS_METHODS)
 

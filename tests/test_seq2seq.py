@@ -258,8 +258,11 @@ def test_a_cross_mask_kobattr_does_not_describe_is_an_error():
 def test_decoder_methods():
     assert check_decoder_methods(None, "post") == (DECODER_SELF_METHODS["post"], tuple(CROSS_METHODS))
     assert check_decoder_methods(["cross_attn_n", "attn_w"], "pre") == (("attn_w",), ("cross_attn_n",))
-    with pytest.raises(ValueError, match="attnresln_n is post-LN only"):
-        check_decoder_methods("attnresln_n", "pre")
+    # both placements offer every self-attention convention of an encoder's attention block (pre-LN: attnresln_n
+    # through the cross-attention's pre-norm LN_c)
+    assert DECODER_SELF_METHODS["pre"] == DECODER_SELF_METHODS["post"] == (
+        "attn_w", "attnres_w", "attn_n", "attnres_n", "attnresln_n")
+    assert check_decoder_methods("attnresln_n", "pre") == (("attnresln_n",), ())
     with pytest.raises(ValueError, match="unknown method 'atbff'"):
         check_decoder_methods("atbff", "post")
     from kobattr.methods import PAPERS
@@ -311,6 +314,16 @@ def test_cross_maps_equal_the_reference_and_are_complete(family, dtype):
             expected = self_ref["maps"][m]
             assert (res.maps[m].double() - expected).abs().max() <= tol * expected.abs().max(), (family, index, m)
         assert res.self_attn.model_error.max() < 10 * tol
+        # attnresln_n's parts plus bias sum to the model's own norm after the self-attention residual: LN_s post-LN,
+        # LN_c (the cross-attention's pre-norm, read by its queries) pre-LN
+        after = "self_attn_layer_norm.out" if placement == "post" else "encoder_attn_layer_norm.out"
+        assert_rows_close(self_ref["total"]["attnresln_n"], seen[index, after].double(), valid, tol)
+        for m in ("attnres_w", "attnresln_n"):
+            torch.testing.assert_close(res.ratios[m].double(), self_ref["ratios"][m], rtol=tol, atol=tol, equal_nan=True)
+        # attnres_w = 0.5 A + 0.5 I and its ratio half of attn_w's, as in encoders
+        eye = torch.eye(7, dtype=dtype) * valid[:, :, None]
+        torch.testing.assert_close(res.maps["attnres_w"], 0.5 * res.maps["attn_w"] + 0.5 * eye)
+        torch.testing.assert_close(res.ratios["attnres_w"], 0.5 * res.ratios["attn_w"], equal_nan=True)
         # what a real target position keeps shows in the last column: ||p_i||, and ||g_i(p_i)|| through g
         norm = layer.cross.norm
         keep = norm.split(p) * norm.inv_std(y)[..., None]

@@ -103,3 +103,125 @@ def test_analyze_checks_every_layer_and_text(monkeypatch):
     _corrupt(monkeypatch, "ff_maps")
     with pytest.raises(VerificationError, match=r"layer 0: spot check failed: atblnff"):
         analyze(model, batch, methods="all", backend="torch")
+
+
+# ----------------------------------------------------------------------------- the precision the model computed in
+def _family_model(family, dtype=torch.float64, **changes):
+    from test_models import tiny_model
+
+    return tiny_model(family, attn_implementation="eager", **changes).to(dtype)
+
+
+FLOAT64_FAMILIES = [(f, {}) for f in __import__("test_models").TINY] + [("gpt_neox", {"use_parallel_residual": False})]
+
+
+@pytest.mark.parametrize("family,changes", FLOAT64_FAMILIES, ids=lambda v: v if isinstance(v, str) else
+                         "-".join(f"{k}={w}" for k, w in v.items()))
+def test_float64_eager_models_pass_the_default_spot_check(family, changes):
+    """Hugging Face's eager attention runs its softmax in float32 inside a float64 model (Llama, Gemma 2/3, OLMo 2,
+    GPT-NeoX, ...), so the recorded head outputs are ~1e-7 from a float64 recomputation: the maps are checked against
+    the reference computed with the model's attention output, the head outputs against a float32 softmax."""
+    from test_models import token_batch
+
+    from kobattr.api import analyze
+
+    model = _family_model(family, **changes)
+    res = analyze(model, token_batch(family, [7, 5]), methods="all", heads=True, backend="torch")  # verify=2
+    for m, err in res.spot_check.items():
+        assert err.max() < 1e-13, m  # float64 agreement, not a loosened tolerance
+
+
+def _plant(monkeypatch, method_index, factor):
+    """Scale one map (the method_index-th of the torch attention primitive's output) by ``factor``."""
+    original = TorchBackend.attention_maps
+
+    def planted(self, *args, **kwargs):
+        out, alpha = original(self, *args, **kwargs)
+        out[:, method_index] *= factor
+        return out, alpha
+
+    monkeypatch.setattr(TorchBackend, "attention_maps", planted)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "olmo2", "gpt_neox"])
+def test_a_planted_1e6_error_in_one_map_of_a_float64_model_is_caught(monkeypatch, family):
+    from test_models import token_batch
+
+    from kobattr.api import analyze
+
+    model = _family_model(family)
+    batch = token_batch(family, [7, 5])
+    analyze(model, batch, methods=["attn_w", "attnres_n"], backend="torch")
+    _plant(monkeypatch, 1, 1 + 1e-6)  # attnres_n only
+    with pytest.raises(VerificationError, match=r"layer 0: .*attnres_n .* by (1.00e-06|9.9\de-07) .*float64 is 1e-09"):
+        analyze(model, batch, methods=["attn_w", "attnres_n"], backend="torch")
+
+
+def test_a_planted_error_in_one_map_of_a_float32_model_is_caught(monkeypatch):
+    """float32 maps carry their own rounding of up to ~1e-6 (relative) against the float32 reference, so the float32
+    tolerance (1e-4) is what a planted error must exceed; float64 (above) takes 1e-6."""
+    from test_models import token_batch
+
+    from kobattr.api import analyze
+
+    model = _family_model("gemma2", torch.float32)
+    batch = token_batch("gemma2", [7, 5])
+    res = analyze(model, batch, methods=["attn_w", "attnres_n"], backend="torch")
+    assert 0 < res.spot_check["attnres_n"].max() < 1e-5
+    _plant(monkeypatch, 1, 1 + 2e-4)
+    with pytest.raises(VerificationError, match=r"attnres_n .* by 2.0\de-04 .*float32 is 1e-04"):
+        analyze(model, batch, methods=["attn_w", "attnres_n"], backend="torch")
+
+
+def _with_head_outputs(layer, softmax_dtype):
+    """The layer carrying sum_j alpha^h_ij v_j with alpha's softmax computed in ``softmax_dtype`` (as HF's eager
+    attention: softmax(scores, dtype=torch.float32) inside a float64 model)."""
+    import dataclasses
+
+    from kobattr.backends.torch_backend import block_scores
+    from kobattr.core import attention_of
+
+    scores, _ = block_scores(attention_of(layer), torch.arange(layer.seq_len), layer.q.dtype)
+    alpha = torch.softmax(scores, -1, dtype=softmax_dtype).to(layer.q.dtype).nan_to_num(0.0)
+    v = layer.v.repeat_interleave(layer.n_heads // layer.n_kv_heads, 1)
+    return dataclasses.replace(layer, head_outputs=alpha @ v)
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama", "gemma2", "olmo2", "pythia"])
+def test_the_head_outputs_are_held_to_the_precision_of_the_models_softmax(kind):
+    import dataclasses
+
+    from kobattr.verify import head_output_check
+
+    layer = random_layer(kind, N=9, pad=2)
+    rows = torch.arange(7)
+    for softmax_dtype in (torch.float64, torch.float32):
+        given = _with_head_outputs(layer, softmax_dtype)
+        err, detected = head_output_check(given.select(0), rows)
+        assert detected == softmax_dtype and (err < 1e-14 if softmax_dtype == torch.float64 else 1e-9 < err < 1e-6)
+        attribute(given, methods="all", heads=True, backend="torch", verify=9)  # every real row sampled
+        # a 1e-5 error on one head output row: explained by no softmax precision, so held to float64's tolerance
+        wrong = given.head_outputs.clone()
+        wrong[0, 1, 3] *= 1 + 1e-5
+        with pytest.raises(VerificationError, match=r"recorded head outputs .* by \d.\d\de-0[56] .*float64"):
+            attribute(dataclasses.replace(given, head_outputs=wrong), methods=["attn_w"], backend="torch", verify=9)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "gemma2", "olmo2", "pythia"])
+def test_the_reference_computed_the_models_way_equals_the_implementation(kind):
+    """With head outputs from a float32 softmax, the implementation's maps (every method, FF scopes included) equal the
+    reference given the same attention output to float64 accuracy, and differ from the plain reference by ~1e-8
+    (where a norm reads y = x + Attn: not in a parallel layer, whose maps never read the whole attention output)."""
+    from kobattr.methods import check_methods
+    from kobattr.reference import materialise
+
+    layer = _with_head_outputs(random_layer(kind, N=8, pad=2), torch.float32)
+    res = attribute(layer, methods="all", backend="torch", verify=0)
+    methods = check_methods("all", layer.structure)
+    model_way = torch.einsum("bhnd,hde->bne", layer.head_outputs, layer.w_o)
+    ref = materialise(layer, methods, "exact", 20, None, attention_output=model_way)
+    plain = materialise(layer, methods, "exact", 20, None)
+    for m in methods:
+        assert row_errors(res.maps[m], ref["maps"][m]).max() < 1e-13, m
+    differ = max(row_errors(res.maps[m], plain["maps"][m]).max() for m in methods)
+    assert differ < 1e-13 if layer.structure == "parallel" else differ > 1e-9
