@@ -70,27 +70,26 @@ def sample_rows(candidates: Tensor, valid: Tensor, k: int, seed: int) -> Tensor:
     return pool[torch.randperm(pool.numel(), generator=g)[:k]].sort().values
 
 
-def head_output_check(layer, rows: Tensor) -> tuple[float, torch.dtype]:
-    """(error of the recorded head outputs of ``rows`` vs their recomputation sum_j alpha^h_ij v_j in the layer's
-    dtype, the dtype the model's softmax ran in) for a layer of batch size 1 with head_outputs (module docstring)."""
+def head_output_check(layer, rows: Tensor, model_dtype: torch.dtype) -> tuple[float, torch.dtype]:
+    """(error of the recorded head outputs of ``rows`` vs their recomputation sum_j alpha^h_ij v_j in the dtype of
+    ``layer``, the dtype the model's softmax ran in) for a layer of batch size 1 with head_outputs, cast to its
+    reference dtype from ``model_dtype`` (module docstring)."""
     from .core import attention_of
 
     dtype = layer.q.dtype
-    B, H, N, Dh = layer.q.shape
-    group = H // layer.n_kv_heads
     scores, _ = block_scores(attention_of(layer), rows, dtype)
-    v = layer.v.repeat_interleave(group, 1)
+    v = layer.v.repeat_interleave(layer.n_heads // layer.n_kv_heads, 1)
     recorded = layer.head_outputs[:, :, rows].to(dtype)
 
     def error(alpha):
         return row_errors(recorded, alpha.nan_to_num(0.0).to(dtype) @ v).max().item()
 
     err = error(torch.softmax(scores, -1))
-    if dtype != torch.float64 or err <= TOLERANCES["float64"]:
-        return err, dtype
+    if model_dtype != torch.float64 or err <= TOLERANCES["float64"]:
+        return err, model_dtype
     if error(torch.softmax(scores, -1, dtype=torch.float32)) <= FLOAT32_SOFTMAX:
         return err, torch.float32
-    return err, dtype
+    return err, model_dtype
 
 
 def spot_check(layer, result, impls: dict, rerun, k: int, seed: int, contract, normalize_rows: bool,
@@ -121,7 +120,7 @@ def spot_check(layer, result, impls: dict, rerun, k: int, seed: int, contract, n
         one = layer.select(b).to(reference_dtype)
         attention_output = None
         if one.head_outputs is not None:
-            err, softmax_dtype = head_output_check(one, rows)
+            err, softmax_dtype = head_output_check(one, rows, layer.q.dtype)
             tol = tolerance(softmax_dtype)
             if not err <= tol:
                 raise VerificationError(

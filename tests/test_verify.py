@@ -131,6 +131,34 @@ def test_float64_eager_models_pass_the_default_spot_check(family, changes):
         assert err.max() < 1e-13, m  # float64 agreement, not a loosened tolerance
 
 
+@pytest.mark.parametrize("family", ["bart", "marian", "m2m_100", "mbart"])
+def test_float64_eager_translation_models_pass_the_default_spot_check(family):
+    """The decoder layers (self-attention, now with attnres_w and, pre-LN, attnresln_n; cross maps) and the encoder."""
+    from test_seq2seq import pair_batch, tiny_seq2seq
+
+    from kobattr.api import analyze
+
+    model = tiny_seq2seq(family, attn_implementation="eager").double()
+    res = analyze(model, pair_batch(), methods="all", heads=True, backend="torch")
+    assert {"attnres_w", "attnresln_n"} <= set(res.spot_check)
+    for part in (res, res.encoder):
+        for m, err in part.spot_check.items():
+            assert err.max() < 1e-13, m
+
+
+@pytest.mark.parametrize("family", ["llama", "roberta"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_models_hold_their_head_outputs_to_their_own_dtype(family, dtype):
+    """The layer is computed and checked in float32, but its recorded head outputs carry the model's bfloat16 /
+    float16 rounding (~1e-3), which only that dtype's tolerance accepts."""
+    from test_models import token_batch
+
+    from kobattr.api import analyze
+
+    res = analyze(_family_model(family, dtype), token_batch(family, [7, 5]), methods="all", backend="torch")
+    assert max(e.max() for e in res.spot_check.values()) < 1e-5
+
+
 def _plant(monkeypatch, method_index, factor):
     """Scale one map (the method_index-th of the torch attention primitive's output) by ``factor``."""
     original = TorchBackend.attention_maps
@@ -197,7 +225,7 @@ def test_the_head_outputs_are_held_to_the_precision_of_the_models_softmax(kind):
     rows = torch.arange(7)
     for softmax_dtype in (torch.float64, torch.float32):
         given = _with_head_outputs(layer, softmax_dtype)
-        err, detected = head_output_check(given.select(0), rows)
+        err, detected = head_output_check(given.select(0), rows, torch.float64)
         assert detected == softmax_dtype and (err < 1e-14 if softmax_dtype == torch.float64 else 1e-9 < err < 1e-6)
         attribute(given, methods="all", heads=True, backend="torch", verify=9)  # every real row sampled
         # a 1e-5 error on one head output row: explained by no softmax precision, so held to float64's tolerance
