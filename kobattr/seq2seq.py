@@ -235,15 +235,18 @@ class CrossAttention(AttentionShapes):
                        source_valid=pick(self.source_valid), target_valid=pick(self.target_valid),
                        head_outputs=pick(self.head_outputs))
 
-    def alpha(self, rows: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
-        """(B, H, R, S) the attention weights of the target rows ``rows`` (None: all), 0 where invisible."""
+    def scores(self, rows: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """(B, H, R, S) the attention logits of the target rows ``rows`` (None: all), -inf where invisible."""
         dtype = dtype or self.q.dtype
         q = self.q if rows is None else self.q[:, :, rows.to(self.q.device)]
         B, H, R, Dh = q.shape
         KV = self.n_kv_heads
         scores = (q.to(dtype).reshape(B, KV, H // KV * R, Dh) @ self.k.to(dtype).transpose(-1, -2)).view(B, H, R, -1)
-        scores = (scores * self.softmax_scale).masked_fill(~self.visible(rows)[:, None], float("-inf"))
-        return torch.softmax(scores, -1).nan_to_num(0.0)
+        return (scores * self.softmax_scale).masked_fill(~self.visible(rows)[:, None], float("-inf"))
+
+    def alpha(self, rows: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """(B, H, R, S) the attention weights of the target rows ``rows`` (None: all), 0 where invisible."""
+        return torch.softmax(self.scores(rows, dtype), -1).nan_to_num(0.0)
 
     def value_vectors(self, keys: slice = slice(None), dtype: Optional[torch.dtype] = None) -> Tensor:
         """f_c^h(e_j) = v_j W_O^h for the source positions ``keys``: (B, C, H, D)."""
@@ -534,8 +537,9 @@ def attribute_cross(cross: CrossAttention, methods=None, heads: bool = False, ta
 
 def _spot_check(cross: CrossAttention, result: CrossAttribution, k: int, seed: int) -> dict:
     """{method: (B,) error} of ``k`` sampled real target rows per batch element against cross_reference (float64 for
-    float64 blocks, float32 otherwise); VerificationError above the dtype's tolerance (kobattr.verify)."""
-    from .verify import VerificationError, row_errors, sample_rows, tolerance
+    float64 blocks, float32 otherwise; computed with the model's attention output where the block has it, which is
+    checked itself as kobattr.verify checks a layer's); VerificationError above the dtype's tolerance."""
+    from .verify import VerificationError, row_errors, sample_rows, tolerance, verify_head_outputs
 
     B, T = cross.batch, cross.target_len
     reference_dtype = torch.float64 if cross.q.dtype == torch.float64 else torch.float32
@@ -545,7 +549,13 @@ def _spot_check(cross: CrossAttention, result: CrossAttribution, k: int, seed: i
     for b in range(B):
         rows = everything[sample_rows(everything, cross.targets[b], k, seed * 1_000_003 + b).to(cross.q.device)]
         samples.append(rows)
-        ref = cross_reference(cross.select(b), result.methods, dtype=reference_dtype, rows=rows)
+        one = cross.select(b).to(reference_dtype)
+        attention_output = None
+        if one.head_outputs is not None:
+            verify_head_outputs(one.head_outputs[:, :, rows], one.scores(rows), one.v, cross.q.dtype,
+                                f"batch element {b}, sampled target rows {rows.tolist()} of the cross-attention")
+            attention_output = torch.einsum("bhrd,hde->bre", one.head_outputs[:, :, rows], one.w_o)
+        ref = cross_reference(one, result.methods, dtype=reference_dtype, rows=rows, attention_output=attention_output)
         for m in result.methods:
             err = row_errors(result.maps[m][b, rows], ref["maps"][m][0].to(cross.q.device)).max()
             if m in result.head_maps:
@@ -563,8 +573,10 @@ def _spot_check(cross: CrossAttention, result: CrossAttribution, k: int, seed: i
 
 
 def cross_reference(cross: CrossAttention, methods=None, dtype: torch.dtype = torch.float64,
-                    rows: Optional[Tensor] = None) -> dict:
+                    rows: Optional[Tensor] = None, attention_output: Optional[Tensor] = None) -> dict:
     """The cross maps, materialised: builds the (B, R, S, D) pair vectors c_ij explicitly (small inputs only).
+    ``attention_output`` (B, R, D): sum_h o^h_i W_O^h of the rows from the model's own head outputs (b_Oc excluded),
+    which y_i (g's statistic) then reads instead of sum_j c_ij, as attribute_cross does (its spot checks).
 
     Returns a dict (R = T without ``rows``):
       maps[m]       (B, R, S) or (B, R, S + 1) (0 where j is padding or i is)
@@ -588,7 +600,7 @@ def cross_reference(cross: CrossAttention, methods=None, dtype: torch.dtype = to
     c = torch.einsum("bhrs,bshd->brsd", alpha, f)  # c_ij = sum_h alpha^h_ij f_c^h(e_j)
     p = L.p[:, rows]
     b_o = L.out_bias
-    y = p + c.sum(2) + b_o
+    y = p + (c.sum(2) if attention_output is None else attention_output) + b_o
     g = L.norm
     inv_s = g.inv_std(y)[..., None]  # the statistic of the whole real input y_i
     gc = g.split(c) * inv_s[..., None]

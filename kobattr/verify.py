@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backends.torch_backend import block_scores
+from .layer import cap_logits
 from .methods import form, row_normalize
 from .reference import materialise
 
@@ -70,19 +70,18 @@ def sample_rows(candidates: Tensor, valid: Tensor, k: int, seed: int) -> Tensor:
     return pool[torch.randperm(pool.numel(), generator=g)[:k]].sort().values
 
 
-def head_output_check(layer, rows: Tensor, model_dtype: torch.dtype) -> tuple[float, torch.dtype]:
-    """(error of the recorded head outputs of ``rows`` vs their recomputation sum_j alpha^h_ij v_j in the dtype of
-    ``layer``, the dtype the model's softmax ran in) for a layer of batch size 1 with head_outputs, cast to its
-    reference dtype from ``model_dtype`` (module docstring)."""
-    from .core import attention_of
-
-    dtype = layer.q.dtype
-    scores, _ = block_scores(attention_of(layer), rows, dtype)
-    v = layer.v.repeat_interleave(layer.n_heads // layer.n_kv_heads, 1)
-    recorded = layer.head_outputs[:, :, rows].to(dtype)
+def head_output_check(recorded: Tensor, scores: Tensor, v: Tensor, model_dtype: torch.dtype) -> tuple[float, torch.dtype]:
+    """(error of recorded head outputs (B, H, R, Dh) vs their recomputation sum_j alpha^h_ij v_j from the logits
+    ``scores`` (B, H, R, N; -inf where invisible) and ``v`` (B, KV, N, Dh), in the dtype of ``scores``, the dtype
+    the model's softmax ran in) for a block of a ``model_dtype`` model (module docstring)."""
+    dtype = scores.dtype
+    B, H, R, _ = scores.shape
+    KV = v.shape[1]
+    recorded, v = recorded.to(dtype), v.to(dtype)
 
     def error(alpha):
-        return row_errors(recorded, alpha.nan_to_num(0.0).to(dtype) @ v).max().item()
+        heads = (alpha.nan_to_num(0.0).to(dtype).reshape(B, KV, H // KV * R, -1) @ v).view(B, H, R, -1)
+        return row_errors(recorded, heads).max().item()
 
     err = error(torch.softmax(scores, -1))
     if model_dtype != torch.float64 or err <= TOLERANCES["float64"]:
@@ -90,6 +89,18 @@ def head_output_check(layer, rows: Tensor, model_dtype: torch.dtype) -> tuple[fl
     if error(torch.softmax(scores, -1, dtype=torch.float32)) <= FLOAT32_SOFTMAX:
         return err, torch.float32
     return err, model_dtype
+
+
+def verify_head_outputs(recorded: Tensor, scores: Tensor, v: Tensor, model_dtype: torch.dtype, where: str) -> None:
+    """VerificationError when head_output_check's error exceeds the tolerance of the precision it detects; ``where``
+    names the batch element and rows."""
+    err, softmax_dtype = head_output_check(recorded, scores, v, model_dtype)
+    tol = tolerance(softmax_dtype)
+    if not err <= tol:
+        raise VerificationError(
+            f"spot check failed: the model's recorded head outputs differ from their recomputation from q, k and v by "
+            f"{err:.2e} (relative) on {where}; the tolerance for {str(softmax_dtype).replace('torch.', '')} (the "
+            f"precision the model's softmax ran in) is {tol:.0e}.")
 
 
 def spot_check(layer, result, impls: dict, rerun, k: int, seed: int, contract, normalize_rows: bool,
@@ -120,14 +131,11 @@ def spot_check(layer, result, impls: dict, rerun, k: int, seed: int, contract, n
         one = layer.select(b).to(reference_dtype)
         attention_output = None
         if one.head_outputs is not None:
-            err, softmax_dtype = head_output_check(one, rows, layer.q.dtype)
-            tol = tolerance(softmax_dtype)
-            if not err <= tol:
-                raise VerificationError(
-                    f"spot check failed: the model's recorded head outputs (Layer.head_outputs) differ from their "
-                    f"recomputation from q, k and v by {err:.2e} (relative) on batch element {b}, sampled rows "
-                    f"{rows.tolist()}; the tolerance for {str(softmax_dtype).replace('torch.', '')} (the precision the "
-                    f"model's softmax ran in) is {tol:.0e}.")
+            k = one.k.repeat_interleave(one.n_heads // one.n_kv_heads, 1)
+            scores = cap_logits(one.q[:, :, rows] @ k.transpose(-1, -2) * one.softmax_scale, one.softcap)
+            scores = scores.masked_fill(~one.visible(rows)[:, None], float("-inf"))
+            verify_head_outputs(one.head_outputs[:, :, rows], scores, one.v, layer.q.dtype,
+                                f"batch element {b}, sampled rows {rows.tolist()}")
             attention_output = torch.einsum("bhrd,hde->bre", one.head_outputs[:, :, rows], one.w_o)
         ref = materialise(one, result.methods, ig, ig_steps, rows, with_heads=bool(result.head_maps),
                           attention_output=attention_output)

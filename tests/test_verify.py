@@ -219,13 +219,18 @@ def _with_head_outputs(layer, softmax_dtype):
 def test_the_head_outputs_are_held_to_the_precision_of_the_models_softmax(kind):
     import dataclasses
 
+    from kobattr.layer import cap_logits
     from kobattr.verify import head_output_check
 
     layer = random_layer(kind, N=9, pad=2)
     rows = torch.arange(7)
     for softmax_dtype in (torch.float64, torch.float32):
         given = _with_head_outputs(layer, softmax_dtype)
-        err, detected = head_output_check(given.select(0), rows, torch.float64)
+        one = given.select(0)
+        k = one.k.repeat_interleave(one.n_heads // one.n_kv_heads, 1)
+        scores = cap_logits(one.q[:, :, rows] @ k.transpose(-1, -2) * one.softmax_scale, one.softcap)
+        scores = scores.masked_fill(~one.visible(rows)[:, None], float("-inf"))
+        err, detected = head_output_check(one.head_outputs[:, :, rows], scores, one.v, torch.float64)
         assert detected == softmax_dtype and (err < 1e-14 if softmax_dtype == torch.float64 else 1e-9 < err < 1e-6)
         attribute(given, methods="all", heads=True, backend="torch", verify=9)  # every real row sampled
         # a 1e-5 error on one head output row: explained by no softmax precision, so held to float64's tolerance
@@ -253,3 +258,24 @@ def test_the_reference_computed_the_models_way_equals_the_implementation(kind):
         assert row_errors(res.maps[m], ref["maps"][m]).max() < 1e-13, m
     differ = max(row_errors(res.maps[m], plain["maps"][m]).max() for m in methods)
     assert differ < 1e-13 if layer.structure == "parallel" else differ > 1e-9
+
+
+def test_the_cross_attention_check_follows_the_models_softmax_precision():
+    """The cross maps of a float64 block whose head outputs come from a float32 softmax pass the default check at
+    float64 accuracy; head outputs no softmax precision explains are caught."""
+    import dataclasses
+
+    from test_seq2seq import decoder_layers, pair_batch, tiny_seq2seq
+
+    from kobattr.seq2seq import attribute_cross
+
+    cross = decoder_layers(tiny_seq2seq("m2m_100").double(), pair_batch(), layers=[1])[1].cross
+    v = cross.v.repeat_interleave(cross.n_heads // cross.n_kv_heads, 1)
+    alpha = torch.softmax(cross.scores(), -1, dtype=torch.float32).double().nan_to_num(0.0)
+    given = dataclasses.replace(cross, head_outputs=torch.where(cross.targets[:, None, :, None], alpha @ v, 0.0))
+    res = attribute_cross(given, verify=7)
+    assert max(e.max() for e in res.spot_check.values()) < 1e-13
+    wrong = given.head_outputs.clone()
+    wrong[0, 2, 3] *= 1 + 1e-5
+    with pytest.raises(VerificationError, match=r"recorded head outputs .* of the cross-attention; .*float64"):
+        attribute_cross(dataclasses.replace(given, head_outputs=wrong), verify=7)
