@@ -28,6 +28,7 @@ from .core import as_indices, attribute
 from .layer import LayerInputError
 from .methods import check_methods
 from .models import capture, get_adapter
+from .peers import apply_rollouts, check_rollout
 from .result import WHOLE_DECODER_LAYER, Attribution, Seq2SeqAttribution
 from .verify import VerificationError
 
@@ -139,6 +140,7 @@ def analyze(model, inputs, tokenizer=None, methods=None, layers: Optional[Sequen
     modules = adapter.layer_modules(model)
     n_layers = len(modules)
     wanted = _wanted_layers(layers, n_layers)
+    check_rollout(methods, structure, wanted, rows, contract)
     batch = _tokenize(inputs, tokenizer, max_length)
     input_ids = batch["input_ids"]
     limit = adapter.max_tokens(model.config)
@@ -176,7 +178,9 @@ def analyze(model, inputs, tokenizer=None, methods=None, layers: Optional[Sequen
             h.remove()
         if bar is not None:
             bar.close()
-    return _collect(per_layer, methods, batch, mask, tokenizer, adapter, model)
+    result = _collect(per_layer, methods, batch, mask, tokenizer, adapter, model)
+    apply_rollouts(result)  # the peers' *_rollout methods through the analysed layers
+    return result
 
 
 def _collect(per_layer, methods, batch, mask, tokenizer, adapter, model) -> Attribution:

@@ -22,6 +22,7 @@ from .ig import ffn_coefficients
 from .layer import NORM_FIELDS, Layer, LayerInputError, all_finite, cap_logits
 from .methods import (REGISTRY, STRUCTURES, check_methods, contextualization_change, ff_amp, ff_methods, form,
                       row_normalize, vector_ratio)
+from .peers import PeerImplementation, peer_result
 
 
 @dataclass
@@ -464,9 +465,13 @@ def _check_contract(contract, batch: int, n: int, device) -> Optional[Tensor]:
     return contract
 
 
-def _compute_maps(prep: _Prepared, impls: dict, attn_methods, rows, contract, normalize_rows, want_alpha):
-    """{method: (B, R or K, N)} of the attention-side and FF methods, and alpha (B, H, R, N) if wanted."""
+def _compute_maps(prep: _Prepared, impls: dict, attn_methods, rows, contract, normalize_rows, want_alpha, peer=()):
+    """{method: (B, R or K, N)} of the attention-side, FF and ``peer`` methods, and alpha (B, H, R, N) if wanted."""
     maps, alpha = {}, None
+    if peer:  # the peers' measures (kobattr/peers.py); their bias norms and completeness land in prep.peer_checks
+        from .peers import output_maps
+
+        maps.update(output_maps(prep, peer, rows, contract, normalize_rows))
     if attn_methods or want_alpha:
         grams, scales = prep.grams(attn_methods or ["attn_w"])
         out, alpha = impls["attention_maps"].attention_maps(prep.attn, grams, scales, rows=rows, weights=contract,
@@ -544,9 +549,12 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
 
     # attention-side maps (an FF run with full maps also computes every scope, for the component analysis)
     scope_methods = STRUCTURES[structure].scopes if need_ff and full else ()
-    attn_methods = [m for m in dict.fromkeys(methods + scope_methods) if form(m, structure).kind != "ff"]
+    attn_methods = [m for m in dict.fromkeys(methods + scope_methods) if form(m, structure).kind not in ("ff", "peer")]
+    peer = [m for m in methods if form(m, structure).kind == "peer"]
+    if peer:
+        impls = {**impls, "peers": PeerImplementation()}
     want_alpha = heads and any(REGISTRY[m].heads for m in methods)
-    maps, alpha = _compute_maps(prep, impls, attn_methods, rows, contract, normalize_rows, want_alpha)
+    maps, alpha = _compute_maps(prep, impls, attn_methods, rows, contract, normalize_rows, want_alpha, peer)
 
     valid = layer.valid
     nan_pad = torch.where(valid, 0.0, float("nan")).to(prep.dtype)
@@ -583,6 +591,9 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
             share = 0.5 if f.residual else 1.0
             result.ratios[m] = share * (1 - mean_self) + nan_pad
             continue
+        if f.kind == "peer":
+            peer_result(prep, result, m, nan_pad)
+            continue
         total, diag, bias, real = prep.vectors[m]
         result.ratios[m] = vector_ratio(total - diag, diag) + nan_pad
         result.bias_norms[m] = bias.norm(dim=-1) * valid
@@ -592,8 +603,8 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
         from .verify import spot_check
 
         def rerun(sub_rows, sub_contract):
-            sub_maps, _ = _compute_maps(prep, impls, [m for m in methods if form(m, structure).kind != "ff"],
-                                        sub_rows, sub_contract, normalize_rows, False)
+            sub_maps, _ = _compute_maps(prep, impls, [m for m in methods if form(m, structure).kind not in ("ff", "peer")],
+                                        sub_rows, sub_contract, normalize_rows, False, peer)
             return sub_maps
 
         result.spot_check = spot_check(layer, result, impls, rerun, k=verify, seed=verify_seed, contract=contract,

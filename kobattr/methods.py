@@ -12,6 +12,8 @@ A method takes a *form* in each block structure it applies to (kobattr.layer.STR
   ff       scope ``ff_scope`` of the feed-forward primitive: 0 ||FF_ij||, 1 ||res_ij + FF_ij||,
            2 ||g(res_ij + FF_ij)|| with g the norm after the FFN residual; FF_ij is split by the norm
            after the FFN (ffn_out_norm) where the layer has one
+  peer     a peers' measure (ALTI, GlobEnc, Value Zeroing; spec section 10, kobattr/peers.py) of the vector
+           form (residual in, ``target``, ``norm``) whose pairs it compares; ``rollout``: rolled out by analyze()
 ``target`` names the real hidden state (a key of Layer.forward) that the parts plus the bias sum to.
 """
 
@@ -31,8 +33,8 @@ PAPERS = {
     "kobayashi2024": "Kobayashi et al. 2024, Analyzing Feed-Forward Blocks in Transformers through the Lens of "
                      "Attention Maps",
 }
-KINDS = ("weights", "vector", "ff")
-PRIMITIVES = ("attention_maps", "ff_maps")
+KINDS = ("weights", "vector", "ff", "peer")
+PRIMITIVES = ("attention_maps", "ff_maps")  # the peers' measures run in kobattr/peers.py, not through a backend
 
 
 @dataclass(frozen=True)
@@ -44,10 +46,12 @@ class Form:
     target: Optional[str] = None  # the real hidden state parts + bias sum to (vector and ff forms)
     norm: Optional[str] = None  # vector forms: the Layer norm split after the residual ("ln1", "ln2"; it reads y)
     ff_scope: Optional[int] = None  # ff forms: index into the ff_maps output
+    measure: Optional[str] = None  # peer forms: the peers' measure (kobattr/peers.py)
+    rollout: bool = False  # peer forms: rolled out through the analysed layers (analyze)
 
     @property
     def primitive(self) -> str:
-        return "ff_maps" if self.kind == "ff" else "attention_maps"
+        return {"ff": "ff_maps", "peer": "peers"}.get(self.kind, "attention_maps")
 
 
 @dataclass(frozen=True)
@@ -243,3 +247,38 @@ def ff_amp(atb: Tensor, atbff: Tensor, visible: Tensor, k: int = 10,
         values, flat = a.flatten().topk(min(k, n_kept))
         result.append([(int(f) // a.shape[1], int(f) % a.shape[1], float(v)) for v, f in zip(values, flat)])
     return result
+
+
+# ------------------------------------------------------------------------------- the peers' measures (spec section 10)
+PAPERS.update({
+    "ferrando2022": "Ferrando et al. 2022, Measuring the Mixing of Contextual Information in the Transformer",
+    "modarressi2022": "Modarressi et al. 2022, GlobEnc: Quantifying Global Token Attribution by Incorporating the Whole "
+                      "Encoder Layer in Transformers",
+    "mohebbi2023": "Mohebbi et al. 2023, Quantifying Context Mixing in Transformers",
+})
+
+
+def _peer(measure, rollout=False):
+    """ALTI / Value Zeroing forms: post-LN decomposes the LN1 output, the other structures the whole stream
+    x_i + a_i after attention (the norm there feeds only the next sub-layer)."""
+    def make(s):
+        return (Form("peer", True, "mid", "ln1", measure=measure, rollout=rollout) if s == "post" else
+                Form("peer", True, "y", measure=measure, rollout=rollout))
+    return _each(ALL, make)
+
+
+_PEER_REGISTRY = [
+    MethodSpec("alti", "ALTI", "ferrando2022", _peer("alti")),
+    MethodSpec("alti_rollout", "ALTI rollout", "ferrando2022", _peer("alti", True)),
+    MethodSpec("alti_l2", "ALTI-L2", "ferrando2022", _peer("alti_l2")),
+    MethodSpec("alti_l2_rollout", "ALTI-L2 rollout", "ferrando2022", _peer("alti_l2", True)),
+    # GlobEnc carries the ATTNRES-LN parts through LN2: a post-LN (BERT) measure
+    MethodSpec("globenc", "GlobEnc", "modarressi2022", {"post": Form("peer", True, measure="globenc")}),
+    MethodSpec("globenc_rollout", "GlobEnc rollout", "modarressi2022",
+               {"post": Form("peer", True, measure="globenc", rollout=True)}),
+    MethodSpec("value_zeroing", "Value Zeroing", "mohebbi2023",
+               _each(ALL, lambda s: Form("peer", True, "out", measure="value_zeroing"))),
+    MethodSpec("value_zeroing_rollout", "Value Zeroing rollout", "mohebbi2023",
+               _each(ALL, lambda s: Form("peer", True, "out", measure="value_zeroing", rollout=True))),
+]
+REGISTRY.update({spec.name: spec for spec in _PEER_REGISTRY})

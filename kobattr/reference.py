@@ -15,7 +15,8 @@ from torch import Tensor
 
 from .ig import ffn_coefficients
 from .layer import Layer, LayerInputError, cap_logits
-from .methods import STRUCTURES, check_methods, contextualization_change, ff_amp, ff_methods, form, vector_ratio
+from .methods import (STRUCTURES, Form, check_methods, contextualization_change, ff_amp, ff_methods, form, row_normalize,
+                      vector_ratio)
 
 MAX_PAIR_ELEMENTS = 1 << 31  # the (B, R, N, D) tensors above this would not fit a normal machine
 
@@ -172,6 +173,12 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
     nan_pad = torch.where(valid[:, rows], 0.0, float("nan")).to(dtype)
     for m in methods:
         spec_form = form(m, structure)
+        if spec_form.kind == "peer":  # the peers' measures (spec section 10)
+            out["maps"][m] = peer_map(L, spec_form, vector_form, a, y, x_rows, vis)
+            total = out["maps"][m].sum(-1)
+            share = 1 - out["maps"][m][diagonal] / torch.where(total > 0, total, torch.ones_like(total))
+            out["ratios"][m] = torch.where(total > 0, share, torch.zeros_like(share)) + nan_pad
+            continue
         if spec_form.kind == "weights":
             share = 0.5 if spec_form.residual else 1.0  # ATTNRES-W: 0.5 mean_h A + 0.5 I
             out["maps"][m] = share * alpha.mean(1) + (1 - share) * eye
@@ -194,3 +201,32 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
                                  for c, (before, after) in struct.components.items()}
         out["ff_amp"] = ff_amp(scope_maps[struct.ff_amp[0]], scope_maps[struct.ff_amp[1]], vis)
     return out
+
+
+def peer_map(L: Layer, spec_form: Form, vector_form, a: Tensor, y: Tensor, x_rows: Tensor, vis: Tensor) -> Tensor:
+    """(B, R, N) a peers' measure (spec section 10), materialised: ``vector_form`` gives a vector form's pair vectors
+    (B, R, N, D), ``a`` holds sum_h alpha^h_ij f^h(x_j) (B, R, N, D), ``y`` the stream x_i + attention (B, R, D)."""
+    measure = spec_form.measure
+    if measure in ("alti", "alti_l2"):
+        T, _ = vector_form(Form("vector", True, spec_form.target, spec_form.norm))  # T_i(x_j)
+        out = y if spec_form.norm is None else getattr(L, spec_form.norm)(y)  # the real block output y_i
+        p = 2 if measure == "alti_l2" else 1
+        distance = (out[:, :, None] - T).double().norm(p=p, dim=-1)
+        contribution = (out.double().norm(p=p, dim=-1)[..., None] - distance).clamp_min(0) * vis
+        return row_normalize(contribution).to(y.dtype)
+    if measure == "globenc":
+        part, _ = vector_form(Form("vector", True, "mid", "ln1"))  # the ATTNRES-LN part, no bias
+        mid = L.ln1(y)
+        inv_s2 = L.ln2.inv_std(mid + L.ffn(mid))  # LN2's real input: the FFN output included
+        return (L.ln2.split(part) * inv_s2[..., None, None]).norm(dim=-1) * vis
+    if measure == "value_zeroing":
+        from dataclasses import replace
+
+        rest = replace(L, x=x_rows)
+        full = a.sum(2) + L.out_bias  # row i's attention output
+        real = rest.stream(full)["out"]
+        distance = torch.stack([1 - torch.nn.functional.cosine_similarity(rest.stream(full - a[:, :, j])["out"].double(),
+                                                                          real.double(), dim=-1)
+                                for j in range(a.shape[2])], -1)  # one zeroed key j at a time
+        return row_normalize(distance * vis).to(y.dtype)
+    raise ValueError(f"no reference for the peers' measure {measure!r}.")
