@@ -22,7 +22,7 @@ from .ig import ffn_coefficients
 from .layer import NORM_FIELDS, Layer, LayerInputError, all_finite, cap_logits
 from .methods import (REGISTRY, STRUCTURES, check_methods, contextualization_change, ff_amp, ff_methods, form,
                       row_normalize, vector_ratio)
-from .peers import PeerImplementation, peer_result
+from .peers import PeerImplementation, output_maps, peer_result
 
 
 @dataclass
@@ -468,16 +468,14 @@ def _check_contract(contract, batch: int, n: int, device) -> Optional[Tensor]:
 def _compute_maps(prep: _Prepared, impls: dict, attn_methods, rows, contract, normalize_rows, want_alpha, peer=()):
     """{method: (B, R or K, N)} of the attention-side, FF and ``peer`` methods, and alpha (B, H, R, N) if wanted."""
     maps, alpha = {}, None
-    if peer:  # the peers' measures (kobattr/peers.py); their bias norms and completeness land in prep.peer_checks
-        from .peers import output_maps
-
-        maps.update(output_maps(prep, peer, rows, contract, normalize_rows))
     if attn_methods or want_alpha:
         grams, scales = prep.grams(attn_methods or ["attn_w"])
         out, alpha = impls["attention_maps"].attention_maps(prep.attn, grams, scales, rows=rows, weights=contract,
                                                             normalize_rows=normalize_rows, want_alpha=want_alpha)
         maps.update({m: out[:, i] for i, m in enumerate(attn_methods)})
     prep.finish()
+    if peer:  # the peers' measures (kobattr/peers.py); their bias norms and completeness land in prep.peer_checks
+        maps.update(output_maps(prep, peer, rows, contract, normalize_rows))
     if prep.ff is not None:
         out = impls["ff_maps"].ff_maps(prep.attn, prep.ff, rows=rows, weights=contract, normalize_rows=normalize_rows)
         maps.update({m: out[:, form(m, prep.structure).ff_scope] for m in prep.ff_scopes})
@@ -551,8 +549,6 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
     scope_methods = STRUCTURES[structure].scopes if need_ff and full else ()
     attn_methods = [m for m in dict.fromkeys(methods + scope_methods) if form(m, structure).kind not in ("ff", "peer")]
     peer = [m for m in methods if form(m, structure).kind == "peer"]
-    if peer:
-        impls = {**impls, "peers": PeerImplementation()}
     want_alpha = heads and any(REGISTRY[m].heads for m in methods)
     maps, alpha = _compute_maps(prep, impls, attn_methods, rows, contract, normalize_rows, want_alpha, peer)
 
@@ -607,7 +603,8 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
                                         sub_rows, sub_contract, normalize_rows, False, peer)
             return sub_maps
 
-        result.spot_check = spot_check(layer, result, impls, rerun, k=verify, seed=verify_seed, contract=contract,
+        checked = {**impls, "peers": PeerImplementation()} if peer else impls  # who computed the peers' measures
+        result.spot_check = spot_check(layer, result, checked, rerun, k=verify, seed=verify_seed, contract=contract,
                                        normalize_rows=normalize_rows, ig=ig, ig_steps=ig_steps, ff_dtype=ff_gemm_dtype)
     return result
 

@@ -273,9 +273,10 @@ _PEER_REGISTRY = [
     MethodSpec("alti_l2", "ALTI-L2", "ferrando2022", _peer("alti_l2")),
     MethodSpec("alti_l2_rollout", "ALTI-L2 rollout", "ferrando2022", _peer("alti_l2", True)),
     # GlobEnc carries the ATTNRES-LN parts through LN2: a post-LN (BERT) measure
-    MethodSpec("globenc", "GlobEnc", "modarressi2022", {"post": Form("peer", True, measure="globenc")}),
+    # GlobEnc's parts (no bias, FFN skipped) sum to no real state; "out" names the layer output whose LN2 it uses
+    MethodSpec("globenc", "GlobEnc", "modarressi2022", {"post": Form("peer", True, "out", measure="globenc")}),
     MethodSpec("globenc_rollout", "GlobEnc rollout", "modarressi2022",
-               {"post": Form("peer", True, measure="globenc", rollout=True)}),
+               {"post": Form("peer", True, "out", measure="globenc", rollout=True)}),
     MethodSpec("value_zeroing", "Value Zeroing", "mohebbi2023",
                _each(ALL, lambda s: Form("peer", True, "out", measure="value_zeroing"))),
     MethodSpec("value_zeroing_rollout", "Value Zeroing rollout", "mohebbi2023",

@@ -55,14 +55,20 @@ def _key_rows(prep, f: Form, keys: slice) -> Tensor:
     return prep.form_rows(f, raw, keys)
 
 
-def _query_blocks(N: int, B: int, H: int, budget: int):
-    size = max(1, min(N, budget // max(1, B * H * N)))
-    for start in range(0, N, size):
-        yield start, min(start + size, N)
+def _block_cap(N: int) -> int:
+    """Rows and keys per tile at most max(N / 8, 32), as the torch backend's blocks: no tile comes near N * N * D."""
+    return max(N // 8, 32)
 
 
-def _key_step(B: int, R: int, D: int, budget: int) -> int:
-    return max(1, budget // max(1, 4 * B * R * D))  # the tile and its few temporaries stay within budget
+def _query_blocks(n_rows: int, N: int, B: int, H: int, budget: int):
+    """Blocks of the requested rows whose alpha rows (B, H, block, N) stay within budget."""
+    size = max(1, min(_block_cap(N), budget // max(1, B * H * N)))
+    for start in range(0, n_rows, size):
+        yield start, min(start + size, n_rows)
+
+
+def _key_step(N: int, B: int, R: int, D: int, budget: int) -> int:
+    return max(1, min(_block_cap(N), budget // max(1, 4 * B * R * D)))  # the tile and its few temporaries stay within budget
 
 
 def peer_maps(prep, methods, rows: Optional[Tensor], budget: int = DEFAULT_BUDGET) -> tuple[dict, dict, dict]:
@@ -152,12 +158,12 @@ def alti_maps(prep, f: Form, rows: Tensor, l2: list, budget: int) -> tuple[list,
     cached = _key_rows(prep, f, slice(0, N)) if cache_rows else None
     outs = [torch.zeros(B, len(rows), N, dtype=prep.dtype, device=L.x.device) for _ in l2]
     parts_sum = torch.zeros(B, len(rows), D, dtype=prep.dtype, device=L.x.device)
-    for r0, r1 in _query_blocks(len(rows), B, H, budget):
+    for r0, r1 in _query_blocks(len(rows), N, B, H, budget):
         q_rows = rows[r0:r1]
         alpha, vis = block_alpha(prep.attn, q_rows, prep.dtype)  # (B, H, R, N)
         y_rows = y[:, q_rows]  # (B, R, D)
         norm_y = [y_rows.double().norm(p=2 if p2 else 1, dim=-1) for p2 in l2]
-        step = _key_step(B, r1 - r0, D, budget)
+        step = _key_step(N, B, r1 - r0, D, budget)
         for c0 in range(0, N, step):
             keys = slice(c0, min(c0 + step, N))
             cols = torch.arange(keys.start, keys.stop, device=L.x.device)
@@ -199,7 +205,7 @@ def globenc_map(prep, rows: Tensor, budget: int) -> Tensor:
         grams[:, keys] = key_rows @ key_rows.transpose(-1, -2)
     out = torch.zeros(B, len(rows), N, dtype=prep.dtype, device=L.x.device)
     cols = torch.arange(N, device=L.x.device)
-    for r0, r1 in _query_blocks(len(rows), B, H, budget):
+    for r0, r1 in _query_blocks(len(rows), N, B, H, budget):
         q_rows = rows[r0:r1]
         alpha, vis = block_alpha(prep.attn, q_rows, prep.dtype)
         kappa = torch.cat([alpha.permute(0, 2, 3, 1), kappa_diag_mask(q_rows, cols, vis).to(prep.dtype)[..., None]], -1)
@@ -245,11 +251,11 @@ def value_zeroing_map(prep, rows: Tensor, budget: int) -> Tensor:
     out = torch.zeros(B, len(rows), N, dtype=prep.dtype, device=L.x.device)
     full = rest_of_block(prep, prep.x[:, rows], attn_total[:, rows])  # (B, R, D)
     width = max(L.ffn.w_in.shape[1], D)
-    for r0, r1 in _query_blocks(len(rows), B, H, budget):
+    for r0, r1 in _query_blocks(len(rows), N, B, H, budget):
         q_rows = rows[r0:r1]
         R = len(q_rows)
         alpha, vis = block_alpha(prep.attn, q_rows, prep.dtype)
-        step = max(1, budget // max(1, 8 * B * R * width))  # the pair rows and the block's temporaries
+        step = max(1, min(_block_cap(N), budget // max(1, 8 * B * R * width)))  # pair rows and the block's temporaries
         for c0 in range(0, N, step):
             keys = slice(c0, min(c0 + step, N))
             C = keys.stop - keys.start

@@ -225,8 +225,11 @@ def peer_map(L: Layer, spec_form: Form, vector_form, a: Tensor, y: Tensor, x_row
         rest = replace(L, x=x_rows)
         full = a.sum(2) + L.out_bias  # row i's attention output
         real = rest.stream(full)["out"]
-        distance = torch.stack([1 - torch.nn.functional.cosine_similarity(rest.stream(full - a[:, :, j])["out"].double(),
-                                                                          real.double(), dim=-1)
-                                for j in range(a.shape[2])], -1)  # one zeroed key j at a time
+        def unit(v):
+            return v.double() / v.double().norm(dim=-1, keepdim=True)
+
+        # 1 - cos(z, o) = ||z / |z| - o / |o|||^2 / 2 (no cancellation for nearly parallel vectors), one zeroed key at a time
+        distance = torch.stack([(unit(rest.stream(full - a[:, :, j])["out"]) - unit(real)).pow(2).sum(-1) / 2
+                                for j in range(a.shape[2])], -1)
         return row_normalize(distance * vis).to(y.dtype)
     raise ValueError(f"no reference for the peers' measure {measure!r}.")
