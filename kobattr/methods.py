@@ -273,13 +273,13 @@ _PEER_REGISTRY = [
     MethodSpec("alti_l2", "ALTI-L2", "ferrando2022", _peer("alti_l2")),
     MethodSpec("alti_l2_rollout", "ALTI-L2 rollout", "ferrando2022", _peer("alti_l2", True)),
     # GlobEnc carries the ATTNRES-LN parts through LN2: a post-LN (BERT) measure
-    # GlobEnc's parts (no bias, FFN skipped) sum to no real state; "out" names the layer output whose LN2 it uses
-    MethodSpec("globenc", "GlobEnc", "modarressi2022", {"post": Form("peer", True, "out", measure="globenc")}),
+    # GlobEnc's parts (no bias, FFN skipped) and Value Zeroing's distances sum to no hidden state: no target
+    MethodSpec("globenc", "GlobEnc", "modarressi2022", {"post": Form("peer", True, measure="globenc")}),
     MethodSpec("globenc_rollout", "GlobEnc rollout", "modarressi2022",
-               {"post": Form("peer", True, "out", measure="globenc", rollout=True)}),
+               {"post": Form("peer", True, measure="globenc", rollout=True)}),
     MethodSpec("value_zeroing", "Value Zeroing", "mohebbi2023",
-               _each(ALL, lambda s: Form("peer", True, "out", measure="value_zeroing"))),
+               _each(ALL, lambda s: Form("peer", True, measure="value_zeroing"))),
     MethodSpec("value_zeroing_rollout", "Value Zeroing rollout", "mohebbi2023",
-               _each(ALL, lambda s: Form("peer", True, "out", measure="value_zeroing", rollout=True))),
+               _each(ALL, lambda s: Form("peer", True, measure="value_zeroing", rollout=True))),
 ]
 REGISTRY.update({spec.name: spec for spec in _PEER_REGISTRY})

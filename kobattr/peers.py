@@ -72,7 +72,7 @@ def _key_step(N: int, B: int, R: int, D: int, budget: int) -> int:
 
 
 def peer_maps(prep, methods, rows: Optional[Tensor], budget: int = DEFAULT_BUDGET) -> tuple[dict, dict, dict]:
-    """({method: (B, R, N) map}, {method: (B, R) bias norm}, {method: (B, R) completeness error}) of the peer
+    """({method: (B, R, N) map}, {method: (B, N) bias norm}, {method: (B, R) completeness error}) of the peer
     methods for the query rows ``rows`` (None: all)."""
     structure = prep.structure
     N = prep.layer.seq_len
@@ -104,10 +104,17 @@ def output_maps(prep, methods, rows: Optional[Tensor], contract: Optional[Tensor
     (each map row normalised first with normalize_rows; the maps are O(N^2), so they are formed, then contracted).
     Their per-row checks go to prep.peer_checks (method -> (rows, bias norms, completeness))."""
     N = prep.layer.seq_len
-    selected = torch.arange(N, device=prep.x.device) if rows is None else rows
-    maps, bias_norms, completeness = peer_maps(prep, methods, selected)
-    if not hasattr(prep, "peer_checks"):  # the first (not the spot check's rerun) is reported
-        prep.peer_checks = {m: (selected, maps[m], bias_norms.get(m), completeness.get(m)) for m in methods}
+    every = torch.arange(N, device=prep.x.device)
+    selected = every if rows is None else rows
+    if not hasattr(prep, "peer_checks"):
+        # the first call (not the spot check's rerun) computes every row: a ratio needs its whole row, and the
+        # result's ratios cover every row, with rows= too
+        maps, bias_norms, completeness = peer_maps(prep, methods, every)
+        prep.peer_checks = {m: (every, maps[m], bias_norms.get(m), completeness.get(m)) for m in methods}
+        if rows is not None:
+            maps = {m: mp[:, rows] for m, mp in maps.items()}
+    else:
+        maps, _, _ = peer_maps(prep, methods, selected)
     if contract is None:
         return maps
     out = {}
@@ -120,14 +127,10 @@ def output_maps(prep, methods, rows: Optional[Tensor], contract: Optional[Tensor
 
 def peer_result(prep, result, m: str, nan_pad: Tensor) -> None:
     """Fill a LayerAttribution's ratio (and bias norm and completeness where the measure has them) of method m."""
-    selected, mp, bias, err = prep.peer_checks[m]
-    ratio = torch.full_like(nan_pad, float("nan"))
-    ratio[:, selected] = peer_ratio(mp, selected)
-    result.ratios[m] = ratio + nan_pad
+    every, mp, bias, err = prep.peer_checks[m]
+    result.ratios[m] = peer_ratio(mp, every) + nan_pad
     if bias is not None:
-        full_bias, full_err = torch.zeros_like(nan_pad), torch.zeros_like(nan_pad)
-        full_bias[:, selected], full_err[:, selected] = bias, err
-        result.bias_norms[m], result.completeness[m] = full_bias, full_err
+        result.bias_norms[m], result.completeness[m] = bias, err
 
 
 def peer_ratio(m: Tensor, rows: Tensor) -> Tensor:
@@ -139,8 +142,8 @@ def peer_ratio(m: Tensor, rows: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------- ALTI
 def alti_maps(prep, f: Form, rows: Tensor, l2: list, budget: int) -> tuple[list, Tensor, Tensor]:
-    """ALTI (Ferrando et al. 2022) of the vector form f: ([(B, R, N) per entry of l2], bias norm (B, R),
-    completeness error (B, R)).
+    """ALTI (Ferrando et al. 2022) of the vector form f: ([(B, R, N) per entry of l2], bias norm of every row (B, N),
+    completeness error of the rows (B, R)).
 
     Follows mt-upc/transformer-contributions@4f89039 src/contributions.py get_contributions (T_i(x_j) = the
     ATTNRES(-LN) part, y_i the block output: post-LN the LN1 output, pre-LN the stream x_i + a_i) and
@@ -156,7 +159,7 @@ def alti_maps(prep, f: Form, rows: Tensor, l2: list, budget: int) -> tuple[list,
     y = real  # the block's real output, which every pair is compared with
     cache_rows = B * N * (H + 1) * D <= 4 * budget
     cached = _key_rows(prep, f, slice(0, N)) if cache_rows else None
-    outs = [torch.zeros(B, len(rows), N, dtype=prep.dtype, device=L.x.device) for _ in l2]
+    outs = [torch.zeros(B, len(rows), N, dtype=torch.float64, device=L.x.device) for _ in l2]  # normalised in float64
     parts_sum = torch.zeros(B, len(rows), D, dtype=prep.dtype, device=L.x.device)
     for r0, r1 in _query_blocks(len(rows), N, B, H, budget):
         q_rows = rows[r0:r1]
@@ -173,14 +176,14 @@ def alti_maps(prep, f: Form, rows: Tensor, l2: list, budget: int) -> tuple[list,
                               -1)  # (B, C, R, H+1)
             tile = (kappa @ key_rows).transpose(1, 2) * scale[:, q_rows, None, None]  # T_i(x_j) (B, R, C, D)
             parts_sum[:, r0:r1] += tile.sum(2)
-            diff = y_rows[:, :, None] - tile
+            diff = y_rows.double()[:, :, None] - tile  # in float64: the subtraction rounds no more than T itself
             for out, p2, ny in zip(outs, l2, norm_y):
-                dist = (diff.double().pow(2).sum(-1).sqrt() if p2 else diff.abs().sum(-1, dtype=torch.float64))
+                dist = diff.pow(2).sum(-1).sqrt() if p2 else diff.abs().sum(-1)
                 c = (ny[..., None] - dist).clamp_min(0) * vis[..., keys]
-                out[:, r0:r1, keys] = c.to(prep.dtype)
+                out[:, r0:r1, keys] = c
     valid = L.valid[:, rows]
     err = (parts_sum + bias[:, rows] - y[:, rows]).norm(dim=-1) / y[:, rows].norm(dim=-1).clamp_min(1e-30)
-    return [row_normalize(o) for o in outs], bias[:, rows].norm(dim=-1) * valid, torch.where(valid, err, 0.0)
+    return [row_normalize(o).to(prep.dtype) for o in outs], bias.norm(dim=-1) * L.valid, torch.where(valid, err, 0.0)
 
 
 # -------------------------------------------------------------------------------------------- GlobEnc
@@ -248,7 +251,7 @@ def value_zeroing_map(prep, rows: Tensor, budget: int) -> Tensor:
     B, H, N, _ = L.q.shape
     D = L.d_model
     attn_total = prep.attn_sum + prep.b_o  # (B, N, D) the raw attention output
-    out = torch.zeros(B, len(rows), N, dtype=prep.dtype, device=L.x.device)
+    out = torch.zeros(B, len(rows), N, dtype=torch.float64, device=L.x.device)  # normalised in float64
     full = rest_of_block(prep, prep.x[:, rows], attn_total[:, rows])  # (B, R, D)
     width = max(L.ffn.w_in.shape[1], D)
     for r0, r1 in _query_blocks(len(rows), N, B, H, budget):
@@ -265,8 +268,8 @@ def value_zeroing_map(prep, rows: Tensor, budget: int) -> Tensor:
             x_pairs = prep.x[:, q_rows, None].expand(B, R, C, D).reshape(B, R * C, D)
             z = rest_of_block(prep, x_pairs, attn).view(B, R, C, D)
             dist = _cosine_distance(z, full[:, r0:r1, None])
-            out[:, r0:r1, keys] = (dist * vis[..., keys]).to(prep.dtype)
-    return row_normalize(out)
+            out[:, r0:r1, keys] = dist * vis[..., keys]
+    return row_normalize(out).to(prep.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ rollout

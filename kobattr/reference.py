@@ -175,6 +175,9 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
         spec_form = form(m, structure)
         if spec_form.kind == "peer":  # the peers' measures (spec section 10)
             out["maps"][m] = peer_map(L, spec_form, vector_form, a, y, x_rows, vis)
+            if spec_form.target is not None:  # ALTI: the parts T_i(x_j) and the bias sum to the block output
+                parts, parts_bias = vector_form(Form("vector", True, spec_form.target, spec_form.norm))
+                out["bias"][m], out["total"][m] = parts_bias * rowmask, (parts.sum(2) + parts_bias) * rowmask
             total = out["maps"][m].sum(-1)
             share = 1 - out["maps"][m][diagonal] / torch.where(total > 0, total, torch.ones_like(total))
             out["ratios"][m] = torch.where(total > 0, share, torch.zeros_like(share)) + nan_pad
