@@ -174,7 +174,8 @@ def display_name(method: str) -> str:
 
 
 def check_methods(methods, structure: str) -> tuple[str, ...]:
-    """Normalise a method request (None, "all", a name, or names) for a block structure, or raise ValueError."""
+    """Normalise a method request (None, "all", a name, or names) for a block structure, or raise ValueError.
+    "all" is every per-layer method; the peers' rollouts (``*_rollout``) are asked for by name."""
     available = methods_for(structure)
     if methods is None:
         return default_methods(structure)
@@ -189,7 +190,7 @@ def check_methods(methods, structure: str) -> tuple[str, ...]:
     if "all" in names:
         if len(names) > 1:
             raise ValueError(f"'all' cannot be mixed with method names (got {list(methods)!r}); ask for 'all' or for names.")
-        return available
+        return tuple(m for m in available if not form(m, structure).rollout)  # every per-layer map; rollouts by name
     if not names:
         raise ValueError("no methods requested; name at least one or ask for 'all'.")
     for m in names:
@@ -259,11 +260,12 @@ PAPERS.update({
 
 
 def _peer(measure, rollout=False):
-    """ALTI / Value Zeroing forms: post-LN decomposes the LN1 output, the other structures the whole stream
-    x_i + a_i after attention (the norm there feeds only the next sub-layer)."""
+    """ALTI forms: post-LN decomposes the LN1 output, the other structures the whole stream x_i + a_i after
+    attention (the norm there feeds only the next sub-layer). A rollout, a product of maps, decomposes no state."""
     def make(s):
-        return (Form("peer", True, "mid", "ln1", measure=measure, rollout=rollout) if s == "post" else
-                Form("peer", True, "y", measure=measure, rollout=rollout))
+        if rollout:
+            return Form("peer", True, measure=measure, rollout=True)
+        return Form("peer", True, "mid", "ln1", measure=measure) if s == "post" else Form("peer", True, "y", measure=measure)
     return _each(ALL, make)
 
 

@@ -83,11 +83,13 @@ def peer_maps(prep, methods, rows: Optional[Tensor], budget: int = DEFAULT_BUDGE
     maps, bias_norms, completeness = {}, {}, {}
     alti = [k for k in _L2 if k in measures]
     if alti:
-        f = form(measures[alti[0]][0], structure)
+        f = form("alti", structure)  # the base method's form (a rollout's names no state)
         out, bias, err = alti_maps(prep, stream_form(f), rows, [_L2[k] for k in alti], budget)
         for k, mp in zip(alti, out):
             for m in measures[k]:
-                maps[m], bias_norms[m], completeness[m] = mp, bias, err
+                maps[m] = mp
+                if form(m, structure).target is not None:  # not for a rollout, which decomposes no state
+                    bias_norms[m], completeness[m] = bias, err
     if "globenc" in measures:
         mp = globenc_map(prep, rows, budget)
         for m in measures["globenc"]:

@@ -211,8 +211,9 @@ def peer_map(L: Layer, spec_form: Form, vector_form, a: Tensor, y: Tensor, x_row
     (B, R, N, D), ``a`` holds sum_h alpha^h_ij f^h(x_j) (B, R, N, D), ``y`` the stream x_i + attention (B, R, D)."""
     measure = spec_form.measure
     if measure in ("alti", "alti_l2"):
-        T, _ = vector_form(Form("vector", True, spec_form.target, spec_form.norm))  # T_i(x_j)
-        out = y if spec_form.norm is None else getattr(L, spec_form.norm)(y)  # the real block output y_i
+        block = form("alti", L.structure)  # the block ALTI decomposes (a rollout's own form names none)
+        T, _ = vector_form(Form("vector", True, block.target, block.norm))  # T_i(x_j)
+        out = y if block.norm is None else getattr(L, block.norm)(y)  # the real block output y_i
         p = 2 if measure == "alti_l2" else 1
         distance = (out[:, :, None] - T).double().norm(p=p, dim=-1)
         contribution = (out.double().norm(p=p, dim=-1)[..., None] - distance).clamp_min(0) * vis
