@@ -178,9 +178,9 @@ def alti_maps(prep, f: Form, rows: Tensor, l2: list, budget: int) -> tuple[list,
                               -1)  # (B, C, R, H+1)
             tile = (kappa @ key_rows).transpose(1, 2) * scale[:, q_rows, None, None]  # T_i(x_j) (B, R, C, D)
             parts_sum[:, r0:r1] += tile.sum(2)
-            diff = y_rows.double()[:, :, None] - tile  # in float64: the subtraction rounds no more than T itself
-            for out, p2, ny in zip(outs, l2, norm_y):
-                dist = diff.pow(2).sum(-1).sqrt() if p2 else diff.abs().sum(-1)
+            diff = y_rows[:, :, None] - tile
+            for out, p2, ny in zip(outs, l2, norm_y):  # summed over D in float64 (the sums cancel in c)
+                dist = diff.pow(2).sum(-1, dtype=torch.float64).sqrt() if p2 else diff.abs().sum(-1, dtype=torch.float64)
                 c = (ny[..., None] - dist).clamp_min(0) * vis[..., keys]
                 out[:, r0:r1, keys] = c
     valid = L.valid[:, rows]
