@@ -186,7 +186,9 @@ def check_methods(methods, structure: str) -> tuple[str, ...]:
     if any(not isinstance(m, str) for m in methods):
         bad = next(m for m in methods if not isinstance(m, str))
         raise ValueError(f"method names must be strings, got {bad!r} in {list(methods)!r}.")
-    names = tuple(dict.fromkeys(m.strip().lower().replace("-", "_") for m in methods))
+    # "alti,value_zeroing" names two methods (the CLI's --methods alti,value_zeroing)
+    names = tuple(dict.fromkeys(p.strip().lower().replace("-", "_") for m in methods for p in m.split(",")
+                                if p.strip() or "," not in m))
     if "all" in names:
         if len(names) > 1:
             raise ValueError(f"'all' cannot be mixed with method names (got {list(methods)!r}); ask for 'all' or for names.")

@@ -4,6 +4,7 @@ reference on every block structure, against numbers computed by their authors' r
 import pytest
 import torch
 from random_layers import KINDS, STRUCTURE_KINDS, random_layer
+from test_cli import checkpoint, run  # noqa: F401 (the CLI's tiny checkpoint fixture)
 from test_memory import LargestTensor
 from transformers import BertConfig, BertForSequenceClassification
 
@@ -13,6 +14,7 @@ from kobattr.layer import LayerInputError
 from kobattr.methods import methods_for
 from kobattr.peers import check_rollout
 from kobattr.reference import reference
+from kobattr.result import Attribution
 
 PEERS = ("alti", "alti_l2", "globenc", "value_zeroing")
 
@@ -187,3 +189,20 @@ def test_analyze_rolls_out_through_the_layers_and_refuses_what_it_cannot():
         kobattr.analyze(model, batch, methods=["alti_rollout"], rows=[0])
     with pytest.raises(LayerInputError, match="consecutive layers"):
         check_rollout(["value_zeroing_rollout"], "post", [0, 2], None, None)
+
+
+def test_cli_methods_name_the_peers(checkpoint, tmp_path, capsys):
+    """`kobattr analyze --methods alti,value_zeroing_rollout` writes what analyze() computes."""
+    out = tmp_path / "out"
+    code, _, err = run(["analyze", "A small text.", "--model", checkpoint, "--out", str(out), "--methods",
+                        "alti,value_zeroing_rollout", "--backend", "torch", "--no-plots"], capsys)
+    assert code == 0, err
+    saved = Attribution.load(out / "text000" / "attribution")
+    assert saved.methods == ("alti", "value_zeroing_rollout")
+    from transformers import AutoModel, AutoTokenizer
+
+    direct = kobattr.analyze(AutoModel.from_pretrained(checkpoint).eval(), "A small text.",
+                             tokenizer=AutoTokenizer.from_pretrained(checkpoint), methods=["alti", "value_zeroing"])
+    torch.testing.assert_close(saved.maps["alti"], direct.maps["alti"])
+    rolled = direct.maps["value_zeroing"]
+    torch.testing.assert_close(saved.maps["value_zeroing_rollout"][1], rolled[1] @ rolled[0])
