@@ -286,4 +286,9 @@ _PEER_REGISTRY = [
     MethodSpec("value_zeroing_rollout", "Value Zeroing rollout", "mohebbi2023",
                _each(ALL, lambda s: Form("peer", True, measure="value_zeroing", rollout=True))),
 ]
+PAPERS["ferrando2024"] = ("Ferrando & Voita 2024, Information Flow Routes: Automatically Interpreting Language Models "
+                          "at Scale")
+# the attention edges of the information-flow graph (kobattr.flow builds the graph and its routes)
+_PEER_REGISTRY.append(MethodSpec("flow_attn", "Flow (attention)", "ferrando2024",
+                                 _each(ALL, lambda s: Form("peer", True, measure="flow_attn"))))
 REGISTRY.update({spec.name: spec for spec in _PEER_REGISTRY})

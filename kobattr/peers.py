@@ -94,6 +94,10 @@ def peer_maps(prep, methods, rows: Optional[Tensor], budget: int = DEFAULT_BUDGE
         mp = globenc_map(prep, rows, budget)
         for m in measures["globenc"]:
             maps[m] = mp
+    if "flow_attn" in measures:
+        mp = flow_attn_map(prep, rows, budget)
+        for m in measures["flow_attn"]:
+            maps[m] = mp
     if "value_zeroing" in measures:
         mp = value_zeroing_map(prep, rows, budget)
         for m in measures["value_zeroing"]:
@@ -272,6 +276,56 @@ def value_zeroing_map(prep, rows: Tensor, budget: int) -> Tensor:
             dist = _cosine_distance(z, full[:, r0:r1, None])
             out[:, r0:r1, keys] = dist * vis[..., keys]
     return row_normalize(out).to(prep.dtype)
+
+
+# ------------------------------------------------------------------------------------- information flow
+FLOW_EPS = 1e-5  # facebookresearch/llm-transparency-tool@f1340f0 routes/contributions.py get_contributions
+
+
+def flow_attn_map(prep, rows: Tensor, budget: int) -> Tensor:
+    """The attention block's edges of the information-flow graph (Ferrando & Voita 2024) (B, R, N): row i's parts
+    are the residual x_i and every (key j, head h) part alpha^h_ij f^h(x_j) of the stream y_i = x_i + a_i (after the
+    norm after attention, linearised, where there is one); each part's proximity max(EPS, ||y_i||_1 - ||y_i -
+    part||_1), normalised over all of row i's parts; the map sums the heads and adds the residual's share to (i, i).
+
+    As facebookresearch/llm-transparency-tool@f1340f0 routes/contributions.py get_attention_contributions /
+    get_contributions_with_one_off_part / get_contributions (EPS = 1e-5 as its clip floor, so every key position's
+    parts count, also those the query cannot see: their parts are 0 and get EPS) and routes/graph.py
+    build_full_graph (the attention and residual edges between the same nodes summed). Padded keys have no parts."""
+    L = prep.layer
+    B, H, N, _ = L.q.shape
+    D = L.d_model
+    f = Form("vector", True, "y")
+    scale = prep.form_scale(f)
+    y = prep.real["y"]
+    out = torch.zeros(B, len(rows), N, dtype=torch.float64, device=L.x.device)
+    valid = L.valid
+    for r0, r1 in _query_blocks(len(rows), N, B, H, budget):
+        q_rows = rows[r0:r1]
+        alpha, _ = block_alpha(prep.attn, q_rows, prep.dtype)
+        y_rows = y[:, q_rows]
+        norm_y = y_rows.abs().sum(-1, dtype=torch.float64)  # (B, R)
+
+        def proximity(part):  # part (B, R, ..., D) -> (B, R, ...) float64
+            extra = part.dim() - 3
+            dist = (y_rows.view(B, r1 - r0, *([1] * extra), D) - part).abs().sum(-1, dtype=torch.float64)
+            return (norm_y.view(B, r1 - r0, *([1] * extra)) - dist).clamp_min(FLOW_EPS)
+
+        res = proximity(prep.x[:, q_rows])  # the residual part x_i
+        total = res.clone()
+        step = _key_step(N, B, r1 - r0, D, budget)
+        for c0 in range(0, N, step):
+            keys = slice(c0, min(c0 + step, N))
+            key_rows = _key_rows(prep, f, keys)[:, :, :H]  # (B, C, H, D)
+            for h in range(H):
+                part = alpha[:, h, :, keys, None] * key_rows[:, None, :, h] * scale[:, q_rows, None, None]
+                p = proximity(part) * valid[:, None, keys]
+                out[:, r0:r1, keys] += p
+                total += p.sum(-1)
+        idx = torch.arange(r1 - r0, device=L.x.device)
+        out[:, r0:r1][:, idx, q_rows] += res
+        out[:, r0:r1] /= total[..., None]
+    return (out * valid[:, rows, None]).to(prep.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ rollout

@@ -174,7 +174,7 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
     for m in methods:
         spec_form = form(m, structure)
         if spec_form.kind == "peer":  # the peers' measures (spec section 10)
-            out["maps"][m] = peer_map(L, spec_form, vector_form, a, y, x_rows, vis)
+            out["maps"][m] = peer_map(L, spec_form, vector_form, a, y, x_rows, vis, alpha, rows)
             if spec_form.target is not None:  # ALTI: the parts T_i(x_j) and the bias sum to the block output
                 parts, parts_bias = vector_form(Form("vector", True, spec_form.target, spec_form.norm))
                 out["bias"][m], out["total"][m] = parts_bias * rowmask, (parts.sum(2) + parts_bias) * rowmask
@@ -206,9 +206,11 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
     return out
 
 
-def peer_map(L: Layer, spec_form: Form, vector_form, a: Tensor, y: Tensor, x_rows: Tensor, vis: Tensor) -> Tensor:
-    """(B, R, N) a peers' measure (spec section 10), materialised: ``vector_form`` gives a vector form's pair vectors
-    (B, R, N, D), ``a`` holds sum_h alpha^h_ij f^h(x_j) (B, R, N, D), ``y`` the stream x_i + attention (B, R, D)."""
+def peer_map(L: Layer, spec_form: Form, vector_form, a: Tensor, y: Tensor, x_rows: Tensor, vis: Tensor, alpha: Tensor,
+             rows: Tensor) -> Tensor:
+    """(B, R, N) a peers' measure (spec section 10), materialised for the query rows ``rows``: ``vector_form`` gives a
+    vector form's pair vectors (B, R, N, D), ``a`` holds sum_h alpha^h_ij f^h(x_j) (B, R, N, D), ``y`` the stream
+    x_i + attention (B, R, D), ``alpha`` (B, H, R, N)."""
     measure = spec_form.measure
     if measure in ("alti", "alti_l2"):
         block = form("alti", L.structure)  # the block ALTI decomposes (a rollout's own form names none)
@@ -236,4 +238,19 @@ def peer_map(L: Layer, spec_form: Form, vector_form, a: Tensor, y: Tensor, x_row
         distance = torch.stack([(unit(rest.stream(full - a[:, :, j])["out"]) - unit(real)).pow(2).sum(-1) / 2
                                 for j in range(a.shape[2])], -1)
         return row_normalize(distance * vis).to(y.dtype)
+    if measure == "flow_attn":
+        # every (key j, head h) part alpha^h_ij f^h(x_j) (through the norm after attention), and the residual x_i
+        B, H, R, N = alpha.shape
+        f = torch.einsum("bhjd,hde->bjhe", L.v.repeat_interleave(H // L.n_kv_heads, 1), L.w_o)  # (B, N, H, D)
+        parts = alpha.permute(0, 2, 3, 1)[..., None] * f[:, None]  # (B, R, N, H, D)
+        if L.attn_out_norm is not None:
+            s1 = L.attn_out_norm.inv_std(a.sum(2) + L.out_bias)
+            parts = L.attn_out_norm.split(parts) * s1[..., None, None, None]
+        y_norm = y.abs().sum(-1)
+        prox = (y_norm[..., None, None] - (y[:, :, None, None] - parts).abs().sum(-1)).clamp_min(1e-5)  # (B, R, N, H)
+        prox = prox * L.valid[:, None, :, None]  # padded keys have no parts
+        res = (y_norm - (y - x_rows).abs().sum(-1)).clamp_min(1e-5)  # the residual part
+        token = prox.sum(-1)
+        token[:, torch.arange(R), rows] += res  # the residual edge joins the attention edge (i, i)
+        return token / (prox.sum((2, 3)) + res)[..., None] * L.valid[:, rows, None]
     raise ValueError(f"no reference for the peers' measure {measure!r}.")

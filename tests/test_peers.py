@@ -16,7 +16,7 @@ from kobattr.peers import check_rollout
 from kobattr.reference import reference
 from kobattr.result import Attribution
 
-PEERS = ("alti", "alti_l2", "globenc", "value_zeroing")
+PEERS = ("alti", "alti_l2", "globenc", "value_zeroing", "flow_attn")
 
 
 def peers_of(structure):
@@ -41,7 +41,7 @@ def test_every_structure_matches_the_reference_with_padding_and_batches(kind):
         torch.testing.assert_close(res.ratios[m].nan_to_num(), ref["ratios"][m].nan_to_num(), rtol=0, atol=1e-12)
         assert res.maps[m][0, -3:].abs().max() == 0 and res.maps[m][0, :, -3:].abs().max() == 0  # padding
         assert res.spot_check[m].max() < 1e-9
-    for m in ("alti", "alti_l2", "value_zeroing"):  # rows sum to 1 on real tokens
+    for m in ("alti", "alti_l2", "value_zeroing", "flow_attn"):  # rows sum to 1 on real tokens
         sums = res.maps[m].sum(-1)
         torch.testing.assert_close(sums[layer.valid], torch.ones_like(sums[layer.valid]))
 
@@ -206,3 +206,68 @@ def test_cli_methods_name_the_peers(checkpoint, tmp_path, capsys):
     torch.testing.assert_close(saved.maps["alti"], direct.maps["alti"])
     rolled = direct.maps["value_zeroing"]
     torch.testing.assert_close(saved.maps["value_zeroing_rollout"][1], rolled[1] @ rolled[0])
+
+
+# ------------------------------------------------------------------------------------ information-flow routes
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2Model
+
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=32, vocab_size=50, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2Model(config).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            value = torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3
+            p.copy_((1 + value) if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else value)
+    return model
+
+
+GPT2_IDS = torch.tensor([[7, 1, 22, 4, 39, 12]])
+# per layer: row 4's attention edges (heads summed, the residual's share on (4, 4)), the FFN shares of every token
+FLOW_AUTHORS = [
+    ([0.014183768071234226, 0.034826334565877914, 0.4560507833957672, 0.09698710590600967, 0.3979502320289612,
+      1.8326464896745165e-06],
+     [0.7660732269287109, 0.8906794786453247, 0.7853647470474243, 0.772637128829956, 0.5580275058746338,
+      0.8036347031593323]),
+    ([0.041155144572257996, 0.00018187487148679793, 0.046800486743450165, 0.06463690847158432, 0.8472252488136292,
+      3.4793137615451997e-07],
+     [0.45279446244239807, 0.4199678599834442, 0.34818172454833984, 0.5028213858604431, 0.49702733755111694,
+      0.41307228803634644]),
+]
+
+
+def test_flow_routes_equal_the_transparency_tools_numbers():
+    """Numbers from facebookresearch/llm-transparency-tool@f1340f0 routes/contributions.py, imported unmodified in a
+    throwaway script (typeguard.typechecked and jaxtyping.Float stubbed, einops 0.8.1): get_attention_contributions
+    (heads summed, the residual's contribution added to (i, i), as build_full_graph sums the two edges) and
+    get_mlp_contributions, on tiny_gpt2() and GPT2_IDS, with decomposed_attn built as their tlens_model.py does
+    (pattern from the model's causal softmax, v with b_V, W_O per head) from the captured layers. The unseen key
+    5 of row 4 differs by 1e-6 of the row's largest entry: their F.pairwise_distance adds 1e-6 to each difference."""
+    from kobattr.flow import flow_routes
+
+    graph = flow_routes(tiny_gpt2(), {"input_ids": GPT2_IDS})
+    for layer, (row4, ffn) in enumerate(FLOW_AUTHORS):
+        assert row_error(graph.attn[layer, 0, 4][None].double(), torch.tensor([row4], dtype=torch.float64)) < 1e-5
+        assert row_error(graph.ffn[layer, 0][None], torch.tensor([ffn], dtype=torch.float64)) < 1e-5
+        torch.testing.assert_close(graph.ffn[layer] + graph.residual[layer], torch.ones_like(graph.ffn[layer]))
+
+
+def test_flow_routes_keep_the_edges_above_the_threshold_back_from_the_position(tmp_path):
+    import json
+
+    from kobattr.flow import flow_routes
+
+    graph = flow_routes(tiny_gpt2(), {"input_ids": torch.tensor([[7, 1, 22, 4, 39, 12], [3, 9, 5, 0, 0, 0]]),
+                                      "attention_mask": torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0]])})
+    route = graph.routes(4, threshold=0.04)
+    assert all(w > 0.04 for _, _, w in route) and ("M1_4", "I1_4", pytest.approx(float(graph.ffn[1, 0, 4]))) in route
+    for u, v, w in graph.edges(0):  # every strong edge into a node of the route is in the route
+        if v in {b for _, b, _ in route} | {"I1_4"} and w > 0.04:
+            assert (u, v, w) in route
+    assert all(int(n.split("_")[1]) <= 4 for e in route for n in e[:2])  # causal: nothing from later tokens
+    assert not any(n.endswith(("_3", "_4", "_5")) for e in graph.edges(1) for n in e[:2])  # padding has no nodes
+    written = json.loads(graph.to_json(tmp_path / "route.json", position=4).read_text())
+    assert written["edges"] == [list(e) for e in route] and written["threshold"] == 0.04
+    with pytest.raises(ValueError, match="real token"):
+        graph.routes(4, batch=1)
