@@ -1,4 +1,4 @@
-"""The peers' measures (ALTI, GlobEnc, Value Zeroing) beside attnresln_n and the FF maps on a MiniLM-shaped layer (CPU).
+"""The peers' measures (ALTI, GlobEnc, Value Zeroing, flow_attn) beside attnresln_n and the FF maps on a MiniLM-shaped layer (CPU).
 
     python benchmarks/peers_bench.py [--sizes 512 4096] [--methods alti,globenc,...] [--timeout 600]
 
@@ -21,7 +21,7 @@ import sys
 import time
 
 SHAPE = dict(H=12, Dh=32, D=384, F=1536)
-DEFAULT = ("attnresln_n", "atbffresln", "alti", "alti_l2", "globenc", "value_zeroing")
+DEFAULT = ("attnresln_n", "atbffresln", "alti", "alti_l2", "globenc", "value_zeroing", "flow_attn")
 
 
 def _rss() -> int:

@@ -1,4 +1,5 @@
-"""The peers' measures (spec section 10): ALTI, GlobEnc and Value Zeroing per layer, and their rollouts.
+"""The peers' measures (spec section 10): ALTI, GlobEnc, Value Zeroing and the information-flow edges per layer,
+and their rollouts.
 
 None of them stores an N x N x D tensor: the per-pair d-vectors are built one (query block x key block) tile at
 a time from per-key rows (per key j a (rows x (H+1)) @ ((H+1) x D) product, kappa as in kobattr/backends/base.py)
@@ -9,6 +10,7 @@ released code, cited beside each function; docs/methods.md says the cost per pai
     globenc     N_ij = ||g2_i(v_ij)||, v_ij the ATTNRES-LN part without bias, g2 LN2 with the FFN skipped
     value_zeroing  C_ij = 1 - cos(z_ij, out_i), z_ij the layer output with token j's value vectors zeroed,
                 rows normalised to sum 1
+    flow_attn   the attention edges of the information-flow graph (Ferrando & Voita 2024; kobattr/flow.py)
     *_rollout   R^1 = C^1, R^l = C^l R^(l-1) through the analysed layers (analyze(); one layer: its map)
 """
 
