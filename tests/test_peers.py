@@ -271,3 +271,14 @@ def test_flow_routes_keep_the_edges_above_the_threshold_back_from_the_position(t
     assert written["edges"] == [list(e) for e in route] and written["threshold"] == 0.04
     with pytest.raises(ValueError, match="real token"):
         graph.routes(4, batch=1)
+
+
+def test_peer_results_save_load_and_show(tmp_path):
+    res = kobattr.analyze(tiny_bert(), {"input_ids": IDS}, methods=["alti", "globenc_rollout", "value_zeroing"])
+    back = Attribution.load(res.save(tmp_path / "r.safetensors"))
+    assert back.methods == res.methods
+    for m in res.methods:
+        torch.testing.assert_close(back.maps[m], res.maps[m])
+        torch.testing.assert_close(back.ratios[m], res.ratios[m], equal_nan=True)
+    page = res.save_html(tmp_path / "tokens.html", view="tokens").read_text(encoding="utf-8")
+    assert all(m in page for m in res.methods)  # the view's measure selector offers each of them
