@@ -29,9 +29,10 @@ def user_errors() -> tuple:
     CLI's UsageError and kobattr's own input-error classes. Anything else is a bug and keeps its traceback."""
     from .backends.base import BackendUnavailable
     from .layer import LayerInputError
+    from .bench import BenchError
     from .models import UnsupportedModelError
 
-    return (UsageError, LayerInputError, BackendUnavailable, UnsupportedModelError)
+    return (UsageError, LayerInputError, BackendUnavailable, UnsupportedModelError, BenchError)
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -797,6 +798,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ff-gemm", choices=tuple(FF_GEMM_DTYPES), default="float32",
                    help="dtype of the FF methods' products with W_2 (as for analyze; default float32)")
     c.set_defaults(func=cmd_corpus)
+    from . import bench, tuner  # their options and run() live there
+
+    b = sub.add_parser("bench", help="time each method's map for one layer against SDPA and this device's GEMM rate")
+    bench.add_arguments(b)
+    b.set_defaults(func=bench.run)
+    tu = sub.add_parser("tune", help="measure the fastest correct implementation per primitive on this device and "
+                                     "cache it (used with KOBATTR_TUNE=1)")
+    tuner.add_arguments(tu)
+    tu.set_defaults(func=tuner.run)
     return parser
 
 

@@ -493,6 +493,11 @@ def _check_ff_gemm(ff_gemm: str, layer: Layer) -> Optional[torch.dtype]:
     return dtype
 
 
+def ff_shape(layer: Layer) -> tuple:
+    """(d_model, d_ff, gated) of the layer's FFN: what the tuner's key adds to the attention shapes."""
+    return (layer.d_model, layer.ffn.w_in.shape[1], layer.ffn.gated)
+
+
 def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contract: Optional[Tensor] = None,
               normalize_rows: bool = False, backend="auto", ig: str = "exact", ig_steps: int = 20,
               budget: int = DEFAULT_BUDGET, targets: Optional[dict] = None, verify: int = 2,
@@ -537,7 +542,7 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
                               f"{len(methods)} methods{' + heads' if heads else ''}); ask for fewer rows= or use contract= "
                               "to contract them.")
     impls = get_backend(backend, attention_of(layer), need_ff, need_row_stats=layer.head_outputs is not None,
-                        ff_gemm_dtype=ff_gemm_dtype)
+                        ff_gemm_dtype=ff_gemm_dtype, ff_shape=ff_shape(layer))
     # full maps: the attention primitive computes every row's statistics anyway, so alpha_ii can wait for them
     prep = _Prepared(layer, methods, ig, ig_steps, budget, targets, row_stats=impls.get("row_stats"),
                      defer_diagonal=rows is None and contract is None, ff_gemm_dtype=ff_gemm_dtype)

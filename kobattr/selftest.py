@@ -160,7 +160,7 @@ def _try(outcome: Outcome, impl, primitive: str, layer, methods, ref, dtype, low
     if layer.q.is_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    result = attribute(layer, methods=methods, backend={primitive: impl.name}, verify=0)
+    result = attribute(layer, methods=methods, backend={primitive: impl}, verify=0)  # the instance, settings and all
     if layer.q.is_cuda:
         torch.cuda.synchronize()
     outcome.seconds = time.perf_counter() - start
