@@ -118,7 +118,9 @@ def timed(fn: Callable, device, repeats: int = 5, max_seconds: float = 10.0, war
         fn()
         synchronize(device)
         first = time.perf_counter() - start
-    count = repeats if first is None else max(1, min(repeats, int(max_seconds / max(first, 1e-6))))
+        if cuda:
+            torch.cuda.empty_cache()  # the warm-up's cached blocks must not hide the timed calls' peak
+    count = repeats if first is None or first * repeats <= max_seconds else max(1, int(max_seconds / first))
     times = []
     with PeakMemory(device) as memory:
         for _ in range(count):
