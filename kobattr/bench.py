@@ -20,6 +20,7 @@ row also holds the error of the timed map against the materialising reference on
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -165,14 +166,19 @@ def device_info(device) -> dict:
         props = torch.cuda.get_device_properties(device)
         return dict(type="cuda", name=props.name, capability=f"{props.major}.{props.minor}",
                     memory_bytes=props.total_memory, multiprocessors=props.multi_processor_count)
+    return dict(type="cpu", name=_cpu_name(), capability=torch.backends.cpu.get_cpu_capability(), cores=os.cpu_count(),
+                threads=torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=None)  # dispatch asks for every layer when the tuner is on
+def _cpu_name() -> str:
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
     except OSError:
         pass
-    return dict(type="cpu", name=name, capability=torch.backends.cpu.get_cpu_capability(), cores=os.cpu_count(),
-                threads=torch.get_num_threads())
+    return name
 
 
 def versions() -> dict:
