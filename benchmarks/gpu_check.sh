@@ -15,7 +15,7 @@
 #     FF_ROWS=16 rows at 4k and 16k; each beside SDPA forward and the bf16 GEMM rate on the same shapes
 # LONG=1 adds 64k to the attention and FF-rows runs (about 2 more minutes); EXTRA=1 then runs the older studies
 # (gpu_bench.py, gpu_profile.py with ncu, gpu_sweep.py, ff_memory.py), outside the 8-minute budget.
-# DEADLINE (seconds, default 470) bounds the whole run. DRY_RUN=1 prints each step's command and runs nothing.
+# DEADLINE (seconds, default 470; 580 with LONG=1) bounds the whole run. DRY_RUN=1 prints each step's command and runs nothing.
 # Everything lands in $OUT (default benchmarks/results/gpu_check_<date>), each step as it finishes, so a run cut
 # short keeps what it found: steps.txt, versions.txt, build.log, info.txt, pytest_gpu.txt, tune_*.txt,
 # bench_*.txt and bench_*.json, cache/tuning.json.
@@ -23,7 +23,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu_check_$(date -u +%Y-%m-%d)}
 LONG=${LONG:-0} EXTRA=${EXTRA:-0} DRY_RUN=${DRY_RUN:-0}
-DEADLINE=${DEADLINE:-$([ "$LONG" = 1 ] && echo 600 || echo 470)}
+DEADLINE=${DEADLINE:-$([ "$LONG" = 1 ] && echo 580 || echo 470)}
 FF_ROWS=${FF_ROWS:-16}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 KOBATTR_CACHE_DIR="$OUT/cache"
@@ -41,14 +41,13 @@ step() {
   [ "$limit" -gt "$left" ] && limit=$left
   note "$name (limit $limit s): $*"
   if [ "$DRY_RUN" = 1 ]; then return; fi
-  timeout --kill-after=10 "$limit" "$@" > >(tee "$OUT/$log") 2>&1
-  local rc=$?
-  wait  # the tee
-  [ "$rc" = 124 ] && note "$name: TIMED OUT after $limit s" || note "$name: exit $rc"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$log"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = 124 ] || [ "$rc" = 137 ] && note "$name: TIMED OUT after $limit s" || note "$name: exit $rc"
   [ "$rc" = 0 ] || status=1
 }
 
-kobattr() { python -P -m kobattr.cli "$@"; }  # -P: the root's kernels/ would hide Hugging Face's kernels package
+KOBATTR="python -P -m kobattr.cli"  # -P: the root's kernels/ would hide Hugging Face's kernels package
 
 note "gpu_check into $OUT (LONG=$LONG EXTRA=$EXTRA DEADLINE=$DEADLINE s)"
 if [ "$DRY_RUN" != 1 ]; then
@@ -61,7 +60,7 @@ fi
 arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '. ')
 export KOBATTR_CUDA_ARCHS=${KOBATTR_CUDA_ARCHS:-${arch:-80;90}}
 step build "${BUILD_TIMEOUT:-150}" build.log env KOBATTR_BUILD_CUDA=1 python -m pip install --no-build-isolation --no-deps -e .
-[ "$DRY_RUN" = 1 ] || { kobattr info > "$OUT/info.txt" 2>&1; grep -i -A3 "cuda\|backend" "$OUT/info.txt" | head -20; }
+[ "$DRY_RUN" = 1 ] || { $KOBATTR info > "$OUT/info.txt" 2>&1; grep -i -A3 "cuda\|backend" "$OUT/info.txt" | head -20; }
 
 # one process per test: Triton's compiles for each dtype then share the CPU cores
 parallel=$(python -P -c "import xdist" 2>/dev/null && echo "-n 4" || echo "")
@@ -70,14 +69,14 @@ step "GPU tests" "${PYTEST_TIMEOUT:-200}" pytest_gpu.txt python -P -m pytest -q 
 lengths="4096,16384" ff_lengths="4096,16384"
 [ "$LONG" = 1 ] && lengths="$lengths,65536" ff_lengths="$ff_lengths,65536"
 for model in bert-base llama-7b; do
-  step "tune $model" "${TUNE_TIMEOUT:-100}" "tune_$model.txt" kobattr tune --device cuda --model $model --lengths $lengths
+  step "tune $model" "${TUNE_TIMEOUT:-100}" "tune_$model.txt" $KOBATTR tune --device cuda --model $model --lengths $lengths
 done
 [ "$DRY_RUN" = 1 ] || cp "$KOBATTR_CACHE_DIR/tuning.json" "$OUT/tuning.json" 2>/dev/null
 
 export KOBATTR_TUNE=1  # the winners just measured (a workload the tuner has not seen is tuned first, untimed)
 bench() {  # bench TAG MODEL LENGTHS METHOD [OPTIONS]
   local tag=$1 model=$2 lens=$3 method=$4; shift 4
-  step "bench $tag" "${BENCH_TIMEOUT:-120}" "bench_$tag.txt" kobattr bench --device cuda --model $model \
+  step "bench $tag" "${BENCH_TIMEOUT:-120}" "bench_$tag.txt" $KOBATTR bench --device cuda --model $model \
     --lengths $lens --methods $method --max-seconds 3 --json "$OUT/bench_$tag.json" "$@"
 }
 bench bert_attn bert-base $lengths attnresln_n

@@ -2,6 +2,10 @@
 the reference's. No timing is asserted."""
 
 import json
+import os
+import re
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,3 +85,24 @@ def test_bad_requests_are_one_line_errors(capsys):
     assert "neither minilm, a shape" in capsys.readouterr().err
     assert main(["bench", "--model", "bert-tiny", "--lengths", "16,x"]) == 2
     assert "comma-separated list" in capsys.readouterr().err
+
+
+def test_gpu_check_plans_every_step_within_its_deadline(tmp_path):
+    """benchmarks/gpu_check.sh parses, and its dry run lists the build, the GPU tests, the tuner and the benches at
+    4k and 16k for both shapes (64k with LONG=1), each under the 8-minute deadline."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
+    for long in ("0", "1"):
+        out = tmp_path / long
+        done = subprocess.run(["bash", str(script)], env=dict(os.environ, OUT=str(out), DRY_RUN="1", LONG=long),
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        steps = (out / "steps.txt").read_text()
+        lengths = "4096,16384,65536" if long == "1" else "4096,16384"
+        for model in ("bert-base", "llama-7b"):
+            assert f"tune --device cuda --model {model} --lengths {lengths}" in steps
+            assert f"bench --device cuda --model {model} --lengths {lengths} --methods attnresln_n" in steps
+        assert "build (limit" in steps and "GPU tests (limit" in steps and "--rows 16" in steps
+        assert ("65536" in steps) == (long == "1") and "gpu_bench" not in steps
+        limits = [int(x) for x in re.findall(r"\(limit (\d+) s\)", steps)]
+        assert len(limits) == 10 and max(limits) <= 200
+        assert re.search(r"DEADLINE=(\d+)", steps).group(1) == ("580" if long == "1" else "470")
