@@ -217,30 +217,31 @@ def store(key: dict, entry: dict, path: Optional[Path] = None) -> Path:
     return path
 
 
-def cached_winner(key: dict, path: Optional[Path] = None):
-    """The implementation of the cached winner for ``key``, or None (no entry, or one ignored with a warning)."""
+def cached_winner(key: dict, path: Optional[Path] = None) -> tuple:
+    """(whether the cache answers for ``key``, the winner's implementation or None for the static rule): (False,
+    None) without an entry or for one ignored with a warning; (True, None) where the tuning found no candidate."""
     entry = read_cache(path).get(key_text(key))
     if entry is None:
-        return None
+        return False, None
     where = f"tuning cache entry for {key['primitive']} (N <= {key['length_bucket']})"
     try:
         env, winner = entry["env"], entry["winner"]
-        if winner is None:
-            return None  # tuned, and nothing passed: the static rule
-        settings = tuple((str(k), v) for k, v in winner["settings"])
-        wanted = (str(winner["backend"]), settings)
+        if winner is not None:
+            wanted = (str(winner["backend"]), tuple((str(k), v) for k, v in winner["settings"]))
     except (KeyError, TypeError, ValueError):
         _warn(f"ignoring a malformed {where}.")
-        return None
+        return False, None
     if env != environment():
         _warn(f"ignoring a stale {where}: tuned with {env}, running {environment()}.")
-        return None
+        return False, None
+    if winner is None:
+        return True, None
     for candidate in candidates(key["primitive"], key["device_type"]):
         if (candidate.backend, candidate.settings) == wanted and candidate.factory is None:
             impl = candidate.build()
-            return None if isinstance(impl, str) else impl
-    _warn(f"ignoring the {where}: {wanted[0]} with settings {dict(settings)} is not among today's candidates.")
-    return None
+            return (False, None) if isinstance(impl, str) else (True, impl)
+    _warn(f"ignoring the {where}: {wanted[0]} with settings {dict(wanted[1])} is not among today's candidates.")
+    return False, None
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -266,7 +267,7 @@ def _random_gate_layer(H, KV, Dh, D, F, gated, causal, window, radius, softcap, 
                         device=device)
 
 
-def _gate(primitive: str, impls: dict, exact, dtype) -> dict:
+def _gate(primitive: str, impls: dict, exact, dtype, ff_gemm_dtype=None) -> dict:
     """{label: None if it passed, else why not} of each implementation against the float64 reference."""
     from .methods import STRUCTURES, form, methods_for
     from .reference import reference
@@ -283,7 +284,7 @@ def _gate(primitive: str, impls: dict, exact, dtype) -> dict:
     for label, impl in impls.items():
         outcome = Outcome(impl.name, primitive, "gate", str(dtype))
         try:
-            _try(outcome, impl, primitive, layer, methods, ref, dtype, low)
+            _try(outcome, impl, primitive, layer, methods, ref, dtype, low, ff_gemm_dtype)
         except Exception as err:  # a candidate that breaks is rejected, never the tuning run
             verdicts[label] = f"{type(err).__name__}: {err}"[:200]
             continue
@@ -352,7 +353,7 @@ def tune(primitive: str, attn: Attention, ff_gemm_dtype=None, ff_shape=None, poo
     token = _ACTIVE.set(True)
     try:
         verdicts = _gate(primitive, {label: impl for label, (_, impl) in impls.items()},
-                         _gate_layer(key, attn, ff_shape), attn.q.dtype) if impls else {}
+                         _gate_layer(key, attn, ff_shape), attn.q.dtype, ff_gemm_dtype) if impls else {}
         run = _timing_inputs(primitive, attn, ff_shape, key["length_bucket"], ff_gemm_dtype) if impls else None
         seconds = {}
         for label, (candidate, impl) in impls.items():
@@ -397,8 +398,8 @@ def tuned(primitive: str, attn: Attention, ff_gemm_dtype=None, ff_shape=None) ->
     text = key_text(key)
     if text in _MEMO:
         return _MEMO[text]
-    impl = cached_winner(key) if mode == "1" else None
-    if impl is None:
+    hit, impl = cached_winner(key) if mode == "1" else (False, None)
+    if not hit:
         tune(primitive, attn, ff_gemm_dtype, ff_shape)  # leaves its winner in _MEMO
         impl = _MEMO[text]
     _MEMO[text] = impl
@@ -443,11 +444,12 @@ def run(args) -> int:
             if not args.force:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always", TuneCacheWarning)
-                    impl = cached_winner(key)
+                    hit, impl = cached_winner(key)
                 for w in caught:
                     print(f"  {w.message}")
-                if impl is not None:
-                    print(f"{title}: cached winner {impl.name} (--force to tune again)")
+                if hit:
+                    print(f"{title}: cached winner {'none (the static rule)' if impl is None else impl.name} "
+                          "(--force to tune again)")
                     continue
             print(f"{title}:")
             entry = tune(primitive, attn, gemm_dtype, ff_shape(layer), log=print)

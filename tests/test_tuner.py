@@ -74,7 +74,7 @@ def test_the_gate_rejects_a_wrong_candidate_and_passes_the_right_ones(attn):
 def test_a_fast_wrong_candidate_is_never_chosen(attn, cache, monkeypatch):
     pool = [tuner.Candidate("torch", (("budget", SMALL),)), PLANTED]
     # without the gate it would win: it is as fast as the C++ kernel, far faster than torch
-    monkeypatch.setattr(tuner, "_gate", lambda primitive, impls, layer, dtype: {label: None for label in impls})
+    monkeypatch.setattr(tuner, "_gate", lambda primitive, impls, *args: {label: None for label in impls})
     assert tuner.tune("attention_maps", attn, pool=pool, save=False)["winner"]["backend"] == "fastwrong"
     monkeypatch.undo()
     monkeypatch.setattr(tuner, "_MEMO", {})
@@ -152,6 +152,9 @@ def test_force_tunes_again_and_the_store_keeps_other_entries(attn, cache, monkey
     other = dict(tuner.workload("attention_maps", attn), length_bucket=4096)
     tuner.store(other, dict(env=tuner.environment(), winner=None))
     calls = _no_tuning(monkeypatch)
+    monkeypatch.setenv("KOBATTR_TUNE", "1")
+    longer = attention_of(random_layer("bert", N=3000, B=1, D=8, F=8, dtype=torch.float32))
+    assert select("auto", "attention_maps", longer).name == "cpu" and not calls  # tuned, nothing passed: static
     monkeypatch.setenv("KOBATTR_TUNE", "force")
     select("auto", "attention_maps", attn)
     assert len(calls) == 1
@@ -187,3 +190,19 @@ def test_the_tune_command(cache, capsys):
     assert capsys.readouterr().out.count("cached winner") == 2
     assert main(["tune", "--primitives", "ff", "--model", "bert-tiny"]) == 2
     assert "unknown primitive(s) ff" in capsys.readouterr().err
+
+
+def test_ff_maps_with_bfloat16_products_are_gated_at_that_precision(cache):
+    layer = random_layer("bert", N=40, B=1, dtype=torch.float32)
+    attn = attention_of(layer)
+    assert tuner.workload("ff_maps", attn, torch.bfloat16, ff_shape(layer))["ff_gemm"] == "bfloat16"
+    entry = tuner.tune("ff_maps", attn, torch.bfloat16, ff_shape(layer), save=False)
+    assert entry["winner"]["backend"] == "torch" and not entry["rejected"]
+    # the gate ran the bfloat16 products (an error far above float32's 1e-4), held to bfloat16's tolerance
+    from kobattr.selftest import Outcome, _try
+
+    exact = tuner._gate_layer(tuner.workload("ff_maps", attn, None, ff_shape(layer)), attn, ff_shape(layer))
+    outcome = Outcome("torch", "ff_maps", "gate", "float32")
+    _try(outcome, TorchBackend(), "ff_maps", exact.to(dtype=torch.float32), ["atbffresln"],
+         reference(exact, methods="all"), torch.float32, None, torch.bfloat16)
+    assert 1e-4 < outcome.error <= outcome.tolerance == 5e-2
