@@ -8,8 +8,8 @@
 #   build: pip install -e . with the CUDA extension for this GPU's SM  ~45 s   (limit BUILD_TIMEOUT=150)
 #   GPU tests: pytest -m gpu, one process per test (the self-test      ~140 s  (limit PYTEST_TIMEOUT=200)
 #     against the float64 reference per dtype, a model on the GPU)
-#   tuner: kobattr tune for the BERT-base and Llama-7B shapes at 4k    ~70 s   (limit TUNE_TIMEOUT=100 each)
-#     and 16k (every primitive); the cache lands in $OUT/cache
+#   tuner: kobattr tune for the Llama-7B and BERT-base shapes at 512,  ~90 s   (limit TUNE_TIMEOUT=100 each)
+#     4k and 16k (every primitive); the cache lands in $OUT/cache
 #   kobattr bench with the tuned winners (KOBATTR_TUNE=1), bfloat16:   ~150 s  (limit BENCH_TIMEOUT=120 each)
 #     attnresln_n full maps at 4k and 16k; the FF maps (atbffresln / atblnffres) whole at 512 and their last
 #     FF_ROWS=16 rows at 4k and 16k; each beside SDPA forward and the bf16 GEMM rate on the same shapes
@@ -18,7 +18,8 @@
 # DEADLINE (seconds, default 470; 580 with LONG=1) bounds the whole run. DRY_RUN=1 prints each step's command and runs nothing.
 # Everything lands in $OUT (default benchmarks/results/gpu_check_<date>), each step as it finishes, so a run cut
 # short keeps what it found: steps.txt, versions.txt, build.log, info.txt, pytest_gpu.txt, tune_*.txt,
-# bench_*.txt and bench_*.json, cache/tuning.json.
+# bench_*.txt and bench_*.json, cache/tuning.json; with ARCHIVE=file.tar.gz also packed into that one file after
+# every step (on the device tool: OUT=/tmp/gc ARCHIVE=$OUT/gpu_check.tar.gz bash benchmarks/gpu_check.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu_check_$(date -u +%Y-%m-%d)}
@@ -45,7 +46,10 @@ step() {
   local rc=${PIPESTATUS[0]}
   [ "$rc" = 124 ] || [ "$rc" = 137 ] && note "$name: TIMED OUT after $limit s" || note "$name: exit $rc"
   [ "$rc" = 0 ] || status=1
+  pack
 }
+# ARCHIVE=file.tar.gz: $OUT packed into one file after every step (the device tool brings back only a few files)
+pack() { [ -z "${ARCHIVE:-}" ] || tar czf "$ARCHIVE" -C "$(dirname "$OUT")" "$(basename "$OUT")"; }
 
 KOBATTR="python -P -m kobattr.cli"  # -P: the root's kernels/ would hide Hugging Face's kernels package
 
@@ -68,8 +72,8 @@ step "GPU tests" "${PYTEST_TIMEOUT:-200}" pytest_gpu.txt python -P -m pytest -q 
 
 lengths="4096,16384" ff_lengths="4096,16384"
 [ "$LONG" = 1 ] && lengths="$lengths,65536" ff_lengths="$ff_lengths,65536"
-for model in bert-base llama-7b; do
-  step "tune $model" "${TUNE_TIMEOUT:-100}" "tune_$model.txt" $KOBATTR tune --device cuda --model $model --lengths $lengths
+for model in llama-7b bert-base; do  # 512 too: the FF maps' whole-map bench
+  step "tune $model" "${TUNE_TIMEOUT:-100}" "tune_$model.txt" $KOBATTR tune --device cuda --model $model --lengths 512,$lengths
 done
 [ "$DRY_RUN" = 1 ] || cp "$KOBATTR_CACHE_DIR/tuning.json" "$OUT/tuning.json" 2>/dev/null
 
@@ -79,12 +83,13 @@ bench() {  # bench TAG MODEL LENGTHS METHOD [OPTIONS]
   step "bench $tag" "${BENCH_TIMEOUT:-120}" "bench_$tag.txt" $KOBATTR bench --device cuda --model $model \
     --lengths $lens --methods $method --max-seconds 3 --json "$OUT/bench_$tag.json" "$@"
 }
-bench bert_attn bert-base $lengths attnresln_n
+# in the order of the issue's goals, so that a deadline cuts the least important last
 bench llama_attn llama-7b $lengths attnresln_n
-bench bert_ff bert-base 512 atbffresln
+bench bert_attn bert-base $lengths attnresln_n
 bench llama_ff llama-7b 512 atblnffres
-bench bert_ff_rows bert-base $ff_lengths atbffresln --rows "$FF_ROWS"
 bench llama_ff_rows llama-7b $ff_lengths atblnffres --rows "$FF_ROWS"
+bench bert_ff bert-base 512 atbffresln
+bench bert_ff_rows bert-base $ff_lengths atbffresln --rows "$FF_ROWS"
 
 if [ "$EXTRA" = 1 ]; then  # the older studies, beyond the 8-minute budget
   DEADLINE=$(( $(elapsed) + ${EXTRA_SECONDS:-1500} ))
@@ -106,4 +111,5 @@ if [ "$DRY_RUN" != 1 ]; then  # the bench tables last, where the tail of the out
   for f in "$OUT"/bench_*.txt; do [ -f "$f" ] && grep -v "^bench:" "$f" | grep -v "^vs SDPA" | tail -8; done
 fi
 note "done in $(elapsed) s, status $status"
+[ "$DRY_RUN" = 1 ] || pack
 exit $status

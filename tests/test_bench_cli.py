@@ -99,7 +99,7 @@ def test_gpu_check_plans_every_step_within_its_deadline(tmp_path):
         steps = (out / "steps.txt").read_text()
         lengths = "4096,16384,65536" if long == "1" else "4096,16384"
         for model in ("bert-base", "llama-7b"):
-            assert f"tune --device cuda --model {model} --lengths {lengths}" in steps
+            assert f"tune --device cuda --model {model} --lengths 512,{lengths}" in steps
             assert f"bench --device cuda --model {model} --lengths {lengths} --methods attnresln_n" in steps
         assert "build (limit" in steps and "GPU tests (limit" in steps and "--rows 16" in steps
         assert ("65536" in steps) == (long == "1") and "gpu_bench" not in steps
