@@ -42,6 +42,7 @@ import torch
 
 from .backends import implementation
 from .backends.base import Attention, Backend, FFParts, required_features
+from .backends.torch_backend import DEFAULT_BUDGET
 
 ENV = "KOBATTR_TUNE"
 CACHE_ENV = "KOBATTR_CACHE_DIR"
@@ -54,7 +55,9 @@ TIME_ROWS = {("attention_maps", "cpu"): 128, ("attention_maps", "cuda"): 2048,
              ("ff_maps", "cpu"): 8, ("ff_maps", "cuda"): 8}
 TIE = 1.05  # a candidate must beat an earlier one by this factor to displace it
 SLOW = 3.0
-BUDGETS = {"cpu": (1 << 21, 1 << 23, 1 << 25), "cuda": (1 << 23, 1 << 25, 1 << 27)}  # TorchBackend.budget
+# TorchBackend.budget, the default first: ties (TIE) go to the earlier candidate, so the static choice
+BUDGETS = {"cpu": (DEFAULT_BUDGET, DEFAULT_BUDGET // 4, DEFAULT_BUDGET * 4),
+           "cuda": (DEFAULT_BUDGET, DEFAULT_BUDGET * 4, DEFAULT_BUDGET * 16)}
 
 
 class TuneCacheWarning(UserWarning):
