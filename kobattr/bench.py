@@ -67,7 +67,8 @@ def _reset_host_peak() -> bool:
         return False
 
 
-def _host_bytes(field: str) -> Optional[int]:
+def host_bytes(field: str) -> Optional[int]:
+    """A size field of /proc/self/status (VmRSS: resident now, VmHWM: peak resident) in bytes; None off Linux."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -92,7 +93,7 @@ class PeakMemory:
             self.base = torch.cuda.memory_allocated(self.device)
         else:
             self.reset = _reset_host_peak()
-            self.base = _host_bytes("VmRSS") if self.reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.base = host_bytes("VmRSS") if self.reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return self
 
     def __exit__(self, *exc):
@@ -100,7 +101,7 @@ class PeakMemory:
             synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
         else:
-            hwm = _host_bytes("VmHWM") if self.reset else None
+            hwm = host_bytes("VmHWM") if self.reset else None
             # without the reset, the lifetime peak: 0 when an earlier step of the process went higher
             peak = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self.bytes = max(0, (peak or 0) - (self.base or 0))
