@@ -206,3 +206,15 @@ def test_ff_maps_with_bfloat16_products_are_gated_at_that_precision(cache):
     _try(outcome, TorchBackend(), "ff_maps", exact.to(dtype=torch.float32), ["atbffresln"],
          reference(exact, methods="all"), torch.float32, None, torch.bfloat16)
     assert 1e-4 < outcome.error <= outcome.tolerance == 5e-2
+
+
+def test_dispatch_takes_implementation_instances(attn):
+    """What the tuner hands to dispatch: an instance with its settings, used for the primitives it implements."""
+    from kobattr.backends.base import BackendUnavailable
+
+    mine = TorchBackend(budget=SMALL)
+    assert select(mine, "attention_maps", attn) is mine and select({"ff_maps": mine}, "ff_maps", attn) is mine
+    assert select(CompiledBackend("cpu"), "ff_maps", attn).name == "torch"  # no ff_maps there: auto's choice
+    exact = attention_of(random_layer("bert", N=12, B=1, dtype=torch.float64))
+    with pytest.raises(BackendUnavailable, match="backend 'cpu' cannot run attention_maps"):
+        select({"attention_maps": CompiledBackend("cpu")}, "attention_maps", exact)
