@@ -365,7 +365,7 @@ def run(args) -> int:
         raise BenchError("--rows must be >= 0 and --repeats >= 1.")
     model = load_model(args.model, device, dtype, max(lengths))
     report = dict(device=device_info(device), versions=versions(), model=args.model, dtype=str(dtype)[6:],
-                  backend=args.backend, ff_gemm=args.ff_gemm, tune=os.environ.get("KOBATTR_TUNE", "0"), rows=[])
+                  backend=args.backend, ff_gemm=args.ff_gemm, tune=os.environ.get("KOBATTR_TUNE", "0"), results=[])
     gemm: dict = {}
     bar = tqdm(total=len(lengths) * len(methods), desc="bench", leave=False)
     for N in lengths:
@@ -375,7 +375,7 @@ def run(args) -> int:
                                         structure=layer.structure))
         rows = None if not args.rows or args.rows >= N else torch.arange(N - args.rows, N, device=layer.q.device)
         for method in methods:
-            report["rows"].append(measure(layer, method, rows, backend=args.backend, ff_gemm=args.ff_gemm,
+            report["results"].append(measure(layer, method, rows, backend=args.backend, ff_gemm=args.ff_gemm,
                                           repeats=args.repeats, max_seconds=args.max_seconds, gemm=gemm))
             bar.update()
         del layer
@@ -390,7 +390,7 @@ def run(args) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1) + "\n"))
         print(f"wrote {path}")
-    return 1 if any(not r["error"] <= r["tolerance"] for r in report["rows"]) else 0
+    return 1 if any(not r["error"] <= r["tolerance"] for r in report["results"]) else 0
 
 
 def table(report: dict) -> str:
@@ -399,7 +399,7 @@ def table(report: dict) -> str:
              f"{report['dtype']}, torch {report['versions']['torch']}",
              f"{'method':<12}{'N':>7}{'rows':>6} {'backend':<10}{'time ms':>10}{'SDPA ms':>9}{'vs SDPA':>9}"
              f"{'GEMM TF/s':>10}{'vs GEMM':>8}{'peak MiB':>10}{'error':>9}"]
-    for r in report["rows"]:
+    for r in report["results"]:
         backend = "/".join(dict.fromkeys(r["backends"].values()))
         gemm = f"{r['gemm_tflops']:>10.2f}{r['vs_gemm']:>8.2f}" if "vs_gemm" in r else f"{'-':>10}{'-':>8}"
         flag = "" if r["error"] <= r["tolerance"] else " FAIL"

@@ -27,9 +27,9 @@ def test_the_command_writes_the_table_and_json(tmp_path, capsys):
     assert report["versions"]["torch"] == torch.__version__ and report["versions"]["kobattr"]
     assert report["layer"] == dict(heads=12, kv_heads=12, head_size=32, d_model=384, d_ff=1536, causal=False,
                                    structure="post")
-    assert [(r["method"], r["N"]) for r in report["rows"]] == [("attnresln_n", 16), ("atbffresln", 16),
+    assert [(r["method"], r["N"]) for r in report["results"]] == [("attnresln_n", 16), ("atbffresln", 16),
                                                               ("attnresln_n", 24), ("atbffresln", 24)]
-    for r in report["rows"]:
+    for r in report["results"]:
         line = next(line for line in table.splitlines() if line.startswith(f"{r['method']} ") and f" {r['N']} " in line)
         assert r["seconds"] > 0 and r["sdpa_seconds"] > 0 and r["peak_bytes"] >= 0
         assert r["vs_sdpa"] == pytest.approx(r["seconds"] / r["sdpa_seconds"])
@@ -75,7 +75,7 @@ def test_a_wrong_map_is_flagged(capsys):
     assert row["backends"]["attention_maps"] == "wrong" and row["error"] == pytest.approx(0.01, rel=1e-3)
     assert row["error"] > row["tolerance"]
     assert "FAIL" in bench.table(dict(device=bench.device_info("cpu"), versions=bench.versions(), model="bert-tiny",
-                                      dtype="float32", rows=[row]))
+                                      dtype="float32", results=[row]))
 
 
 def test_bad_requests_are_one_line_errors(capsys):
