@@ -2,16 +2,17 @@
 
 A workload is a primitive (attention_maps, ff_maps, row_stats) on a device (its name and compute capability; on
 a CPU its instruction set and thread count), for a model shape (heads, KV heads, head size, the attention
-features; ff_maps adds d_model, d_ff, gating and the FF product's dtype), a dtype and a length bucket (N rounded
-up to a power of two, at least 64). The first time dispatch (``kobattr.backends.select``, backend="auto" only)
+features; ff_maps adds d_model, d_ff, gating and the FF product's dtype), a dtype, the output modes asked for
+(full maps, rows=, contractions, alpha) and a length bucket (N rounded up to a power of two, at least 64). The first time dispatch (``kobattr.backends.select``, backend="auto" only)
 meets a workload with ``KOBATTR_TUNE=1``, ``tune`` takes every candidate of ``candidates`` (an implementation and
 its settings) that takes the input and:
 
 1. gates it: its maps of a small random layer of the workload's shape (N = 48, padding, the attention features,
    on this device, in this dtype) are compared with the float64 reference (kobattr/reference.py) as
    ``kobattr selftest`` does; a candidate over the tolerance is rejected, however fast;
-2. times the survivors on random inputs at the bucket's length (the last TIME_ROWS query rows of the maps;
-   row_stats whole): one warm-up call, then the fastest of up to 3 (one for a candidate already 3x slower than
+2. times the survivors on random inputs in the workload's output mode: full attention maps whole at the
+   bucket's length (at most FULL_N), rows, contractions and FF maps on the last TIME_ROWS query rows at the
+   bucket's length, row_stats whole: one warm-up call, then the fastest of up to 3 (one for a candidate already 3x slower than
    the best so far); a later candidate must beat an earlier one by 5% to displace it;
 3. stores the fastest in a small JSON file (``cache_path``), written atomically under a lock.
 
@@ -53,6 +54,7 @@ GATE_N, GATE_PAD = 48, 5
 # query rows timed at the bucket's length (the last ones: causal rows there see every key); None: all
 TIME_ROWS = {("attention_maps", "cpu"): 128, ("attention_maps", "cuda"): 2048,
              ("ff_maps", "cpu"): 8, ("ff_maps", "cuda"): 8}
+FULL_N = {"cpu": 1024, "cuda": 16384}  # the longest full attention maps timed
 TIE = 1.05  # a candidate must beat an earlier one by this factor to displace it
 SLOW = 3.0
 # TorchBackend.budget, the default first: ties (TIE) go to the earlier candidate, so the static choice
@@ -150,15 +152,16 @@ def bucket(n: int) -> int:
     return max(MIN_BUCKET, 1 << math.ceil(math.log2(max(n, 1))))
 
 
-def workload(primitive: str, attn: Attention, ff_gemm_dtype=None, ff_shape=None) -> dict:
-    """The key of a workload (module docstring), JSON-ready."""
+def workload(primitive: str, attn: Attention, ff_gemm_dtype=None, ff_shape=None, outputs=frozenset()) -> dict:
+    """The key of a workload (module docstring), JSON-ready; ``outputs``: the output modes beyond the full map
+    the call asks for ("rows", "contract", "alpha"; the fastest implementation differs between them)."""
     from .bench import device_info
 
     info = device_info(attn.q.device)
-    B, H, N, Dh = attn.q.shape
+    _, H, N, Dh = attn.q.shape
     key = dict(primitive=primitive, device_type=info["type"], device=info["name"], capability=info["capability"],
                dtype=str(attn.q.dtype).replace("torch.", ""), heads=H, kv_heads=attn.k.shape[1], head_size=Dh,
-               features=sorted(required_features(attn)), length_bucket=bucket(N))
+               features=sorted(required_features(attn)), length_bucket=bucket(N), outputs=sorted(outputs))
     if info["type"] == "cpu":
         key["threads"] = info["threads"]
     if primitive == "ff_maps":
@@ -300,23 +303,29 @@ def _gate(primitive: str, impls: dict, exact, dtype, ff_gemm_dtype=None) -> dict
     return verdicts
 
 
-def _timing_inputs(primitive: str, attn: Attention, ff_shape, n: int, ff_gemm_dtype=None):
-    """fn(impl) running ``primitive`` on random inputs of the workload's shape at length ``n``."""
+def _timing_inputs(primitive: str, attn: Attention, ff_shape, n: int, ff_gemm_dtype=None, outputs=frozenset()):
+    """fn(impl) running ``primitive`` on random inputs of the workload's shape at length ``n``, in its output mode:
+    full attention maps whole at length min(n, FULL_N), the rest on the last TIME_ROWS rows at length n."""
     dev, dtype = attn.q.device, attn.q.dtype
+    full = primitive == "attention_maps" and not {"rows", "contract"} & set(outputs)
+    if full:
+        n = min(n, FULL_N[dev.type])
     g = torch.Generator(device=dev).manual_seed(0)
     H, Dh, KV = attn.q.shape[1], attn.q.shape[3], attn.k.shape[1]
     big = Attention(q=torch.randn(1, H, n, Dh, device=dev, generator=g).to(dtype),
                     k=torch.randn(1, KV, n, Dh, device=dev, generator=g).to(dtype),
                     valid=torch.ones(1, n, dtype=torch.bool, device=dev), causal=attn.causal, window=attn.window,
                     scale=attn.scale, radius=attn.radius, softcap=attn.softcap)
-    cap = TIME_ROWS.get((primitive, dev.type))
-    rows = None if cap is None or cap >= n else torch.arange(n - cap, n, device=dev)
+    cap = None if full else TIME_ROWS.get((primitive, dev.type))
+    rows = None if cap is None else torch.arange(max(0, n - cap), n, device=dev)
+    weights = torch.full((1, 1, n), 1.0 / n, device=dev) if "contract" in outputs else None
     if primitive == "row_stats":
         return lambda impl: impl.row_lse(big)
     if primitive == "attention_maps":
         u = torch.randn(1, n, 1, H + 1, 8, device=dev, generator=g)
         grams, row_scale = u @ u.transpose(-1, -2), torch.rand(1, n, 1, device=dev, generator=g) + 0.5
-        return lambda impl: impl.attention_maps(big, grams, row_scale, rows=rows)
+        return lambda impl: impl.attention_maps(big, grams, row_scale, rows=rows, weights=weights,
+                                                want_alpha="alpha" in outputs)
     d_model, d_ff, gated = ff_shape
 
     def key_block(keys: slice) -> tuple:  # random parts made per key block, as core makes them: no (N, H+1, F) held
@@ -333,16 +342,17 @@ def _timing_inputs(primitive: str, attn: Attention, ff_shape, n: int, ff_gemm_dt
                     w_out=torch.randn(d_ff, d_model, device=dev, generator=g) / math.sqrt(d_ff),
                     out_weight=positive(d_model), out_center=not gated, n_scopes=3, key_block=key_block,
                     gemm_dtype=ff_gemm_dtype)
-    return lambda impl: impl.ff_maps(big, parts, rows=rows)
+    return lambda impl: impl.ff_maps(big, parts, rows=rows, weights=weights)
 
 
 def tune(primitive: str, attn: Attention, ff_gemm_dtype=None, ff_shape=None, pool: Optional[list] = None,
-         path: Optional[Path] = None, save: bool = True, log: Optional[Callable[[str], None]] = None) -> dict:
+         path: Optional[Path] = None, save: bool = True, log: Optional[Callable[[str], None]] = None,
+         outputs=frozenset()) -> dict:
     """Gate, time and store (module docstring) the candidates ``pool`` (default: ``candidates``) for the workload of
     ``attn``; returns the entry: winner (backend and settings, or None), seconds and rejected by label."""
     from .bench import timed
 
-    key = workload(primitive, attn, ff_gemm_dtype, ff_shape)
+    key = workload(primitive, attn, ff_gemm_dtype, ff_shape, outputs)
     device = attn.q.device.type
     pool = candidates(primitive, device) if pool is None else pool
     impls, rejected = {}, {}
@@ -357,7 +367,7 @@ def tune(primitive: str, attn: Attention, ff_gemm_dtype=None, ff_shape=None, poo
     try:
         verdicts = _gate(primitive, {label: impl for label, (_, impl) in impls.items()},
                          _gate_layer(key, attn, ff_shape), attn.q.dtype, ff_gemm_dtype) if impls else {}
-        run = _timing_inputs(primitive, attn, ff_shape, key["length_bucket"], ff_gemm_dtype) if impls else None
+        run = _timing_inputs(primitive, attn, ff_shape, key["length_bucket"], ff_gemm_dtype, outputs) if impls else None
         seconds = {}
         for label, (candidate, impl) in impls.items():
             if verdicts[label] is not None:
@@ -381,7 +391,7 @@ def tune(primitive: str, attn: Attention, ff_gemm_dtype=None, ff_shape=None, poo
     entry = dict(env=environment(), tuned_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  winner=None if winner is None else dict(backend=winner.backend, settings=[list(s) for s in winner.settings],
                                                          label=winner.label),
-                 seconds=seconds, rejected=rejected, time_rows=TIME_ROWS.get((primitive, device)))
+                 seconds=seconds, rejected=rejected)
     # a winner with no name in kobattr.backends (a factory-built variant under test) cannot be rebuilt from the file
     if save and (winner is None or winner.factory is None):
         store(key, entry, path)
@@ -389,7 +399,7 @@ def tune(primitive: str, attn: Attention, ff_gemm_dtype=None, ff_shape=None, poo
     return entry
 
 
-def tuned(primitive: str, attn: Attention, ff_gemm_dtype=None, ff_shape=None) -> Optional[Backend]:
+def tuned(primitive: str, attn: Attention, ff_gemm_dtype=None, ff_shape=None, outputs=frozenset()) -> Optional[Backend]:
     """What dispatch runs for a primitive left to "auto": the tuned winner for this workload (KOBATTR_TUNE), or
     None for the static rule."""
     mode = tune_mode()
@@ -397,13 +407,13 @@ def tuned(primitive: str, attn: Attention, ff_gemm_dtype=None, ff_shape=None) ->
         return None
     if primitive == "ff_maps" and ff_shape is None:
         return None  # no key without the FFN's shape
-    key = workload(primitive, attn, ff_gemm_dtype, ff_shape)
+    key = workload(primitive, attn, ff_gemm_dtype, ff_shape, outputs)
     text = key_text(key)
     if text in _MEMO:
         return _MEMO[text]
     hit, impl = cached_winner(key) if mode == "1" else (False, None)
     if not hit:
-        tune(primitive, attn, ff_gemm_dtype, ff_shape)  # leaves its winner in _MEMO
+        tune(primitive, attn, ff_gemm_dtype, ff_shape, outputs=outputs)  # leaves its winner in _MEMO
         impl = _MEMO[text]
     _MEMO[text] = impl
     return impl

@@ -218,3 +218,30 @@ def test_dispatch_takes_implementation_instances(attn):
     exact = attention_of(random_layer("bert", N=12, B=1, dtype=torch.float64))
     with pytest.raises(BackendUnavailable, match="backend 'cpu' cannot run attention_maps"):
         select({"attention_maps": CompiledBackend("cpu")}, "attention_maps", exact)
+
+
+class FullOnly(CompiledBackend):
+    """A variant that writes full maps only (as a kernel without a rows= path would)."""
+
+    def __init__(self):
+        super().__init__("cpu")
+        self.name = "fullonly"
+
+    def attention_maps(self, attn, grams, row_scale, rows=None, weights=None, **kwargs):
+        if rows is not None or weights is not None:
+            raise NotImplementedError("full maps only")
+        return super().attention_maps(attn, grams, row_scale, **kwargs)
+
+
+def test_each_output_mode_is_its_own_workload_timed_in_that_mode(attn, cache):
+    pool = [tuner.Candidate("fullonly", factory=FullOnly)]
+    full = tuner.tune("attention_maps", attn, pool=pool, save=False)
+    assert full["winner"]["label"] == "fullonly" and set(full["seconds"]) == {"fullonly"}  # timed whole
+    for outputs in ({"rows"}, {"contract"}, {"rows", "contract"}):
+        entry = tuner.tune("attention_maps", attn, pool=pool, save=False, outputs=frozenset(outputs))
+        assert entry["winner"] is None and "full maps only" in entry["rejected"]["fullonly"]
+        key = tuner.workload("attention_maps", attn, outputs=frozenset(outputs))
+        assert key["outputs"] == sorted(outputs) and key != tuner.workload("attention_maps", attn)
+    cpu = tuner.tune("attention_maps", attn, pool=[tuner.Candidate("cpu")], path=cache,
+                     outputs=frozenset({"contract", "alpha"}))
+    assert cpu["winner"]["label"] == "cpu"
