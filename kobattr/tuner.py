@@ -41,7 +41,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .backends import implementation
+from .backends import BACKEND_NAMES, auto_order, implementation
 from .backends.base import Attention, Backend, FFParts, required_features
 from .backends.torch_backend import DEFAULT_BUDGET
 
@@ -103,16 +103,21 @@ def register_candidates(fn: Callable[[str, str], list]) -> Callable:
 
 
 def _builtin(primitive: str, device: str) -> list:
-    torch_budgets = [Candidate("torch", (("budget", b),)) for b in BUDGETS.get(device, ())]
-    if device == "cuda":
-        native = [Candidate("triton"), Candidate("cuda")]
-    else:  # triton runs on a CPU only through its interpreter, whose timings mean nothing
-        native = [Candidate("cpu")]
-    if primitive == "attention_maps":
-        return native + torch_budgets
-    if primitive == "ff_maps":
-        return torch_budgets + [c for c in native if c.backend == "triton"]
-    return native + [Candidate("torch")]  # row_stats: one pass, no tile setting
+    """Every implementation of kobattr.backends that implements ``primitive``, dispatch's static order first (so
+    that ties keep its choice) and taking tensors of ``device``, the torch backend once per budget; none of Triton's on a CPU, where only its
+    interpreter runs, whose timings mean nothing."""
+    names = auto_order(primitive, device) + BACKEND_NAMES
+    out = []
+    for name in dict.fromkeys(names):
+        impl = implementation(name)
+        if (device == "cpu" and "triton" in name) or isinstance(impl, str) or primitive not in impl.primitives \
+                or device not in impl.devices:
+            continue
+        if name == "torch" and primitive in ("attention_maps", "ff_maps"):
+            out += [Candidate("torch", (("budget", b),)) for b in BUDGETS[device]]
+        else:
+            out.append(Candidate(name))
+    return out
 
 
 def candidates(primitive: str, device: str) -> list:
