@@ -22,7 +22,9 @@ environment variable KOBATTR_TUNE: "0" (the default: no tuning and no cache, dis
 tests and CI never tune), "1" (cached winners, tuning on a miss), "force" (tune every workload again, once per
 process). ``kobattr tune`` tunes the workloads of a model at given lengths ahead of time.
 
-New variants plug in through ``register_candidates(fn)``: ``fn(primitive, device)`` returns more Candidates.
+Every implementation named in kobattr.backends is a candidate for the primitives it implements (a new one needs
+no change here); ``register_candidates(fn)`` adds more, ``fn(primitive, device)`` returning Candidates (an
+implementation with other settings, or one built by a factory).
 """
 
 from __future__ import annotations
