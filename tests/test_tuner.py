@@ -121,7 +121,7 @@ def test_a_miss_tunes_once_per_process(attn, cache, monkeypatch):
     assert seen == ["attention_maps"] and first is second
     entries = json.loads(cache.read_text())["entries"]
     (key, entry), = entries.items()
-    assert json.loads(key)["length_bucket"] == 64 and entry["winner"]["label"] == first.name
+    assert json.loads(key)["length_bucket"] == 64 and entry["winner"]["backend"] == first.name
     assert entry["env"] == tuner.environment() and set(entry["seconds"]) >= {"cpu"}
 
 
