@@ -59,9 +59,8 @@ TIME_ROWS = {("attention_maps", "cpu"): 128, ("attention_maps", "cuda"): 2048,
 FULL_N = {"cpu": 1024, "cuda": 16384}  # the longest full attention maps timed
 TIE = 1.05  # a candidate must beat an earlier one by this factor to displace it
 SLOW = 3.0
-# TorchBackend.budget, the default first: ties (TIE) go to the earlier candidate, so the static choice
-BUDGETS = {"cpu": (DEFAULT_BUDGET, DEFAULT_BUDGET // 4, DEFAULT_BUDGET * 4),
-           "cuda": (DEFAULT_BUDGET, DEFAULT_BUDGET * 4, DEFAULT_BUDGET * 16)}
+# TorchBackend.budget values tried beside the implementation's own (listed first: ties go to the earlier candidate)
+BUDGETS = {"cpu": (DEFAULT_BUDGET // 4, DEFAULT_BUDGET * 4), "cuda": (DEFAULT_BUDGET * 4, DEFAULT_BUDGET * 16)}
 
 
 class TuneCacheWarning(UserWarning):
@@ -105,9 +104,9 @@ def register_candidates(fn: Callable[[str, str], list]) -> Callable:
 
 
 def _builtin(primitive: str, device: str) -> list:
-    """Every implementation of kobattr.backends that implements ``primitive``, dispatch's static order first (so
-    that ties keep its choice) and taking tensors of ``device``, the torch backend once per budget; none of Triton's on a CPU, where only its
-    interpreter runs, whose timings mean nothing."""
+    """Every implementation of kobattr.backends that implements ``primitive`` on tensors of ``device``, dispatch's
+    static order first (ties keep its choice), the torch backend also with other budgets; none of Triton's on a
+    CPU, where only its interpreter runs, whose timings mean nothing."""
     names = auto_order(primitive, device) + BACKEND_NAMES
     out = []
     for name in dict.fromkeys(names):
@@ -115,10 +114,9 @@ def _builtin(primitive: str, device: str) -> list:
         if (device == "cpu" and "triton" in name) or isinstance(impl, str) or primitive not in impl.primitives \
                 or device not in impl.devices:
             continue
+        out.append(Candidate(name))
         if name == "torch" and primitive in ("attention_maps", "ff_maps"):
             out += [Candidate("torch", (("budget", b),)) for b in BUDGETS[device]]
-        else:
-            out.append(Candidate(name))
     return out
 
 
