@@ -246,3 +246,12 @@ def test_each_output_mode_is_its_own_workload_timed_in_that_mode(attn, cache):
     cpu = tuner.tune("attention_maps", attn, pool=[tuner.Candidate("cpu")], path=cache,
                      outputs=frozenset({"contract", "alpha"}))
     assert cpu["winner"]["label"] == "cpu"
+
+
+def test_dispatch_asks_for_the_workload_of_its_output_mode(cache, monkeypatch):
+    monkeypatch.setenv("KOBATTR_TUNE", "1")
+    layer = random_layer("bert", N=30, B=1, dtype=torch.float32)
+    attribute(layer, methods=["attnresln_n"], rows=[3, 7])
+    attribute(layer, methods=["attn_n"], heads=True)
+    modes = sorted(tuple(json.loads(k)["outputs"]) for k in json.loads(cache.read_text())["entries"])
+    assert modes == [("alpha",), ("rows",)]

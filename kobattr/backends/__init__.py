@@ -76,15 +76,16 @@ def _preferences(backend, primitive: str, device: str) -> tuple[tuple, bool]:
     return (backend,), True
 
 
-def select(backend, primitive: str, attn: Attention, ff_gemm_dtype=None, ff_shape=None) -> Backend:
+def select(backend, primitive: str, attn: Attention, ff_gemm_dtype=None, ff_shape=None,
+           outputs: frozenset = frozenset()) -> Backend:
     """The implementation that runs ``primitive`` on this input (ff_maps with FFParts.gemm_dtype = ff_gemm_dtype),
-    or BackendUnavailable with every reason. ``ff_shape``: (d_model, d_ff, gated) of the layer, part of the
-    tuner's key."""
+    or BackendUnavailable with every reason. ``ff_shape``: (d_model, d_ff, gated) of the layer; ``outputs``: the
+    output modes asked for beyond the full map ("rows", "contract", "alpha"); both part of the tuner's key."""
     names, explicit = _preferences(backend, primitive, attn.q.device.type)
     if not explicit:
         from ..tuner import tuned  # the on-device tuner's cached (or, with KOBATTR_TUNE=1, measured) winner
 
-        winner = tuned(primitive, attn, ff_gemm_dtype, ff_shape)
+        winner = tuned(primitive, attn, ff_gemm_dtype, ff_shape, outputs)
         if winner is not None and not winner.refusals(primitive, attn, ff_gemm_dtype):
             return winner
     reasons = []
@@ -100,8 +101,10 @@ def select(backend, primitive: str, attn: Attention, ff_gemm_dtype=None, ff_shap
 
 
 def get_backend(name, attn: Attention, need_ff: bool, need_row_stats: bool = False,
-                ff_gemm_dtype=None, ff_shape=None) -> dict[str, Backend]:
+                ff_gemm_dtype=None, ff_shape=None, outputs: frozenset = frozenset()) -> dict[str, Backend]:
     """{primitive: implementation} for the primitives a layer needs (ff_maps only if need_ff, with FFParts.gemm_dtype
-    = ff_gemm_dtype; row_stats only if need_row_stats); ``ff_shape`` as for ``select``."""
+    = ff_gemm_dtype; row_stats only if need_row_stats); ``ff_shape`` and ``outputs`` as for ``select`` (row_stats
+    has one output)."""
     wanted = ("attention_maps",) + (("ff_maps",) if need_ff else ()) + (("row_stats",) if need_row_stats else ())
-    return {p: select(name, p, attn, ff_gemm_dtype, ff_shape) for p in wanted}
+    return {p: select(name, p, attn, ff_gemm_dtype, ff_shape, outputs if p != "row_stats" else frozenset())
+            for p in wanted}
