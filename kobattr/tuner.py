@@ -8,8 +8,9 @@ meets a workload with ``KOBATTR_TUNE=1``, ``tune`` takes every candidate of ``ca
 its settings) that takes the input and:
 
 1. gates it: its maps of a small random layer of the workload's shape (N = 48, padding, the attention features,
-   on this device, in this dtype) are compared with the float64 reference (kobattr/reference.py) as
-   ``kobattr selftest`` does; a candidate over the tolerance is rejected, however fast;
+   on this device, in this dtype, in the workload's output mode: full maps, a few rows, a contraction) are
+   compared with the float64 reference (kobattr/reference.py) as ``kobattr selftest`` does; a candidate over
+   the tolerance is rejected, however fast;
 2. times the survivors on random inputs in the workload's output mode: full attention maps whole at the
    bucket's length (at most FULL_N), rows, contractions and FF maps on the last TIME_ROWS query rows at the
    bucket's length, row_stats whole: one warm-up call, then the fastest of up to 3 (one for a candidate already 3x slower than
@@ -278,8 +279,9 @@ def _random_gate_layer(H, KV, Dh, D, F, gated, causal, window, radius, softcap, 
                         device=device)
 
 
-def _gate(primitive: str, impls: dict, exact, dtype, ff_gemm_dtype=None) -> dict:
-    """{label: None if it passed, else why not} of each implementation against the float64 reference."""
+def _gate(primitive: str, impls: dict, exact, dtype, ff_gemm_dtype=None, outputs=frozenset()) -> dict:
+    """{label: None if it passed, else why not} of each implementation against the float64 reference, in the output
+    mode of ``outputs`` (rows=: a few rows; contract=: two random weight rows)."""
     from .methods import STRUCTURES, form, methods_for
     from .reference import reference
     from .selftest import Outcome, _try
@@ -291,11 +293,15 @@ def _gate(primitive: str, impls: dict, exact, dtype, ff_gemm_dtype=None) -> dict
     methods = [m for m in methods_for(structure) if form(m, structure).primitive == primitive]
     if primitive == "ff_maps":
         methods = [m for m in methods if m in STRUCTURES[structure].scopes]
+    N = exact.seq_len
+    rows = torch.tensor([0, 1, N // 2, N - GATE_PAD - 1], device=exact.q.device) if "rows" in outputs else None
+    g = torch.Generator().manual_seed(0)
+    contract = torch.rand(2, N, generator=g, dtype=torch.float64).to(exact.q.device) if "contract" in outputs else None
     verdicts = {}
     for label, impl in impls.items():
         outcome = Outcome(impl.name, primitive, "gate", str(dtype))
         try:
-            _try(outcome, impl, primitive, layer, methods, ref, dtype, low, ff_gemm_dtype)
+            _try(outcome, impl, primitive, layer, methods, ref, dtype, low, ff_gemm_dtype, rows, contract)
         except Exception as err:  # a candidate that breaks is rejected, never the tuning run
             verdicts[label] = f"{type(err).__name__}: {err}"[:200]
             continue
@@ -371,7 +377,7 @@ def tune(primitive: str, attn: Attention, ff_gemm_dtype=None, ff_shape=None, poo
     token = _ACTIVE.set(True)
     try:
         verdicts = _gate(primitive, {label: impl for label, (_, impl) in impls.items()},
-                         _gate_layer(key, attn, ff_shape), attn.q.dtype, ff_gemm_dtype) if impls else {}
+                         _gate_layer(key, attn, ff_shape), attn.q.dtype, ff_gemm_dtype, outputs) if impls else {}
         run = _timing_inputs(primitive, attn, ff_shape, key["length_bucket"], ff_gemm_dtype, outputs) if impls else None
         seconds = {}
         for label, (candidate, impl) in impls.items():

@@ -255,3 +255,23 @@ def test_dispatch_asks_for_the_workload_of_its_output_mode(cache, monkeypatch):
     attribute(layer, methods=["attn_n"], heads=True)
     modes = sorted(tuple(json.loads(k)["outputs"]) for k in json.loads(cache.read_text())["entries"])
     assert modes == [("alpha",), ("rows",)]
+
+
+class WrongOffTheFullMap(CompiledBackend):
+    """Right on full maps, 3% off on rows= or contractions: what a gate of full maps alone would let through."""
+
+    def __init__(self):
+        super().__init__("cpu")
+        self.name = "partlywrong"
+
+    def attention_maps(self, attn, grams, row_scale, rows=None, weights=None, **kwargs):
+        maps, alpha = super().attention_maps(attn, grams, row_scale, rows=rows, weights=weights, **kwargs)
+        return (maps * 1.03 if rows is not None or weights is not None else maps), alpha
+
+
+def test_the_gate_checks_the_workloads_output_mode(attn):
+    pool = [tuner.Candidate("partlywrong", factory=WrongOffTheFullMap)]
+    assert tuner.tune("attention_maps", attn, pool=pool, save=False)["winner"]["label"] == "partlywrong"
+    for outputs in ({"rows"}, {"contract"}, {"rows", "contract"}):
+        entry = tuner.tune("attention_maps", attn, pool=pool, save=False, outputs=frozenset(outputs))
+        assert entry["winner"] is None and "over the tolerance" in entry["rejected"]["partlywrong"], outputs
