@@ -378,7 +378,8 @@ def _ff_prologue_kernel(
     SOFTCAP: tl.constexpr, QK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """hidden[b, c, r, f] = in_scale_i (coef_in_if sum_s kappa_ij[s] ff_j[s, f] + coef_gate_if sum_s kappa_ij[s]
-    gate_j[s, f]) and kappa[b, c, r] = kappa_ij, for i = rows[r], j = key_start + c (0 where j is invisible from i).
+    gate_j[s, f]) and kappa[b, c, r] = kappa_ij, for i = rows[r], j = key_start + c (kappa 0 where j is invisible
+    from i; hidden rows of invisible pairs may be left unwritten in a sub-tile that holds no visible pair).
 
     The prologue of the FF GEMM (backends/triton_backend.py TritonGemmBackend): the per-pair hidden rows of one
     tile, key-major, written in the GEMM dtype, with alpha recomputed from q, k and the row statistics
@@ -405,7 +406,9 @@ def _ff_prologue_kernel(
     kappa_offs = pair[:, :, None] * (H + 1) + heads[None, None, :]
     tl.store(kappa_ptr + kappa_offs, alpha_t, mask=pair_ok[:, :, None] & (heads < H)[None, None, :])
     tl.store(kappa_ptr + pair * (H + 1) + H, diag, mask=pair_ok)
-    for f0 in range(0, F, BLOCK_F):
+    # the GEMM reads the visible pairs' rows only: a sub-tile without one (causal, window, padding) writes none
+    f_stop = tl.where(tl.max(tl.max(vis.to(tl.int32), 1), 0) > 0, F, 0)
+    for f0 in range(0, f_stop, BLOCK_F):
         f = f0 + tl.arange(0, BLOCK_F)
         f_ok = f < F
         hidden = _hidden_slice(alpha_t, ff_ptr, gate_ptr, coef_in_ptr, coef_gate_ptr, in_scale, b, rows, row_ok,

@@ -143,14 +143,15 @@ def test_budget_reaches_every_implementation():
         attribute(random_layer("bert", dtype=torch.float32, N=5), methods=["atbff"], budget=0)
 
 
-TRITON_GEMM_CASES = [("llama", dict(N=13, window=6, pad=3)), ("gemma2", dict(N=10, pad=2, softcap=1.5)),
-                     ("post_geglu", dict(N=9)), ("sandwich_ln", dict(N=9, radius=2))]
+# (kind, options, pairs per tile: None = the default, one 32 x 32 tile whose prologue skips its invisible sub-tiles)
+TRITON_GEMM_CASES = [("llama", dict(N=13, window=6, pad=3), 30), ("gemma2", dict(N=10, pad=2, softcap=1.5), 30),
+                     ("post_geglu", dict(N=9), 30), ("sandwich_ln", dict(N=9, radius=2), 30), ("gpt2", dict(N=40), None)]
 
 
-@pytest.mark.parametrize("kind,kw", TRITON_GEMM_CASES, ids=[c[0] for c in TRITON_GEMM_CASES])
-def test_triton_prologue_matches_the_torch_prologue(kind, kw):
-    """The Triton prologue (interpreted) writes the hidden rows and kappa the torch prologue does, in float32
-    (1e-5 of the reference) and in bfloat16 (the flash-attention rule), on tiles of a few pairs."""
+@pytest.mark.parametrize("kind,kw,pairs", TRITON_GEMM_CASES, ids=[c[0] for c in TRITON_GEMM_CASES])
+def test_triton_prologue_matches_the_reference(kind, kw, pairs):
+    """triton_gemm's FF maps (the Triton prologue interpreted) against the reference, in float32 (1e-5) and with
+    bfloat16 products (the flash-attention rule), on tiles of a few pairs and on one large causal tile."""
     if availability()["triton_gemm"] is not None:
         pytest.skip(availability()["triton_gemm"])
     exact = random_layer(kind, dtype=torch.float64, **kw)
@@ -159,7 +160,7 @@ def test_triton_prologue_matches_the_torch_prologue(kind, kw):
     ref = reference(exact, methods=methods)["maps"]
     low = reference(exact.to(dtype=torch.bfloat16), methods=methods)["maps"]
     F, D = layer.ffn.w_out.shape
-    small = 2 * layer.q.shape[0] * 30 * max(F, D)  # about 30 pairs a tile: several tiles, diagonal ones among them
+    small = None if pairs is None else 2 * layer.q.shape[0] * pairs * max(F, D)  # several tiles, diagonal ones too
     fp32 = attribute(layer, methods=methods, backend={"ff_maps": "triton_gemm"}, budget=small, verify=0)
     bf16 = attribute(layer, methods=methods, backend={"ff_maps": "triton_gemm"}, budget=small, ff_gemm="bfloat16")
     assert fp32.backends["ff_maps"] == bf16.backends["ff_maps"] == "triton_gemm"

@@ -210,11 +210,12 @@ class TorchBackend(Backend):
 
     def ff_prologue(self, attn: Attention, p: dict, rows: Tensor, cols: Tensor, lse: Tensor, vis: Tensor,
                     ff_p: Tensor, gate_p: Optional[Tensor], gemm_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """(kappa (B, C, R, H+1) in the compute dtype, hidden (B, C, R, F) in ``gemm_dtype``) of the query rows
-        ``rows`` against the keys ``cols`` (their row log-sum-exp ``lse`` (B, H, R), visibility ``vis``
-        (B, R, C), per-key parts ff_p, gate_p (B, C, H+1, F)): hidden_ij = in_scale_i (coef_in_i
-        sum_r kappa_ij[r] ff_j[r] + coef_gate_i sum_r kappa_ij[r] gate_j[r]). Key-major, (B, C, R, ...): the
-        per-key products write contiguously, and the (B C R, F) view for W_out needs no copy."""
+        """(kappa (B, C, R, H+1), hidden (B, C, R, F) in ``gemm_dtype``) of the query rows ``rows`` against the
+        keys ``cols`` (their row log-sum-exp ``lse`` (B, H, R), visibility ``vis`` (B, R, C), per-key parts
+        ff_p, gate_p (B, C, H+1, F)): hidden_ij = in_scale_i (coef_in_i sum_r kappa_ij[r] ff_j[r] + coef_gate_i
+        sum_r kappa_ij[r] gate_j[r]). Key-major, (B, C, R, ...): the per-key products write contiguously, and
+        the (B C R, F) view for W_out needs no copy. Hidden rows of invisible pairs are never read (an
+        implementation may leave them unwritten); kappa is 0 there."""
         dtype = lse.dtype
         scores, _ = block_scores(attn, rows, dtype, cols)
         alpha = torch.exp(scores - lse[..., None]).nan_to_num(0.0) * vis[:, None]  # (B, H, R, C)
