@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .backends import get_backend
-from .backends.base import Attention, Backend, FFParts
+from .backends.base import Attention, Backend, BackendUnavailable, FFParts
 from .backends.torch_backend import DEFAULT_BUDGET, block_alpha
 from .ig import ffn_coefficients
 from .layer import NORM_FIELDS, Layer, LayerInputError, all_finite, cap_logits
@@ -520,8 +520,8 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
         budget: elements per intermediate of every implementation (None: DEFAULT_BUDGET on the CPU; on CUDA the
         FF tiles then take a share of the free device memory, an explicit budget caps them).
         ff_gemm: the precision of the FF methods' (pairs, d_ff) @ (d_ff, d) products with W_2. "auto" (default)
-        follows the model: bfloat16 / float16 layers take 16-bit inputs with float32 sums, float32 and float64
-        layers their own dtype. "float32": the compute dtype whatever the layer; "bfloat16" / "float16": 16-bit
+        follows the model: bfloat16 / float16 layers take 16-bit inputs with float32 sums (where the implementation
+        offers them; a named one without keeps its float32 products), float32 and float64 layers their own dtype. "float32": the compute dtype whatever the layer; "bfloat16" / "float16": 16-bit
         inputs, float32 sums (float32 layers: 1.7x faster on a 2-core CPU with AVX512-BF16, README); "tf32":
         float32 inputs on TF32 tensor cores (CUDA only). The 16-bit products stay within twice the error of the
         reference computed in that dtype (tests/test_ff_gemm.py); the spot checks then hold the FF maps to its
@@ -548,8 +548,16 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
         raise LayerInputError(f"the requested maps hold {out_elements / 2**30:.1f} G values ({B} x {n_rows} rows x {N} keys x "
                               f"{len(methods)} methods{' + heads' if heads else ''}); ask for fewer rows= or use contract= "
                               "to contract them.")
-    impls = get_backend(backend, attention_of(layer), need_ff, need_row_stats=layer.head_outputs is not None,
-                        ff_gemm_dtype=ff_gemm_dtype, budget=budget)
+    try:
+        impls = get_backend(backend, attention_of(layer), need_ff, need_row_stats=layer.head_outputs is not None,
+                            ff_gemm_dtype=ff_gemm_dtype, budget=budget)
+    except BackendUnavailable:
+        if ff_gemm != "auto" or ff_gemm_dtype is None:
+            raise
+        # "auto" asks for 16-bit products where an implementation offers them: one named without them keeps its own
+        ff_gemm_dtype = None
+        impls = get_backend(backend, attention_of(layer), need_ff, need_row_stats=layer.head_outputs is not None,
+                            budget=budget)
     # full maps: the attention primitive computes every row's statistics anyway, so alpha_ii can wait for them
     prep = _Prepared(layer, methods, ig, ig_steps, budget or DEFAULT_BUDGET, targets, row_stats=impls.get("row_stats"),
                      defer_diagonal=rows is None and contract is None, ff_gemm_dtype=ff_gemm_dtype)

@@ -167,3 +167,32 @@ def test_triton_prologue_matches_the_reference(kind, kw, pairs):
     for m in methods:
         assert float(row_errors(fp32.maps[m], ref[m]).max()) < 1e-5, m
         assert float(row_errors(bf16.maps[m], ref[m]).max()) <= 2 * float(row_errors(low[m], ref[m]).max()), m
+
+
+def test_auto_keeps_float32_products_on_an_implementation_without_16_bit_ones():
+    """backend="triton" (its fused FF kernel computes in float32) on a bfloat16 layer: "auto" falls back to the
+    float32 products there, where a named ff_gemm="bfloat16" is refused."""
+    if availability()["triton"] is not None:
+        pytest.skip(availability()["triton"])
+    layer = random_layer("llama", dtype=torch.bfloat16, N=9)
+    auto = attribute(layer, methods=["atblnffres"], backend={"ff_maps": "triton"})
+    fp32 = attribute(layer, methods=["atblnffres"], backend={"ff_maps": "triton"}, ff_gemm="float32")
+    assert auto.backends["ff_maps"] == "triton"
+    assert torch.equal(auto.maps["atblnffres"], fp32.maps["atblnffres"])
+    with pytest.raises(BackendUnavailable, match="not bfloat16"):
+        attribute(layer, methods=["atblnffres"], backend={"ff_maps": "triton"}, ff_gemm="bfloat16")
+
+
+def test_cuda_tiles_take_a_share_of_the_free_memory(monkeypatch):
+    """On CUDA the pairs per tile come from torch.cuda.mem_get_info (CUDA_MEMORY_SHARE of the free memory), far
+    beyond the CPU's cache tile; an explicit budget caps them."""
+    from kobattr.backends import torch_backend
+
+    free = 64 * 2 ** 30  # an H100 after the model
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
+    cuda, F, D = torch.device("cuda"), 11008, 4096
+    per_pair = F * (8 + 2 * 2) + 6 * D * 4
+    pairs = TorchBackend().ff_pairs(cuda, 1, F, D, 2)
+    assert pairs == int(free * torch_backend.CUDA_MEMORY_SHARE) // per_pair
+    assert pairs > 100 * TorchBackend().ff_pairs(torch.device("cpu"), 1, F, D, 2)
+    assert TorchBackend(budget=2 * 1000 * F).ff_pairs(cuda, 1, F, D, 2) == 1000
