@@ -96,9 +96,9 @@ def test_tf32_is_refused_off_cuda():
 class Recorder(TorchBackend):
     """The torch ff_maps, recording the tiles its prologue ran and the pairs per tile it was given."""
 
-    def ff_tiles(self, attn, rows, pairs):
+    def ff_tiles(self, attn, rows, pairs, keys=None):
         self.pairs = pairs
-        return super().ff_tiles(attn, rows, pairs)
+        return super().ff_tiles(attn, rows, pairs, keys)
 
     def ff_prologue(self, attn, p, rows, cols, lse, vis, *args):
         self.ran.append((rows.clone(), cols.clone(), bool(vis.any())))
@@ -196,3 +196,16 @@ def test_cuda_tiles_take_a_share_of_the_free_memory(monkeypatch):
     assert pairs == int(free * torch_backend.CUDA_MEMORY_SHARE) // per_pair
     assert pairs > 100 * TorchBackend().ff_pairs(torch.device("cpu"), 1, F, D, 2)
     assert TorchBackend(budget=2 * 1000 * F).ff_pairs(cuda, 1, F, D, 2) == 1000
+    # a key block's parts stay within CUDA_PARTS_SHARE: (H+1) (2 F + 2 D) float32 per key
+    assert TorchBackend().ff_keys(cuda, 1, 32, F, D) == int(free * torch_backend.CUDA_PARTS_SHARE) // (33 * 30208 * 4)
+    assert TorchBackend().ff_keys(torch.device("cpu"), 1, 32, F, D) is None
+
+
+def test_few_rows_take_long_key_blocks_within_the_key_cap():
+    """rows= of a few rows: the pairs of a tile go to its keys, never past the key cap."""
+    attn = attention_of(random_layer("bert", dtype=torch.float32, N=40))
+    rows = torch.tensor([3, 30])
+    tiles = TorchBackend().ff_tiles(attn, rows, pairs=60, keys=None)
+    assert {(r0, r1) for r0, r1, _, _ in tiles} == {(0, 2)} and max(c1 - c0 for *_, c0, c1 in tiles) == 30
+    capped = TorchBackend().ff_tiles(attn, rows, pairs=60, keys=7)
+    assert max(c1 - c0 for *_, c0, c1 in capped) == 7 and capped[-1][3] == 40

@@ -25,6 +25,7 @@ DEFAULT_BUDGET = 1 << 23  # elements per intermediate (32 MiB in fp32) where bud
 # the share of the free CUDA memory an FF tile may take: the rest stays for the caller's tensors, the per-key
 # parts of a key block and the allocator's slack
 CUDA_MEMORY_SHARE = 0.4
+CUDA_PARTS_SHARE = 0.2  # and a key block's per-key parts (rows= of a few rows: tiles of few rows and many keys)
 
 
 def _blocks(n: int, size: int):
@@ -192,15 +193,23 @@ class TorchBackend(Backend):
         fits = max(1, int(torch.cuda.mem_get_info(device)[0] * CUDA_MEMORY_SHARE) // per_pair)
         return fits if self.budget is None else min(fits, budget)
 
-    def ff_tiles(self, attn: Attention, rows: Tensor, pairs: int) -> list:
+    def ff_keys(self, device: torch.device, B: int, H: int, F: int, D: int) -> Optional[int]:
+        """Keys per FF key block on CUDA: what CUDA_PARTS_SHARE of the free memory holds of their parts and raw
+        rows, (H+1) (2 F + 2 D) float32 per key (gated); None on the CPU, whose cache tiles bound them."""
+        if device.type != "cuda":
+            return None
+        return max(1, int(torch.cuda.mem_get_info(device)[0] * CUDA_PARTS_SHARE) // (B * (H + 1) * (2 * F + 2 * D) * 4))
+
+    def ff_tiles(self, attn: Attention, rows: Tensor, pairs: int, keys: Optional[int] = None) -> list:
         """The work list: (r0, r1, c0, c1) of the (query block x key block) tiles of rows[r0:r1] against the keys
         c0:c1 that hold at least one visible pair, key blocks outermost; whole tiles hidden by causality, a
-        window or padding are never computed. Tiles of about ``pairs`` pairs, at most max(N / 8, 32) rows and
-        keys on the CPU (the cache tiles measured there)."""
+        window or padding are never computed. Tiles of about ``pairs`` pairs and at most ``keys`` keys (None:
+        any), at most max(N / 8, 32) rows and keys on the CPU (the cache tiles measured there)."""
         N = attn.q.shape[2]
         cap = N if attn.q.device.type == "cuda" else max(N // 8, 32)
-        row_size = max(1, min(len(rows), math.isqrt(pairs), cap))
-        col_size = max(1, min(N, pairs // row_size, cap))
+        col_limit = max(1, min(N, cap, keys or N))
+        row_size = max(1, min(len(rows), cap, max(math.isqrt(pairs), pairs // col_limit)))
+        col_size = max(1, min(col_limit, pairs // row_size))
         cols = torch.arange(N, device=attn.q.device)
         tiles = []
         for c0, c1 in _blocks(N, col_size):
@@ -279,7 +288,7 @@ class TorchBackend(Backend):
             return norms.view(B, c1 - c0, r1 - r0, S).permute(0, 3, 2, 1)
 
         pairs = self.ff_pairs(attn.q.device, B, F, D, w_out_gemm.element_size())
-        work = self.ff_tiles(attn, rows, pairs)
+        work = self.ff_tiles(attn, rows, pairs, self.ff_keys(attn.q.device, B, H, F, D))
 
         def each_tile():
             key_block, key_parts = None, None
