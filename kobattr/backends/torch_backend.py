@@ -57,7 +57,7 @@ def kappa_diag_mask(rows: Tensor, cols: Tensor, vis: Tensor) -> Tensor:
     return (rows[:, None] == cols[None, :])[None] & vis
 
 
-def _gemm(hidden: Tensor, w_out: Tensor, dtype: torch.dtype, tf32: bool) -> Tensor:
+def gemm(hidden: Tensor, w_out: Tensor, dtype: torch.dtype, tf32: bool = False) -> Tensor:
     """hidden (P, F) @ w_out (F, D) in ``dtype``: one cuBLAS / oneDNN GEMM in the operands' dtype (16-bit ones
     accumulate in float32, and on CUDA return float32 sums unrounded), float32 ones on TF32 tensor cores
     with ``tf32``."""
@@ -237,6 +237,31 @@ class TorchBackend(Backend):
             hidden += (kappa @ gate_p).mul_(in_scale * p["coef_gate"][:, None, rows])
         return kappa, hidden.to(gemm_dtype)  # .to() of the dtype a tensor already has copies nothing
 
+    def ff_epilogue(self, p: dict, parts: FFParts, rows: Tensor, kappa: Tensor, res_p: Tensor, ff: Tensor,
+                    idx: Optional[Tensor]) -> Tensor:
+        """(B, C, R, S) scope norms of a tile from its GEMM rows ff (P, D), P = the pairs idx of the (B C R)
+        key-major tile (None: all of them; the others are invisible and get 0): res_ij = res_scale_i
+        sum_r kappa_ij[r] res_j[r] from kappa (B, C, R, H+1) and res_p (B, C, H+1, D), then ||ff||,
+        ||res + ff|| and out_scale_i ||C(res + ff) * out_weight||."""
+        B, C, R = kappa.shape[:3]
+        S, D = parts.n_scopes, ff.shape[1]
+        res = (kappa.to(ff.dtype) @ res_p).mul_(p["res_scale"][:, None, rows, None]).view(-1, D)  # (B C R, D)
+        total = ff + (res if idx is None else res.index_select(0, idx))
+        del res
+        norms = torch.empty(ff.shape[0], S, dtype=ff.dtype, device=ff.device)
+        norms[:, 0] = ff.norm(dim=-1)
+        norms[:, 1] = total.norm(dim=-1)
+        if S == 3:
+            if parts.out_center:
+                total -= total.mean(-1, keepdim=True)
+            if p["out_weight"] is not None:
+                total *= p["out_weight"]
+            scale = p["out_scale"][:, None, rows].expand(B, C, R).reshape(-1)
+            norms[:, 2] = total.norm(dim=-1) * (scale if idx is None else scale[idx])
+        if idx is not None:
+            norms = torch.zeros(B * C * R, S, dtype=ff.dtype, device=ff.device).index_copy_(0, idx, norms)
+        return norms.view(B, C, R, S)
+
     def ff_maps(self, attn, parts: FFParts, rows=None, weights=None, normalize_rows=False):
         """The work list's tiles (ff_tiles), key blocks outermost: each block's per-key parts are made once
         (FFParts.block), then every visible tile of it runs ff_prologue (alpha from the row log-sum-exp, the
@@ -255,7 +280,6 @@ class TorchBackend(Backend):
         w_out_gemm = p["w_out"].to(gemm_dtype)
         tf32 = parts.gemm_dtype == "tf32"
         cols_all = torch.arange(N, device=attn.q.device)
-        out_scale = p["out_scale"]
 
         def tile(r0, r1, c0, c1, key_parts) -> Tensor:
             """(B, S, R, C) scope norms of query rows rows[r0:r1] against keys c0:c1."""
@@ -263,29 +287,15 @@ class TorchBackend(Backend):
             ff_p, gate_p, res_p = (None if t is None else t.to(dtype) for t in key_parts)
             vis = visible_block(attn, r, cols)  # (B, R, C)
             kappa, hidden = self.ff_prologue(attn, p, r, cols, lse[:, :, r0:r1], vis, ff_p, gate_p, gemm_dtype)
-            res = (kappa.to(dtype) @ res_p).mul_(p["res_scale"][:, None, r, None])  # (B, C, R, D)
             # the GEMM takes the visible pairs only (causal and windowed tiles on the diagonal, padding)
             pick = vis.transpose(1, 2).reshape(-1)
             idx = None if bool(pick.all()) else pick.nonzero().squeeze(1)
-            hidden, res = hidden.view(-1, F), res.view(-1, D)
+            hidden = hidden.view(-1, F)
             if idx is not None:
-                hidden, res = hidden.index_select(0, idx), res.index_select(0, idx)
-            ff = _gemm(hidden, w_out_gemm, dtype, tf32)  # (P, D)
+                hidden = hidden.index_select(0, idx)
+            ff = gemm(hidden, w_out_gemm, dtype, tf32)  # (P, D)
             del hidden
-            total = ff + res
-            norms = torch.empty(ff.shape[0], S, dtype=dtype, device=attn.q.device)
-            norms[:, 0] = ff.norm(dim=-1)
-            norms[:, 1] = total.norm(dim=-1)
-            if S == 3:
-                if parts.out_center:
-                    total -= total.mean(-1, keepdim=True)
-                if p["out_weight"] is not None:
-                    total *= p["out_weight"]
-                scale = out_scale[:, None, r].expand(B, c1 - c0, r1 - r0).reshape(-1)
-                norms[:, 2] = total.norm(dim=-1) * (scale if idx is None else scale[idx])
-            if idx is not None:
-                norms = torch.zeros(pick.numel(), S, dtype=dtype, device=attn.q.device).index_copy_(0, idx, norms)
-            return norms.view(B, c1 - c0, r1 - r0, S).permute(0, 3, 2, 1)
+            return self.ff_epilogue(p, parts, r, kappa, res_p, ff, idx).permute(0, 3, 2, 1)
 
         pairs = self.ff_pairs(attn.q.device, B, F, D, w_out_gemm.element_size())
         work = self.ff_tiles(attn, rows, pairs, self.ff_keys(attn.q.device, B, H, F, D))
