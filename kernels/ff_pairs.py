@@ -448,3 +448,111 @@ def ff_prologue(q, k, valid8, causal, window, scale, rows, lse2, ff_parts, gate_
         **tile,
     )
     return kappa, hidden
+
+
+@triton.jit
+def _epilogue_pass(ff_ptr, res_ptr, out_weight_ptr, slot, live, kappa, slots, cidx, C, res_scale, parts_base, mean, D,
+                   H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DO: tl.constexpr,
+                   SUMS_ONLY: tl.constexpr, OUT: tl.constexpr, WEIGHTED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(sum_d t, sum_d ff^2, sum_d t^2, sum_d ((t - mean) * out_weight)^2) over D, each (BN, BM), of the pairs of
+    _ff_epilogue_kernel: t = ff + res_scale kappa . res; only the first if SUMS_ONLY, the last only if OUT."""
+    sums = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    sq_ff = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    sq_total = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    sq_out = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    for d0 in range(0, D, BLOCK_DO):
+        dd = d0 + tl.arange(0, BLOCK_DO)
+        d_ok = dd < D
+        ff = tl.load(ff_ptr + slot[:, :, None] * D + dd[None, None, :], mask=live[:, :, None] & d_ok[None, None, :],
+                     other=0.0)
+        parts = tl.load(res_ptr + parts_base[:, None, None] + slots[None, :, None] * D + dd[None, None, :],
+                        mask=(cidx < C)[:, None, None] & (slots < H + 1)[None, :, None] & d_ok[None, None, :],
+                        other=0.0)
+        total = ff + tl.dot(kappa, parts, input_precision=DOT_PRECISION) * res_scale[None, :, None]
+        if SUMS_ONLY:
+            sums += tl.sum(total, 2)
+        else:
+            sq_ff += tl.sum(ff * ff, 2)
+            sq_total += tl.sum(total * total, 2)
+            if OUT:
+                shifted = tl.where(d_ok[None, None, :], total - mean[:, :, None], 0.0)
+                if WEIGHTED:
+                    shifted = shifted * tl.load(out_weight_ptr + dd, mask=d_ok, other=0.0)[None, None, :]
+                sq_out += tl.sum(shifted * shifted, 2)
+    return sums, sq_ff, sq_total, sq_out
+
+
+@triton.jit
+def _ff_epilogue_kernel(
+    ff_ptr,  # (P, D) fp32: the GEMM's rows of the tile's visible pairs
+    slot_ptr,  # (B, C, R) int32: the GEMM row of each pair of the tile, -1 for the invisible ones
+    kappa_ptr,  # (B, C, R, H+1) fp32
+    res_ptr,  # (B, C, H+1, D) fp32: the residual parts of the tile's keys
+    rows_ptr,  # (R,) int64: the tile's query rows
+    res_scale_ptr, out_scale_ptr,  # (B, N) each
+    out_weight_ptr,  # (D,), read if WEIGHTED
+    norms_ptr,  # (B, C, R, N_SCOPES) fp32, written
+    N, R, C, D,
+    H: tl.constexpr, HP1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DO: tl.constexpr,
+    N_SCOPES: tl.constexpr, CENTER: tl.constexpr, WEIGHTED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """norms[b, c, r] = (||ff_ij||, ||t_ij||, out_scale_i ||C(t_ij) * out_weight||), t_ij = ff_ij + res_scale_i
+    sum_s kappa_ij[s] res_j[s], ff_ij = ff[slot[b, c, r]], for i = rows[r] and the tile's key j = c (0 where
+    slot < 0; the third only if N_SCOPES == 3, C = subtract the mean over D if CENTER).
+
+    The epilogue of the FF GEMM (TritonGemmBackend): one program per (BLOCK_M rows, BLOCK_N keys, b), res as the
+    batched dot (BN, BM, HP1) @ (BN, HP1, BLOCK_DO) over the keys, D in slices of BLOCK_DO (_epilogue_pass), a
+    first pass for the mean when CENTER; the D-wide vectors never leave registers.
+    """
+    b = tl.program_id(2).to(tl.int64)
+    ridx = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cidx = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = ridx < R
+    pair = (b * C + cidx)[:, None] * R + ridx[None, :]  # (BN, BM)
+    slot = tl.load(slot_ptr + pair, mask=(cidx < C)[:, None] & row_ok[None, :], other=-1).to(tl.int64)
+    live = slot >= 0
+    slots = tl.arange(0, HP1)
+    kappa = tl.load(kappa_ptr + pair[:, :, None] * (H + 1) + slots[None, None, :],
+                    mask=live[:, :, None] & (slots < H + 1)[None, None, :], other=0.0)
+    rows = tl.load(rows_ptr + ridx, mask=row_ok, other=0)
+    res_scale = tl.load(res_scale_ptr + b * N + rows, mask=row_ok, other=0.0)
+    parts_base = (b * C + cidx) * ((H + 1) * D)  # (BN,)
+    mean = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    if CENTER:  # a first pass for the mean over D of t_ij
+        mean = _epilogue_pass(ff_ptr, res_ptr, out_weight_ptr, slot, live, kappa, slots, cidx, C, res_scale,
+                              parts_base, mean, D, H, BLOCK_M, BLOCK_N, BLOCK_DO, True, False, False,
+                              DOT_PRECISION)[0] / D
+    _, sq_ff, sq_total, sq_out = _epilogue_pass(ff_ptr, res_ptr, out_weight_ptr, slot, live, kappa, slots, cidx, C,
+                                                res_scale, parts_base, mean, D, H, BLOCK_M, BLOCK_N, BLOCK_DO, False,
+                                                N_SCOPES == 3, WEIGHTED, DOT_PRECISION)
+    out_scale = tl.load(out_scale_ptr + b * N + rows, mask=row_ok, other=0.0)
+    ok = live & (cidx < C)[:, None] & row_ok[None, :]
+    tl.store(norms_ptr + pair * N_SCOPES, tl.where(live, tl.sqrt(sq_ff), 0.0), mask=ok)
+    tl.store(norms_ptr + pair * N_SCOPES + 1, tl.where(live, tl.sqrt(sq_total), 0.0), mask=ok)
+    if N_SCOPES == 3:
+        tl.store(norms_ptr + pair * N_SCOPES + 2, tl.where(live, out_scale[None, :] * tl.sqrt(sq_out), 0.0), mask=ok)
+
+
+def epilogue_settings(H):
+    """Tile and warps of _ff_epilogue_kernel: 16 rows x 8 keys (tl.dot's least M is 16), output slices as wide
+    as the (BN, H+1 padded, BLOCK_DO) fp32 parts tile allows in shared memory (128 wide up to 15 heads, 64 up
+    to 31, 32 up to 63, 16 beyond); 4 warps."""
+    slots = pow2(H + 1)
+    return dict(BLOCK_M=16, BLOCK_N=8, BLOCK_DO=max(16, min(128, 2048 // slots)), num_warps=4, num_stages=1)
+
+
+def ff_epilogue(ff, slot, kappa, res_parts, rows, res_scale, out_scale, out_weight, out_center, n_scopes):
+    """(B, C, R, n_scopes) float32 scope norms of a tile (see _ff_epilogue_kernel) from the GEMM rows ff (P, D)
+    float32, slot (B, C, R) int32, kappa (B, C, R, H+1) and res_parts (B, C, H+1, D) float32, rows (R,) int64,
+    res_scale, out_scale (B, N), out_weight (D,) or None; every tensor contiguous, on one device."""
+    B, C, R, H1 = kappa.shape
+    N, D = res_scale.shape[1], ff.shape[1]
+    norms = torch.zeros(B, C, R, n_scopes, device=ff.device, dtype=torch.float32)
+    tile = epilogue_settings(H1 - 1)
+    grid = (triton.cdiv(R, tile["BLOCK_M"]), triton.cdiv(C, tile["BLOCK_N"]), B)
+    _ff_epilogue_kernel[grid](
+        ff, slot, kappa, res_parts, rows, res_scale, out_scale, out_weight if out_weight is not None else res_scale,
+        norms, N, R, C, D, H=H1 - 1, HP1=pow2(H1), N_SCOPES=n_scopes, CENTER=bool(out_center) and n_scopes == 3,
+        WEIGHTED=out_weight is not None, DOT_PRECISION=dot_settings(torch.float32)[1], **tile,
+    )
+    return norms

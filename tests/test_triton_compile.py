@@ -77,6 +77,10 @@ PROLOGUE_JOBS = [
     (90, "fp32", (40, 8, 128, False, False, True, False, True, "bf16")),
 ]
 
+# its epilogue (every pointer float32 but slot's): (H, N_SCOPES, CENTER, WEIGHTED)
+EPILOGUE_JOBS = [(80, "fp32", (12, 3, True, True)), (90, "fp32", (32, 2, False, False)),
+                 (80, "fp32", (32, 3, False, True)), (80, "fp32", (40, 3, True, False)), (90, "fp32", (64, 3, True, True))]
+
 # the candidate kernels of benchmarks/pair_experiments.py (not kobattr's, but timed on GPUs by gpu_profile.py):
 # (kernel, capability, dtype, (H, KV, DH, CAUSAL, scratch dtype of the staged kernel))
 EXPERIMENT_JOBS = [
@@ -99,6 +103,8 @@ def jobs():
         out[f"ff-{i}"] = ("ff_pairs", "_ff_pairs_kernel", *target, variant)
     for i, (capability, dtype, variant) in enumerate(PROLOGUE_JOBS):
         out[f"prologue-{i}"] = ("ff_pairs", "_ff_prologue_kernel", capability, dtype, variant)
+    for i, (capability, dtype, variant) in enumerate(EPILOGUE_JOBS):
+        out[f"epilogue-{i}"] = ("ff_pairs", "_ff_epilogue_kernel", capability, dtype, variant)
     for i, (kernel, capability, dtype, variant) in enumerate(EXPERIMENT_JOBS):
         out[f"experiment-{i}"] = ("pair_experiments", kernel, capability, dtype, variant)
     return out
@@ -132,6 +138,12 @@ def launch_settings(kernel, dtype, variant):
         return (dict(H=H, KV_GROUP=group, DH=dh, HP=kr.pow2(H), GATED=gated, CAUSAL=causal, WINDOWED=windowed,
                      SYMMETRIC=symmetric, SOFTCAP=softcap, **tile, **dots), options,
                 dict(fp32_parts, hidden_ptr="*" + gemm))
+    if kernel == "_ff_epilogue_kernel":
+        H, n_scopes, center, weighted = variant
+        tile = fp.epilogue_settings(H)
+        options = dict(num_warps=tile.pop("num_warps"), num_stages=tile.pop("num_stages"))
+        return (dict(H=H, HP1=kr.pow2(H + 1), N_SCOPES=n_scopes, CENTER=center, WEIGHTED=weighted,
+                     DOT_PRECISION=precision, **tile), options, dict(ff_ptr="*fp32", res_ptr="*fp32", slot_ptr="*i32"))
     if kernel == "_row_lse_kernel":
         H, group, dh, has_rows, causal, windowed, symmetric, softcap = variant
         tile = kr.lse_settings(dh, ROWS_SELECTED if has_rows else N_LONG)

@@ -1,8 +1,8 @@
 """The Triton backends. triton: the two pair primitives of base.py as fused GPU kernels (kobattr/kernels/),
 and row_stats through the kernel their first pass runs (kernels/rows.py ``row_lse``). triton_gemm: ff_maps
 as the torch backend's work list of visible tiles, each tile's per-pair hidden rows written in the GEMM
-dtype by a Triton prologue (kernels/ff_pairs.py ``ff_prologue``), then one cuBLAS GEMM with W_out and the
-torch epilogue.
+dtype by a Triton prologue (kernels/ff_pairs.py ``ff_prologue``), then one cuBLAS GEMM with W_out and a
+Triton epilogue (``ff_epilogue``: the residual part and the scopes' norms).
 
 Nothing N x N x d (nor N x N x H) is materialised: alpha is recomputed tile by tile from q and k,
 see kernels/attention_pairs.py and kernels/ff_pairs.py for the kernel designs. Triton is imported
@@ -139,8 +139,9 @@ class TritonBackend(_TritonMachine, Backend):
 
 
 class TritonGemmBackend(_TritonMachine, TorchBackend):
-    """ff_maps of the torch backend (work list, one GEMM per tile, epilogue) with the per-pair hidden rows and
-    kappa from the Triton prologue: no float32 (B, C, R, F) product before the GEMM dtype's copy."""
+    """ff_maps of the torch backend (work list, one GEMM per tile) with the per-pair hidden rows and kappa from
+    the Triton prologue (no float32 (B, C, R, F) product before the GEMM dtype's copy) and the scopes' norms
+    from the Triton epilogue (the residual part and the D-wide vectors stay in registers)."""
 
     name = "triton_gemm"
     primitives = ("ff_maps",)
@@ -156,3 +157,15 @@ class TritonGemmBackend(_TritonMachine, TorchBackend):
             _parts(p["in_scale"]), _parts(p["coef_in"]), _parts(p["coef_gate"]), int(cols[0]), gemm_dtype,
             radius=int(attn.radius), softcap=float(attn.softcap))
         return kappa, hidden
+
+    def ff_epilogue(self, p, parts, rows, kappa, res_p, ff, idx):
+        from kobattr.kernels.ff_pairs import ff_epilogue
+
+        B, C, R = kappa.shape[:3]
+        slot = torch.arange(B * C * R, device=ff.device, dtype=torch.int32)
+        if idx is not None:
+            slot = torch.full_like(slot, -1).index_copy_(0, idx, torch.arange(len(idx), device=ff.device,
+                                                                              dtype=torch.int32))
+        return ff_epilogue(ff.float().contiguous(), slot.view(B, C, R), kappa.contiguous(), _parts(res_p.float()),
+                           rows.to(torch.int64).contiguous(), _parts(p["res_scale"]), _parts(p["out_scale"]),
+                           _parts(p["out_weight"]), parts.out_center, parts.n_scopes)
