@@ -141,7 +141,13 @@ class TritonBackend(_TritonMachine, Backend):
 class TritonGemmBackend(_TritonMachine, TorchBackend):
     """ff_maps of the torch backend (work list, one GEMM per tile) with the per-pair hidden rows and kappa from
     the Triton prologue (no float32 (B, C, R, F) product before the GEMM dtype's copy) and the scopes' norms
-    from the Triton epilogue (the residual part and the D-wide vectors stay in registers)."""
+    from the Triton epilogue (the residual part and the D-wide vectors stay in registers).
+
+    Per visible pair, beyond the GEMM's 2 F D flops and its own traffic (F inputs in the GEMM dtype, D float32
+    outputs): the prologue writes F values in the GEMM dtype and reads (H+1) F float32 parts per key for its 16
+    rows, the epilogue reads the D float32 outputs again and (H+1) D residual parts per key for its 16 rows.
+    Llama-7B in bfloat16 (F = 11008, D = 4096, H = 32): about 60 KB a pair next to 90 MFLOP, so the GEMM should
+    set the pace (an estimate from the code, not yet measured on a GPU: benchmarks/gpu_bench.py, vs_gemm)."""
 
     name = "triton_gemm"
     primitives = ("ff_maps",)
