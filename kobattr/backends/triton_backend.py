@@ -146,8 +146,10 @@ class TritonGemmBackend(_TritonMachine, TorchBackend):
     Per visible pair, beyond the GEMM's 2 F D flops and its own traffic (F inputs in the GEMM dtype, D float32
     outputs): the prologue writes F values in the GEMM dtype and reads (H+1) F float32 parts per key for its 16
     rows, the epilogue reads the D float32 outputs again and (H+1) D residual parts per key for its 16 rows.
-    Llama-7B in bfloat16 (F = 11008, D = 4096, H = 32): about 60 KB a pair next to 90 MFLOP, so the GEMM should
-    set the pace (an estimate from the code, not yet measured on a GPU: benchmarks/gpu_bench.py, vs_gemm)."""
+    Llama-7B in bfloat16 (F = 11008, D = 4096, H = 32, gated): about 38 KB of DRAM traffic a pair (22 KB written,
+    16 KB read back) and about 215 KB of parts read, mostly from L2 (shared by 16 rows), next to the GEMM's
+    90 MFLOP, so the GEMM should set the pace (an estimate from the code, not yet measured on a GPU:
+    benchmarks/gpu_bench.py, vs_gemm)."""
 
     name = "triton_gemm"
     primitives = ("ff_maps",)
