@@ -521,9 +521,10 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
         FF tiles then take a share of the free device memory, an explicit budget caps them).
         ff_gemm: the precision of the FF methods' (pairs, d_ff) @ (d_ff, d) products with W_2. "auto" (default)
         follows the model: bfloat16 / float16 layers take 16-bit inputs with float32 sums (where the implementation
-        offers them; a named one without keeps its float32 products), float32 and float64 layers their own dtype. "float32": the compute dtype whatever the layer; "bfloat16" / "float16": 16-bit
-        inputs, float32 sums (float32 layers: 1.7x faster on a 2-core CPU with AVX512-BF16, README); "tf32":
-        float32 inputs on TF32 tensor cores (CUDA only). The 16-bit products stay within twice the error of the
+        offers them; a named one without keeps its float32 products), float32 and float64 layers their own dtype.
+        "float32": the compute dtype whatever the layer; "bfloat16" / "float16": 16-bit inputs, float32 sums
+        (float32 layers: 1.7x faster on a 2-core CPU with AVX512-BF16, README); "tf32": float32 inputs on TF32
+        tensor cores (CUDA only). The 16-bit products stay within twice the error of the
         reference computed in that dtype (tests/test_ff_gemm.py); the spot checks then hold the FF maps to its
         tolerance. Dispatch picks an ff_maps that takes it (Backend.ff_gemm_dtypes).
     """

@@ -79,7 +79,8 @@ PROLOGUE_JOBS = [
 
 # its epilogue (every pointer float32 but slot's): (H, N_SCOPES, CENTER, WEIGHTED)
 EPILOGUE_JOBS = [(80, "fp32", (12, 3, True, True)), (90, "fp32", (32, 2, False, False)),
-                 (80, "fp32", (32, 3, False, True)), (80, "fp32", (40, 3, True, False)), (90, "fp32", (64, 3, True, True))]
+                 (80, "fp32", (32, 3, False, True)), (80, "fp32", (40, 3, True, False)),
+                 (90, "fp32", (64, 3, True, True))]
 
 # the candidate kernels of benchmarks/pair_experiments.py (not kobattr's, but timed on GPUs by gpu_profile.py):
 # (kernel, capability, dtype, (H, KV, DH, CAUSAL, scratch dtype of the staged kernel))

@@ -198,7 +198,8 @@ class TorchBackend(Backend):
         rows, (H+1) (2 F + 2 D) float32 per key (gated); None on the CPU, whose cache tiles bound them."""
         if device.type != "cuda":
             return None
-        return max(1, int(torch.cuda.mem_get_info(device)[0] * CUDA_PARTS_SHARE) // (B * (H + 1) * (2 * F + 2 * D) * 4))
+        per_key = B * (H + 1) * (2 * F + 2 * D) * 4
+        return max(1, int(torch.cuda.mem_get_info(device)[0] * CUDA_PARTS_SHARE) // per_key)
 
     def ff_tiles(self, attn: Attention, rows: Tensor, pairs: int, keys: Optional[int] = None) -> list:
         """The work list: (r0, r1, c0, c1) of the (query block x key block) tiles of rows[r0:r1] against the keys
