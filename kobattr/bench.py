@@ -252,12 +252,12 @@ def visible_pairs(layer, rows: Optional[torch.Tensor]) -> int:
 
 
 # ----------------------------------------------------------------------------- one measurement
-def measure(layer, method: str, rows: Optional[torch.Tensor] = None, backend="auto", ff_gemm: str = "float32",
+def measure(layer, method: str, rows: Optional[torch.Tensor] = None, backend="auto", ff_gemm: str = "auto",
             repeats: int = 3, max_seconds: float = 10.0, gemm: Optional[dict] = None, keep_maps: bool = False) -> dict:
     """One row of the bench: ``method``'s map of ``layer`` (``rows``: only those query rows) timed with its
     anchors. ``gemm`` caches the GEMM rates by shape and dtype between calls. With ``keep_maps`` the row holds
     the map under "map" (not JSON)."""
-    from .core import FF_GEMM_DTYPES, attribute
+    from .core import attribute, resolve_ff_gemm
     from .methods import form, methods_for
     from .reference import reference
     from .verify import row_errors, tolerance
@@ -278,8 +278,10 @@ def measure(layer, method: str, rows: Optional[torch.Tensor] = None, backend="au
     row["sdpa_seconds"] = sdpa_seconds(layer)
     row["vs_sdpa"] = row["seconds"] / row["sdpa_seconds"]
     is_ff = form(method, layer.structure).kind == "ff"
-    # the FF products' dtype: ff_gemm's where it is lower, else the model's (16-bit models: the goal's 16-bit GEMM)
-    gemm_dtype = FF_GEMM_DTYPES.get(ff_gemm) or layer.q.dtype
+    # the FF products' dtype as attribute resolves ff_gemm (None: the model's; 16-bit models: the goal's 16-bit GEMM;
+    # tf32 is timed as a float32 GEMM)
+    gemm_dtype = resolve_ff_gemm(ff_gemm, layer)
+    gemm_dtype = layer.q.dtype if gemm_dtype is None else torch.float32 if gemm_dtype == "tf32" else gemm_dtype
     if is_ff:
         F, D = layer.ffn.w_out.shape
         pairs = visible_pairs(layer, rows)
@@ -336,6 +338,8 @@ def add_common_arguments(parser) -> None:
 
 
 def add_arguments(parser) -> None:
+    from .core import FF_GEMM_DTYPES
+
     add_common_arguments(parser)
     parser.add_argument("--methods", default="attnresln_n,atbffresln",
                         help="comma-separated methods (default: attnresln_n,atbffresln)")
@@ -343,8 +347,8 @@ def add_arguments(parser) -> None:
                         help="time only the last ROWS query rows of each map (0: the full map; the FF maps cost "
                              "N^2 d_ff d, so long N needs rows)")
     parser.add_argument("--backend", default="auto", help="auto, torch, triton, cpu or cuda (default: auto)")
-    parser.add_argument("--ff-gemm", choices=("float32", "bfloat16"), default="float32",
-                        help="dtype of the FF methods' products with W_2 (as for analyze)")
+    parser.add_argument("--ff-gemm", choices=tuple(FF_GEMM_DTYPES), default="auto",
+                        help="dtype of the FF methods' products with W_2 (as for analyze; auto follows the model)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per case after a warm-up (median)")
     parser.add_argument("--max-seconds", type=float, default=10.0, help="fewer repeats where they take longer")
     parser.add_argument("--json", default=None, help="also write everything to this JSON file")

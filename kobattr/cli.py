@@ -705,9 +705,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--methods", nargs="+", help="method names or 'all' (default: the model's default methods)")
     a.add_argument("--layers", nargs="+", type=int, help="layer indices (default: all)")
     _add_run_options(a, "kobattr_out")
-    a.add_argument("--ff-gemm", choices=tuple(FF_GEMM_DTYPES), default="float32",
-                   help="dtype of the FF methods' products with W_2 (bfloat16: about 1.7x faster on CPUs with "
-                        "AVX512-BF16 or AMX, float32 sums; default float32)")
+    a.add_argument("--ff-gemm", choices=tuple(FF_GEMM_DTYPES), default="auto",
+                   help="dtype of the FF methods' products with W_2 (default auto: the model's for 16-bit models, "
+                        "else float32; bfloat16: about 1.7x faster on CPUs with AVX512-BF16 or AMX, float32 sums; "
+                        "tf32: CUDA only)")
     a.add_argument("--no-plots", action="store_true", help="skip PNG and HTML output")
     a.set_defaults(func=cmd_analyze)
     i = sub.add_parser("info", help="versions, available backends and compiled extensions")

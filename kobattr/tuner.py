@@ -433,11 +433,12 @@ def tuned(primitive: str, attn: Attention, ff_gemm_dtype=None, ff_shape=None, ou
 # ----------------------------------------------------------------------------- `kobattr tune`
 def add_arguments(parser) -> None:
     from .bench import add_common_arguments
+    from .core import FF_GEMM_DTYPES
 
     add_common_arguments(parser)
     parser.add_argument("--primitives", default="attention_maps,ff_maps,row_stats",
                         help="comma-separated primitives to tune (default: all three)")
-    parser.add_argument("--ff-gemm", choices=("float32", "bfloat16"), default="float32",
+    parser.add_argument("--ff-gemm", choices=tuple(FF_GEMM_DTYPES), default="auto",
                         help="the FF products' dtype the ff_maps entry is for (as for analyze)")
     parser.add_argument("--force", action="store_true", help="tune again where the cache already has an entry")
 
@@ -445,7 +446,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from .backends import PRIMITIVES
     from .bench import BenchError, capture_layer, default_device, load_model, model_dtype, parse_list
-    from .core import FF_GEMM_DTYPES, attention_of, ff_shape
+    from .core import attention_of, ff_shape, resolve_ff_gemm
 
     device = args.device or default_device()
     if device == "cuda" and not torch.cuda.is_available():
@@ -457,11 +458,11 @@ def run(args) -> int:
     lengths = parse_list(args.lengths, "lengths", int)
     dtype = model_dtype(args.dtype, device)
     model = load_model(args.model, device, dtype, max(lengths))
-    gemm_dtype = FF_GEMM_DTYPES[args.ff_gemm]
     print(f"tuning cache: {cache_path()} (dispatch reads it with {ENV}=1)")
     for N in lengths:
         layer = capture_layer(model, N)
         attn = attention_of(layer)
+        gemm_dtype = resolve_ff_gemm(args.ff_gemm, layer)
         for primitive in primitives:
             key = workload(primitive, attn, gemm_dtype, ff_shape(layer))
             title = f"{primitive} N <= {key['length_bucket']} ({key['dtype']}, {key['device']})"
