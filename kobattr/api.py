@@ -102,7 +102,7 @@ def analyze(model, inputs, tokenizer=None, methods=None, layers: Optional[Sequen
             heads: bool = False, contract: Optional[Tensor] = None, normalize_rows: bool = False,
             backend="auto", ig: str = "exact", ig_steps: int = 20, max_length: Optional[int] = None,
             progress: bool = False, verify: int = 2, targets=None, encoder_methods=None,
-            ff_gemm: str = "float32") -> Attribution:
+            ff_gemm: str = "auto") -> Attribution:
     """Attributions of ``model`` on ``inputs`` (a tokenizer batch, or text(s) plus ``tokenizer``).
 
     Each layer is attributed as soon as it has run, on its own device, and its captured tensors are
@@ -120,11 +120,11 @@ def analyze(model, inputs, tokenizer=None, methods=None, layers: Optional[Sequen
     (kobattr.result) with the decoder methods of spec section 7 (methods: None or "all" for every one, or names of
     kobattr.seq2seq.decoder_methods) and ``result.encoder``, the encoder's Attribution with ``encoder_methods``
     (None: the encoder's defaults; [] or False: no encoder analysis). Not with rows=, contract= or normalize_rows=.
-    ff_gemm: "float32" or "bfloat16", the FF methods' W_2 products (kobattr.core.attribute); encoders and
-    decoder-only models.
+    ff_gemm: "auto" (follow the model), "float32", "bfloat16", "float16" or "tf32", the FF methods' W_2 products
+    (kobattr.core.attribute); encoders and decoder-only models.
     """
     if targets is not None or _has_decoder_inputs(model, inputs):
-        if ff_gemm != "float32":
+        if ff_gemm not in ("auto", "float32"):
             raise LayerInputError("ff_gemm= applies to encoders and decoder-only models; a translation pair's "
                                   "decoder layers compute their FF maps in float32.")
         return _analyze_pairs(model, inputs, targets, tokenizer, methods=methods, layers=layers, rows=rows,

@@ -117,12 +117,12 @@ def output_maps(prep, methods, rows: Optional[Tensor], contract: Optional[Tensor
     if not hasattr(prep, "peer_checks"):
         # the first call (not the spot check's rerun) computes every row: a ratio needs its whole row, and the
         # result's ratios cover every row, with rows= too
-        maps, bias_norms, completeness = peer_maps(prep, methods, every)
+        maps, bias_norms, completeness = peer_maps(prep, methods, every, prep.budget)
         prep.peer_checks = {m: (every, maps[m], bias_norms.get(m), completeness.get(m)) for m in methods}
         if rows is not None:
             maps = {m: mp[:, rows] for m, mp in maps.items()}
     else:
-        maps, _, _ = peer_maps(prep, methods, selected)
+        maps, _, _ = peer_maps(prep, methods, selected, prep.budget)
     if contract is None:
         return maps
     out = {}
