@@ -9,8 +9,11 @@ M = 3 Grams (ATTN-N, ATTNRES-N and ATTNRESLN-N of one layer at once) in two outp
 normalised rows (what rollout-style aggregation asks for, O(N) output). The speed-of-light anchor
 is torch SDPA forward on the same q/k/v shapes: ``vs_sdpa`` = kernel time / SDPA time. Peak
 memory is what the call allocates beyond its inputs. FF maps are O(N^2 d_ff d): the full map at small N only,
-and the last FF_ROWS rows at N = 4096 and 8192 (which of torch and triton ff_maps should lead on a GPU).
-Exits 0 with a message when there is no GPU. Results: benchmarks/results/gpu_<device>.json.
+and the last FF_ROWS rows at N = 4096 and 8192 (which of torch and triton ff_maps should lead on a GPU); the FF
+products in the model's dtype (ff_gemm="auto"), and ``vs_gemm``: the same-run time of the one (pairs, d_ff) @
+(d_ff, d) GEMM of the visible pairs in that dtype (torch.mm, from a GEMM of at most GEMM_ROWS rows) / the
+implementation's time, its fraction of the device's own GEMM rate on the FF shapes. Exits 0 with a message
+when there is no GPU. Results: benchmarks/results/gpu_<device>.json.
 """
 
 import argparse
@@ -18,7 +21,6 @@ import json
 import math
 import re
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,14 +37,15 @@ FF_SIZES = (128, 512, 1024)
 # rows= of one query block (the last FF_ROWS rows) at long N: whether ff_maps should prefer torch or triton on
 # a GPU (the full FF map is out of reach there); the parts are stored whole, 4 (H+1) N (2 d_ff + d) bytes
 FF_ROWS, FF_ROWS_SIZES = 16, (4096, 8192)
+GEMM_ROWS = 32768
 
 
 def backends():
-    """Every implementation of attention_maps that runs here: triton, the compiled cuda kernel, torch."""
+    """Every implementation that runs here: triton, the compiled cuda kernel, torch, triton_gemm (ff_maps)."""
     from kobattr.backends import implementation
 
     out = {}
-    for name in ("triton", "cuda", "torch"):
+    for name in ("triton", "cuda", "torch", "triton_gemm"):
         impl = implementation(name)
         reason = impl if isinstance(impl, str) else impl.unavailable_reason()
         if reason is None:
@@ -57,24 +60,10 @@ MAX_SECONDS = 20.0  # timed repeats per case stop after about this long (--max-s
 
 def timed(fn, max_seconds=None, repeats=5):
     """(median seconds, peak extra bytes) of fn(); one warm-up call (compiles), fewer repeats if slow."""
-    max_seconds = MAX_SECONDS if max_seconds is None else max_seconds
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    first = time.perf_counter() - start
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(max(1, min(repeats, int(max_seconds / max(first, 1e-4))))):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(begin.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() - base
+    from kobattr.bench import timed as bench_timed
+
+    out = bench_timed(fn, "cuda", repeats=repeats, max_seconds=MAX_SECONDS if max_seconds is None else max_seconds)
+    return out["seconds"], out["peak_bytes"]
 
 
 def attention_inputs(layer, N, dtype, M=3):
@@ -122,7 +111,7 @@ def check_agreement(impls, layer, dtype):
     attn, grams, row_scale = attention_inputs(layer, 512, dtype)
     rows = torch.arange(512 - FEW_ROWS, 512, device="cuda")
     out = {}
-    for name in (n for n in impls if n != "torch"):
+    for name in (n for n in impls if n != "torch" and "attention_maps" in impls[n].primitives):
         for label, selected in (("map", None), ("rows", rows)):
             ours, _ = impls[name].attention_maps(attn, grams, row_scale, rows=selected)
             ref, _ = impls["torch"].attention_maps(attn, grams, row_scale, rows=selected)
@@ -143,6 +132,15 @@ def one_split(triton_backend, fn):
         triton_rows.programs_to_fill = fill
 
 
+def gemm_time(layer, pairs, dtype):
+    """Seconds of the (pairs, d_ff) @ (d_ff, d) GEMM in ``dtype`` (16-bit: float32 sums), from one of at most
+    GEMM_ROWS rows scaled by rows."""
+    rows = min(pairs, GEMM_ROWS)
+    a = torch.randn(rows, layer["d_ff"], device="cuda", dtype=dtype)
+    b = torch.randn(layer["d_ff"], layer["d"], device="cuda", dtype=dtype)
+    return timed(lambda: a @ b)[0] * pairs / rows
+
+
 def ff_inputs(layer, N, dtype):
     g = torch.Generator(device="cuda").manual_seed(1)
     H, D, F = layer["H"], layer["d"], layer["d_ff"]
@@ -152,7 +150,8 @@ def ff_inputs(layer, N, dtype):
     return FFParts(ff_parts=r(1, N, H + 1, F), gate_parts=r(1, N, H + 1, F) if gated else None,
                    res_parts=r(1, N, H + 1, D), in_scale=pos(1, N), res_scale=pos(1, N), out_scale=pos(1, N),
                    coef_in=r(1, N, F), coef_gate=r(1, N, F) if gated else None, w_out=r(F, D) / math.sqrt(F),
-                   out_weight=r(D), out_center=not gated, n_scopes=3)
+                   out_weight=r(D), out_center=not gated, n_scopes=3,
+                   gemm_dtype=None if dtype == torch.float32 else dtype)
 
 
 def main():
@@ -165,6 +164,8 @@ def main():
     parser.add_argument("--torch-max", type=int, default=None,
                         help="largest N the torch backend is timed at (it materialises blocks: slow at 64k)")
     parser.add_argument("--no-ff", action="store_true", help="skip the FF maps")
+    parser.add_argument("--ff-sizes", type=int, nargs="+", default=list(FF_SIZES), help="N of the full FF maps")
+    parser.add_argument("--ff-impls", nargs="+", default=None, help="the ff_maps implementations timed (default all)")
     args = parser.parse_args()
     MAX_SECONDS = args.max_seconds
     if not torch.cuda.is_available():
@@ -188,7 +189,8 @@ def main():
                 modes["map"] = lambda b: b.attention_maps(attn, grams, row_scale)
             rows = torch.arange(N - FEW_ROWS, N, device="cuda")  # the last rows: causal ones see every key
             modes[f"rows{FEW_ROWS}"] = lambda b: b.attention_maps(attn, grams, row_scale, rows=rows)
-            timed_here = {n: b for n, b in impls.items() if n != "torch" or args.torch_max is None or N <= args.torch_max}
+            timed_here = {n: b for n, b in impls.items() if "attention_maps" in b.primitives
+                          and (n != "torch" or args.torch_max is None or N <= args.torch_max)}
             for mode, fn in modes.items():
                 row = run_case(timed_here, fn)
                 if mode.startswith("rows") and "triton" in impls:
@@ -200,7 +202,7 @@ def main():
                 print(json.dumps(results["attention"][-1]), flush=True)  # a run cut short still shows its rows
             del attn, grams, row_scale
             torch.cuda.empty_cache()
-        ff_cases = [(N, None) for N in FF_SIZES] + [(N, FF_ROWS) for N in FF_ROWS_SIZES]
+        ff_cases = [(N, None) for N in args.ff_sizes] + [(N, FF_ROWS) for N in FF_ROWS_SIZES]
         for N, few in () if args.no_ff else ff_cases:
             attn, _, _ = attention_inputs(layer, N, dtype, M=1)
             try:
@@ -209,9 +211,17 @@ def main():
                 print(json.dumps(dict(layer=layer_name, N=N, ff="parts do not fit")), flush=True)
                 continue
             rows = None if few is None else torch.arange(N - few, N, device="cuda")
-            row = run_case({n: b for n, b in impls.items() if "ff_maps" in b.primitives},
+            row = run_case({n: b for n, b in impls.items() if "ff_maps" in b.primitives
+                            and (args.ff_impls is None or n in args.ff_impls)},
                            lambda b: b.ff_maps(attn, parts, rows=rows))
-            results["ff"].append(dict(layer=layer_name, N=N, mode="map" if few is None else f"rows{few}", **row))
+            visible = attn.valid.new_ones(N, N).tril() if attn.causal else attn.valid.new_ones(N, N)
+            pairs = int(visible[-(few or N):].sum())
+            gemm = gemm_time(layer, pairs, dtype)
+            for entry in row.values():
+                if "seconds" in entry:
+                    entry["vs_gemm"] = gemm / entry["seconds"]
+            results["ff"].append(dict(layer=layer_name, N=N, mode="map" if few is None else f"rows{few}",
+                                      gemm_seconds=gemm, **row))
             print(json.dumps(results["ff"][-1]), flush=True)
             del parts
             torch.cuda.empty_cache()
@@ -232,7 +242,8 @@ def print_table(results, impls):
         if "error" in entry:
             return entry["error"][:24]
         text = f"{entry['seconds'] * 1e3:9.2f} ms {entry['peak_bytes'] / 2 ** 30:6.2f} GiB"
-        return text + (f" x{entry['vs_sdpa']:.2f}" if "vs_sdpa" in entry else "")
+        return text + (f" x{entry['vs_sdpa']:.2f}" if "vs_sdpa" in entry else
+                       f" {entry['vs_gemm']:.2f} gemm" if "vs_gemm" in entry else "")
 
     print(f"device: {results['device']}  dtype: {results['dtype']}")
     print("agreement with the torch backend (max rel diff, N=512; rows: 8 selected rows):", results["agreement"])

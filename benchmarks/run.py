@@ -27,7 +27,7 @@ from pathlib import Path
 BERT_BASE = dict(H=12, Dh=64, D=768, F=3072)
 
 
-def build_layer(N: int, device: str, seed: int = 0):
+def build_layer(N: int, device: str, seed: int = 0, causal: bool = False):
     import torch
 
     from kobattr.layer import FeedForward, Layer, Norm
@@ -40,9 +40,9 @@ def build_layer(N: int, device: str, seed: int = 0):
     layer = Layer.from_weights(x=r(1, N, D), w_q=r(D, D, scale=D ** -0.5), w_k=r(D, D, scale=D ** -0.5),
                                w_v=r(D, D, scale=D ** -0.5), w_o=r(D, D, scale=D ** -0.5), n_heads=H,
                                b_v=r(D, scale=0.1), b_o=r(D, scale=0.1), placement="post", ln1=norm(), ln2=norm(),
-                               ffn=ffn)
+                               ffn=ffn, causal=causal)
     # what capture provides: the model's own attention output per head, computed outside the timed region
-    layer.head_outputs = torch.nn.functional.scaled_dot_product_attention(layer.q, layer.k, layer.v)
+    layer.head_outputs = torch.nn.functional.scaled_dot_product_attention(layer.q, layer.k, layer.v, is_causal=causal)
     return layer
 
 
@@ -53,14 +53,15 @@ def reference_bytes(N: int, method: str) -> float:
     return 4.0 * N * N * (tensors * D + 2 * H)
 
 
-def run_one(impl: str, method: str, N: int, device: str, ff_gemm: str = "float32") -> dict:
-    """One measurement, in this process; ff_gemm as attribute() takes it."""
+def run_one(impl: str, method: str, N: int, device: str, ff_gemm: str = "float32", causal: bool = False) -> dict:
+    """One measurement, in this process; ff_gemm as attribute() takes it; causal: the same layer with a causal mask
+    (its FF useful work counts the N (N + 1) / 2 visible pairs)."""
     import torch
 
     from kobattr.core import attribute
     from kobattr.reference import reference
 
-    layer = build_layer(N, device)
+    layer = build_layer(N, device, causal=causal)
     if impl != "reference":  # one-time costs (thread pools, kernel compilation, first allocations) outside the timing
         attribute(build_layer(64, device, seed=1), methods=[method], backend=impl, verify=0, ff_gemm=ff_gemm)
     if device == "cuda":
@@ -84,16 +85,19 @@ def run_one(impl: str, method: str, N: int, device: str, ff_gemm: str = "float32
     row = dict(impl=impl, method=method, N=N, device=device, seconds=seconds, peak_bytes=max(peak, 0))
     if ff_gemm != "float32":
         row["ff_gemm"] = ff_gemm
+    if causal:
+        row["causal"] = True
     # the anchors, measured in this same process after the timed run: SDPA forward of the same q, k, v (the
     # speed of light of the attention side) and this machine's sgemm rate (that of the FF side)
-    row["sdpa_seconds"] = _fastest_time(lambda: torch.nn.functional.scaled_dot_product_attention(layer.q, layer.k, layer.v),
-                                       device)
+    row["sdpa_seconds"] = _fastest_time(lambda: torch.nn.functional.scaled_dot_product_attention(
+        layer.q, layer.k, layer.v, is_causal=causal), device)
     row["vs_sdpa"] = seconds / row["sdpa_seconds"]
     if method in FF_METHODS:
         a = torch.randn(2048, 2048, device=device)
         row["sgemm_gflops"] = 2 * 2048 ** 3 / _fastest_time(lambda: a @ a, device) / 1e9
         H, _, D, F = BERT_BASE.values()
-        row["useful_gflops"] = N * N * (2 * F * D + 2 * (H + 1) * F) / seconds / 1e9
+        pairs = N * (N + 1) // 2 if causal else N * N
+        row["useful_gflops"] = pairs * (2 * F * D + 2 * (H + 1) * F) / seconds / 1e9
         row["sgemm_fraction"] = row["useful_gflops"] / row["sgemm_gflops"]
     return row
 
@@ -104,23 +108,16 @@ FF_METHODS = ("atbff", "atbffres", "atbffresln")
 def _fastest_time(fn, device: str, repeats: int = 5) -> float:
     """The fastest of ``repeats`` runs after a warm-up: the anchors are speeds of light, so a run slowed by
     another job on the machine must not flatter the ratios."""
-    import torch
+    from kobattr.bench import timed
 
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return timed(fn, device, repeats=repeats, max_seconds=float("inf"))["fastest"]
 
 
-def measure(impl: str, method: str, N: int, device: str, timeout: float, ff_gemm: str = "float32") -> dict:
+def measure(impl: str, method: str, N: int, device: str, timeout: float, ff_gemm: str = "float32",
+            causal: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--one", impl, method, str(N), device, "--ff-gemm", ff_gemm]
+    if causal:
+        cmd.append("--causal")
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -142,13 +139,15 @@ def main() -> None:
     parser.add_argument("--memory-limit", type=float, default=14.0, help="GiB the reference may use")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--ff-gemm", choices=("float32", "bfloat16"), default="float32",
+    parser.add_argument("--ff-gemm", choices=("auto", "float32", "bfloat16", "float16", "tf32"), default="float32",
                         help="the FF methods' W_2 products (attribute(ff_gemm=...)); the sgemm anchor stays float32")
+    parser.add_argument("--causal", action="store_true",
+                        help="the same layer with a causal mask (FF: the work list skips the hidden tiles)")
     parser.add_argument("--one", nargs=4, metavar=("IMPL", "METHOD", "N", "DEVICE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         impl, method, N, device = args.one
-        print(json.dumps(run_one(impl, method, int(N), device, args.ff_gemm)))
+        print(json.dumps(run_one(impl, method, int(N), device, args.ff_gemm, args.causal)))
         return
 
     backends = args.backends or _available_backends(args.device)
@@ -163,13 +162,13 @@ def main() -> None:
                 if need > args.memory_limit:
                     ref = dict(impl="reference", method=method, N=N, error=f"skipped: needs ~{need:.0f} GiB")
                 else:
-                    ref = measure("reference", method, N, args.device, args.timeout)
+                    ref = measure("reference", method, N, args.device, args.timeout, causal=args.causal)
                 rows.append(ref)
                 print(_format_row(ref, None), flush=True)
             for backend in backends:
                 if N > backend_max.get(method, N):
                     continue
-                rows.append(measure(backend, method, N, args.device, args.timeout, args.ff_gemm))
+                rows.append(measure(backend, method, N, args.device, args.timeout, args.ff_gemm, args.causal))
                 print(_format_row(rows[-1], ref), flush=True)
 
     machine = dict(device=args.device, platform=platform.platform(), processor=platform.processor(),

@@ -264,7 +264,8 @@ def choose_key_block(B, N, H, F, D, gated, element_size, block_n, budget=None):
 
 def ff_maps(q, k, valid, causal, window, scale, ff_parts, gate_parts, res_parts, in_scale, res_scale, out_scale,
             coef_in, coef_gate, w_out, out_weight, out_center, n_scopes, rows=None, weights=None,
-            normalize_rows=False, radius=0, softcap=0.0, lse2=None, key_block=None, key_block_size=None):
+            normalize_rows=False, radius=0, softcap=0.0, lse2=None, key_block=None, key_block_size=None,
+            key_block_bytes=None):
     """The ``ff_maps`` primitive of kobattr/backends/base.py on contiguous CUDA (or interpreted) tensors.
 
     Shapes as in base.py; radius (0 = none) and softcap (0 = none) as in base.Attention. Returns
@@ -275,7 +276,8 @@ def ff_maps(q, k, valid, causal, window, scale, ff_parts, gate_parts, res_parts,
     ``key_block``: keys (a slice) -> (ff_parts, gate_parts or None, res_parts) of those keys (B, C, H+1, F / D),
     with ff_parts = gate_parts = res_parts = None; N is q's. The kernel then runs once per block of
     ``key_block_size`` keys (a multiple of the key tile; default: whole tensors in one launch, ``key_block``
-    parts in blocks of at most KEY_BLOCK_BYTES), so only one block's parts are ever held.
+    parts in blocks of at most ``key_block_bytes``, KEY_BLOCK_BYTES if None), so only one block's parts are
+    ever held.
     """
     B, H, N, DH = q.shape
     F, D = w_out.shape
@@ -296,7 +298,7 @@ def ff_maps(q, k, valid, causal, window, scale, ff_parts, gate_parts, res_parts,
         assert ff_parts is None and gate_parts is None and res_parts is None, "parts come whole or by key_block"
         gated = coef_gate is not None
         if key_block_size is None:
-            key_block_size = choose_key_block(B, N, H, F, D, gated, w_out.element_size(), block_n)
+            key_block_size = choose_key_block(B, N, H, F, D, gated, w_out.element_size(), block_n, key_block_bytes)
     step = triton.cdiv(max(int(key_block_size), 1), block_n) * block_n  # blocks start on key tiles
     grid = (triton.cdiv(R, block_m), B)
     center = bool(out_center) and n_scopes == 3
@@ -353,3 +355,204 @@ def ff_maps(q, k, valid, causal, window, scale, ff_parts, gate_parts, res_parts,
         sums = sweep(sum_rows=True)
         weights = torch.where(sums[:, :, None] > 0, weights[:, None] / sums[:, :, None].clamp_min(1e-30), 0.0)
     return sweep(weights=weights.contiguous())
+
+
+@triton.jit
+def _ff_prologue_kernel(
+    q_ptr,  # (B, H, N, DH)
+    k_ptr,  # (B, H // KV_GROUP, N, DH)
+    valid_ptr,  # (B, N) int8
+    rows_ptr,  # (R,) int64: the tile's query rows
+    lse_ptr,  # (B, H, R) fp32, base 2, of those rows
+    ff_ptr,  # (B, C, H+1, F): the parts of the tile's keys [key_start, key_start + C)
+    gate_ptr,  # (B, C, H+1, F), read if GATED
+    in_scale_ptr,  # (B, N)
+    coef_in_ptr,  # (B, N, F)
+    coef_gate_ptr,  # (B, N, F), read if GATED
+    hidden_ptr,  # (B, C, R, F) in the GEMM dtype, written
+    kappa_ptr,  # (B, C, R, H+1) fp32, written
+    N, key_start, R, C, F, scale_log2, window, radius, softcap_log2,
+    H: tl.constexpr, KV_GROUP: tl.constexpr, DH: tl.constexpr, HP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
+    GATED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SYMMETRIC: tl.constexpr,
+    SOFTCAP: tl.constexpr, QK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """hidden[b, c, r, f] = in_scale_i (coef_in_if sum_s kappa_ij[s] ff_j[s, f] + coef_gate_if sum_s kappa_ij[s]
+    gate_j[s, f]) and kappa[b, c, r] = kappa_ij, for i = rows[r], j = key_start + c (kappa 0 where j is invisible
+    from i; hidden rows of invisible pairs may be left unwritten in a sub-tile that holds no visible pair).
+
+    The prologue of the FF GEMM (backends/triton_backend.py TritonGemmBackend): the per-pair hidden rows of one
+    tile, key-major, written in the GEMM dtype, with alpha recomputed from q, k and the row statistics
+    (rows.alpha_tile); the (pairs, F) @ (F, D) product with W_out and the epilogue follow in torch. One program
+    per (BLOCK_M rows, BLOCK_N keys, b); the hidden slices are _hidden_slice's, BLOCK_F wide.
+    """
+    b = tl.program_id(2).to(tl.int64)
+    ridx, row_ok, rows, row_valid, row_first, row_last, _, _ = query_block(
+        rows_ptr, valid_ptr, b, N, R, window, radius, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOWED, SYMMETRIC)
+    start = key_start + tl.program_id(1) * BLOCK_N
+    cols, col_ok, vis, has_diagonal = key_tile(valid_ptr, b, start, rows, row_valid, row_first, row_last, N, window,
+                                               radius, BLOCK_N, CAUSAL, WINDOWED, SYMMETRIC)
+    in_tile = cols < key_start + C
+    col_ok = col_ok & in_tile
+    vis = vis & in_tile[None, :]
+    alpha = alpha_tile(q_ptr, k_ptr, lse_ptr, b, rows, ridx, row_ok, cols, col_ok, vis, N, R, scale_log2,
+                       softcap_log2, H, KV_GROUP, DH, HP, BLOCK_D, QK_FP32, DOT_PRECISION, SOFTCAP)
+    alpha_t = tl.permute(alpha, (2, 1, 0))  # (BN, BM, HP)
+    diag = tl.where((cols[:, None] == rows[None, :]) & tl.trans(vis), 1.0, 0.0)  # [i == j] on visible pairs only
+    in_scale = tl.load(in_scale_ptr + b * N + rows, mask=row_ok, other=0.0).to(tl.float32)
+    pair = (b * C + (cols - key_start))[:, None] * R + ridx[None, :]  # (BN, BM)
+    pair_ok = col_ok[:, None] & row_ok[None, :]
+    heads = tl.arange(0, HP)
+    kappa_offs = pair[:, :, None] * (H + 1) + heads[None, None, :]
+    tl.store(kappa_ptr + kappa_offs, alpha_t, mask=pair_ok[:, :, None] & (heads < H)[None, None, :])
+    tl.store(kappa_ptr + pair * (H + 1) + H, diag, mask=pair_ok)
+    # the GEMM reads the visible pairs' rows only: a sub-tile without one (causal, window, padding) writes none
+    f_stop = tl.where(tl.max(tl.max(vis.to(tl.int32), 1), 0) > 0, F, 0)
+    for f0 in range(0, f_stop, BLOCK_F):
+        f = f0 + tl.arange(0, BLOCK_F)
+        f_ok = f < F
+        hidden = _hidden_slice(alpha_t, ff_ptr, gate_ptr, coef_in_ptr, coef_gate_ptr, in_scale, b, rows, row_ok,
+                               cols, col_ok, diag, has_diagonal, f, f_ok, N, key_start, C, F, H, HP, GATED,
+                               DOT_PRECISION)
+        tl.store(hidden_ptr + pair[:, :, None] * F + f[None, None, :], hidden.to(hidden_ptr.dtype.element_ty),
+                 mask=pair_ok[:, :, None] & f_ok[None, None, :])
+
+
+def prologue_settings(H):
+    """Tile and warps of _ff_prologue_kernel: the pair tile and hidden slice of ff_settings (the same
+    _hidden_slice), without its output slice."""
+    tile = ff_settings(H)
+    del tile["BLOCK_DO"]
+    return tile
+
+
+def ff_prologue(q, k, valid8, causal, window, scale, rows, lse2, ff_parts, gate_parts, in_scale, coef_in,
+                coef_gate, key_start, gemm_dtype, radius=0, softcap=0.0):
+    """(kappa (B, C, R, H+1) float32, hidden (B, C, R, F) in ``gemm_dtype``) of the query rows ``rows`` (R,) int64
+    against the C keys of ff_parts (B, C, H+1, F) from ``key_start`` on; lse2 (B, H, R) base-2 row statistics
+    of those rows; every tensor contiguous, on q's device. See _ff_prologue_kernel."""
+    B, H, N, DH = q.shape
+    C, F = ff_parts.shape[1], ff_parts.shape[3]
+    R = rows.numel()
+    hidden = torch.empty(B, C, R, F, device=q.device, dtype=gemm_dtype)
+    kappa = torch.empty(B, C, R, H + 1, device=q.device, dtype=torch.float32)
+    tile = prologue_settings(H)
+    qk_fp32, precision = dot_settings(q.dtype)
+    gated = gate_parts is not None
+    grid = (triton.cdiv(R, tile["BLOCK_M"]), triton.cdiv(C, tile["BLOCK_N"]), B)
+    _ff_prologue_kernel[grid](
+        q, k, valid8, rows, lse2, ff_parts, gate_parts if gated else ff_parts, in_scale, coef_in,
+        coef_gate if gated else coef_in, hidden, kappa, N, key_start, R, C, F, scale * LOG2E, window, radius,
+        softcap * LOG2E, H=H, KV_GROUP=H // k.shape[1], DH=DH, HP=pow2(H), GATED=gated, CAUSAL=causal,
+        WINDOWED=window > 0, SYMMETRIC=radius > 0, SOFTCAP=softcap > 0, QK_FP32=qk_fp32, DOT_PRECISION=precision,
+        **tile,
+    )
+    return kappa, hidden
+
+
+@triton.jit
+def _epilogue_pass(ff_ptr, res_ptr, out_weight_ptr, slot, live, kappa, slots, cidx, C, res_scale, parts_base, mean, D,
+                   H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DO: tl.constexpr,
+                   SUMS_ONLY: tl.constexpr, OUT: tl.constexpr, WEIGHTED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(sum_d t, sum_d ff^2, sum_d t^2, sum_d ((t - mean) * out_weight)^2) over D, each (BN, BM), of the pairs of
+    _ff_epilogue_kernel: t = ff + res_scale kappa . res; only the first if SUMS_ONLY, the last only if OUT."""
+    sums = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    sq_ff = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    sq_total = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    sq_out = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    for d0 in range(0, D, BLOCK_DO):
+        dd = d0 + tl.arange(0, BLOCK_DO)
+        d_ok = dd < D
+        ff = tl.load(ff_ptr + slot[:, :, None] * D + dd[None, None, :], mask=live[:, :, None] & d_ok[None, None, :],
+                     other=0.0)
+        parts = tl.load(res_ptr + parts_base[:, None, None] + slots[None, :, None] * D + dd[None, None, :],
+                        mask=(cidx < C)[:, None, None] & (slots < H + 1)[None, :, None] & d_ok[None, None, :],
+                        other=0.0)
+        total = ff + tl.dot(kappa, parts, input_precision=DOT_PRECISION) * res_scale[None, :, None]
+        if SUMS_ONLY:
+            sums += tl.sum(total, 2)
+        else:
+            sq_ff += tl.sum(ff * ff, 2)
+            sq_total += tl.sum(total * total, 2)
+            if OUT:
+                shifted = tl.where(d_ok[None, None, :], total - mean[:, :, None], 0.0)
+                if WEIGHTED:
+                    shifted = shifted * tl.load(out_weight_ptr + dd, mask=d_ok, other=0.0)[None, None, :]
+                sq_out += tl.sum(shifted * shifted, 2)
+    return sums, sq_ff, sq_total, sq_out
+
+
+@triton.jit
+def _ff_epilogue_kernel(
+    ff_ptr,  # (P, D) fp32: the GEMM's rows of the tile's visible pairs
+    slot_ptr,  # (B, C, R) int32: the GEMM row of each pair of the tile, -1 for the invisible ones
+    kappa_ptr,  # (B, C, R, H+1) fp32
+    res_ptr,  # (B, C, H+1, D) fp32: the residual parts of the tile's keys
+    rows_ptr,  # (R,) int64: the tile's query rows
+    res_scale_ptr, out_scale_ptr,  # (B, N) each
+    out_weight_ptr,  # (D,), read if WEIGHTED
+    norms_ptr,  # (B, C, R, N_SCOPES) fp32, written
+    N, R, C, D,
+    H: tl.constexpr, HP1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DO: tl.constexpr,
+    N_SCOPES: tl.constexpr, CENTER: tl.constexpr, WEIGHTED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """norms[b, c, r] = (||ff_ij||, ||t_ij||, out_scale_i ||C(t_ij) * out_weight||), t_ij = ff_ij + res_scale_i
+    sum_s kappa_ij[s] res_j[s], ff_ij = ff[slot[b, c, r]], for i = rows[r] and the tile's key j = c (0 where
+    slot < 0; the third only if N_SCOPES == 3, C = subtract the mean over D if CENTER).
+
+    The epilogue of the FF GEMM (TritonGemmBackend): one program per (BLOCK_M rows, BLOCK_N keys, b), res as the
+    batched dot (BN, BM, HP1) @ (BN, HP1, BLOCK_DO) over the keys, D in slices of BLOCK_DO (_epilogue_pass), a
+    first pass for the mean when CENTER; the D-wide vectors never leave registers.
+    """
+    b = tl.program_id(2).to(tl.int64)
+    ridx = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cidx = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = ridx < R
+    pair = (b * C + cidx)[:, None] * R + ridx[None, :]  # (BN, BM)
+    slot = tl.load(slot_ptr + pair, mask=(cidx < C)[:, None] & row_ok[None, :], other=-1).to(tl.int64)
+    live = slot >= 0
+    slots = tl.arange(0, HP1)
+    kappa = tl.load(kappa_ptr + pair[:, :, None] * (H + 1) + slots[None, None, :],
+                    mask=live[:, :, None] & (slots < H + 1)[None, None, :], other=0.0)
+    rows = tl.load(rows_ptr + ridx, mask=row_ok, other=0)
+    res_scale = tl.load(res_scale_ptr + b * N + rows, mask=row_ok, other=0.0)
+    parts_base = (b * C + cidx) * ((H + 1) * D)  # (BN,)
+    mean = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    if CENTER:  # a first pass for the mean over D of t_ij
+        mean = _epilogue_pass(ff_ptr, res_ptr, out_weight_ptr, slot, live, kappa, slots, cidx, C, res_scale,
+                              parts_base, mean, D, H, BLOCK_M, BLOCK_N, BLOCK_DO, True, False, False,
+                              DOT_PRECISION)[0] / D
+    _, sq_ff, sq_total, sq_out = _epilogue_pass(ff_ptr, res_ptr, out_weight_ptr, slot, live, kappa, slots, cidx, C,
+                                                res_scale, parts_base, mean, D, H, BLOCK_M, BLOCK_N, BLOCK_DO, False,
+                                                N_SCOPES == 3, WEIGHTED, DOT_PRECISION)
+    out_scale = tl.load(out_scale_ptr + b * N + rows, mask=row_ok, other=0.0)
+    ok = live & (cidx < C)[:, None] & row_ok[None, :]
+    tl.store(norms_ptr + pair * N_SCOPES, tl.where(live, tl.sqrt(sq_ff), 0.0), mask=ok)
+    tl.store(norms_ptr + pair * N_SCOPES + 1, tl.where(live, tl.sqrt(sq_total), 0.0), mask=ok)
+    if N_SCOPES == 3:
+        tl.store(norms_ptr + pair * N_SCOPES + 2, tl.where(live, out_scale[None, :] * tl.sqrt(sq_out), 0.0), mask=ok)
+
+
+def epilogue_settings(H):
+    """Tile and warps of _ff_epilogue_kernel: 16 rows x 8 keys (tl.dot's least M is 16), output slices as wide
+    as the (BN, H+1 padded, BLOCK_DO) fp32 parts tile allows in shared memory (128 wide up to 15 heads, 64 up
+    to 31, 32 up to 63, 16 beyond); 4 warps."""
+    slots = pow2(H + 1)
+    return dict(BLOCK_M=16, BLOCK_N=8, BLOCK_DO=max(16, min(128, 2048 // slots)), num_warps=4, num_stages=1)
+
+
+def ff_epilogue(ff, slot, kappa, res_parts, rows, res_scale, out_scale, out_weight, out_center, n_scopes):
+    """(B, C, R, n_scopes) float32 scope norms of a tile (see _ff_epilogue_kernel) from the GEMM rows ff (P, D)
+    float32, slot (B, C, R) int32, kappa (B, C, R, H+1) and res_parts (B, C, H+1, D) float32, rows (R,) int64,
+    res_scale, out_scale (B, N), out_weight (D,) or None; every tensor contiguous, on one device."""
+    B, C, R, H1 = kappa.shape
+    N, D = res_scale.shape[1], ff.shape[1]
+    norms = torch.zeros(B, C, R, n_scopes, device=ff.device, dtype=torch.float32)
+    tile = epilogue_settings(H1 - 1)
+    grid = (triton.cdiv(R, tile["BLOCK_M"]), triton.cdiv(C, tile["BLOCK_N"]), B)
+    _ff_epilogue_kernel[grid](
+        ff, slot, kappa, res_parts, rows, res_scale, out_scale, out_weight if out_weight is not None else res_scale,
+        norms, N, R, C, D, H=H1 - 1, HP1=pow2(H1), N_SCOPES=n_scopes, CENTER=bool(out_center) and n_scopes == 3,
+        WEIGHTED=out_weight is not None, DOT_PRECISION=dot_settings(torch.float32)[1], **tile,
+    )
+    return norms

@@ -28,6 +28,7 @@ from .core import as_indices, attribute
 from .layer import LayerInputError
 from .methods import check_methods
 from .models import capture, get_adapter
+from .peers import apply_rollouts, check_rollout
 from .result import WHOLE_DECODER_LAYER, Attribution, Seq2SeqAttribution
 from .verify import VerificationError
 
@@ -101,7 +102,7 @@ def analyze(model, inputs, tokenizer=None, methods=None, layers: Optional[Sequen
             heads: bool = False, contract: Optional[Tensor] = None, normalize_rows: bool = False,
             backend="auto", ig: str = "exact", ig_steps: int = 20, max_length: Optional[int] = None,
             progress: bool = False, verify: int = 2, targets=None, encoder_methods=None,
-            ff_gemm: str = "float32") -> Attribution:
+            ff_gemm: str = "auto") -> Attribution:
     """Attributions of ``model`` on ``inputs`` (a tokenizer batch, or text(s) plus ``tokenizer``).
 
     Each layer is attributed as soon as it has run, on its own device, and its captured tensors are
@@ -119,11 +120,11 @@ def analyze(model, inputs, tokenizer=None, methods=None, layers: Optional[Sequen
     (kobattr.result) with the decoder methods of spec section 7 (methods: None or "all" for every one, or names of
     kobattr.seq2seq.decoder_methods) and ``result.encoder``, the encoder's Attribution with ``encoder_methods``
     (None: the encoder's defaults; [] or False: no encoder analysis). Not with rows=, contract= or normalize_rows=.
-    ff_gemm: "float32" or "bfloat16", the FF methods' W_2 products (kobattr.core.attribute); encoders and
-    decoder-only models.
+    ff_gemm: "auto" (follow the model), "float32", "bfloat16", "float16" or "tf32", the FF methods' W_2 products
+    (kobattr.core.attribute); encoders and decoder-only models.
     """
     if targets is not None or _has_decoder_inputs(model, inputs):
-        if ff_gemm != "float32":
+        if ff_gemm not in ("auto", "float32"):
             raise LayerInputError("ff_gemm= applies to encoders and decoder-only models; a translation pair's "
                                   "decoder layers compute their FF maps in float32.")
         return _analyze_pairs(model, inputs, targets, tokenizer, methods=methods, layers=layers, rows=rows,
@@ -139,6 +140,7 @@ def analyze(model, inputs, tokenizer=None, methods=None, layers: Optional[Sequen
     modules = adapter.layer_modules(model)
     n_layers = len(modules)
     wanted = _wanted_layers(layers, n_layers)
+    check_rollout(methods, structure, wanted, rows, contract)
     batch = _tokenize(inputs, tokenizer, max_length)
     input_ids = batch["input_ids"]
     limit = adapter.max_tokens(model.config)
@@ -176,7 +178,9 @@ def analyze(model, inputs, tokenizer=None, methods=None, layers: Optional[Sequen
             h.remove()
         if bar is not None:
             bar.close()
-    return _collect(per_layer, methods, batch, mask, tokenizer, adapter, model)
+    result = _collect(per_layer, methods, batch, mask, tokenizer, adapter, model)
+    apply_rollouts(result)  # the peers' *_rollout methods through the analysed layers
+    return result
 
 
 def _collect(per_layer, methods, batch, mask, tokenizer, adapter, model) -> Attribution:

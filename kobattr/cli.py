@@ -29,9 +29,10 @@ def user_errors() -> tuple:
     CLI's UsageError and kobattr's own input-error classes. Anything else is a bug and keeps its traceback."""
     from .backends.base import BackendUnavailable
     from .layer import LayerInputError
+    from .bench import BenchError
     from .models import UnsupportedModelError
 
-    return (UsageError, LayerInputError, BackendUnavailable, UnsupportedModelError)
+    return (UsageError, LayerInputError, BackendUnavailable, UnsupportedModelError, BenchError)
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -704,9 +705,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--methods", nargs="+", help="method names or 'all' (default: the model's default methods)")
     a.add_argument("--layers", nargs="+", type=int, help="layer indices (default: all)")
     _add_run_options(a, "kobattr_out")
-    a.add_argument("--ff-gemm", choices=tuple(FF_GEMM_DTYPES), default="float32",
-                   help="dtype of the FF methods' products with W_2 (bfloat16: about 1.7x faster on CPUs with "
-                        "AVX512-BF16 or AMX, float32 sums; default float32)")
+    a.add_argument("--ff-gemm", choices=tuple(FF_GEMM_DTYPES), default="auto",
+                   help="dtype of the FF methods' products with W_2 (default auto: the model's for 16-bit models, "
+                        "else float32; bfloat16: about 1.7x faster on CPUs with AVX512-BF16 or AMX, float32 sums; "
+                        "tf32: CUDA only)")
     a.add_argument("--no-plots", action="store_true", help="skip PNG and HTML output")
     a.set_defaults(func=cmd_analyze)
     i = sub.add_parser("info", help="versions, available backends and compiled extensions")
@@ -797,6 +799,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ff-gemm", choices=tuple(FF_GEMM_DTYPES), default="float32",
                    help="dtype of the FF methods' products with W_2 (as for analyze; default float32)")
     c.set_defaults(func=cmd_corpus)
+    from . import bench, tuner  # their options and run() live there
+
+    b = sub.add_parser("bench", help="time each method's map for one layer against SDPA and this device's GEMM rate")
+    bench.add_arguments(b)
+    b.set_defaults(func=bench.run)
+    tu = sub.add_parser("tune", help="measure the fastest correct implementation per primitive on this device and "
+                                     "cache it (used with KOBATTR_TUNE=1)")
+    tuner.add_arguments(tu)
+    tu.set_defaults(func=tuner.run)
     return parser
 
 

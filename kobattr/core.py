@@ -16,12 +16,13 @@ import torch
 from torch import Tensor
 
 from .backends import get_backend
-from .backends.base import Attention, Backend, FFParts
+from .backends.base import Attention, Backend, BackendUnavailable, FFParts
 from .backends.torch_backend import DEFAULT_BUDGET, block_alpha
 from .ig import ffn_coefficients
 from .layer import NORM_FIELDS, Layer, LayerInputError, all_finite, cap_logits
 from .methods import (REGISTRY, STRUCTURES, check_methods, contextualization_change, ff_amp, ff_methods, form,
                       row_normalize, vector_ratio)
+from .peers import PeerImplementation, output_maps, peer_result
 
 
 @dataclass
@@ -130,6 +131,7 @@ class _Prepared:
         B, H, N, Dh = L.q.shape
         self.x = x = L.x.to(dtype)
         self.b_o = L.out_bias.to(dtype)
+        self.budget = budget  # elements per intermediate (the peers' measures tile with it too)
         self.attn_sum, self.alpha_diag = _row_pass(L, self.attn, dtype, budget, row_stats, defer_diagonal)
         self.row_stats, self.methods, self.ig, self.ig_steps = row_stats, methods, ig, ig_steps
         need_ff = bool(ff_methods(methods, self.structure))
@@ -465,8 +467,8 @@ def _check_contract(contract, batch: int, n: int, device) -> Optional[Tensor]:
     return contract
 
 
-def _compute_maps(prep: _Prepared, impls: dict, attn_methods, rows, contract, normalize_rows, want_alpha):
-    """{method: (B, R or K, N)} of the attention-side and FF methods, and alpha (B, H, R, N) if wanted."""
+def _compute_maps(prep: _Prepared, impls: dict, attn_methods, rows, contract, normalize_rows, want_alpha, peer=()):
+    """{method: (B, R or K, N)} of the attention-side, FF and ``peer`` methods, and alpha (B, H, R, N) if wanted."""
     maps, alpha = {}, None
     if attn_methods or want_alpha:
         grams, scales = prep.grams(attn_methods or ["attn_w"])
@@ -474,30 +476,43 @@ def _compute_maps(prep: _Prepared, impls: dict, attn_methods, rows, contract, no
                                                             normalize_rows=normalize_rows, want_alpha=want_alpha)
         maps.update({m: out[:, i] for i, m in enumerate(attn_methods)})
     prep.finish()
+    if peer:  # the peers' measures (kobattr/peers.py); their bias norms and completeness land in prep.peer_checks
+        maps.update(output_maps(prep, peer, rows, contract, normalize_rows))
     if prep.ff is not None:
         out = impls["ff_maps"].ff_maps(prep.attn, prep.ff, rows=rows, weights=contract, normalize_rows=normalize_rows)
         maps.update({m: out[:, form(m, prep.structure).ff_scope] for m in prep.ff_scopes})
     return maps, alpha
 
 
-FF_GEMM_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+# ff_gemm -> FFParts.gemm_dtype; "auto" follows the model: 16-bit layers multiply in their own dtype, others in
+# the compute dtype (None)
+FF_GEMM_DTYPES = {"auto": None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                  "tf32": "tf32"}
 
 
-def _check_ff_gemm(ff_gemm: str, layer: Layer) -> Optional[torch.dtype]:
-    """The FF product's dtype (None: the compute dtype) of ff_gemm; dispatch then picks an ff_maps that takes it."""
+def resolve_ff_gemm(ff_gemm: str, layer: Layer):
+    """The FF product's dtype (None: the compute dtype; "tf32") of ff_gemm; dispatch then picks an ff_maps that
+    takes it."""
     if ff_gemm not in FF_GEMM_DTYPES:
         raise LayerInputError(f"ff_gemm must be one of {', '.join(FF_GEMM_DTYPES)}, got {ff_gemm!r}.")
+    if ff_gemm == "auto":
+        return layer.x.dtype if layer.x.dtype in (torch.bfloat16, torch.float16) else None
     dtype = FF_GEMM_DTYPES[ff_gemm]
     if dtype is not None and layer.x.dtype == torch.float64:
         raise LayerInputError(f"ff_gemm={ff_gemm!r} would discard a float64 layer's precision; convert the layer "
-                              "to float32 first, or keep ff_gemm='float32'.")
+                              "to float32 first, or keep ff_gemm='auto'.")
     return dtype
+
+
+def ff_shape(layer: Layer) -> tuple:
+    """(d_model, d_ff, gated) of the layer's FFN: what the tuner's key adds to the attention shapes."""
+    return (layer.d_model, layer.ffn.w_in.shape[1], layer.ffn.gated)
 
 
 def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contract: Optional[Tensor] = None,
               normalize_rows: bool = False, backend="auto", ig: str = "exact", ig_steps: int = 20,
-              budget: int = DEFAULT_BUDGET, targets: Optional[dict] = None, verify: int = 2,
-              verify_seed: int = 0, ff_gemm: str = "float32") -> LayerAttribution:
+              budget: Optional[int] = None, targets: Optional[dict] = None, verify: int = 2,
+              verify_seed: int = 0, ff_gemm: str = "auto") -> LayerAttribution:
     """Attributions of one layer.
 
     methods: names from the registry (kobattr.methods; default: the registry's defaults; "all" for every
@@ -512,11 +527,16 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
         verify: recompute this many sampled query rows of every returned map per batch element with the
         materialising reference (0 disables); result.spot_check holds the errors and
         kobattr.VerificationError is raised above the dtype's tolerance. verify_seed seeds the sample.
-        ff_gemm: "float32" (default) or "bfloat16": the FF methods' (pairs, d_ff) @ (d_ff, d) products with W_2
-        take bfloat16 inputs and sum in float32, 1.7x faster on a 2-core CPU with AVX512-BF16 (README), with
-        an error within twice that of the reference computed in bfloat16 (tests/test_ff_gemm.py); the spot
-        checks then hold the FF maps to the bfloat16 tolerance. Dispatch picks an ff_maps that takes it (the torch
-        backend; the others refuse it, Backend.ff_gemm_dtypes).
+        budget: elements per intermediate of every implementation (None: DEFAULT_BUDGET on the CPU; on CUDA the
+        FF tiles then take a share of the free device memory, an explicit budget caps them).
+        ff_gemm: the precision of the FF methods' (pairs, d_ff) @ (d_ff, d) products with W_2. "auto" (default)
+        follows the model: bfloat16 / float16 layers take 16-bit inputs with float32 sums (where the implementation
+        offers them; a named one without keeps its float32 products), float32 and float64 layers their own dtype.
+        "float32": the compute dtype whatever the layer; "bfloat16" / "float16": 16-bit inputs, float32 sums
+        (float32 layers: 1.7x faster on a 2-core CPU with AVX512-BF16, README); "tf32": float32 inputs on TF32
+        tensor cores (CUDA only). The 16-bit products stay within twice the error of the
+        reference computed in that dtype (tests/test_ff_gemm.py); the spot checks then hold the FF maps to its
+        tolerance. Dispatch picks an ff_maps that takes it (Backend.ff_gemm_dtypes).
     """
     layer.validate()
     structure = layer.structure
@@ -526,10 +546,12 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
     contract = _check_contract(contract, B, N, layer.q.device)
     if contract is not None and heads:
         raise LayerInputError("per-head maps (heads=True) cannot be contracted; drop heads or contract.")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise LayerInputError(f"budget must be a positive number of elements or None, got {budget!r}.")
     if isinstance(verify, bool) or not isinstance(verify, int) or verify < 0:
         raise LayerInputError(f"verify must be a number of sampled rows >= 0 (0 disables the spot check), got {verify!r}.")
     need_ff = bool(ff_methods(methods, structure))
-    ff_gemm_dtype = _check_ff_gemm(ff_gemm, layer)
+    ff_gemm_dtype = resolve_ff_gemm(ff_gemm, layer)
     full = rows is None and contract is None
     n_rows = N if rows is None else len(rows)
     out_elements = B * n_rows * N * (len(methods) + (H if heads else 0))
@@ -537,17 +559,28 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
         raise LayerInputError(f"the requested maps hold {out_elements / 2**30:.1f} G values ({B} x {n_rows} rows x {N} keys x "
                               f"{len(methods)} methods{' + heads' if heads else ''}); ask for fewer rows= or use contract= "
                               "to contract them.")
-    impls = get_backend(backend, attention_of(layer), need_ff, need_row_stats=layer.head_outputs is not None,
-                        ff_gemm_dtype=ff_gemm_dtype)
+    want_alpha = heads and any(REGISTRY[m].heads for m in methods)
+    outputs = frozenset(mode for mode, asked in (("rows", rows is not None), ("contract", contract is not None),
+                                                 ("alpha", want_alpha)) if asked)
+    select = dict(need_row_stats=layer.head_outputs is not None, ff_shape=ff_shape(layer), outputs=outputs,
+                  budget=budget)
+    try:
+        impls = get_backend(backend, attention_of(layer), need_ff, ff_gemm_dtype=ff_gemm_dtype, **select)
+    except BackendUnavailable:
+        if ff_gemm != "auto" or ff_gemm_dtype is None:
+            raise
+        # "auto" asks for 16-bit products where an implementation offers them: one named without them keeps its own
+        ff_gemm_dtype = None
+        impls = get_backend(backend, attention_of(layer), need_ff, **select)
     # full maps: the attention primitive computes every row's statistics anyway, so alpha_ii can wait for them
-    prep = _Prepared(layer, methods, ig, ig_steps, budget, targets, row_stats=impls.get("row_stats"),
+    prep = _Prepared(layer, methods, ig, ig_steps, budget or DEFAULT_BUDGET, targets, row_stats=impls.get("row_stats"),
                      defer_diagonal=rows is None and contract is None, ff_gemm_dtype=ff_gemm_dtype)
 
     # attention-side maps (an FF run with full maps also computes every scope, for the component analysis)
     scope_methods = STRUCTURES[structure].scopes if need_ff and full else ()
-    attn_methods = [m for m in dict.fromkeys(methods + scope_methods) if form(m, structure).kind != "ff"]
-    want_alpha = heads and any(REGISTRY[m].heads for m in methods)
-    maps, alpha = _compute_maps(prep, impls, attn_methods, rows, contract, normalize_rows, want_alpha)
+    attn_methods = [m for m in dict.fromkeys(methods + scope_methods) if form(m, structure).kind not in ("ff", "peer")]
+    peer = [m for m in methods if form(m, structure).kind == "peer"]
+    maps, alpha = _compute_maps(prep, impls, attn_methods, rows, contract, normalize_rows, want_alpha, peer)
 
     valid = layer.valid
     nan_pad = torch.where(valid, 0.0, float("nan")).to(prep.dtype)
@@ -586,6 +619,9 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
             share = 0.5 if f.residual else 1.0
             result.ratios[m] = share * (1 - mean_self) + nan_pad
             continue
+        if f.kind == "peer":
+            peer_result(prep, result, m, nan_pad)
+            continue
         total, diag, bias, real = prep.vectors[m]
         result.ratios[m] = vector_ratio(total - diag, diag) + nan_pad
         result.bias_norms[m] = bias.norm(dim=-1) * valid
@@ -595,12 +631,15 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
         from .verify import spot_check
 
         def rerun(sub_rows, sub_contract):
-            sub_maps, _ = _compute_maps(prep, impls, [m for m in methods if form(m, structure).kind != "ff"],
-                                        sub_rows, sub_contract, normalize_rows, False)
+            sub_maps, _ = _compute_maps(prep, impls, [m for m in methods if form(m, structure).kind not in ("ff", "peer")],
+                                        sub_rows, sub_contract, normalize_rows, False, peer)
             return sub_maps
 
-        result.spot_check = spot_check(layer, result, impls, rerun, k=verify, seed=verify_seed, contract=contract,
-                                       normalize_rows=normalize_rows, ig=ig, ig_steps=ig_steps, ff_dtype=ff_gemm_dtype)
+        # TF32 keeps float16's 10-bit mantissa: its products are held to float16's tolerance
+        ff_dtype = torch.float16 if ff_gemm_dtype == "tf32" else ff_gemm_dtype
+        checked = {**impls, "peers": PeerImplementation()} if peer else impls  # who computed the peers' measures
+        result.spot_check = spot_check(layer, result, checked, rerun, k=verify, seed=verify_seed, contract=contract,
+                                       normalize_rows=normalize_rows, ig=ig, ig_steps=ig_steps, ff_dtype=ff_dtype)
     return result
 
 

@@ -13,6 +13,8 @@ A method takes a *form* in each block structure it applies to (kobattr.layer.STR
   ff       scope ``ff_scope`` of the feed-forward primitive: 0 ||FF_ij||, 1 ||res_ij + FF_ij||,
            2 ||g(res_ij + FF_ij)|| with g the norm after the FFN residual; FF_ij is split by the norm
            after the FFN (ffn_out_norm) where the layer has one
+  peer     a peers' measure (ALTI, GlobEnc, Value Zeroing; spec section 10, kobattr/peers.py) of the vector
+           form (residual in, ``target``, ``norm``) whose pairs it compares; ``rollout``: rolled out by analyze()
 ``target`` names the real hidden state (a key of Layer.forward) that the parts plus the bias sum to.
 """
 
@@ -32,8 +34,8 @@ PAPERS = {
     "kobayashi2024": "Kobayashi et al. 2024, Analyzing Feed-Forward Blocks in Transformers through the Lens of "
                      "Attention Maps",
 }
-KINDS = ("weights", "vector", "ff")
-PRIMITIVES = ("attention_maps", "ff_maps")
+KINDS = ("weights", "vector", "ff", "peer")
+PRIMITIVES = ("attention_maps", "ff_maps")  # the peers' measures run in kobattr/peers.py, not through a backend
 
 
 @dataclass(frozen=True)
@@ -46,10 +48,12 @@ class Form:
     norm: Optional[str] = None  # vector forms: the Layer norm split after the residual ("ln1", "ln2"; it reads y)
     ff_scope: Optional[int] = None  # ff forms: index into the ff_maps output
     prenorm: bool = False  # vector forms: a_ij = sum_h alpha^h_ij f^h(x_j) before the norm after attention (P1)
+    measure: Optional[str] = None  # peer forms: the peers' measure (kobattr/peers.py)
+    rollout: bool = False  # peer forms: rolled out through the analysed layers (analyze)
 
     @property
     def primitive(self) -> str:
-        return "ff_maps" if self.kind == "ff" else "attention_maps"
+        return {"ff": "ff_maps", "peer": "peers"}.get(self.kind, "attention_maps")
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,8 @@ def display_name(method: str) -> str:
 
 
 def check_methods(methods, structure: str) -> tuple[str, ...]:
-    """Normalise a method request (None, "all", a name, or names) for a block structure, or raise ValueError."""
+    """Normalise a method request (None, "all", a name, or names) for a block structure, or raise ValueError.
+    "all" is every per-layer method; the peers' rollouts (``*_rollout``) are asked for by name."""
     available = methods_for(structure)
     if methods is None:
         return default_methods(structure)
@@ -187,11 +192,13 @@ def check_methods(methods, structure: str) -> tuple[str, ...]:
     if any(not isinstance(m, str) for m in methods):
         bad = next(m for m in methods if not isinstance(m, str))
         raise ValueError(f"method names must be strings, got {bad!r} in {list(methods)!r}.")
-    names = tuple(dict.fromkeys(m.strip().lower().replace("-", "_") for m in methods))
+    # "alti,value_zeroing" names two methods (the CLI's --methods alti,value_zeroing)
+    names = tuple(dict.fromkeys(p.strip().lower().replace("-", "_") for m in methods for p in m.split(",")
+                                if p.strip() or "," not in m))
     if "all" in names:
         if len(names) > 1:
             raise ValueError(f"'all' cannot be mixed with method names (got {list(methods)!r}); ask for 'all' or for names.")
-        return available
+        return tuple(m for m in available if not form(m, structure).rollout)  # every per-layer map; rollouts by name
     if not names:
         raise ValueError("no methods requested; name at least one or ask for 'all'.")
     for m in names:
@@ -249,3 +256,45 @@ def ff_amp(atb: Tensor, atbff: Tensor, visible: Tensor, k: int = 10,
         values, flat = a.flatten().topk(min(k, n_kept))
         result.append([(int(f) // a.shape[1], int(f) % a.shape[1], float(v)) for v, f in zip(values, flat)])
     return result
+
+
+# ------------------------------------------------------------------------------- the peers' measures (spec section 10)
+PAPERS.update({
+    "ferrando2022": "Ferrando et al. 2022, Measuring the Mixing of Contextual Information in the Transformer",
+    "modarressi2022": "Modarressi et al. 2022, GlobEnc: Quantifying Global Token Attribution by Incorporating the Whole "
+                      "Encoder Layer in Transformers",
+    "mohebbi2023": "Mohebbi et al. 2023, Quantifying Context Mixing in Transformers",
+})
+
+
+def _peer(measure, rollout=False):
+    """ALTI forms: post-LN decomposes the LN1 output, the other structures the whole stream x_i + a_i after
+    attention (the norm there feeds only the next sub-layer). A rollout, a product of maps, decomposes no state."""
+    def make(s):
+        if rollout:
+            return Form("peer", True, measure=measure, rollout=True)
+        return Form("peer", True, "mid", "ln1", measure=measure) if s == "post" else Form("peer", True, "y", measure=measure)
+    return _each(ALL, make)
+
+
+_PEER_REGISTRY = [
+    MethodSpec("alti", "ALTI", "ferrando2022", _peer("alti")),
+    MethodSpec("alti_rollout", "ALTI rollout", "ferrando2022", _peer("alti", True)),
+    MethodSpec("alti_l2", "ALTI-L2", "ferrando2022", _peer("alti_l2")),
+    MethodSpec("alti_l2_rollout", "ALTI-L2 rollout", "ferrando2022", _peer("alti_l2", True)),
+    # GlobEnc carries the ATTNRES-LN parts through LN2: a post-LN (BERT) measure
+    # GlobEnc's parts (no bias, FFN skipped) and Value Zeroing's distances sum to no hidden state: no target
+    MethodSpec("globenc", "GlobEnc", "modarressi2022", {"post": Form("peer", True, measure="globenc")}),
+    MethodSpec("globenc_rollout", "GlobEnc rollout", "modarressi2022",
+               {"post": Form("peer", True, measure="globenc", rollout=True)}),
+    MethodSpec("value_zeroing", "Value Zeroing", "mohebbi2023",
+               _each(ALL, lambda s: Form("peer", True, measure="value_zeroing"))),
+    MethodSpec("value_zeroing_rollout", "Value Zeroing rollout", "mohebbi2023",
+               _each(ALL, lambda s: Form("peer", True, measure="value_zeroing", rollout=True))),
+]
+PAPERS["ferrando2024"] = ("Ferrando & Voita 2024, Information Flow Routes: Automatically Interpreting Language Models "
+                          "at Scale")
+# the attention edges of the information-flow graph (kobattr.flow builds the graph and its routes)
+_PEER_REGISTRY.append(MethodSpec("flow_attn", "Flow (attention)", "ferrando2024",
+                                 _each(ALL, lambda s: Form("peer", True, measure="flow_attn"))))
+REGISTRY.update({spec.name: spec for spec in _PEER_REGISTRY})

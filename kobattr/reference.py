@@ -15,7 +15,8 @@ from torch import Tensor
 
 from .ig import ffn_coefficients
 from .layer import Layer, LayerInputError, cap_logits
-from .methods import STRUCTURES, check_methods, contextualization_change, ff_amp, ff_methods, form, vector_ratio
+from .methods import (STRUCTURES, Form, check_methods, contextualization_change, ff_amp, ff_methods, form, row_normalize,
+                      vector_ratio)
 
 MAX_PAIR_ELEMENTS = 1 << 31  # the (B, R, N, D) tensors above this would not fit a normal machine
 
@@ -184,6 +185,15 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
     nan_pad = torch.where(valid[:, rows], 0.0, float("nan")).to(dtype)
     for m in methods:
         spec_form = form(m, structure)
+        if spec_form.kind == "peer":  # the peers' measures (spec section 10)
+            out["maps"][m] = peer_map(L, spec_form, vector_form, a, y, x_rows, vis, alpha, rows)
+            if spec_form.target is not None:  # ALTI: the parts T_i(x_j) and the bias sum to the block output
+                parts, parts_bias = vector_form(Form("vector", True, spec_form.target, spec_form.norm))
+                out["bias"][m], out["total"][m] = parts_bias * rowmask, (parts.sum(2) + parts_bias) * rowmask
+            total = out["maps"][m].sum(-1)
+            share = 1 - out["maps"][m][diagonal] / torch.where(total > 0, total, torch.ones_like(total))
+            out["ratios"][m] = torch.where(total > 0, share, torch.zeros_like(share)) + nan_pad
+            continue
         if spec_form.kind == "weights":
             share = 0.5 if spec_form.residual else 1.0  # ATTNRES-W: 0.5 mean_h A + 0.5 I
             out["maps"][m] = share * alpha.mean(1) + (1 - share) * eye
@@ -208,3 +218,53 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
                                  for c, (before, after) in struct.components.items()}
         out["ff_amp"] = ff_amp(scope_maps[struct.ff_amp[0]], scope_maps[struct.ff_amp[1]], vis)
     return out
+
+
+def peer_map(L: Layer, spec_form: Form, vector_form, a: Tensor, y: Tensor, x_rows: Tensor, vis: Tensor, alpha: Tensor,
+             rows: Tensor) -> Tensor:
+    """(B, R, N) a peers' measure (spec section 10), materialised for the query rows ``rows``: ``vector_form`` gives a
+    vector form's pair vectors (B, R, N, D), ``a`` holds sum_h alpha^h_ij f^h(x_j) (B, R, N, D), ``y`` the stream
+    x_i + attention (B, R, D), ``alpha`` (B, H, R, N)."""
+    measure = spec_form.measure
+    if measure in ("alti", "alti_l2"):
+        block = form("alti", L.structure)  # the block ALTI decomposes (a rollout's own form names none)
+        T, _ = vector_form(Form("vector", True, block.target, block.norm))  # T_i(x_j)
+        out = y if block.norm is None else getattr(L, block.norm)(y)  # the real block output y_i
+        p = 2 if measure == "alti_l2" else 1
+        distance = (out[:, :, None] - T).double().norm(p=p, dim=-1)
+        contribution = (out.double().norm(p=p, dim=-1)[..., None] - distance).clamp_min(0) * vis
+        return row_normalize(contribution).to(y.dtype)
+    if measure == "globenc":
+        part, _ = vector_form(Form("vector", True, "mid", "ln1"))  # the ATTNRES-LN part, no bias
+        mid = L.ln1(y)
+        inv_s2 = L.ln2.inv_std(mid + L.ffn(mid))  # LN2's real input: the FFN output included
+        return (L.ln2.split(part) * inv_s2[..., None, None]).norm(dim=-1) * vis
+    if measure == "value_zeroing":
+        from dataclasses import replace
+
+        rest = replace(L, x=x_rows)
+        full = a.sum(2) + L.out_bias  # row i's attention output
+        real = rest.stream(full)["out"]
+        def unit(v):
+            return v.double() / v.double().norm(dim=-1, keepdim=True)
+
+        # 1 - cos(z, o) = ||z / |z| - o / |o|||^2 / 2 (no cancellation for nearly parallel vectors), one zeroed key at a time
+        distance = torch.stack([(unit(rest.stream(full - a[:, :, j])["out"]) - unit(real)).pow(2).sum(-1) / 2
+                                for j in range(a.shape[2])], -1)
+        return row_normalize(distance * vis).to(y.dtype)
+    if measure == "flow_attn":
+        # every (key j, head h) part alpha^h_ij f^h(x_j) (through the norm after attention), and the residual x_i
+        B, H, R, N = alpha.shape
+        f = torch.einsum("bhjd,hde->bjhe", L.v.repeat_interleave(H // L.n_kv_heads, 1), L.w_o)  # (B, N, H, D)
+        parts = alpha.permute(0, 2, 3, 1)[..., None] * f[:, None]  # (B, R, N, H, D)
+        if L.attn_out_norm is not None:
+            s1 = L.attn_out_norm.inv_std(a.sum(2) + L.out_bias)
+            parts = L.attn_out_norm.split(parts) * s1[..., None, None, None]
+        y_norm = y.abs().sum(-1)
+        prox = (y_norm[..., None, None] - (y[:, :, None, None] - parts).abs().sum(-1)).clamp_min(1e-5)  # (B, R, N, H)
+        prox = prox * L.valid[:, None, :, None]  # padded keys have no parts
+        res = (y_norm - (y - x_rows).abs().sum(-1)).clamp_min(1e-5)  # the residual part
+        token = prox.sum(-1)
+        token[:, torch.arange(R), rows] += res  # the residual edge joins the attention edge (i, i)
+        return token / (prox.sum((2, 3)) + res)[..., None] * L.valid[:, rows, None]
+    raise ValueError(f"no reference for the peers' measure {measure!r}.")

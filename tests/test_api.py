@@ -35,7 +35,7 @@ def test_minilm_decomposition_is_complete_against_the_model(minilm, minilm_resul
     res = minilm_result
     assert res.layers == tuple(range(6)) and res.structure == "post"
     assert res.model_error.max() < 1e-5
-    assert set(res.completeness) == {"atbff", "atbffres", "atbffresln"}
+    assert set(res.completeness) == {"atbff", "atbffres", "atbffresln", "alti", "alti_l2"}
     for m, err in res.completeness.items():
         assert err.max() < 1e-5, m  # parts + bias = the model's own hidden state
     # the captured layers stream exactly the model's own residual stream: input of layer l, output of l

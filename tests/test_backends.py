@@ -39,8 +39,11 @@ def test_backend_matches_reference(name, kind, kw):
         res = attribute(layer, methods="all", heads=True, backend=name)
     except BackendUnavailable as err:
         pytest.skip(str(err))
-    assert res.backends["attention_maps"] == name
-    assert res.backends["ff_maps"] == (name if "ff_maps" in implementation(name).primitives else "torch")
+    for primitive in ("attention_maps", "ff_maps"):  # a name runs the primitives it implements
+        if primitive in implementation(name).primitives:
+            assert res.backends[primitive] == name, primitive
+    if "ff_maps" not in implementation(name).primitives:
+        assert res.backends["ff_maps"] == "torch"
     for m in res.methods:
         expected = ref["maps"][m].float()
         err = ((res.maps[m] - expected).abs().max() / expected.abs().max()).item()
@@ -98,7 +101,7 @@ def test_radius_and_softcap_match_reference(name, case):
         contracted = attribute(layer, methods="all", rows=rows, contract=weights, normalize_rows=True, backend=name)
     except BackendUnavailable as err:
         pytest.skip(str(err))
-    assert res.backends["attention_maps"] == name
+    assert name in (res.backends["attention_maps"], res.backends["ff_maps"])
     for m in res.methods:
         expected = ref["maps"][m].float()
         scale = expected.abs().max()

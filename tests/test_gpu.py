@@ -19,6 +19,7 @@ def test_every_implementation_against_the_reference(dtype):
     assert {("triton", "attention_maps"), ("triton", "ff_maps"), ("torch", "attention_maps"), ("torch", "ff_maps")} <= ran
     if availability()["cuda"] is None:
         assert ("cuda", "attention_maps") in ran
+    assert ("triton_gemm", "ff_maps") in ran
     structures = {o.case.split("/")[0] for o in report.outcomes if o.implementation == "triton" and o.skipped is None}
     assert structures == {"post", "pre", "sandwich", "post_only", "parallel"}
 

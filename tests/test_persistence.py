@@ -188,7 +188,7 @@ def _set(field, value):
     (_set("tokens", [["a"], ["b"]]), r"tokens is not 2 list\(s\) of 7 tokens"),
     (_set("ff_amp", [[], [], []]), r"ff_amp has 3 entries for 2 layer\(s\)"),
     (_set("contracted", "yes"), r"contracted is not true or false"),
-    (lambda m: m["fields"]["maps"]["keys"].pop(), r"holds tensors its metadata does not list \(maps/atbffresln\)"),
+    (lambda m: m["fields"]["maps"]["keys"].pop(), r"holds tensors its metadata does not list \(maps/[a-z_0-9]+\)"),  # the last method
     (lambda m: m["fields"]["maps"]["keys"].append("attn_x"), r"lists tensors the file lacks \(maps/attn_x\)"),
     (lambda m: m["fields"].__setitem__("surprise", {"kind": "json", "value": 1}), r"field 'surprise'"),
     (lambda m: m.__setitem__("format", 1), r"format 1; this kobattr reads formats 2 and 3 only"),

@@ -26,7 +26,7 @@ CAPABILITIES = (80, 90)
 DTYPES = ("fp32", "fp16", "bf16")
 TARGETS = list(itertools.product(CAPABILITIES, DTYPES))
 
-INT_ARGS = {"N", "B", "key_start", "key_stop", "R", "K", "F", "D", "window", "radius", "weights_b_stride",
+INT_ARGS = {"N", "B", "C", "key_start", "key_stop", "R", "K", "F", "D", "window", "radius", "weights_b_stride",
             "weights_m_stride", "weights_s_stride"}
 MODEL_DTYPE_PTRS = {"q_ptr", "k_ptr", "ff_ptr", "gate_ptr", "res_ptr", "coef_in_ptr", "coef_gate_ptr", "w_out_ptr"}
 
@@ -68,6 +68,20 @@ FF_VARIANTS = [
     (40, 8, 32, False, 3, False, True, False, True, False, True, (False, False, True)),
 ]
 
+# the FF GEMM's prologue (triton_gemm): (H, KV_GROUP, DH, GATED, CAUSAL, WINDOWED, SYMMETRIC, SOFTCAP, GEMM dtype);
+# its parts and coefficients come in float32 (the compute dtype), q and k in the model's
+PROLOGUE_JOBS = [
+    (80, "fp32", (12, 1, 64, False, False, False, False, False, "fp32")),
+    (90, "bf16", (32, 4, 128, True, True, False, False, False, "bf16")),
+    (80, "fp16", (8, 2, 80, True, True, True, True, True, "fp16")),
+    (90, "fp32", (40, 8, 128, False, False, True, False, True, "bf16")),
+]
+
+# its epilogue (every pointer float32 but slot's): (H, N_SCOPES, CENTER, WEIGHTED)
+EPILOGUE_JOBS = [(80, "fp32", (12, 3, True, True)), (90, "fp32", (32, 2, False, False)),
+                 (80, "fp32", (32, 3, False, True)), (80, "fp32", (40, 3, True, False)),
+                 (90, "fp32", (64, 3, True, True))]
+
 # the candidate kernels of benchmarks/pair_experiments.py (not kobattr's, but timed on GPUs by gpu_profile.py):
 # (kernel, capability, dtype, (H, KV, DH, CAUSAL, scratch dtype of the staged kernel))
 EXPERIMENT_JOBS = [
@@ -88,6 +102,10 @@ def jobs():
         out[f"attention-{i}"] = ("attention_pairs", "_attention_pairs_kernel", *target, variant)
     for i, (target, variant) in enumerate(zip(TARGETS, FF_VARIANTS)):
         out[f"ff-{i}"] = ("ff_pairs", "_ff_pairs_kernel", *target, variant)
+    for i, (capability, dtype, variant) in enumerate(PROLOGUE_JOBS):
+        out[f"prologue-{i}"] = ("ff_pairs", "_ff_prologue_kernel", capability, dtype, variant)
+    for i, (capability, dtype, variant) in enumerate(EPILOGUE_JOBS):
+        out[f"epilogue-{i}"] = ("ff_pairs", "_ff_epilogue_kernel", capability, dtype, variant)
     for i, (kernel, capability, dtype, variant) in enumerate(EXPERIMENT_JOBS):
         out[f"experiment-{i}"] = ("pair_experiments", kernel, capability, dtype, variant)
     return out
@@ -113,6 +131,20 @@ def launch_settings(kernel, dtype, variant):
         tile = pe.staged_settings(H, dtypes[scratch])
         consts = pe.staged_constants(H, KV, dh, causal, dtypes[dtype], tile)
         return consts, dict(num_warps=tile["num_warps"]), dict(scratch_ptr="*" + scratch, gram_ptr="*" + scratch)
+    if kernel == "_ff_prologue_kernel":
+        H, group, dh, gated, causal, windowed, symmetric, softcap, gemm = variant
+        tile = fp.prologue_settings(H)
+        options = dict(num_warps=tile.pop("num_warps"), num_stages=tile.pop("num_stages"))
+        fp32_parts = {name: "*fp32" for name in ("ff_ptr", "gate_ptr", "coef_in_ptr", "coef_gate_ptr")}
+        return (dict(H=H, KV_GROUP=group, DH=dh, HP=kr.pow2(H), GATED=gated, CAUSAL=causal, WINDOWED=windowed,
+                     SYMMETRIC=symmetric, SOFTCAP=softcap, **tile, **dots), options,
+                dict(fp32_parts, hidden_ptr="*" + gemm))
+    if kernel == "_ff_epilogue_kernel":
+        H, n_scopes, center, weighted = variant
+        tile = fp.epilogue_settings(H)
+        options = dict(num_warps=tile.pop("num_warps"), num_stages=tile.pop("num_stages"))
+        return (dict(H=H, HP1=kr.pow2(H + 1), N_SCOPES=n_scopes, CENTER=center, WEIGHTED=weighted,
+                     DOT_PRECISION=precision, **tile), options, dict(ff_ptr="*fp32", res_ptr="*fp32", slot_ptr="*i32"))
     if kernel == "_row_lse_kernel":
         H, group, dh, has_rows, causal, windowed, symmetric, softcap = variant
         tile = kr.lse_settings(dh, ROWS_SELECTED if has_rows else N_LONG)

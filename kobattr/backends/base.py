@@ -48,7 +48,7 @@ sum first (rows summing to 0 stay 0), returning (B, M, K, N) without building th
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -122,9 +122,9 @@ class FFParts:
     gate_parts: Optional[Tensor] = None
     res_parts: Optional[Tensor] = None
     key_block: Optional[Callable[[slice], tuple]] = None  # keys -> (ff_parts, gate_parts or None, res_parts)
-    # the (pairs, F) @ (F, D) product with W_out in this dtype (bfloat16: attribute(ff_gemm=...), opt-in),
-    # accumulated in float32; None: the compute dtype
-    gemm_dtype: Optional[torch.dtype] = None
+    # the (pairs, F) @ (F, D) product with W_out in this dtype (bfloat16 / float16: attribute(ff_gemm=...)),
+    # accumulated in float32; "tf32": float32 operands on TF32 tensor cores (CUDA); None: the compute dtype
+    gemm_dtype: Union[torch.dtype, str, None] = None
 
     def block(self, keys: slice) -> tuple:
         """(ff_parts, gate_parts or None, res_parts) of the keys ``keys``, (B, C, H+1, F / D)."""
@@ -158,6 +158,7 @@ class Backend:
     max_head_size: Optional[int] = None
     features: frozenset = frozenset(FEATURES)  # the block features of FEATURES it computes
     ff_gemm_dtypes: tuple = (None,)  # FFParts.gemm_dtype values its ff_maps takes (None: the compute dtype)
+    budget: Optional[int] = None  # elements per intermediate (attribute(budget=...)); None: its own sizing
 
     @classmethod
     def unavailable_reason(cls) -> Optional[str]:

@@ -1,5 +1,8 @@
-"""The Triton backend: the two pair primitives of base.py as fused GPU kernels (kobattr/kernels/), and
-row_stats through the kernel their first pass runs (kernels/rows.py ``row_lse``).
+"""The Triton backends. triton: the two pair primitives of base.py as fused GPU kernels (kobattr/kernels/),
+and row_stats through the kernel their first pass runs (kernels/rows.py ``row_lse``). triton_gemm: ff_maps
+as the torch backend's work list of visible tiles, each tile's per-pair hidden rows written in the GEMM
+dtype by a Triton prologue (kernels/ff_pairs.py ``ff_prologue``), then one cuBLAS GEMM with W_out and a
+Triton epilogue (``ff_epilogue``: the residual part and the scopes' norms).
 
 Nothing N x N x d (nor N x N x H) is materialised: alpha is recomputed tile by tile from q and k,
 see kernels/attention_pairs.py and kernels/ff_pairs.py for the kernel designs. Triton is imported
@@ -17,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .base import Attention, Backend, BackendUnavailable, FFParts
+from .torch_backend import TorchBackend
 
 MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEADS = 64
@@ -34,15 +38,13 @@ def _parts(t: Optional[Tensor]) -> Optional[Tensor]:
     return (t if t.dtype in MODEL_DTYPES else t.float()).contiguous()
 
 
-class TritonBackend(Backend):
-    name = "triton"
-    primitives = ("attention_maps", "ff_maps", "row_stats")
-    dtypes = MODEL_DTYPES  # the kernels compute in float32; a float64 layer would lose its precision
+class _TritonMachine:
+    """What both Triton implementations take: CUDA tensors (CPU ones under the interpreter), float32 or 16-bit
+    layers (the kernels compute in float32; a float64 layer would lose its precision), up to MAX_HEADS heads."""
+
+    dtypes = MODEL_DTYPES
     max_heads = MAX_HEADS
     max_head_size = MAX_HEAD_SIZE
-    # keys per ff_maps launch (None: kernels/ff_pairs.py choose_key_block, a few hundred MB of parts); tests set
-    # it small so that several blocks run
-    key_block_size: Optional[int] = None
 
     @property
     def devices(self) -> tuple:
@@ -55,6 +57,14 @@ class TritonBackend(Backend):
         if not _interpreting() and not torch.cuda.is_available():
             return "the triton backend needs a CUDA device (or TRITON_INTERPRET=1 to run its kernels on the CPU)."
         return None
+
+
+class TritonBackend(_TritonMachine, Backend):
+    name = "triton"
+    primitives = ("attention_maps", "ff_maps", "row_stats")
+    # keys per ff_maps launch (None: kernels/ff_pairs.py choose_key_block, a few hundred MB of parts, or budget=
+    # elements of float32); tests set it small so that several blocks run
+    key_block_size: Optional[int] = None
 
     def _check(self, primitive: str, attn: Attention, ff_gemm_dtype=None) -> None:
         reasons = self.refusals(primitive, attn, ff_gemm_dtype)
@@ -118,6 +128,7 @@ class TritonBackend(Backend):
         # the kernel runs once per block of keys: no (B, N, H+1, F) is held unless the parts were stored
         return ff_maps(
             ff_parts=None, gate_parts=None, res_parts=None, key_block=key_block, key_block_size=self.key_block_size,
+            key_block_bytes=None if self.budget is None else 4 * self.budget,
             in_scale=parts.in_scale.float().contiguous(), res_scale=parts.res_scale.float().contiguous(),
             out_scale=parts.out_scale.float().contiguous(), coef_in=_parts(parts.coef_in),
             coef_gate=_parts(parts.coef_gate), w_out=_parts(parts.w_out),
@@ -125,3 +136,44 @@ class TritonBackend(Backend):
             out_center=bool(parts.out_center), n_scopes=int(parts.n_scopes), normalize_rows=normalize_rows,
             lse2=self._given_lse2(attn, rows), **self._common(attn, rows, weights),
         )
+
+
+class TritonGemmBackend(_TritonMachine, TorchBackend):
+    """ff_maps of the torch backend (work list, one GEMM per tile) with the per-pair hidden rows and kappa from
+    the Triton prologue (no float32 (B, C, R, F) product before the GEMM dtype's copy) and the scopes' norms
+    from the Triton epilogue (the residual part and the D-wide vectors stay in registers).
+
+    Per visible pair, beyond the GEMM's 2 F D flops and its own traffic (F inputs in the GEMM dtype, D float32
+    outputs): the prologue writes F values in the GEMM dtype and reads (H+1) F float32 parts per key for its 16
+    rows, the epilogue reads the D float32 outputs again and (H+1) D residual parts per key for its 16 rows.
+    Llama-7B in bfloat16 (F = 11008, D = 4096, H = 32, gated): about 38 KB of DRAM traffic a pair (22 KB written,
+    16 KB read back) and about 215 KB of parts read, mostly from L2 (shared by 16 rows), next to the GEMM's
+    90 MFLOP, so the GEMM should set the pace (an estimate from the code, not yet measured on a GPU:
+    benchmarks/gpu_bench.py, vs_gemm)."""
+
+    name = "triton_gemm"
+    primitives = ("ff_maps",)
+
+    def ff_prologue(self, attn, p, rows, cols, lse, vis, ff_p, gate_p, gemm_dtype):
+        from kobattr.kernels.ff_pairs import ff_prologue
+
+        lse2 = lse.float() / math.log(2.0)
+        kappa, hidden = ff_prologue(
+            attn.q.contiguous(), attn.k.contiguous(), attn.valid.to(torch.int8).contiguous(), bool(attn.causal),
+            int(attn.window), float(attn.scale), rows.to(torch.int64).contiguous(),
+            torch.where(torch.isfinite(lse2), lse2, 0.0).contiguous(), _parts(ff_p), _parts(gate_p),
+            _parts(p["in_scale"]), _parts(p["coef_in"]), _parts(p["coef_gate"]), int(cols[0]), gemm_dtype,
+            radius=int(attn.radius), softcap=float(attn.softcap))
+        return kappa, hidden
+
+    def ff_epilogue(self, p, parts, rows, kappa, res_p, ff, idx):
+        from kobattr.kernels.ff_pairs import ff_epilogue
+
+        B, C, R = kappa.shape[:3]
+        slot = torch.arange(B * C * R, device=ff.device, dtype=torch.int32)
+        if idx is not None:
+            slot = torch.full_like(slot, -1).index_copy_(0, idx, torch.arange(len(idx), device=ff.device,
+                                                                              dtype=torch.int32))
+        return ff_epilogue(ff.float().contiguous(), slot.view(B, C, R), kappa.contiguous(), _parts(res_p.float()),
+                           rows.to(torch.int64).contiguous(), _parts(p["res_scale"]), _parts(p["out_scale"]),
+                           _parts(p["out_weight"]), parts.out_center, parts.n_scopes)

@@ -1,0 +1,367 @@
+"""The peers' measures (spec section 10): ALTI, GlobEnc, Value Zeroing and the information-flow edges per layer,
+and their rollouts.
+
+None of them stores an N x N x D tensor: the per-pair d-vectors are built one (query block x key block) tile at
+a time from per-key rows (per key j a (rows x (H+1)) @ ((H+1) x D) product, kappa as in kobattr/backends/base.py)
+and reduced right away. Conventions (which biases go where, statistics, normalisation) follow the authors'
+released code, cited beside each function; docs/methods.md says the cost per pair.
+
+    alti        c_ij = max(0, ||y_i||_1 - ||y_i - T_i(x_j)||_1), rows normalised to sum 1 (alti_l2: ||.||_2)
+    globenc     N_ij = ||g2_i(v_ij)||, v_ij the ATTNRES-LN part without bias, g2 LN2 with the FFN skipped
+    value_zeroing  C_ij = 1 - cos(z_ij, out_i), z_ij the layer output with token j's value vectors zeroed,
+                rows normalised to sum 1
+    flow_attn   the attention edges of the information-flow graph (Ferrando & Voita 2024; kobattr/flow.py)
+    *_rollout   R^1 = C^1, R^l = C^l R^(l-1) through the analysed layers (analyze(); one layer: its map)
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backends.torch_backend import DEFAULT_BUDGET, block_alpha, kappa_diag_mask
+from .layer import LayerInputError
+from .methods import Form, form, row_normalize
+
+_L2 = {"alti": False, "alti_l2": True}
+
+
+class PeerImplementation:
+    """What result.backends names for the peers' measures (plain torch, CPU or CUDA)."""
+
+    name = "torch"
+
+
+def peer_methods(methods, structure: str) -> tuple:
+    return tuple(m for m in methods if form(m, structure).kind == "peer")
+
+
+def rollout_methods(methods, structure: str) -> tuple:
+    return tuple(m for m in peer_methods(methods, structure) if form(m, structure).rollout)
+
+
+def stream_form(f: Form) -> Form:
+    """The vector form whose pairs T_i(x_j) a peer form decomposes (the residual always in)."""
+    return Form("vector", True, f.target, f.norm)
+
+
+def _key_rows(prep, f: Form, keys: slice) -> Tensor:
+    """(B, C, H+1, D) per-key rows [split f^h(x_j) for h, split x_j] of the vector form f."""
+    from .core import _head_vectors
+
+    L = prep.layer
+    raw = torch.cat([_head_vectors(L, keys, prep.dtype), prep.x[:, keys, None]], 2)
+    return prep.form_rows(f, raw, keys)
+
+
+def _block_cap(N: int) -> int:
+    """Rows and keys per tile at most max(N / 8, 32), as the torch backend's blocks: no tile comes near N * N * D."""
+    return max(N // 8, 32)
+
+
+def _query_blocks(n_rows: int, N: int, B: int, H: int, budget: int):
+    """Blocks of the requested rows whose alpha rows (B, H, block, N) stay within budget."""
+    size = max(1, min(_block_cap(N), budget // max(1, B * H * N)))
+    for start in range(0, n_rows, size):
+        yield start, min(start + size, n_rows)
+
+
+def _key_step(N: int, B: int, R: int, D: int, budget: int) -> int:
+    return max(1, min(_block_cap(N), budget // max(1, 4 * B * R * D)))  # the tile and its few temporaries stay within budget
+
+
+def peer_maps(prep, methods, rows: Optional[Tensor], budget: int = DEFAULT_BUDGET) -> tuple[dict, dict, dict]:
+    """({method: (B, R, N) map}, {method: (B, N) bias norm}, {method: (B, R) completeness error}) of the peer
+    methods for the query rows ``rows`` (None: all)."""
+    structure = prep.structure
+    N = prep.layer.seq_len
+    rows = torch.arange(N, device=prep.x.device) if rows is None else rows
+    measures = {}
+    for m in methods:
+        measures.setdefault(form(m, structure).measure, []).append(m)
+    maps, bias_norms, completeness = {}, {}, {}
+    alti = [k for k in _L2 if k in measures]
+    if alti:
+        f = form("alti", structure)  # the base method's form (a rollout's names no state)
+        out, bias, err = alti_maps(prep, stream_form(f), rows, [_L2[k] for k in alti], budget)
+        for k, mp in zip(alti, out):
+            for m in measures[k]:
+                maps[m] = mp
+                if form(m, structure).target is not None:  # not for a rollout, which decomposes no state
+                    bias_norms[m], completeness[m] = bias, err
+    if "globenc" in measures:
+        mp = globenc_map(prep, rows, budget)
+        for m in measures["globenc"]:
+            maps[m] = mp
+    if "flow_attn" in measures:
+        mp = flow_attn_map(prep, rows, budget)
+        for m in measures["flow_attn"]:
+            maps[m] = mp
+    if "value_zeroing" in measures:
+        mp = value_zeroing_map(prep, rows, budget)
+        for m in measures["value_zeroing"]:
+            maps[m] = mp
+    return maps, bias_norms, completeness
+
+
+def output_maps(prep, methods, rows: Optional[Tensor], contract: Optional[Tensor], normalize_rows: bool) -> dict:
+    """The peer maps as attribute() returns them: (B, R, N) rows, or contract @ map (B, K, N) over the selected rows
+    (each map row normalised first with normalize_rows; the maps are O(N^2), so they are formed, then contracted).
+    Their per-row checks go to prep.peer_checks (method -> (rows, bias norms, completeness))."""
+    N = prep.layer.seq_len
+    every = torch.arange(N, device=prep.x.device)
+    selected = every if rows is None else rows
+    if not hasattr(prep, "peer_checks"):
+        # the first call (not the spot check's rerun) computes every row: a ratio needs its whole row, and the
+        # result's ratios cover every row, with rows= too
+        maps, bias_norms, completeness = peer_maps(prep, methods, every, prep.budget)
+        prep.peer_checks = {m: (every, maps[m], bias_norms.get(m), completeness.get(m)) for m in methods}
+        if rows is not None:
+            maps = {m: mp[:, rows] for m, mp in maps.items()}
+    else:
+        maps, _, _ = peer_maps(prep, methods, selected, prep.budget)
+    if contract is None:
+        return maps
+    out = {}
+    for m, mp in maps.items():
+        if normalize_rows:
+            mp = row_normalize(mp)
+        out[m] = torch.einsum("bkr,brn->bkn", contract[:, :, selected].to(mp.dtype), mp)
+    return out
+
+
+def peer_result(prep, result, m: str, nan_pad: Tensor) -> None:
+    """Fill a LayerAttribution's ratio (and bias norm and completeness where the measure has them) of method m."""
+    every, mp, bias, err = prep.peer_checks[m]
+    result.ratios[m] = peer_ratio(mp, every) + nan_pad
+    if bias is not None:
+        result.bias_norms[m], result.completeness[m] = bias, err
+
+
+def peer_ratio(m: Tensor, rows: Tensor) -> Tensor:
+    """(B, R) the share of a peer map's row that goes to other tokens: 1 - M_ii / sum_j M_ij (0 for a zero row)."""
+    diag = m[:, torch.arange(len(rows), device=m.device), rows]
+    total = m.sum(-1)
+    return torch.where(total > 0, 1 - diag / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(total))
+
+
+# ----------------------------------------------------------------------------------------------- ALTI
+def alti_maps(prep, f: Form, rows: Tensor, l2: list, budget: int) -> tuple[list, Tensor, Tensor]:
+    """ALTI (Ferrando et al. 2022) of the vector form f: ([(B, R, N) per entry of l2], bias norm of every row (B, N),
+    completeness error of the rows (B, R)).
+
+    Follows mt-upc/transformer-contributions@4f89039 src/contributions.py get_contributions (T_i(x_j) = the
+    ATTNRES(-LN) part, y_i the block output: post-LN the LN1 output, pre-LN the stream x_i + a_i) and
+    src/utils_contributions.py normalize_contributions 'min_sum' (c = clip(||y_i||_p - ||y_i - T_i(x_j)||_p, 0),
+    divided by the row sum). Differences, each < 1e-6 relative: their std adds eps to the states, kobattr uses the
+    model's own statistic (eps inside the root); F.pairwise_distance adds 1e-6 to the difference, kobattr does not.
+    The sums over D are taken in float64: ||y||_1 - ||y - T||_1 cancels (spec section 10, precision)."""
+    L = prep.layer
+    B, H, N, _ = L.q.shape
+    D = L.d_model
+    scale = prep.form_scale(f)  # (B, N)
+    total, _, bias, real = prep.vector_parts(f)
+    y = real  # the block's real output, which every pair is compared with
+    cache_rows = B * N * (H + 1) * D <= 4 * budget
+    cached = _key_rows(prep, f, slice(0, N)) if cache_rows else None
+    outs = [torch.zeros(B, len(rows), N, dtype=torch.float64, device=L.x.device) for _ in l2]  # normalised in float64
+    parts_sum = torch.zeros(B, len(rows), D, dtype=prep.dtype, device=L.x.device)
+    for r0, r1 in _query_blocks(len(rows), N, B, H, budget):
+        q_rows = rows[r0:r1]
+        alpha, vis = block_alpha(prep.attn, q_rows, prep.dtype)  # (B, H, R, N)
+        y_rows = y[:, q_rows]  # (B, R, D)
+        norm_y = [y_rows.double().norm(p=2 if p2 else 1, dim=-1) for p2 in l2]
+        step = _key_step(N, B, r1 - r0, D, budget)
+        for c0 in range(0, N, step):
+            keys = slice(c0, min(c0 + step, N))
+            cols = torch.arange(keys.start, keys.stop, device=L.x.device)
+            key_rows = cached[:, keys] if cached is not None else _key_rows(prep, f, keys)  # (B, C, H+1, D)
+            kappa = torch.cat([alpha[..., keys].permute(0, 3, 2, 1),
+                               kappa_diag_mask(q_rows, cols, vis[..., keys]).to(prep.dtype).transpose(1, 2)[:, :, :, None]],
+                              -1)  # (B, C, R, H+1)
+            tile = (kappa @ key_rows).transpose(1, 2) * scale[:, q_rows, None, None]  # T_i(x_j) (B, R, C, D)
+            parts_sum[:, r0:r1] += tile.sum(2)
+            diff = y_rows[:, :, None] - tile
+            for out, p2, ny in zip(outs, l2, norm_y):  # summed over D in float64 (the sums cancel in c)
+                dist = diff.pow(2).sum(-1, dtype=torch.float64).sqrt() if p2 else diff.abs().sum(-1, dtype=torch.float64)
+                c = (ny[..., None] - dist).clamp_min(0) * vis[..., keys]
+                out[:, r0:r1, keys] = c
+    valid = L.valid[:, rows]
+    err = (parts_sum + bias[:, rows] - y[:, rows]).norm(dim=-1) / y[:, rows].norm(dim=-1).clamp_min(1e-30)
+    return [row_normalize(o).to(prep.dtype) for o in outs], bias.norm(dim=-1) * L.valid, torch.where(valid, err, 0.0)
+
+
+# -------------------------------------------------------------------------------------------- GlobEnc
+def globenc_map(prep, rows: Tensor, budget: int) -> Tensor:
+    """GlobEnc's per-layer map N_ij (B, R, N) of a post-LN layer (Modarressi et al. 2022).
+
+    As mohsenfayyaz/GlobEnc@a26b38b src/modeling/modeling_bert.py BertNormOutput.forward (the ATTNRES-LN part
+    gamma1 C(t_ij + [i == j] x_i) / sqrt(var1_i + eps1), no bias) and BertLayer.forward (that part through LN2 with
+    the FFN skipped: gamma2 C(part) / sqrt(var2_i + eps2), var2 of LN2's real input, FFN output included). A norm,
+    so a Gram form: per key the rows ln2.split(ln1.split(.)), row scale s1_i s2_i."""
+    L = prep.layer
+    B, H, N, _ = L.q.shape
+    f = Form("vector", True, "mid", "ln1")
+    ln2, mid = prep.cast.ln2, prep.real["mid"]
+    s2 = ln2.inv_std(prep.real["ffn_res"] if "ffn_res" in prep.real else mid + prep.cast.ffn(mid))  # LN2's real input
+    scale = prep.form_scale(f) * s2  # (B, N)
+    grams = torch.zeros(B, N, H + 1, H + 1, dtype=prep.dtype, device=L.x.device)
+    step = max(1, budget // max(1, B * (H + 1) * L.d_model))
+    for c0 in range(0, N, step):
+        keys = slice(c0, min(c0 + step, N))
+        key_rows = ln2.split(_key_rows(prep, f, keys))
+        grams[:, keys] = key_rows @ key_rows.transpose(-1, -2)
+    out = torch.zeros(B, len(rows), N, dtype=prep.dtype, device=L.x.device)
+    cols = torch.arange(N, device=L.x.device)
+    for r0, r1 in _query_blocks(len(rows), N, B, H, budget):
+        q_rows = rows[r0:r1]
+        alpha, vis = block_alpha(prep.attn, q_rows, prep.dtype)
+        kappa = torch.cat([alpha.permute(0, 2, 3, 1), kappa_diag_mask(q_rows, cols, vis).to(prep.dtype)[..., None]], -1)
+        quad = torch.einsum("brnh,bnhg,brng->brn", kappa, grams, kappa).clamp_min(0)
+        out[:, r0:r1] = quad.sqrt() * scale[:, q_rows, None] * vis
+    return out
+
+
+# ------------------------------------------------------------------------------------------ Value Zeroing
+def rest_of_block(prep, x_rows: Tensor, attn: Tensor) -> Tensor:
+    """The layer output (B, P, D) of P pair rows: the stream x_rows (B, P, D) plus the attention output ``attn``
+    (B, P, D; b_O included, before any norm after attention) through the rest of the block (the residual, the
+    block's norms and FFN, as Layer.stream computes them)."""
+    return replace(prep.cast, x=x_rows).stream(attn)["out"]
+
+
+def _cosine_distance(z: Tensor, out: Tensor) -> Tensor:
+    """1 - cos(z, out) over the last dim, in float64, from delta = z - out so that nearly equal vectors do not
+    cancel: ||z|| ||o|| - z.o = (||delta||^2 - (||z|| - ||o||)^2) / 2, ||z|| - ||o|| = (2 delta.o + ||delta||^2) /
+    (||z|| + ||o||)."""
+    z, out = z.double(), out.double()
+    delta = z - out
+    nz, no, dd = z.norm(dim=-1), out.norm(dim=-1), delta.pow(2).sum(-1)
+    gap = (2 * (delta * out).sum(-1) + dd) / (nz + no).clamp_min(1e-300)
+    return ((dd - gap * gap) / 2).clamp_min(0) / (nz * no).clamp_min(1e-300)
+
+
+def value_zeroing_map(prep, rows: Tensor, budget: int) -> Tensor:
+    """Value Zeroing (Mohebbi et al. 2023): C_ij = 1 - cos(z_ij, out_i) (B, R, N), rows normalised to sum 1.
+
+    As hmohebbi/ValueZeroing@57d448d scoring/value_zeroing.py (the layer re-run from the previous layer's output
+    with value_layer[:, :, t] = 0, b_V included; sklearn cosine_distances against the original layer output;
+    score_matrix / its row sum): zeroing token j's values changes row i's attention output by exactly -t_ij
+    (alpha unchanged), so z_ij = rest of the block applied to a_i + b_O - t_ij. Pairs go through the block as
+    batches of rows, never one forward per token. out_i is the same function on a_i + b_O (kobattr's forward,
+    not the model's; they agree to float precision, model_error)."""
+    from .core import _head_vectors
+
+    L = prep.layer
+    B, H, N, _ = L.q.shape
+    D = L.d_model
+    attn_total = prep.attn_sum + prep.b_o  # (B, N, D) the raw attention output
+    out = torch.zeros(B, len(rows), N, dtype=torch.float64, device=L.x.device)  # normalised in float64
+    full = rest_of_block(prep, prep.x[:, rows], attn_total[:, rows])  # (B, R, D)
+    width = max(L.ffn.w_in.shape[1], D)
+    for r0, r1 in _query_blocks(len(rows), N, B, H, budget):
+        q_rows = rows[r0:r1]
+        R = len(q_rows)
+        alpha, vis = block_alpha(prep.attn, q_rows, prep.dtype)
+        step = max(1, min(_block_cap(N), budget // max(1, 8 * B * R * width)))  # pair rows and the block's temporaries
+        for c0 in range(0, N, step):
+            keys = slice(c0, min(c0 + step, N))
+            C = keys.stop - keys.start
+            heads = _head_vectors(L, keys, prep.dtype)  # (B, C, H, D)
+            t = (alpha[..., keys].permute(0, 3, 2, 1) @ heads).transpose(1, 2)  # t_ij (B, R, C, D)
+            attn = (attn_total[:, q_rows, None] - t).reshape(B, R * C, D)
+            x_pairs = prep.x[:, q_rows, None].expand(B, R, C, D).reshape(B, R * C, D)
+            z = rest_of_block(prep, x_pairs, attn).view(B, R, C, D)
+            dist = _cosine_distance(z, full[:, r0:r1, None])
+            out[:, r0:r1, keys] = dist * vis[..., keys]
+    return row_normalize(out).to(prep.dtype)
+
+
+# ------------------------------------------------------------------------------------- information flow
+FLOW_EPS = 1e-5  # facebookresearch/llm-transparency-tool@f1340f0 routes/contributions.py get_contributions
+
+
+def flow_attn_map(prep, rows: Tensor, budget: int) -> Tensor:
+    """The attention block's edges of the information-flow graph (Ferrando & Voita 2024) (B, R, N): row i's parts
+    are the residual x_i and every (key j, head h) part alpha^h_ij f^h(x_j) of the stream y_i = x_i + a_i (after the
+    norm after attention, linearised, where there is one); each part's proximity max(EPS, ||y_i||_1 - ||y_i -
+    part||_1), normalised over all of row i's parts; the map sums the heads and adds the residual's share to (i, i).
+
+    As facebookresearch/llm-transparency-tool@f1340f0 routes/contributions.py get_attention_contributions /
+    get_contributions_with_one_off_part / get_contributions (EPS = 1e-5 as its clip floor, so every key position's
+    parts count, also those the query cannot see: their parts are 0 and get EPS) and routes/graph.py
+    build_full_graph (the attention and residual edges between the same nodes summed). Padded keys have no parts."""
+    L = prep.layer
+    B, H, N, _ = L.q.shape
+    D = L.d_model
+    f = Form("vector", True, "y")
+    scale = prep.form_scale(f)
+    y = prep.real["y"]
+    out = torch.zeros(B, len(rows), N, dtype=torch.float64, device=L.x.device)
+    valid = L.valid
+    for r0, r1 in _query_blocks(len(rows), N, B, H, budget):
+        q_rows = rows[r0:r1]
+        alpha, _ = block_alpha(prep.attn, q_rows, prep.dtype)
+        y_rows = y[:, q_rows]
+        norm_y = y_rows.abs().sum(-1, dtype=torch.float64)  # (B, R)
+
+        def proximity(part):  # part (B, R, ..., D) -> (B, R, ...) float64
+            extra = part.dim() - 3
+            dist = (y_rows.view(B, r1 - r0, *([1] * extra), D) - part).abs().sum(-1, dtype=torch.float64)
+            return (norm_y.view(B, r1 - r0, *([1] * extra)) - dist).clamp_min(FLOW_EPS)
+
+        res = proximity(prep.x[:, q_rows])  # the residual part x_i
+        total = res.clone()
+        step = _key_step(N, B, r1 - r0, D, budget)
+        for c0 in range(0, N, step):
+            keys = slice(c0, min(c0 + step, N))
+            key_rows = _key_rows(prep, f, keys)[:, :, :H]  # (B, C, H, D)
+            for h in range(H):
+                part = alpha[:, h, :, keys, None] * key_rows[:, None, :, h] * scale[:, q_rows, None, None]
+                p = proximity(part) * valid[:, None, keys]
+                out[:, r0:r1, keys] += p
+                total += p.sum(-1)
+        idx = torch.arange(r1 - r0, device=L.x.device)
+        out[:, r0:r1][:, idx, q_rows] += res
+        out[:, r0:r1] /= total[..., None]
+    return (out * valid[:, rows, None]).to(prep.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ rollout
+def check_rollout(methods, structure: str, layers: list, rows, contract) -> None:
+    """LayerInputError in a sentence where a rollout cannot be formed: it needs full maps of consecutive layers."""
+    wanted = rollout_methods(methods, structure)
+    if not wanted:
+        return
+    if rows is not None or contract is not None:
+        raise LayerInputError(f"{', '.join(wanted)} multiplies full maps through the layers; drop rows= and contract=.")
+    if list(layers) != list(range(layers[0], layers[0] + len(layers))):
+        raise LayerInputError(f"{', '.join(wanted)} needs consecutive layers (it starts at the first analysed one), "
+                              f"got {list(layers)}.")
+
+
+def roll_out(maps: Tensor) -> Tensor:
+    """(L, B, N, N) R^1 = C^1, R^l = C^l R^(l-1) of per-layer maps (L, B, N, N), in float64, returned in their dtype
+    (mt-upc/transformer-contributions@4f89039 compute_joint_attention; GlobEnc's BertEncoder.forward; ValueZeroing's
+    compute_joint_attention(res=False): no identity added, no renormalisation)."""
+    out = torch.empty_like(maps)
+    acc = None
+    for li, layer in enumerate(maps.double()):
+        acc = layer if acc is None else layer @ acc
+        out[li] = acc.to(maps.dtype)
+    return out
+
+
+def apply_rollouts(result) -> None:
+    """Replace each rollout method's per-layer maps (one layer's C) in an Attribution by the rollout through the
+    analysed layers, and its ratios by those of the rolled-out map."""
+    for m in rollout_methods(result.methods, result.structure):
+        rolled = roll_out(result.maps[m])
+        result.maps[m] = rolled
+        n = rolled.shape[-1]
+        idx = torch.arange(n)
+        ratio = torch.stack([peer_ratio(layer, idx) for layer in rolled])
+        result.ratios[m] = ratio + torch.where(result.attention_mask, 0.0, float("nan")).to(ratio.dtype)
