@@ -186,7 +186,7 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
     for m in methods:
         spec_form = form(m, structure)
         if spec_form.kind == "peer":  # the peers' measures (spec section 10)
-            out["maps"][m] = peer_map(L, spec_form, vector_form, a, y, x_rows, vis, alpha, rows)
+            out["maps"][m] = peer_map(L, spec_form, vector_form, a, y, x_rows, vis, alpha, rows, a_total)
             if spec_form.target is not None:  # ALTI: the parts T_i(x_j) and the bias sum to the block output
                 parts, parts_bias = vector_form(Form("vector", True, spec_form.target, spec_form.norm))
                 out["bias"][m], out["total"][m] = parts_bias * rowmask, (parts.sum(2) + parts_bias) * rowmask
@@ -221,10 +221,11 @@ def materialise(L: Layer, methods: tuple, ig: str, ig_steps: int, rows: Optional
 
 
 def peer_map(L: Layer, spec_form: Form, vector_form, a: Tensor, y: Tensor, x_rows: Tensor, vis: Tensor, alpha: Tensor,
-             rows: Tensor) -> Tensor:
+             rows: Tensor, a_total: Tensor) -> Tensor:
     """(B, R, N) a peers' measure (spec section 10), materialised for the query rows ``rows``: ``vector_form`` gives a
     vector form's pair vectors (B, R, N, D), ``a`` holds sum_h alpha^h_ij f^h(x_j) (B, R, N, D), ``y`` the stream
-    x_i + attention (B, R, D), ``alpha`` (B, H, R, N)."""
+    x_i + attention (B, R, D), ``alpha`` (B, H, R, N), ``a_total`` the real attention output a_i + b_O (B, R, D:
+    materialise's, the model's with attention_output)."""
     measure = spec_form.measure
     if measure in ("alti", "alti_l2"):
         block = form("alti", L.structure)  # the block ALTI decomposes (a rollout's own form names none)
@@ -243,7 +244,7 @@ def peer_map(L: Layer, spec_form: Form, vector_form, a: Tensor, y: Tensor, x_row
         from dataclasses import replace
 
         rest = replace(L, x=x_rows)
-        full = a.sum(2) + L.out_bias  # row i's attention output
+        full = a_total  # row i's attention output
         real = rest.stream(full)["out"]
         def unit(v):
             return v.double() / v.double().norm(dim=-1, keepdim=True)
@@ -258,7 +259,7 @@ def peer_map(L: Layer, spec_form: Form, vector_form, a: Tensor, y: Tensor, x_row
         f = torch.einsum("bhjd,hde->bjhe", L.v.repeat_interleave(H // L.n_kv_heads, 1), L.w_o)  # (B, N, H, D)
         parts = alpha.permute(0, 2, 3, 1)[..., None] * f[:, None]  # (B, R, N, H, D)
         if L.attn_out_norm is not None:
-            s1 = L.attn_out_norm.inv_std(a.sum(2) + L.out_bias)
+            s1 = L.attn_out_norm.inv_std(a_total)
             parts = L.attn_out_norm.split(parts) * s1[..., None, None, None]
         y_norm = y.abs().sum(-1)
         prox = (y_norm[..., None, None] - (y[:, :, None, None] - parts).abs().sum(-1)).clamp_min(1e-5)  # (B, R, N, H)
