@@ -8,16 +8,11 @@ import argparse
 import json
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-# Output layout of `kobattr analyze`: a run is written into a staging directory inside --out and moved into
-# place only when every file is complete; the manifest is moved last and lists every file of the run.
-MANIFEST = "kobattr_run.json"
-STAGING_PREFIX = ".kobattr-partial-"
+from .io import MANIFEST, STAGING_PREFIX, OutputError, previous_run, staged_output  # noqa: F401 (STAGING_PREFIX: for tests)
 
 
 class UsageError(ValueError):
@@ -31,7 +26,7 @@ def user_errors() -> tuple:
     from .layer import LayerInputError
     from .models import UnsupportedModelError
 
-    return (UsageError, LayerInputError, BackendUnavailable, UnsupportedModelError)
+    return (UsageError, OutputError, LayerInputError, BackendUnavailable, UnsupportedModelError)
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -85,43 +80,6 @@ def _texts(args) -> list[str]:
     return texts
 
 
-def _inside(root: Path, rel: str) -> Path:
-    """root / rel, refusing any path that would leave root (absolute, '..', or through a symlink)."""
-    target = root / rel
-    if Path(rel).is_absolute() or ".." in Path(rel).parts or \
-            not os.path.realpath(target).startswith(os.path.realpath(root) + os.sep):
-        raise UsageError(f"{root / MANIFEST} lists {rel!r}, which is not inside --out; refusing to delete it.")
-    return target
-
-
-def _previous_run(out: Path) -> list[Path]:
-    """What --overwrite removes from ``out``: the files its manifest lists, the manifest, and staging
-    directories of interrupted runs. Anything else in ``out`` was not written by kobattr: refuse."""
-    listed: list[str] = []
-    manifest = out / MANIFEST
-    if manifest.is_file():
-        try:
-            listed = list(json.loads(manifest.read_text(encoding="utf-8"))["files"])
-        except (ValueError, KeyError, TypeError) as err:
-            raise UsageError(f"{manifest} is unreadable ({err}); remove --out's contents yourself.") from None
-    ours = {os.path.normpath(rel) for rel in listed} | {MANIFEST}
-    keep_dirs = {os.path.normpath(parent) for rel in ours for parent in map(str, Path(rel).parents)} - {"."}
-    foreign = []
-    for entry in sorted(out.rglob("*")):
-        rel = os.path.normpath(entry.relative_to(out))
-        if rel.split(os.sep)[0].startswith(STAGING_PREFIX):
-            continue
-        if rel in ours or (rel in keep_dirs and entry.is_dir() and not entry.is_symlink()):
-            continue
-        foreign.append(rel)
-    if foreign:
-        raise UsageError(f"--out {str(out)!r} holds {len(foreign)} file(s) kobattr did not write "
-                         f"(e.g. {foreign[0]!r}); "
-                         "--overwrite only replaces kobattr's own output, so move them or choose another directory.")
-    staged = [p for p in out.iterdir() if p.name.startswith(STAGING_PREFIX)]  # of interrupted runs
-    return [_inside(out, rel) for rel in listed] + staged + ([manifest] if manifest.is_file() else [])
-
-
 def _check_out(args) -> Path:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -130,7 +88,7 @@ def _check_out(args) -> Path:
         if not args.overwrite:
             raise UsageError(f"--out {args.out!r} is not empty; choose a new or empty directory, or pass --overwrite "
                              "to replace what an earlier kobattr run wrote there.")
-        _previous_run(out)  # refuse early if it holds anything kobattr did not write
+        previous_run(out)  # refuse early if it holds anything kobattr did not write
     return out
 
 
@@ -168,31 +126,6 @@ def _check_model_args(args, model) -> None:
         raise UsageError(f"--layers {bad[0]} does not exist; the model has {n_layers} layers (0..{n_layers - 1}).")
 
 
-def _publish(stage: Path, out: Path, previous: list[Path]) -> None:
-    """Replace the previous run's files in ``out`` by the complete run in ``stage``, manifest last."""
-    import shutil
-
-    manifest = out / MANIFEST
-    if manifest.exists():  # first, so that out never claims to hold a complete run while it changes
-        manifest.unlink()
-    for path in previous:
-        if path == stage or not os.path.lexists(path):
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    for path in sorted({p.parent for p in previous if p.parent != out}, key=lambda p: -len(p.parts)):
-        while path != out and path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
-            path = path.parent
-    for entry in sorted(stage.iterdir()):
-        if entry.name != MANIFEST:
-            os.replace(entry, out / entry.name)
-    os.replace(stage / MANIFEST, manifest)
-    stage.rmdir()
-
-
 def _describe(files: list[str]) -> str:
     """The written files in a few words: every name when they are few, per text directory otherwise."""
     if len(files) <= 8:
@@ -220,32 +153,6 @@ def _backend_summary(result) -> str:
         for primitive, name in entry.items():
             used.setdefault(primitive, set()).add(name)
     return ", ".join(f"{p} {'/'.join(sorted(n))}" for p, n in used.items()) or "?"
-
-
-@contextmanager
-def staged_output(out: Path, manifest: Callable[[], dict]):
-    """A staging folder inside ``out`` for one run; on success the manifest is written into it last and
-    everything is published over the previous run's files, on any failure (Ctrl-C included) it is removed
-    and ``out`` stays as it was (or is not created)."""
-    import shutil
-    import tempfile
-
-    previous = _previous_run(out) if out.is_dir() and any(out.iterdir()) else []
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
-    try:
-        yield stage
-        (stage / MANIFEST).write_text(json.dumps(manifest(), ensure_ascii=False, indent=1), encoding="utf-8")
-        _publish(stage, out, previous)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        if created:
-            try:
-                out.rmdir()  # only if it is still empty
-            except OSError:
-                pass
-        raise
 
 
 def cmd_analyze(args) -> int:
