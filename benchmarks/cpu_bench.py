@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -39,12 +38,15 @@ MATERIALISE_BUDGET = 6 << 30  # bytes for the (N, N, d) float32 tensor and its s
 
 
 def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    from kobattr.bench import host_bytes
+
+    return host_bytes("VmRSS")
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from kobattr.bench import host_bytes
+
+    return host_bytes("VmHWM")
 
 
 def materialise_bytes(N: int, d: int) -> int:

@@ -18,7 +18,6 @@ import json
 import math
 import re
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -57,24 +56,10 @@ MAX_SECONDS = 20.0  # timed repeats per case stop after about this long (--max-s
 
 def timed(fn, max_seconds=None, repeats=5):
     """(median seconds, peak extra bytes) of fn(); one warm-up call (compiles), fewer repeats if slow."""
-    max_seconds = MAX_SECONDS if max_seconds is None else max_seconds
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    first = time.perf_counter() - start
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(max(1, min(repeats, int(max_seconds / max(first, 1e-4))))):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(begin.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() - base
+    from kobattr.bench import timed as bench_timed
+
+    out = bench_timed(fn, "cuda", repeats=repeats, max_seconds=MAX_SECONDS if max_seconds is None else max_seconds)
+    return out["seconds"], out["peak_bytes"]
 
 
 def attention_inputs(layer, N, dtype, M=3):

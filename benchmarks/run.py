@@ -104,19 +104,9 @@ FF_METHODS = ("atbff", "atbffres", "atbffresln")
 def _fastest_time(fn, device: str, repeats: int = 5) -> float:
     """The fastest of ``repeats`` runs after a warm-up: the anchors are speeds of light, so a run slowed by
     another job on the machine must not flatter the ratios."""
-    import torch
+    from kobattr.bench import timed
 
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return timed(fn, device, repeats=repeats, max_seconds=float("inf"))["fastest"]
 
 
 def measure(impl: str, method: str, N: int, device: str, timeout: float, ff_gemm: str = "float32") -> dict:

@@ -493,6 +493,11 @@ def _check_ff_gemm(ff_gemm: str, layer: Layer) -> Optional[torch.dtype]:
     return dtype
 
 
+def ff_shape(layer: Layer) -> tuple:
+    """(d_model, d_ff, gated) of the layer's FFN: what the tuner's key adds to the attention shapes."""
+    return (layer.d_model, layer.ffn.w_in.shape[1], layer.ffn.gated)
+
+
 def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contract: Optional[Tensor] = None,
               normalize_rows: bool = False, backend="auto", ig: str = "exact", ig_steps: int = 20,
               budget: int = DEFAULT_BUDGET, targets: Optional[dict] = None, verify: int = 2,
@@ -536,8 +541,11 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
         raise LayerInputError(f"the requested maps hold {out_elements / 2**30:.1f} G values ({B} x {n_rows} rows x {N} keys x "
                               f"{len(methods)} methods{' + heads' if heads else ''}); ask for fewer rows= or use contract= "
                               "to contract them.")
+    want_alpha = heads and any(REGISTRY[m].heads for m in methods)
+    outputs = frozenset(mode for mode, asked in (("rows", rows is not None), ("contract", contract is not None),
+                                                 ("alpha", want_alpha)) if asked)
     impls = get_backend(backend, attention_of(layer), need_ff, need_row_stats=layer.head_outputs is not None,
-                        ff_gemm_dtype=ff_gemm_dtype)
+                        ff_gemm_dtype=ff_gemm_dtype, ff_shape=ff_shape(layer), outputs=outputs)
     # full maps: the attention primitive computes every row's statistics anyway, so alpha_ii can wait for them
     prep = _Prepared(layer, methods, ig, ig_steps, budget, targets, row_stats=impls.get("row_stats"),
                      defer_diagonal=rows is None and contract is None, ff_gemm_dtype=ff_gemm_dtype)
@@ -545,7 +553,6 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
     # attention-side maps (an FF run with full maps also computes every scope, for the component analysis)
     scope_methods = STRUCTURES[structure].scopes if need_ff and full else ()
     attn_methods = [m for m in dict.fromkeys(methods + scope_methods) if form(m, structure).kind != "ff"]
-    want_alpha = heads and any(REGISTRY[m].heads for m in methods)
     maps, alpha = _compute_maps(prep, impls, attn_methods, rows, contract, normalize_rows, want_alpha)
 
     valid = layer.valid

@@ -136,15 +136,19 @@ def run(device: Optional[str] = None, dtypes: Optional[tuple] = None, names: Opt
     return report
 
 
-def _try(outcome: Outcome, impl, primitive: str, layer, methods, ref, dtype, low=None) -> None:
+def _try(outcome: Outcome, impl, primitive: str, layer, methods, ref, dtype, low=None, ff_gemm_dtype=None,
+         rows=None, contract=None) -> None:
     """Run ``primitive`` of ``impl`` on ``layer`` and fill ``outcome``; ``low`` is the reference computed in the
-    layer's own (low) precision, whose error against ``ref`` sets the tolerance's floor, or None."""
+    layer's own (low) precision, whose error against ``ref`` sets the tolerance's floor, or None; ff_maps with
+    its products with W_2 in ``ff_gemm_dtype`` (attribute's ff_gemm; None: the compute dtype), held to that
+    dtype's tolerance; ``rows`` and ``contract`` (K, N) as attribute takes them (the tuner's output modes)."""
     attn = attention_of(layer)
-    reasons = impl.refusals(primitive, attn)
+    reasons = impl.refusals(primitive, attn, ff_gemm_dtype)
     if reasons:
         outcome.skipped = " ".join(reasons)
         return
-    outcome.tolerance = tolerance(dtype)
+    low_products = primitive == "ff_maps" and ff_gemm_dtype is not None
+    outcome.tolerance = tolerance(ff_gemm_dtype if low_products else dtype)
     if primitive == "row_stats":  # against log sum_j exp(cap(scale q.k)) over the visible keys, written out in float64
         exact = layer.to(dtype=torch.float64)
         group = exact.n_heads // exact.n_kv_heads
@@ -160,12 +164,22 @@ def _try(outcome: Outcome, impl, primitive: str, layer, methods, ref, dtype, low
     if layer.q.is_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    result = attribute(layer, methods=methods, backend={primitive: impl.name}, verify=0)
+    ff_gemm = str(ff_gemm_dtype).replace("torch.", "") if low_products else "float32"
+    # the instance itself, with its settings (the tuner's candidates)
+    result = attribute(layer, methods=methods, backend={primitive: impl}, verify=0, ff_gemm=ff_gemm, rows=rows,
+                       contract=contract)
     if layer.q.is_cuda:
         torch.cuda.synchronize()
     outcome.seconds = time.perf_counter() - start
     assert result.backends[primitive] == impl.name
-    outcome.error = max(float(row_errors(result.maps[m].to(ref["maps"][m].device), ref["maps"][m]).max()) for m in methods)
+
+    def expected(m):
+        want = ref["maps"][m] if rows is None else ref["maps"][m][:, rows]
+        if contract is not None:  # contract @ the selected rows of the map
+            want = (contract if rows is None else contract[:, rows]).to(want) @ want
+        return want
+
+    outcome.error = max(float(row_errors(result.maps[m].to(ref["maps"][m].device), expected(m)).max()) for m in methods)
     if low is not None:
         outcome.reference_error = max(float(row_errors(low["maps"][m], ref["maps"][m]).max()) for m in methods)
         outcome.tolerance = max(outcome.tolerance, 2 * outcome.reference_error)

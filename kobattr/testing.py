@@ -45,16 +45,16 @@ def rope_tables(N, Dh, base=10000.0):
 
 
 def random_layer(kind="bert", N=7, B=2, D=32, Dh=8, F=48, pad=0, causal=None, window=0, seed=0,
-                 dtype=torch.float64, radius=0, softcap=0.0, device="cpu") -> Layer:
+                 dtype=torch.float64, radius=0, softcap=0.0, device="cpu", H=None, KV=None) -> Layer:
     """A random layer of ``kind`` (a key of KINDS) on ``device``; the last ``pad`` tokens of batch element 0
-    are padding."""
+    are padding. ``H`` and ``KV`` replace the kind's numbers of query and key/value heads."""
     spec = KINDS[kind]
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
 
-    H, KV = spec["H"], spec["KV"]
+    H, KV = H or spec["H"], KV or spec["KV"]
     bias = (lambda *s: r(*s, scale=0.3)) if spec["biases"] else (lambda *s: None)
     norm = lambda: Norm(spec["norm"], weight=1 + r(D, scale=0.2), bias=bias(D), eps=1e-5)  # noqa: E731
     gated = spec["act"] in ("swiglu", "geglu", "geglu_tanh")

@@ -24,6 +24,9 @@ COMMANDS = [
     ("view", ".view", "a saved result as HTML views (tokens, heads, model) in a folder, no server needed"),
     ("corpus", ".corpus", "mixing ratios of every token of a corpus: pooled statistics, a per-token Parquet table, "
                           "resumable, shared by the ranks of torchrun"),
+    ("bench", "kobattr.bench", "time each method's map for one layer against SDPA and this device's GEMM rate"),
+    ("tune", "kobattr.tuner", "measure the fastest correct implementation per primitive on this device and cache it "
+                              "(used with KOBATTR_TUNE=1)"),
 ]
 
 

@@ -17,10 +17,11 @@ def user_errors() -> tuple:
     """The exception classes main() reports as one line and exit status 2 instead of a traceback: the
     CLI's UsageError and kobattr's own input-error classes. Anything else is a bug and keeps its traceback."""
     from ..backends.base import BackendUnavailable
+    from ..bench import BenchError
     from ..layer import LayerInputError
     from ..models import UnsupportedModelError
 
-    return (UsageError, OutputError, LayerInputError, BackendUnavailable, UnsupportedModelError)
+    return (UsageError, OutputError, LayerInputError, BackendUnavailable, UnsupportedModelError, BenchError)
 
 
 def load_model(path: str | None, prog: str = "kobattr"):
