@@ -21,7 +21,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["kobattr", "kobattr.analyses", "kobattr.backends", "kobattr.models", "kobattr.views", "kobattr.kernels"],
+    packages=["kobattr", "kobattr.analyses", "kobattr.backends", "kobattr.cli", "kobattr.models", "kobattr.views", "kobattr.kernels"],
     package_dir={"kobattr.kernels": "kernels"},
     package_data={"kobattr": ["data/*"]},
     install_requires=[

@@ -81,6 +81,8 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .io import atomic_write
+
 Link = tuple[int, int]  # (source word, target word)
 GoldPair = tuple[set[Link], set[Link]]  # (sure, possible), possible including the sure links
 
@@ -376,8 +378,6 @@ def write_pharaoh(alignments: Iterable, path: Union[str, os.PathLike], one_based
 
     Each item: a set of (source, target) links (written as "i-j"), or a (sure, possible) pair of sets
     (sure as "i-j", possible-only as "i?j"); ``one_based`` writes indices counted from 1."""
-    from .result import atomic_write
-
     lines = [format_pharaoh(item, one_based) + "\n" for item in alignments]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

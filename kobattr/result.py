@@ -6,7 +6,6 @@ H heads, K weight rows (contractions).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .alignment import AlignmentInputError, align_sentence
+from .io import atomic_write  # noqa: F401 (re-exported: other modules imported it from here before kobattr.io)
+from .io import tensor_sha256, write_safetensors
 from .methods import has_residual, row_normalize
 
 FORMAT_VERSION = 3  # 2: one .safetensors file, metadata in its header; 3: "placement" became "structure"
@@ -158,7 +160,7 @@ class Attribution:
         _check_consistency(self, path, saving=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors, header = _encode(self)
-        _write_atomically(path, tensors, {_META_KEY: json.dumps(header, ensure_ascii=False, allow_nan=True)})
+        write_safetensors(path, tensors, {_META_KEY: json.dumps(header, ensure_ascii=False, allow_nan=True)})
         return path
 
     @classmethod
@@ -299,12 +301,6 @@ def _from_json(value):
     return value
 
 
-def _digest(t: Tensor) -> str:
-    h = hashlib.sha256(f"{t.dtype} {tuple(t.shape)}\n".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
 def _encode_fields(result, prefix: str = "") -> tuple[dict, dict]:
     """(tensors by name, field table) of an Attribution's fields; a field holding an Attribution (a seq2seq result's
     encoder) is stored the same way, its tensors named "<field>/<its tensor name>"."""
@@ -346,47 +342,10 @@ def _encode(result) -> tuple[dict, dict]:
                 t = t.clone()
             seen.add(t.untyped_storage().data_ptr())
         ready[name] = t
-    header = {"format": FORMAT_VERSION, "fields": fields, "sha256": {k: _digest(t) for k, t in ready.items()}}
+    header = {"format": FORMAT_VERSION, "fields": fields, "sha256": {k: tensor_sha256(t) for k, t in ready.items()}}
     if type(result)._FILE_CLASS is not None:
         header["class"] = type(result)._FILE_CLASS
     return ready, header
-
-
-def _write_atomically(path: Path, tensors: dict, metadata: dict) -> None:
-    from safetensors.torch import save_file
-
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-
-
-def atomic_write(path: Path, write) -> None:
-    """``write(temporary path)`` beside ``path``, fsync, rename onto ``path``: a crash leaves the previous
-    file or none, never a partial one. The file gets the mode open() would give it (0o666 minus umask)."""
-    import os
-    import secrets
-
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        mode = os.stat(tmp).st_mode & 0o777  # 0o666 minus the umask, as open() gives
-        write(tmp)
-        os.chmod(tmp, mode)  # some writers (safetensors) recreate the file with mode 0o600
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable; not possible on every platform
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def _read(path: Path) -> tuple[dict, dict]:
@@ -517,7 +476,7 @@ def _decode(cls, header: dict, tensors: dict, path: Path):
             (f"the metadata lists tensors the file lacks ({', '.join(missing)})." if missing else
              f"the file holds tensors its metadata does not list ({', '.join(extra)})."))
     for name, t in tensors.items():
-        if digests.get(name) != _digest(t):
+        if digests.get(name) != tensor_sha256(t):
             raise AttributionFileError(f"{path} is corrupt: tensor {name!r} does not match its SHA-256 checksum.")
     return _build(cls, fields, tensors, path)
 
@@ -717,8 +676,6 @@ class Seq2SeqAttribution(Attribution):
         preserved column never aligns. pairs: the pair indices (default all); scheme: the subword scheme
         (default: detected). Without labels (ready decoder inputs) the last row is taken to predict no word (right
         when the labels end with EOS). kobattr.alignment.AlignmentInputError names the pair it cannot group."""
-        from .alignment import AlignmentInputError, align_sentence
-
         links = []
         for b in range(self.attention_mask.shape[0]) if pairs is None else pairs:
             piece = self.cross_map(method, b, layer)

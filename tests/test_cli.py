@@ -138,7 +138,7 @@ def test_file_texts_and_no_utf8_locale(checkpoint, tmp_path):
     argv = ["analyze", "naïve ✓", "--file", str(texts), "--model", checkpoint, "--out", str(out),
             "--methods", "attn_w", "--backend", "torch"]  # with plots: report.html and PNGs too
     # cwd: not the repository root, whose kernels/ folder would hide Hugging Face's `kernels` (README, Development)
-    done = subprocess.run([sys.executable, "-m", "kobattr.cli", *argv], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "kobattr", *argv], env=env, capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
@@ -263,3 +263,16 @@ def test_ff_gemm_option_reaches_the_ff_maps(checkpoint, tmp_path, capsys):
     exact, rounded = runs["float32"].maps["atbff"], runs["bfloat16"].maps["atbff"]
     assert 1e-5 < float((rounded - exact).abs().max() / exact.abs().max()) < 5e-2  # the bfloat16 products ran
     assert torch.equal(runs["float32"].maps["attn_w"], runs["bfloat16"].maps["attn_w"])  # the attention side did not change
+
+
+@pytest.mark.parametrize("module", ["kobattr", "kobattr.cli"])
+def test_python_dash_m_runs_the_command(tmp_path, module):
+    """`python -m kobattr` (and torchrun -m kobattr) is the `kobattr` command: it parses and dispatches."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", module, "analyze", "x", "--max-length", "0"], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == "kobattr analyze: error: --max-length must be a positive number of tokens, got 0."
+    assert os.listdir(tmp_path) == []

@@ -171,7 +171,7 @@ def test_table_and_summary_are_analyze_text_by_text(baseline, minilm):
 
 def test_two_ranks_give_the_single_process_outputs(baseline, corpus_file, minilm, tmp_path):
     out = tmp_path / "run"
-    done = torchrun(["-m", "kobattr.cli", "corpus", "--file", corpus_file, "--out", out, *CLI_RUN, "--save-maps"])
+    done = torchrun(["-m", "kobattr", "corpus", "--file", corpus_file, "--out", out, *CLI_RUN, "--save-maps"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "text/s" in done.stderr and "tokens/s" in done.stderr and "2 rank(s)" in done.stderr  # rank 0's bar
     assert done.stdout.count("mean context-mixing ratio") == 1  # rank 0 reports
@@ -184,7 +184,7 @@ def test_two_ranks_give_the_single_process_outputs(baseline, corpus_file, minilm
         else:
             assert two[column] == one[column], column
     # a refusal found by rank 0 stops every rank (none waits for it), and rank 0 alone says it
-    again = torchrun(["-m", "kobattr.cli", "corpus", "--file", corpus_file, "--out", out, *CLI_RUN], timeout=120)
+    again = torchrun(["-m", "kobattr", "corpus", "--file", corpus_file, "--out", out, *CLI_RUN], timeout=120)
     assert again.returncode != 0 and again.stderr.count("pass --resume to continue it") == 1
     # --save-maps: every text's full maps, padding removed
     model, tokenizer = minilm
@@ -206,7 +206,7 @@ def test_killed_runs_resume_with_another_world_size_to_identical_outputs(baselin
 
     # 2 ranks, each killed (SIGKILL) right after its first shard; resumed by one process
     out = tmp_path / "two_then_one"
-    killed = torchrun(["-m", "kobattr.cli", "corpus", "--file", corpus_file, "--out", out, *CLI_RUN],
+    killed = torchrun(["-m", "kobattr", "corpus", "--file", corpus_file, "--out", out, *CLI_RUN],
                       env={"KOBATTR_FAULT_AFTER_SHARDS": "1"})
     assert killed.returncode != 0
     finished = sorted(p.name for p in (out / "shards").glob("*.json"))
@@ -225,7 +225,7 @@ def test_killed_runs_resume_with_another_world_size_to_identical_outputs(baselin
                                  "KOBATTR_FAULT_AFTER_SHARDS": "2"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert sorted(p.name for p in (out / "shards").glob("*.json")) == ["shard-00000.json", "shard-00001.json"]
-    resumed = torchrun(["-m", "kobattr.cli", "corpus", "--file", corpus_file, "--out", out, *CLI_RUN, "--resume"])
+    resumed = torchrun(["-m", "kobattr", "corpus", "--file", corpus_file, "--out", out, *CLI_RUN, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert contents(out) == expected
 

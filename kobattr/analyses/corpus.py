@@ -43,7 +43,7 @@ import torch
 from ..distributed import world
 from ..core import FF_GEMM_DTYPES
 from ..layer import LayerInputError
-from ..result import atomic_write
+from ..io import atomic_write, file_sha256, write_safetensors
 
 RUN_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -69,14 +69,6 @@ class CorpusError(ValueError):
 
 def _missing_pyarrow() -> CorpusError:
     return CorpusError("corpus runs write Parquet and need pyarrow: pip install 'kobattr[corpus]'.")
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------- input
@@ -218,7 +210,7 @@ def _open_parquet(path: Path, key: str, digest: bool) -> CorpusInput:
         table = table_file.read_row_groups(list(range(first, last)), columns=[key])
         return table.column(0).slice(start - int(starts[first]), stop - start).to_pylist()
 
-    return CorpusInput(path, "parquet", key, seen, _file_sha256(path) if digest else None, read)
+    return CorpusInput(path, "parquet", key, seen, file_sha256(path) if digest else None, read)
 
 
 def _open_dataset(path: Path, key: str, digest: bool) -> CorpusInput:
@@ -251,7 +243,7 @@ def _open_dataset(path: Path, key: str, digest: bool) -> CorpusInput:
     if digest:
         h = hashlib.sha256()
         for file in sorted(p for p in path.rglob("*") if p.is_file()):
-            h.update(f"{file.relative_to(path).as_posix()}\n{_file_sha256(file)}\n".encode())
+            h.update(f"{file.relative_to(path).as_posix()}\n{file_sha256(file)}\n".encode())
         sha = h.hexdigest()
     return CorpusInput(path, "dataset", key, len(data), sha, lambda start, stop: data[start:stop][key])
 
@@ -360,7 +352,7 @@ def _complete_record(layout: _Layout, index: int, span: list[int], save_maps: bo
     if not isinstance(record.get("files"), dict) or set(record["files"]) != set(expected):
         return None
     for rel, path in expected.items():
-        if not path.is_file() or _file_sha256(path) != record["files"][rel]:
+        if not path.is_file() or file_sha256(path) != record["files"][rel]:
             return None
     return record
 
@@ -398,7 +390,6 @@ def _compute_shard(job: _Job, index: int, span: list[int], between_batches: Call
     import pyarrow.parquet as pq
 
     from ..api import analyze
-    from ..result import _write_atomically
 
     start, stop = span
     texts = job.corpus.texts(start, stop)
@@ -466,7 +457,7 @@ def _compute_shard(job: _Job, index: int, span: list[int], between_batches: Call
         path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(layout.tokens(index), lambda tmp: pq.write_table(table, tmp))
     if job.save_maps:
-        _write_atomically(layout.maps(index), maps, {"layers": json.dumps(job.layers), "methods": json.dumps(methods)})
+        write_safetensors(layout.maps(index), maps, {"layers": json.dumps(job.layers), "methods": json.dumps(methods)})
 
     # partial statistics: float64 sums over the shard's tokens
     sums = np.stack([np.concatenate([part[i] for part in per_text], -1) for i in (0, 1)]).astype(np.float64).sum(-1)
@@ -478,7 +469,7 @@ def _compute_shard(job: _Job, index: int, span: list[int], between_batches: Call
         "bias_norm_sum": {m: sums[1, :, mi].tolist() for mi, m in enumerate(methods) if has_bias[mi]},
         "token_counts": {str(t): c for t, c in sorted(Counter(ordinary).items())},
         "worst": worst,
-        "files": {p.relative_to(layout.out).as_posix(): _file_sha256(p) for p in layout.files(index, job.save_maps)},
+        "files": {p.relative_to(layout.out).as_posix(): file_sha256(p) for p in layout.files(index, job.save_maps)},
     }
     layout.record(index).parent.mkdir(exist_ok=True)
     atomic_write(layout.record(index), lambda tmp: tmp.write_text(json.dumps(record, indent=1), encoding="utf-8"))

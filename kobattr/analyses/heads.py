@@ -47,7 +47,8 @@ from torch import Tensor
 
 from ..layer import LayerInputError, visible
 from ..methods import row_normalize, spearman
-from ..result import atomic_write, join_pieces
+from ..io import atomic_write
+from ..result import join_pieces
 
 CATEGORIES = ("cls_bos", "sep_eos", "punct", "other")
 CATEGORY_LABELS = {"cls_bos": "[CLS]/BOS", "sep_eos": "[SEP]/EOS", "punct": '"." and ","', "other": "other"}

@@ -9,7 +9,8 @@ import secrets
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..result import Attribution, Seq2SeqAttribution, atomic_write
+from ..io import atomic_write
+from ..result import Attribution, Seq2SeqAttribution
 from .assets import CSS, JS
 from .data import PARTS, VIEWS, automatic_top_k, display_name, payload, select
 from .templating import embeddable_json, fill_template
