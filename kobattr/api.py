@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .core import as_indices, attribute
-from .layer import LayerInputError
+from .layer import LayerInputError, head_vectors
 from .methods import check_methods
 from .models import capture, get_adapter
 from .peers import apply_rollouts, check_rollout
@@ -365,10 +365,8 @@ def _decoder_methods(methods, placement: str) -> tuple[tuple[str, ...], tuple[st
 
 def _self_value_norms(layer) -> Tensor:
     """(B, H, T) ||f^h(x_k)|| of a decoder layer's self-attention (0 on padding), when no self method ran."""
-    from .core import _head_vectors
-
     dtype = torch.float64 if layer.x.dtype == torch.float64 else torch.float32
-    norms = _head_vectors(layer, slice(None), dtype).norm(dim=-1).transpose(1, 2)  # (B, H, T)
+    norms = head_vectors(layer, slice(None), dtype).norm(dim=-1).transpose(1, 2)  # (B, H, T)
     return (norms * layer.valid[:, None]).to(layer.x.dtype)
 
 

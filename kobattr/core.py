@@ -19,7 +19,7 @@ from .backends import get_backend
 from .backends.base import Attention, Backend, BackendUnavailable, FFParts
 from .backends.torch_backend import DEFAULT_BUDGET, block_alpha
 from .ig import ffn_coefficients
-from .layer import NORM_FIELDS, Layer, LayerInputError, all_finite, cap_logits
+from .layer import NORM_FIELDS, Layer, LayerInputError, all_finite, cap_logits, head_vectors
 from .methods import (REGISTRY, STRUCTURES, check_methods, contextualization_change, ff_amp, ff_methods, form,
                       row_normalize, vector_ratio)
 from .peers import PeerImplementation, output_maps, peer_result
@@ -56,13 +56,6 @@ class LayerAttribution:
     head_maps: dict = field(default_factory=dict)
     context_change: dict = field(default_factory=dict)
     ff_amp: list = field(default_factory=list)
-
-
-def _head_vectors(layer: Layer, keys: slice, dtype) -> Tensor:
-    """f^h(x_j) = v_j W_O^h for the keys in ``keys``: (B, C, H, D)."""
-    group = layer.n_heads // layer.n_kv_heads
-    v = layer.v[:, :, keys].to(dtype).repeat_interleave(group, 1)  # (B, H, C, Dh)
-    return torch.einsum("bhcd,hde->bche", v, layer.w_o.to(dtype))
 
 
 def _row_pass(layer: Layer, attn: Attention, dtype, budget: int, row_stats: Optional[Backend],
@@ -281,7 +274,7 @@ class _Prepared:
         w_in, w_gate = ffn.w_in, (ffn.w_gate if coef_gate is not None else None)
 
         def key_block(keys: slice) -> tuple:
-            raw = torch.cat([_head_vectors(L, keys, dtype), x[:, keys, None]], 2)  # (B, C, H+1, D)
+            raw = torch.cat([head_vectors(L, keys, dtype), x[:, keys, None]], 2)  # (B, C, H+1, D)
             split = in_rows(raw, keys)
             return split @ w_in, None if w_gate is None else split @ w_gate, self.form_rows(stream, raw, keys)
 

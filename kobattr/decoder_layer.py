@@ -56,9 +56,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .core import _cast_ffn, _cast_norm, _head_vectors, _relative_error, check_rows
+from .core import _cast_ffn, _cast_norm, _relative_error, check_rows
 from .ig import _check_method, ffn_coefficients
-from .layer import Layer, LayerInputError, cap_logits
+from .layer import Layer, LayerInputError, cap_logits, head_vectors
 from .methods import vector_ratio
 from .seq2seq import DecoderLayer
 
@@ -181,7 +181,7 @@ def decoder_layer_reference(layer: DecoderLayer, dtype: torch.dtype = torch.floa
 
     # the self-attention part of target column k: sum_h alpha^h_ik f^h(.)_k, plus the residual x_i in column k = i
     alpha = _self_alpha(sa, rows, dtype)  # (B, Hs, R, T)
-    f = _head_vectors(sa, slice(None), dtype)  # (B, T, Hs, D): f^h of every target token (v is the model's)
+    f = head_vectors(sa, slice(None), dtype)  # (B, T, Hs, D): f^h of every target token (v is the model's)
     u = torch.einsum("bhrk,bkhe->brke", alpha, f)
     own = (rows[:, None] == torch.arange(T, device=device)[None])[None] & row_valid[:, :, None]  # (B, R, T)
     u = u + own[..., None].to(dtype) * sa.x[:, None]  # x_k at k == i only, i.e. x_i in column i
@@ -304,7 +304,7 @@ def attribute_decoder_layer(layer: DecoderLayer, rows=None, ig: str = "exact", i
     valid_t = sa.valid
 
     # per-key pieces through the row-independent parts of the chain
-    f_self = _head_vectors(sa, slice(None), dtype)  # (B, T, Hs, D)
+    f_self = head_vectors(sa, slice(None), dtype)  # (B, T, Hs, D)
     stream_t = torch.cat([f_self, x[:, :, None]], 2)  # (B, T, Hs + 1, D): [f^h(.)_k for h, x_k]
     if post:
         stream_t = ln_s.split(stream_t)  # in the stream after LN_s (row scale 1 / s_s(i))

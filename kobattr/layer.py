@@ -505,3 +505,10 @@ def apply_rope(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = t.shape[-1] // 2
     rotated = torch.cat((-t[..., half:], t[..., :half]), -1)
     return t * cos + rotated * sin
+
+
+def head_vectors(layer: "Layer", keys: slice, dtype) -> Tensor:
+    """f^h(x_j) = v_j W_O^h for the keys in ``keys``: (B, C, H, D)."""
+    group = layer.n_heads // layer.n_kv_heads
+    v = layer.v[:, :, keys].to(dtype).repeat_interleave(group, 1)  # (B, H, C, Dh)
+    return torch.einsum("bhcd,hde->bche", v, layer.w_o.to(dtype))

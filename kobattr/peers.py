@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .backends.torch_backend import DEFAULT_BUDGET, block_alpha, kappa_diag_mask
-from .layer import LayerInputError
+from .layer import LayerInputError, head_vectors
 from .methods import Form, form, row_normalize
 
 _L2 = {"alti": False, "alti_l2": True}
@@ -50,10 +50,8 @@ def stream_form(f: Form) -> Form:
 
 def _key_rows(prep, f: Form, keys: slice) -> Tensor:
     """(B, C, H+1, D) per-key rows [split f^h(x_j) for h, split x_j] of the vector form f."""
-    from .core import _head_vectors
-
     L = prep.layer
-    raw = torch.cat([_head_vectors(L, keys, prep.dtype), prep.x[:, keys, None]], 2)
+    raw = torch.cat([head_vectors(L, keys, prep.dtype), prep.x[:, keys, None]], 2)
     return prep.form_rows(f, raw, keys)
 
 
@@ -253,8 +251,6 @@ def value_zeroing_map(prep, rows: Tensor, budget: int) -> Tensor:
     (alpha unchanged), so z_ij = rest of the block applied to a_i + b_O - t_ij. Pairs go through the block as
     batches of rows, never one forward per token. out_i is the same function on a_i + b_O (kobattr's forward,
     not the model's; they agree to float precision, model_error)."""
-    from .core import _head_vectors
-
     L = prep.layer
     B, H, N, _ = L.q.shape
     D = L.d_model
@@ -270,7 +266,7 @@ def value_zeroing_map(prep, rows: Tensor, budget: int) -> Tensor:
         for c0 in range(0, N, step):
             keys = slice(c0, min(c0 + step, N))
             C = keys.stop - keys.start
-            heads = _head_vectors(L, keys, prep.dtype)  # (B, C, H, D)
+            heads = head_vectors(L, keys, prep.dtype)  # (B, C, H, D)
             t = (alpha[..., keys].permute(0, 3, 2, 1) @ heads).transpose(1, 2)  # t_ij (B, R, C, D)
             attn = (attn_total[:, q_rows, None] - t).reshape(B, R * C, D)
             x_pairs = prep.x[:, q_rows, None].expand(B, R, C, D).reshape(B, R * C, D)

@@ -573,7 +573,7 @@ def run_corpus(model, tokenizer, file, out, field: Optional[str] = None, column:
                methods=None, layers: Optional[Sequence[int]] = None, resume: bool = False,
                shard_size: int = DEFAULT_SHARD_SIZE, batch_size: int = DEFAULT_BATCH_SIZE,
                max_length: Optional[int] = None, backend="auto", verify: int = 2, save_maps: bool = False,
-               progress: bool = True, ff_gemm: str = "float32") -> Optional[dict]:
+               progress: bool = True, ff_gemm: str = "auto") -> Optional[dict]:
     """Analyse every text of ``file`` (see open_corpus) into ``out`` (see the module docstring); under torchrun
     the ranks share the shards. Returns the summary (summary.json) on rank 0, None on the other ranks.
 
@@ -609,6 +609,10 @@ def run_corpus(model, tokenizer, file, out, field: Optional[str] = None, column:
         model.to(here.device)
 
     corpus = None
+    # the manifest names the product's dtype, so "auto" and its resolution are the same run on resume
+    model_dtype = next(model.parameters()).dtype
+    stored_ff_gemm = ff_gemm if ff_gemm != "auto" else {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(
+        model_dtype, "float32")
 
     def start():
         nonlocal corpus
@@ -617,7 +621,7 @@ def run_corpus(model, tokenizer, file, out, field: Optional[str] = None, column:
                     "input": corpus.describe(),
                     "settings": {"methods": list(methods), "layers": layers, "max_length": max_length,
                                  "shard_size": shard_size, "batch_size": batch_size, "backend": backend,
-                                 "verify": verify, "save_maps": save_maps, "ff_gemm": ff_gemm},
+                                 "verify": verify, "save_maps": save_maps, "ff_gemm": stored_ff_gemm},
                     "shards": shard_plan(corpus.count, shard_size)}
         return _start(out, manifest, resume, save_maps)
 
