@@ -71,12 +71,14 @@ class DepSentence:
     """A gold tree over surface words ("units": a multi-word token is one unit).
 
     units: surface forms; arcs: (dependent unit, head unit, relation) of every scored arc;
-    skipped: counts of arcs not scored ("root", "within_token", "empty_node", "no_head")."""
+    skipped: counts of arcs not scored ("root", "within_token", "empty_node", "no_head");
+    roots: the units of the words whose HEAD is 0 (the attention probes score ROOT as a candidate)."""
 
     units: list
     arcs: list
     text: str = ""
     skipped: dict = field(default_factory=dict)
+    roots: list = field(default_factory=list)
 
 
 def read_conllu(source, limit: Optional[int] = None) -> list[DepSentence]:
@@ -126,7 +128,7 @@ def _sentence(tokens, number: int) -> DepSentence:
             units.append(tok["form"])
             unit_of[tid] = len(units) - 1
         words.append(tok)
-    arcs = []
+    arcs, roots = [], []
     for tok in words:
         head, rel = tok["head"], tok["deprel"]
         if head is None or rel in (None, "_"):
@@ -134,6 +136,7 @@ def _sentence(tokens, number: int) -> DepSentence:
             continue
         if head == 0:
             skipped["root"] += 1
+            roots.append(unit_of[tok["id"]])
             continue
         if head not in unit_of:
             raise ValueError(f"sentence {number}: word {tok['id']} has HEAD {head}, which is not a word of the sentence.")
@@ -143,7 +146,7 @@ def _sentence(tokens, number: int) -> DepSentence:
             continue
         arcs.append((d, h, rel))
     text = tokens.metadata.get("text") or " ".join(units)
-    return DepSentence(units=units, arcs=arcs, text=text, skipped=skipped)
+    return DepSentence(units=units, arcs=arcs, text=text, skipped=skipped, roots=roots)
 
 
 # ----------------------------------------------------------------------------------------------- accumulation
