@@ -15,6 +15,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--limit", type=int, help="use only the first N texts or sentences")
     parser.add_argument("--layers", nargs="+", type=int, help="layer indices (default: all)")
     parser.add_argument("--batch-size", type=int, default=8, help="texts per batch (default: 8)")
+    probes = parser.add_argument_group("attention probes (Clark et al. 2019 section 5): all three files together")
+    probes.add_argument("--probe-train", help="CoNLL-U file the probes are trained on")
+    probes.add_argument("--probe-dev", help="CoNLL-U file for the dev UAS (model selection)")
+    probes.add_argument("--probe-test", help="CoNLL-U file for the test UAS")
+    probes.add_argument("--glove", help="GloVe text file for the probes' word vectors (default: the model's input embeddings)")
     add_run_options(parser, "kobattr_heads")
 
 
@@ -31,6 +36,7 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}.")
     check_run_options(args)
+    probe_splits = _probe_splits(args, heads)
     texts = sentences = None
     if args.file:
         args.text = []
@@ -62,7 +68,15 @@ def run(args) -> int:
         results = heads.head_statistics(model, tokenizer, texts=texts, sentences=sentences, layers=args.layers,
                                         batch_size=args.batch_size, backend=args.backend,
                                         max_length=args.max_length, progress=True)
+        if probe_splits is not None:
+            from ..analyses import probes
+
+            results["probes"] = probes.attention_probes(model, tokenizer, *probe_splits, layers=args.layers,
+                                                        word_vectors=args.glove, batch_size=args.batch_size,
+                                                        backend=args.backend, progress=True)
         runtime = time.perf_counter() - started
+        if probe_splits is not None:
+            written.append(probes.plot(results["probes"], Path(stage) / "probes.png"))
         written += heads.write_report(results, stage, command=command.strip(), runtime_s=runtime, source=source)
     print(f"model: {results['model']['name']}  layers: {results['layers'][0]}..{results['layers'][-1]}  "
           f"texts: {results['texts']}  tokens: {results['tokens']}  time: {runtime:.1f} s")
@@ -72,5 +86,34 @@ def run(args) -> int:
     if "dependency" in results:
         corpus = results["dependency_corpus"]
         print(f"dependency probing: {corpus['sentences']} sentences, {corpus['arcs']} arcs, {corpus['relations']} relations")
+    if probe_splits is not None:
+        for line in probes.summary_lines(results["probes"]):
+            print(line)
     print(f"wrote {args.out}/: {describe_files(sorted(written) + [MANIFEST])}")
     return 0
+
+
+def _probe_splits(args, heads):
+    """(train, dev, test) gold sentences of --probe-train/--probe-dev/--probe-test, or None without them."""
+    paths = {"--probe-train": args.probe_train, "--probe-dev": args.probe_dev, "--probe-test": args.probe_test}
+    given = [k for k, v in paths.items() if v]
+    if not given:
+        if args.glove:
+            raise UsageError("--glove goes with the attention probes (--probe-train, --probe-dev and --probe-test).")
+        return None
+    if len(given) < 3:
+        missing = ", ".join(k for k in paths if k not in given)
+        raise UsageError(f"the attention probes need --probe-train, --probe-dev and --probe-test together; missing {missing}.")
+    if args.glove and not Path(args.glove).is_file():
+        raise UsageError(f"--glove {args.glove!r} does not exist or is not a file.")
+    splits = []
+    for flag, path in paths.items():
+        if not Path(path).is_file():
+            raise UsageError(f"{flag} {path!r} does not exist or is not a file.")
+        try:
+            splits.append(heads.read_conllu(path))
+        except UnicodeDecodeError as err:
+            raise UsageError(f"{flag} {path!r} is not UTF-8 text ({err.reason} at byte {err.start}).") from None
+        except ValueError as err:
+            raise UsageError(f"{flag} {path!r}: {err}") from None
+    return splits
