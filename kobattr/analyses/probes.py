@@ -47,7 +47,6 @@ import torch
 from torch import Tensor
 
 from ..layer import LayerInputError, head_vectors
-from ..methods import row_normalize
 from .heads import DepSentence, _batch, _encode, _save
 
 KINDS = ("weights", "norms")
