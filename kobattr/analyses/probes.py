@@ -433,6 +433,13 @@ def _word_vectors(word_vectors, model, tokenizer, sentences):
                           f"or a WordVectors table, got {type(word_vectors).__name__}.")
 
 
+def _finite(tree):
+    """NaN (a split without a scored word) as None, so the results stay strict JSON."""
+    if isinstance(tree, dict):
+        return {k: _finite(v) for k, v in tree.items()}
+    return None if isinstance(tree, float) and not math.isfinite(tree) else tree
+
+
 def _counts(sentences, features) -> dict:
     kept = [s for s, f in zip(sentences, features) if f is not None]
     ex = [e for s in kept for e in gold_examples(s)]
@@ -485,7 +492,7 @@ def attention_probes(model, tokenizer, train: Sequence[DepSentence], dev: Sequen
         "model": _model_name(model),
         "layers": [i + 1 for i in analysed],
         "heads": int(one["weights"].shape[1]),
-        "uas": out_uas,
+        "uas": _finite(out_uas),
         "best_epoch": best_epochs,
         "word_vectors": vectors.describe(),
         "counts": {name: _counts(splits[name], feats[name]) for name in splits},
