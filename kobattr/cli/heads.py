@@ -15,6 +15,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--limit", type=int, help="use only the first N texts or sentences")
     parser.add_argument("--layers", nargs="+", type=int, help="layer indices (default: all)")
     parser.add_argument("--batch-size", type=int, default=8, help="texts per batch (default: 8)")
+    parser.add_argument("--coref", nargs="?", const="", metavar="FILE",
+                        help="also coreference heads on a CorefUD file (Clark et al. 2019, 4.3; no FILE: the shipped sample)")
+    parser.add_argument("--clustering", action="store_true",
+                        help="also cluster the heads by JS distance + MDS over the same texts (needs scikit-learn)")
     add_run_options(parser, "kobattr_heads")
 
 
@@ -48,6 +52,12 @@ def run(args) -> int:
             raise UsageError(f"--conllu {str(path)!r}: {err}") from None
         source = (f"--conllu {path.name}" if args.conllu else
                   "the shipped CoNLL-U sample (kobattr/data/sample.conllu, self-written, CC0)")
+    documents, coref_source = _coref_documents(args)
+    if args.clustering:
+        import importlib.util
+
+        if importlib.util.find_spec("sklearn") is None:
+            raise UsageError("--clustering needs scikit-learn: pip install kobattr[clustering].")
     check_out(args)
     model, tokenizer = load_model(args.model, prog="kobattr heads")
     from ..models import get_adapter
@@ -62,6 +72,19 @@ def run(args) -> int:
         results = heads.head_statistics(model, tokenizer, texts=texts, sentences=sentences, layers=args.layers,
                                         batch_size=args.batch_size, backend=args.backend,
                                         max_length=args.max_length, progress=True)
+        if documents is not None:
+            from ..analyses import coref
+
+            results["coreference"] = coref.coreference_heads(model, tokenizer, documents, layers=args.layers,
+                                                             batch_size=args.batch_size, backend=args.backend,
+                                                             progress=True)
+            results["coreference"]["source"] = coref_source
+        if args.clustering:
+            from ..analyses import clustering
+
+            results["clustering"] = clustering.add_mds(clustering.head_distances(
+                model, tokenizer, texts if texts is not None else [s.text for s in sentences], layers=args.layers,
+                batch_size=args.batch_size, backend=args.backend, max_length=args.max_length, progress=True))
         runtime = time.perf_counter() - started
         written += heads.write_report(results, stage, command=command.strip(), runtime_s=runtime, source=source)
     print(f"model: {results['model']['name']}  layers: {results['layers'][0]}..{results['layers'][-1]}  "
@@ -72,5 +95,27 @@ def run(args) -> int:
     if "dependency" in results:
         corpus = results["dependency_corpus"]
         print(f"dependency probing: {corpus['sentences']} sentences, {corpus['arcs']} arcs, {corpus['relations']} relations")
+    for key, name in (("coreference", "coref"), ("clustering", "clustering")):
+        if key in results:
+            print("\n".join(__import__(f"kobattr.analyses.{name}", fromlist=["summary_lines"]).summary_lines(results[key])))
     print(f"wrote {args.out}/: {describe_files(sorted(written) + [MANIFEST])}")
     return 0
+
+
+def _coref_documents(args):
+    """The CorefUD documents of --coref (None without the flag) and how the report names them."""
+    if args.coref is None:
+        return None, None
+    from ..analyses import coref
+
+    path = Path(args.coref) if args.coref else coref.sample_coref_path()
+    if not path.is_file():
+        raise UsageError(f"--coref {args.coref!r} does not exist or is not a file.")
+    try:
+        documents = coref.read_corefud(path)
+    except UnicodeDecodeError as err:
+        raise UsageError(f"--coref {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}).") from None
+    except ValueError as err:
+        raise UsageError(f"--coref {str(path)!r}: {err}") from None
+    return documents, (f"--coref {path.name}" if args.coref else
+                       "the shipped CorefUD sample (kobattr/data/sample_coref.conllu, self-written, CC0)")
