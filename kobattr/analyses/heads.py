@@ -473,6 +473,8 @@ def _heat(ax, values, layers, title, cmap="Blues"):
     ax.set_ylabel("layer")
 
 
+# results key -> module of kobattr.analyses with figures(part, out) -> {name: file} and report_lines(part, figures)
+EXTRA_SECTIONS = {"coreference": "coref", "clustering": "clustering"}
 FIGURES = {"entropy": "entropy.png", "special_share": "special_share.png", "position": "relative_position.png",
            "noop": "noop_alpha_vs_fx.png", "dependency": "dependency_relations.png"}
 
@@ -634,11 +636,20 @@ def write_report(results: dict, out_dir, command: str = "kobattr.analyses.heads.
     """Write results.json, report.md and the figures into ``out_dir`` (each file atomically: written to a
     temporary name and renamed); returns the names written. results.json has no timing, so equal inputs
     give byte-identical files."""
+    import importlib
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = _figures(results, out)
+    report = _report(results, figures, command, runtime_s, source or "texts")
+    for key, name in EXTRA_SECTIONS.items():  # analyses that add a part to the results file
+        if results.get(key) is not None:
+            module = importlib.import_module(f"{__package__}.{name}")
+            extra = module.figures(results[key], out)
+            figures.update(extra)
+            report += "\n" + "\n".join(module.report_lines(results[key], extra))
     _atomic_text(out / "results.json", json.dumps(results, indent=1, ensure_ascii=False, allow_nan=False))
-    _atomic_text(out / "report.md", _report(results, figures, command, runtime_s, source or "texts"))
+    _atomic_text(out / "report.md", report)
     return ["report.md", "results.json", *figures.values()]
 
 

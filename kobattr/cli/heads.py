@@ -20,6 +20,10 @@ def add_arguments(parser) -> None:
     probes.add_argument("--probe-dev", help="CoNLL-U file for the dev UAS (model selection)")
     probes.add_argument("--probe-test", help="CoNLL-U file for the test UAS")
     probes.add_argument("--glove", help="GloVe text file for the probes' word vectors (default: the model's input embeddings)")
+    parser.add_argument("--coref", nargs="?", const="", metavar="FILE",
+                        help="also coreference heads on a CorefUD file (Clark et al. 2019, 4.3; no FILE: the shipped sample)")
+    parser.add_argument("--clustering", action="store_true",
+                        help="also cluster the heads by JS distance + MDS over the same texts (needs scikit-learn)")
     add_run_options(parser, "kobattr_heads")
 
 
@@ -54,6 +58,12 @@ def run(args) -> int:
             raise UsageError(f"--conllu {str(path)!r}: {err}") from None
         source = (f"--conllu {path.name}" if args.conllu else
                   "the shipped CoNLL-U sample (kobattr/data/sample.conllu, self-written, CC0)")
+    documents, coref_source = _coref_documents(args)
+    if args.clustering:
+        import importlib.util
+
+        if importlib.util.find_spec("sklearn") is None:
+            raise UsageError("--clustering needs scikit-learn: pip install kobattr[clustering].")
     check_out(args)
     model, tokenizer = load_model(args.model, prog="kobattr heads")
     from ..models import get_adapter
@@ -74,6 +84,19 @@ def run(args) -> int:
             results["probes"] = probes.attention_probes(model, tokenizer, *probe_splits, layers=args.layers,
                                                         word_vectors=args.glove, batch_size=args.batch_size,
                                                         backend=args.backend, progress=True)
+        if documents is not None:
+            from ..analyses import coref
+
+            results["coreference"] = coref.coreference_heads(model, tokenizer, documents, layers=args.layers,
+                                                             batch_size=args.batch_size, backend=args.backend,
+                                                             progress=True)
+            results["coreference"]["source"] = coref_source
+        if args.clustering:
+            from ..analyses import clustering
+
+            results["clustering"] = clustering.add_mds(clustering.head_distances(
+                model, tokenizer, texts if texts is not None else [s.text for s in sentences], layers=args.layers,
+                batch_size=args.batch_size, backend=args.backend, max_length=args.max_length, progress=True))
         runtime = time.perf_counter() - started
         if probe_splits is not None:
             written.append(probes.plot(results["probes"], Path(stage) / "probes.png"))
@@ -86,9 +109,11 @@ def run(args) -> int:
     if "dependency" in results:
         corpus = results["dependency_corpus"]
         print(f"dependency probing: {corpus['sentences']} sentences, {corpus['arcs']} arcs, {corpus['relations']} relations")
-    if probe_splits is not None:
-        for line in probes.summary_lines(results["probes"]):
-            print(line)
+    from ..analyses import clustering, coref, probes
+
+    for key, module in (("probes", probes), ("coreference", coref), ("clustering", clustering)):
+        if key in results:
+            print("\n".join(module.summary_lines(results[key])))
     print(f"wrote {args.out}/: {describe_files(sorted(written) + [MANIFEST])}")
     return 0
 
@@ -117,3 +142,20 @@ def _probe_splits(args, heads):
         except ValueError as err:
             raise UsageError(f"{flag} {path!r}: {err}") from None
     return splits
+def _coref_documents(args):
+    """The CorefUD documents of --coref (None without the flag) and how the report names them."""
+    if args.coref is None:
+        return None, None
+    from ..analyses import coref
+
+    path = Path(args.coref) if args.coref else coref.sample_coref_path()
+    if not path.is_file():
+        raise UsageError(f"--coref {args.coref!r} does not exist or is not a file.")
+    try:
+        documents = coref.read_corefud(path)
+    except UnicodeDecodeError as err:
+        raise UsageError(f"--coref {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}).") from None
+    except ValueError as err:
+        raise UsageError(f"--coref {str(path)!r}: {err}") from None
+    return documents, (f"--coref {path.name}" if args.coref else
+                       "the shipped CorefUD sample (kobattr/data/sample_coref.conllu, self-written, CC0)")
