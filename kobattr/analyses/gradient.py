@@ -59,7 +59,7 @@ class MissingMLMHeadError(LayerInputError):
 def _refusal(what: str) -> MissingMLMHeadError:
     return MissingMLMHeadError(
         f"{what}, so the masked-LM loss of Clark et al. 2019 cannot be computed; load a checkpoint that has its "
-        "pretrained head (kobattr.analyses.gradient.load_with_head(path), i.e. AutoModelForMaskedLM or "
+        "pretrained head (kobattr.analyses.gradient.load_with_head(path): AutoModelForMaskedLM or "
         "AutoModelForCausalLM), or pass objective=callable(outputs) -> scalar for a custom loss.")
 
 
@@ -80,7 +80,14 @@ def load_with_head(path, **model_kwargs):
         auto = AutoModelForCausalLM
     else:
         raise _refusal(f"model_type {model_type!r} has no masked-LM or causal-LM head class in transformers")
-    model, info = auto.from_pretrained(path, output_loading_info=True, **model_kwargs)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # HF's load report would warn about the missing head: it is checked below
+    try:
+        model, info = auto.from_pretrained(path, output_loading_info=True, **model_kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     prefix = model.base_model_prefix + "."
     missing = sorted(k for k in info["missing_keys"] if not k.startswith(prefix))
     if missing:

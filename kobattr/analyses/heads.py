@@ -538,6 +538,11 @@ def _figures(results: dict, out: Path) -> dict:
         ax.legend(fontsize=8)
         _save(fig, out / FIGURES["dependency"])
         written["dependency"] = FIGURES["dependency"]
+    if "gradient" in results:
+        from .gradient import plot
+
+        plot(results["gradient"], out / "gradient_importance.png")
+        written["gradient"] = "gradient_importance.png"
     return written
 
 
@@ -623,6 +628,12 @@ def _report(results: dict, figures: dict, command: str, runtime_s: Optional[floa
                          f"{cell(w['head_to_dep'])} | {cell(nrm['head_to_dep'])} | {off['accuracy']:.2f} "
                          f"(offset {off['offset']:+d}) |")
         lines.append("")
+    if "gradient" in results:
+        from .gradient import summary_lines
+
+        lines += ["## Gradient importance of attention (Clark et al. 2019, section 3.2, Fig. 3)", "",
+                  f"![gradient importance]({figures['gradient']})", "", "```", *summary_lines(results["gradient"]),
+                  "```", ""]
     return "\n".join(lines)
 
 

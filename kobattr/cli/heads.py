@@ -15,6 +15,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--limit", type=int, help="use only the first N texts or sentences")
     parser.add_argument("--layers", nargs="+", type=int, help="layer indices (default: all)")
     parser.add_argument("--batch-size", type=int, default=8, help="texts per batch (default: 8)")
+    parser.add_argument("--gradient", action="store_true",
+                        help="add Clark et al. 2019 gradient importance of attention (needs a masked-LM / LM head)")
+    parser.add_argument("--mlm-model", help="with --gradient: a local checkpoint with its pretrained head "
+                                            "(default: --model, which must then have one)")
     add_run_options(parser, "kobattr_heads")
 
 
@@ -53,6 +57,7 @@ def run(args) -> int:
     from ..models import get_adapter
 
     check_layers(args.layers, len(get_adapter(model).layer_modules(model)))
+    head_model = _head_model(args) if args.gradient else None
     command = "kobattr heads " + " ".join(shlex.quote(a) for a in (args.argv or []))
     written: list[str] = []
     manifest = lambda: {"kobattr": __import__("kobattr").__version__, "complete": True, "source": source,  # noqa: E731
@@ -62,6 +67,13 @@ def run(args) -> int:
         results = heads.head_statistics(model, tokenizer, texts=texts, sentences=sentences, layers=args.layers,
                                         batch_size=args.batch_size, backend=args.backend,
                                         max_length=args.max_length, progress=True)
+        if head_model is not None:
+            from ..analyses import gradient
+
+            gtexts = texts if texts is not None else [s.text for s in sentences]
+            results["gradient"] = gradient.gradient_importance(*head_model, gtexts, layers=args.layers,
+                                                               batch_size=args.batch_size, max_length=args.max_length,
+                                                               progress=True)
         runtime = time.perf_counter() - started
         written += heads.write_report(results, stage, command=command.strip(), runtime_s=runtime, source=source)
     print(f"model: {results['model']['name']}  layers: {results['layers'][0]}..{results['layers'][-1]}  "
@@ -72,5 +84,28 @@ def run(args) -> int:
     if "dependency" in results:
         corpus = results["dependency_corpus"]
         print(f"dependency probing: {corpus['sentences']} sentences, {corpus['arcs']} arcs, {corpus['relations']} relations")
+    if "gradient" in results:
+        from ..analyses import gradient
+
+        print("\n".join(gradient.summary_lines(results["gradient"])))
     print(f"wrote {args.out}/: {describe_files(sorted(written) + [MANIFEST])}")
     return 0
+
+
+def _head_model(args):
+    """(model, tokenizer) with its pretrained head for --gradient, from --mlm-model or --model; a checkpoint
+    without one is refused before anything runs."""
+    from ..analyses.gradient import MissingMLMHeadError, load_with_head
+    from ..models import default_model_path, get_adapter
+
+    path = args.mlm_model or args.model or str(default_model_path())
+    if not Path(path).exists():
+        raise UsageError(f"--mlm-model {path!r} does not exist; give a local checkpoint directory.")
+    try:
+        model, tokenizer = load_with_head(path)
+    except MissingMLMHeadError as err:
+        reason = str(err).split(", so ")[0]
+        raise UsageError(f"--gradient needs a pretrained masked-LM or LM head, but {reason}; give --mlm-model PATH, "
+                         "a local checkpoint with its head (e.g. saved from AutoModelForMaskedLM).") from None
+    check_layers(args.layers, len(get_adapter(model).layer_modules(model)))
+    return model, tokenizer
