@@ -276,7 +276,7 @@ def loop_means(out, categories, lengths, causal, agg):
 def direct_categories(tokenizer, ids, n):
     """Category names of one text by the token strings themselves."""
     names = []
-    for p, tok in enumerate(tokenizer.convert_ids_to_tokens(ids[:n])):
+    for tok in tokenizer.convert_ids_to_tokens(ids[:n]):
         names.append("cls_bos" if tok == "[CLS]" else "sep_eos" if tok == "[SEP]" else
                      "punct" if tok in (".", ",") else "other")
     return names

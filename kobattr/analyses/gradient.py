@@ -339,20 +339,21 @@ class _Sums:
         self.windows, self.radii, self.causal = windows, radii, causal
 
     def add(self, out: dict, b: int, n: int, categories: list) -> None:
-        """Example b of a batch (right padded: its real tokens are 0..n-1)."""
-        pos = torch.arange(n)
-        vis = torch.stack([visible(pos, pos, torch.ones(1, n, dtype=torch.bool), self.causal, w, r)[0]
+        """Example b of a batch (right padded: its real tokens are 0..n-1); reduced where the maps are."""
+        dev = out["alpha"].device
+        pos = torch.arange(n, device=dev)
+        vis = torch.stack([visible(pos, pos, torch.ones(1, n, dtype=torch.bool, device=dev), self.causal, w, r)[0]
                            for w, r in zip(self.windows, self.radii)]).double()  # (L, n, n)
-        onehot = torch.nn.functional.one_hot(torch.tensor(categories), len(CATEGORIES)).double()  # (n, C)
+        onehot = torch.nn.functional.one_hot(torch.tensor(categories, device=dev), len(CATEGORIES)).double()  # (n, C)
         a = out["alpha"][:, b, :, :n, :n].double()
         g = out["grad"][:, b, :, :n, :n].double()
         values = {"grad_abs": g.abs(), "grad_x_input": a * g, "grad_x_input_abs": (a * g).abs(), "alpha": a}
         for q, v in values.items():
-            self.sums[q] += ((v * vis[:, None]) @ onehot).sum(2)
-        self.pairs += (vis @ onehot).sum(1)
+            self.sums[q] += ((v * vis[:, None]) @ onehot).sum(2).cpu()
+        self.pairs += (vis @ onehot).sum(1).cpu()
         self.rows += n
-        self.fx += out["value_norms"][:, b, :, :n].double() @ onehot
-        self.keys += onehot.sum(0)
+        self.fx += (out["value_norms"][:, b, :, :n].double() @ onehot).cpu()
+        self.keys += onehot.sum(0).cpu()
 
     def means(self, agg: str) -> dict:
         """{quantity: (L, H, C)} and fx_norm; NaN where a category never occurs."""
@@ -406,7 +407,7 @@ def gradient_importance(model, tokenizer, texts: Sequence[str], layers: Optional
         if not causal and tokenizer.mask_token is None:
             raise _refusal("the tokenizer has no mask token")
     masked = objective is None and not causal
-    items = _examples(model, tokenizer, texts, causal, masked, n_draws, seed, mask_prob, replace_probs, max_length)
+    items = _examples(model, tokenizer, texts, causal and objective is None, masked, n_draws, seed, mask_prob, replace_probs, max_length)
     # a custom objective sees one text's outputs, so each text runs alone
     size = 1 if objective is not None else batch_size
     chunks = [items[k:k + size] for k in range(0, len(items), size)]
@@ -453,8 +454,8 @@ def gradient_importance(model, tokenizer, texts: Sequence[str], layers: Optional
 # ----------------------------------------------------------------------------------------------- output
 def summary_lines(result: dict) -> list[str]:
     """A few lines for the terminal: the measure, the data, and mean |dL/d alpha| per category and layer."""
-    head = (f"gradient importance ({result['measure']}; {result['objective']}, agg={result['agg']}): "
-            f"{result['examples']} examples of {result['texts']} texts, mean loss {result['loss_mean']:.3f}")
+    head = (f"gradient importance ({result['measure']}; {result['objective']}, agg={result['agg']}) of "
+            f"{result['model']['name']}: {result['examples']} examples of {result['texts']} texts, mean loss {result['loss_mean']:.3f}")
     if "masking" in result:
         head += f", {result['masking']['masked_positions']} masked positions"
     lines = [head, f"mean |dL/d alpha| per layer {result['layers'][0]}..{result['layers'][-1]}:"]

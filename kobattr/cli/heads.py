@@ -104,7 +104,8 @@ def _head_model(args):
     try:
         model, tokenizer = load_with_head(path)
     except MissingMLMHeadError as err:
-        reason = str(err).split(", so ")[0]
+        named = args.mlm_model or args.model
+        reason = str(err).split(", so ")[0].replace(path, named or "the default all-MiniLM-L6-v2")
         raise UsageError(f"--gradient needs a pretrained masked-LM or LM head, but {reason}; give --mlm-model PATH, "
                          "a local checkpoint with its head (e.g. saved from AutoModelForMaskedLM).") from None
     check_layers(args.layers, len(get_adapter(model).layer_modules(model)))
