@@ -382,3 +382,5 @@ def test_cli_heads_gradient(wordpiece, tmp_path, capsys):
     errors = [line for line in err.replace("\r", "\n").splitlines() if "error" in line]
     assert code == 2 and len(errors) == 1 and errors[0].startswith("kobattr heads: error: --gradient needs")
     assert "--mlm-model PATH" in errors[0]
+    code, _, err = run(["heads", "--mlm-model", str(tmp_path / "mlm"), "--out", str(tmp_path / "out3")], capsys)
+    assert code == 2 and "add --gradient" in err

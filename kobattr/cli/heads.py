@@ -35,6 +35,8 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}.")
     check_run_options(args)
+    if args.mlm_model and not args.gradient:
+        raise UsageError("--mlm-model is the checkpoint for --gradient; add --gradient or leave --mlm-model out.")
     texts = sentences = None
     if args.file:
         args.text = []
