@@ -20,6 +20,10 @@ LATE_UPWARD = {
     # from main's on-device tuner (merged late): dispatch asks the tuner, which times the backends' implementations;
     # to be removed by giving the tuner's cache lookup a module of its own below kobattr.backends
     ("kobattr.backends", "kobattr.tuner"): ({"select"}, "auto dispatch asks the tuner's cache for its winner"),
+    # the heads report renders the optional gradient section (kobattr heads --gradient), whose module builds on
+    # heads' key categories
+    ("kobattr.analyses.heads", "kobattr.analyses.gradient"): (
+        {"_figures", "_report"}, "write_report draws and summarises results['gradient'] when it is there"),
 }
 
 
