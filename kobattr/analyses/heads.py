@@ -474,7 +474,8 @@ def _heat(ax, values, layers, title, cmap="Blues"):
 
 
 # results key -> module of kobattr.analyses with figures(part, out) -> {name: file} and report_lines(part, figures)
-EXTRA_SECTIONS = {"coreference": "coref", "clustering": "clustering"}
+# analyses that add a part to the results file: key -> module with figures(result, out) and report_lines(result, written)
+EXTRA_SECTIONS = {"gradient": "gradient", "probes": "probes", "coreference": "coref", "clustering": "clustering"}
 FIGURES = {"entropy": "entropy.png", "special_share": "special_share.png", "position": "relative_position.png",
            "noop": "noop_alpha_vs_fx.png", "dependency": "dependency_relations.png"}
 

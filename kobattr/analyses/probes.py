@@ -542,3 +542,18 @@ def plot(result: dict, path) -> str:
     path = Path(path)
     _save(fig, path)
     return path.name
+
+
+def figures(result: dict, out) -> dict:
+    """probes.png (test UAS per probe, weights vs norms, baselines) in ``out``; returns {"probes": file name}."""
+    from pathlib import Path
+
+    return {"probes": plot(result, Path(out) / "probes.png")}
+
+
+def report_lines(result: dict, written: dict) -> list[str]:
+    """The report.md section: the figure and the UAS table of the summary lines."""
+    lines = ["## Attention probes for dependency parsing (Clark et al. 2019, section 5, Table 3)", ""]
+    if "probes" in written:
+        lines += [f"![attention probes]({written['probes']})", ""]
+    return lines + ["```", *summary_lines(result), "```", ""]

@@ -24,6 +24,10 @@ def add_arguments(parser) -> None:
                         help="also coreference heads on a CorefUD file (Clark et al. 2019, 4.3; no FILE: the shipped sample)")
     parser.add_argument("--clustering", action="store_true",
                         help="also cluster the heads by JS distance + MDS over the same texts (needs scikit-learn)")
+    parser.add_argument("--gradient", action="store_true",
+                        help="add Clark et al. 2019 gradient importance of attention (needs a masked-LM / LM head)")
+    parser.add_argument("--mlm-model", help="with --gradient: a local checkpoint with its pretrained head "
+                                            "(default: --model, which must then have one)")
     add_run_options(parser, "kobattr_heads")
 
 
@@ -41,6 +45,8 @@ def run(args) -> int:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}.")
     check_run_options(args)
     probe_splits = _probe_splits(args, heads)
+    if args.mlm_model and not args.gradient:
+        raise UsageError("--mlm-model is the checkpoint for --gradient; add --gradient or leave --mlm-model out.")
     texts = sentences = None
     if args.file:
         args.text = []
@@ -69,6 +75,7 @@ def run(args) -> int:
     from ..models import get_adapter
 
     check_layers(args.layers, len(get_adapter(model).layer_modules(model)))
+    head_model = _head_model(args) if args.gradient else None
     command = "kobattr heads " + " ".join(shlex.quote(a) for a in (args.argv or []))
     written: list[str] = []
     manifest = lambda: {"kobattr": __import__("kobattr").__version__, "complete": True, "source": source,  # noqa: E731
@@ -97,9 +104,14 @@ def run(args) -> int:
             results["clustering"] = clustering.add_mds(clustering.head_distances(
                 model, tokenizer, texts if texts is not None else [s.text for s in sentences], layers=args.layers,
                 batch_size=args.batch_size, backend=args.backend, max_length=args.max_length, progress=True))
+        if head_model is not None:
+            from ..analyses import gradient
+
+            gtexts = texts if texts is not None else [s.text for s in sentences]
+            results["gradient"] = gradient.gradient_importance(*head_model, gtexts, layers=args.layers,
+                                                               batch_size=args.batch_size, max_length=args.max_length,
+                                                               progress=True)
         runtime = time.perf_counter() - started
-        if probe_splits is not None:
-            written.append(probes.plot(results["probes"], Path(stage) / "probes.png"))
         written += heads.write_report(results, stage, command=command.strip(), runtime_s=runtime, source=source)
     print(f"model: {results['model']['name']}  layers: {results['layers'][0]}..{results['layers'][-1]}  "
           f"texts: {results['texts']}  tokens: {results['tokens']}  time: {runtime:.1f} s")
@@ -109,9 +121,9 @@ def run(args) -> int:
     if "dependency" in results:
         corpus = results["dependency_corpus"]
         print(f"dependency probing: {corpus['sentences']} sentences, {corpus['arcs']} arcs, {corpus['relations']} relations")
-    from ..analyses import clustering, coref, probes
+    from ..analyses import clustering, coref, gradient, probes
 
-    for key, module in (("probes", probes), ("coreference", coref), ("clustering", clustering)):
+    for key, module in (("gradient", gradient), ("probes", probes), ("coreference", coref), ("clustering", clustering)):
         if key in results:
             print("\n".join(module.summary_lines(results[key])))
     print(f"wrote {args.out}/: {describe_files(sorted(written) + [MANIFEST])}")
@@ -142,6 +154,8 @@ def _probe_splits(args, heads):
         except ValueError as err:
             raise UsageError(f"{flag} {path!r}: {err}") from None
     return splits
+
+
 def _coref_documents(args):
     """The CorefUD documents of --coref (None without the flag) and how the report names them."""
     if args.coref is None:
@@ -159,3 +173,23 @@ def _coref_documents(args):
         raise UsageError(f"--coref {str(path)!r}: {err}") from None
     return documents, (f"--coref {path.name}" if args.coref else
                        "the shipped CorefUD sample (kobattr/data/sample_coref.conllu, self-written, CC0)")
+
+
+def _head_model(args):
+    """(model, tokenizer) with its pretrained head for --gradient, from --mlm-model or --model; a checkpoint
+    without one is refused before anything runs."""
+    from ..analyses.gradient import MissingMLMHeadError, load_with_head
+    from ..models import default_model_path, get_adapter
+
+    path = args.mlm_model or args.model or str(default_model_path())
+    if not Path(path).exists():
+        raise UsageError(f"--mlm-model {path!r} does not exist; give a local checkpoint directory.")
+    try:
+        model, tokenizer = load_with_head(path)
+    except MissingMLMHeadError as err:
+        named = args.mlm_model or args.model
+        reason = str(err).split(", so ")[0].replace(path, named or "the default all-MiniLM-L6-v2")
+        raise UsageError(f"--gradient needs a pretrained masked-LM or LM head, but {reason}; give --mlm-model PATH, "
+                         "a local checkpoint with its head (e.g. saved from AutoModelForMaskedLM).") from None
+    check_layers(args.layers, len(get_adapter(model).layer_modules(model)))
+    return model, tokenizer
