@@ -12,6 +12,7 @@ released code, cited beside each function; docs/methods.md says the cost per pai
                 rows normalised to sum 1
     flow_attn   the attention edges of the information-flow graph (Ferrando & Voita 2024; kobattr/flow.py)
     *_rollout   R^1 = C^1, R^l = C^l R^(l-1) through the analysed layers (analyze(); one layer: its map)
+    alti_plus   ALTI+ of an encoder-decoder model (alti_plus_rollout; the per-layer maps: kobattr.seq2seq)
 """
 
 from __future__ import annotations
@@ -361,3 +362,27 @@ def apply_rollouts(result) -> None:
         idx = torch.arange(n)
         ratio = torch.stack([peer_ratio(layer, idx) for layer in rolled])
         result.ratios[m] = ratio + torch.where(result.attention_mask, 0.0, float("nan")).to(ratio.dtype)
+
+
+def alti_plus_rollout(encoder: Tensor, self_maps: Tensor, cross_maps: Tensor) -> Tensor:
+    """ALTI+ (Ferrando et al. 2022b): (L, B, T, T + S) the decoder's ALTI rolled out through its L layers, the source
+    columns through the encoder's, target columns first (kobattr's whole-decoder-layer order: column k < T target
+    token k, column T + j source token j), in float64, returned in the maps' dtype.
+
+    encoder (B, S, S): the encoder's alti_rollout after its last layer; self_maps (L, B, T, T): each decoder layer's
+    self-attention alti; cross_maps (L, B, T, S + 1): its cross_alti (column S: the residual p_i). Per layer the joint
+    map is J_tgt = C_self scaled per row by C_cross[:, S] (what reaches the cross block's residual) and
+    J_src = C_cross[:, :S] R_enc; R^1 = [J_tgt^1, J_src^1], R^l = [J_tgt^l R_tgt^(l-1), J_tgt^l R_src^(l-1) + J_src^l]
+    with rows renormalised, as mt-upc/transformer-contributions-nmt@0af8538 wrappers/transformer_wrapper.py
+    get_contribution_rollout (its columns are [source; target])."""
+    T, S = self_maps.shape[-1], encoder.shape[-1]
+    out = torch.empty(*self_maps.shape[:-1], T + S, dtype=self_maps.dtype, device=self_maps.device)
+    enc = encoder.double()
+    acc = None
+    for li, (c_self, c_cross) in enumerate(zip(self_maps.double(), cross_maps.double())):
+        tgt = c_self * c_cross[..., S:]  # (B, T, T)
+        src = c_cross[..., :S] @ enc  # (B, T, S)
+        acc = (torch.cat([tgt, src], -1) if acc is None else
+               row_normalize(torch.cat([tgt @ acc[..., :T], tgt @ acc[..., T:] + src], -1)))
+        out[li] = acc.to(out.dtype)
+    return out
