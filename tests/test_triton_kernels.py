@@ -540,3 +540,23 @@ def test_alti_l1_kernel_equals_the_float64_distances(B, K, R, N, D):
     expected = (norm[..., None] - (y.double()[:, :, None] - parts).abs().sum(-1)).clamp_min(0) * vis
     assert got.dtype == torch.float64 and (got[~vis] == 0).all() and (expected > 0).any()
     assert (got - expected).abs().max() <= 1e-5 * norm.max()
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_alti_through_the_triton_backend_equals_the_reference(kind):
+    """attribute(backend="triton") computes ALTI's L1 proximities with the kernel (result.backends says so), the
+    L2 variant with torch tiles, both against the float64 reference, padding and causal masks included."""
+    from random_layers import random_layer
+
+    from kobattr.core import attribute
+    from kobattr.reference import reference
+
+    layer = random_layer(kind, N=11, B=2, pad=3).to(torch.float32)
+    res = attribute(layer, methods=["alti", "alti_l2"], backend="triton", budget=1 << 9)
+    assert res.backends["peers"] == "triton"
+    ref = reference(layer, methods=["alti", "alti_l2"])
+    for m in ("alti", "alti_l2"):
+        scale = ref["maps"][m].abs().amax(-1, keepdim=True).clamp_min(1e-30)
+        assert ((res.maps[m].double() - ref["maps"][m]).abs() / scale).max() < 1e-5, m
+    assert res.completeness["alti"].max() < 1e-5
+    assert attribute(layer, methods=["alti"], backend="torch").backends["peers"] == "torch"
