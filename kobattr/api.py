@@ -26,10 +26,10 @@ from torch import Tensor
 
 from .core import as_indices, attribute
 from .layer import LayerInputError, head_vectors
-from .methods import check_methods
+from .methods import check_methods, default_methods
 from .models import capture, get_adapter
 from .peers import apply_rollouts, check_rollout
-from .result import WHOLE_DECODER_LAYER, Attribution, Seq2SeqAttribution
+from .result import ALTI_PLUS, WHOLE_DECODER_LAYER, Attribution, Seq2SeqAttribution
 from .verify import VerificationError
 
 
@@ -348,19 +348,23 @@ def _pair_batch(model, inputs, targets, tokenizer, max_length: Optional[int]) ->
             if batch.get(k) is not None}
 
 
-def _decoder_methods(methods, placement: str) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
-    """(self-attention methods, cross methods, whether the whole decoder layer is asked for) of a decoder request."""
-    from .seq2seq import check_decoder_methods
+def _decoder_methods(methods, placement: str) -> tuple[tuple[str, ...], tuple[str, ...], bool, bool]:
+    """(self-attention methods, cross methods, whether the whole decoder layer is asked for, whether ALTI+ is) of a
+    decoder request; ALTI+ brings the per-layer alti and cross_alti it rolls out."""
+    from .seq2seq import CROSS_ALTI, check_decoder_methods
 
     names = (methods,) if isinstance(methods, str) else methods
-    whole = isinstance(names, (list, tuple)) and any(isinstance(m, str) and m.strip().lower() == WHOLE_DECODER_LAYER
-                                                     for m in names)
-    if whole:
-        names = [m for m in names if not (isinstance(m, str) and m.strip().lower() == WHOLE_DECODER_LAYER)]
+    every = isinstance(names, (list, tuple)) and all(isinstance(m, str) for m in names)
+    asked = {m.strip().lower() for m in names} if every else set()
+    whole, plus = WHOLE_DECODER_LAYER in asked, ALTI_PLUS in asked
+    if whole or plus:
+        names = [m for m in names if m.strip().lower() not in (WHOLE_DECODER_LAYER, ALTI_PLUS)]
+        if plus:
+            names = list(dict.fromkeys(names + ["alti", CROSS_ALTI]))
         if not names:  # the whole layer alone
-            return (), (), True
+            return (), (), whole, plus
         methods = names
-    return (*check_decoder_methods(methods, placement), whole)
+    return (*check_decoder_methods(methods, placement), whole, plus)
 
 
 def _self_value_norms(layer) -> Tensor:
@@ -398,8 +402,11 @@ def _analyze_pairs(model, inputs, targets, tokenizer, methods, layers, rows, hea
         raise LayerInputError("rows=, contract= and normalize_rows= are not available for the decoder of an "
                               "encoder-decoder model: analyze returns its full maps (row-normalise them yourself with "
                               "kobattr.methods.row_normalize).")
-    self_methods, cross_methods, whole = _decoder_methods(methods, decoder.placement)
+    self_methods, cross_methods, whole, plus = _decoder_methods(methods, decoder.placement)
     wanted = _wanted_layers(layers, len(decoder.layer_modules(model)), "decoder layers")
+    if plus and list(wanted) != list(range(wanted[0], wanted[0] + len(wanted))):
+        raise LayerInputError(f"alti_plus rolls out through consecutive decoder layers (from the first analysed one), "
+                              f"got {list(wanted)}.")
     batch = _pair_batch(model, inputs, targets, tokenizer, max_length)
     source_mask, target_mask = batch["attention_mask"].bool(), batch["decoder_attention_mask"].bool()
     _right_padded(source_mask, "the source")
@@ -411,6 +418,14 @@ def _analyze_pairs(model, inputs, targets, tokenizer, methods, layers, rows, hea
                                   f"{limit} positions; truncate with max_length={limit} (CLI: --max-length {limit}).")
 
     skip_encoder = encoder_methods is False or (isinstance(encoder_methods, (list, tuple)) and not encoder_methods)
+    if plus:  # the source columns roll out through the encoder's ALTI rollout, over every encoder layer
+        if skip_encoder:
+            raise LayerInputError("alti_plus rolls the source columns out through the encoder's alti_rollout; do not "
+                                  "turn the encoder analysis off (encoder_methods=).")
+        encoder_structure = get_adapter(model).structure(model.config)
+        given = default_methods(encoder_structure) if encoder_methods is None else (
+            (encoder_methods,) if isinstance(encoder_methods, str) else tuple(encoder_methods))
+        encoder_methods = list(dict.fromkeys(list(given) + ["alti_rollout"]))
     encoder = None if skip_encoder else analyze(
         model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, tokenizer=tokenizer,
         methods=encoder_methods, heads=heads, backend=backend, ig=ig, ig_steps=ig_steps, progress=progress,
@@ -478,8 +493,16 @@ def _analyze_pairs(model, inputs, targets, tokenizer, methods, layers, rows, hea
         ratios[WHOLE_DECODER_LAYER] = whole_stack(lambda w: w.ratio)
         bias_norms[WHOLE_DECODER_LAYER] = whole_stack(lambda w: w.bias_norm)
         completeness[WHOLE_DECODER_LAYER] = whole_stack(lambda w: w.completeness["out"].amax(-1))
+    if plus:
+        from .peers import alti_plus_rollout, peer_ratio
+
+        maps[ALTI_PLUS] = alti_plus_rollout(encoder.maps["alti_rollout"][-1], maps["alti"], maps["cross_alti"])
+        T = maps[ALTI_PLUS].shape[-2]
+        nan_pad = torch.where(target_mask.cpu(), 0.0, float("nan")).to(maps[ALTI_PLUS].dtype)
+        ratios[ALTI_PLUS] = torch.stack([peer_ratio(layer, torch.arange(T)) for layer in maps[ALTI_PLUS]]) + nan_pad
     return Seq2SeqAttribution(
-        methods=tuple(first.methods) + ((WHOLE_DECODER_LAYER,) if whole else ()), layers=tuple(i for i, *_ in per_layer),
+        methods=tuple(first.methods) + ((WHOLE_DECODER_LAYER,) if whole else ()) + ((ALTI_PLUS,) if plus else ()),
+        layers=tuple(i for i, *_ in per_layer),
         maps=maps, ratios=ratios,
         value_norms=torch.stack([v.cpu() for _, _, v, _ in per_layer]),
         bias_norms=bias_norms, completeness=completeness,

@@ -22,7 +22,7 @@ from .ig import ffn_coefficients
 from .layer import NORM_FIELDS, Layer, LayerInputError, all_finite, cap_logits, head_vectors
 from .methods import (REGISTRY, STRUCTURES, check_methods, contextualization_change, ff_amp, ff_methods, form,
                       row_normalize, vector_ratio)
-from .peers import PeerImplementation, output_maps, peer_result
+from .peers import output_maps, peer_implementation, peer_result
 
 
 @dataclass
@@ -568,6 +568,7 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
     # full maps: the attention primitive computes every row's statistics anyway, so alpha_ii can wait for them
     prep = _Prepared(layer, methods, ig, ig_steps, budget or DEFAULT_BUDGET, targets, row_stats=impls.get("row_stats"),
                      defer_diagonal=rows is None and contract is None, ff_gemm_dtype=ff_gemm_dtype)
+    prep.peers = peer_implementation(impls["attention_maps"])  # who computes the peers' measures
 
     # attention-side maps (an FF run with full maps also computes every scope, for the component analysis)
     scope_methods = STRUCTURES[structure].scopes if need_ff and full else ()
@@ -603,8 +604,9 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
     result = LayerAttribution(methods=methods, maps={m: maps[m] for m in methods}, ratios={}, value_norms=value_norms,
                               bias_norms={}, completeness={}, model_error=prep.model_error, rows=rows,
                               contracted=contract is not None, head_maps=head_maps, context_change=context_change,
-                              ff_amp=amp, backends={p: impl.name for p, impl in impls.items()
-                                                    if p != "row_stats" or prep.attn.row_stats_ran})
+                              ff_amp=amp, backends={**{p: impl.name for p, impl in impls.items()
+                                                       if p != "row_stats" or prep.attn.row_stats_ran},
+                                                    **({"peers": prep.peers.name} if peer else {})})
     mean_self = prep.alpha_diag.mean(1)
     for m in methods:
         f = form(m, structure)
@@ -630,7 +632,7 @@ def attribute(layer: Layer, methods=None, rows=None, heads: bool = False, contra
 
         # TF32 keeps float16's 10-bit mantissa: its products are held to float16's tolerance
         ff_dtype = torch.float16 if ff_gemm_dtype == "tf32" else ff_gemm_dtype
-        checked = {**impls, "peers": PeerImplementation()} if peer else impls  # who computed the peers' measures
+        checked = {**impls, "peers": prep.peers} if peer else impls  # who computed the peers' measures
         result.spot_check = spot_check(layer, result, checked, rerun, k=verify, seed=verify_seed, contract=contract,
                                        normalize_rows=normalize_rows, ig=ig, ig_steps=ig_steps, ff_dtype=ff_dtype)
     return result

@@ -12,6 +12,7 @@ released code, cited beside each function; docs/methods.md says the cost per pai
                 rows normalised to sum 1
     flow_attn   the attention edges of the information-flow graph (Ferrando & Voita 2024; kobattr/flow.py)
     *_rollout   R^1 = C^1, R^l = C^l R^(l-1) through the analysed layers (analyze(); one layer: its map)
+    alti_plus   ALTI+ of an encoder-decoder model (alti_plus_rollout; the per-layer maps: kobattr.seq2seq)
 """
 
 from __future__ import annotations
@@ -30,9 +31,29 @@ _L2 = {"alti": False, "alti_l2": True}
 
 
 class PeerImplementation:
-    """What result.backends names for the peers' measures (plain torch, CPU or CUDA)."""
+    """What result.backends names for the peers' measures (plain torch, CPU or CUDA); ``l1`` None: ALTI's L1
+    proximities from torch tiles."""
 
     name = "torch"
+    l1 = None
+
+
+class TritonPeers(PeerImplementation):
+    """The peers' measures with ALTI's L1 proximities from kernels/alti_pairs.py (the rest as torch)."""
+
+    name = "triton"
+
+    @staticmethod
+    def l1(kappa, rows, scale, y, norm, vis):
+        from .kernels.alti_pairs import alti_l1
+
+        return alti_l1(kappa, rows, scale, y, norm, vis)
+
+
+def peer_implementation(attention) -> PeerImplementation:
+    """The peers follow the implementation dispatch chose for the layer's attention maps: the triton backend (CUDA
+    tensors, or TRITON_INTERPRET=1; its refusals are dispatch's) brings the Triton L1 kernel, any other torch."""
+    return TritonPeers() if getattr(attention, "name", None) == "triton" else PeerImplementation()
 
 
 def peer_methods(methods, structure: str) -> tuple:
@@ -167,11 +188,25 @@ def alti_maps(prep, f: Form, rows: Tensor, l2: list, budget: int) -> tuple[list,
     cached = _key_rows(prep, f, slice(0, N)) if cache_rows else None
     outs = [torch.zeros(B, len(rows), N, dtype=torch.float64, device=L.x.device) for _ in l2]  # normalised in float64
     parts_sum = torch.zeros(B, len(rows), D, dtype=prep.dtype, device=L.x.device)
+    kernel = getattr(getattr(prep, "peers", None), "l1", None)  # the Triton L1 proximities, where dispatch chose it
+    if kernel is not None and cached is None:
+        cached = _key_rows(prep, f, slice(0, N))  # the kernel reads every key's rows
     for r0, r1 in _query_blocks(len(rows), N, B, H, budget):
         q_rows = rows[r0:r1]
         alpha, vis = block_alpha(prep.attn, q_rows, prep.dtype)  # (B, H, R, N)
         y_rows = y[:, q_rows]  # (B, R, D)
         norm_y = [y_rows.double().norm(p=2 if p2 else 1, dim=-1) for p2 in l2]
+        torch_tiles = [k for k, p2 in enumerate(l2) if p2 or kernel is None]
+        if kernel is not None:
+            cols = torch.arange(N, device=L.x.device)
+            kappa = torch.cat([alpha, kappa_diag_mask(q_rows, cols, vis).to(prep.dtype)[:, None]], 1)  # (B, H+1, R, N)
+            s_rows = scale[:, q_rows]
+            parts_sum[:, r0:r1] = torch.einsum("bkrn,bnkd->brd", kappa, cached) * s_rows[..., None]
+            for k, p2 in enumerate(l2):
+                if not p2:
+                    outs[k][:, r0:r1] = kernel(kappa, cached, s_rows, y_rows, norm_y[k], vis)
+            if not torch_tiles:
+                continue
         step = _key_step(N, B, r1 - r0, D, budget)
         for c0 in range(0, N, step):
             keys = slice(c0, min(c0 + step, N))
@@ -181,12 +216,12 @@ def alti_maps(prep, f: Form, rows: Tensor, l2: list, budget: int) -> tuple[list,
                                kappa_diag_mask(q_rows, cols, vis[..., keys]).to(prep.dtype).transpose(1, 2)[:, :, :, None]],
                               -1)  # (B, C, R, H+1)
             tile = (kappa @ key_rows).transpose(1, 2) * scale[:, q_rows, None, None]  # T_i(x_j) (B, R, C, D)
-            parts_sum[:, r0:r1] += tile.sum(2)
+            if kernel is None:
+                parts_sum[:, r0:r1] += tile.sum(2)
             diff = y_rows[:, :, None] - tile
-            for out, p2, ny in zip(outs, l2, norm_y):  # summed over D in float64 (the sums cancel in c)
-                dist = diff.pow(2).sum(-1, dtype=torch.float64).sqrt() if p2 else diff.abs().sum(-1, dtype=torch.float64)
-                c = (ny[..., None] - dist).clamp_min(0) * vis[..., keys]
-                out[:, r0:r1, keys] = c
+            for k in torch_tiles:  # summed over D in float64 (the sums cancel in c)
+                dist = diff.pow(2).sum(-1, dtype=torch.float64).sqrt() if l2[k] else diff.abs().sum(-1, dtype=torch.float64)
+                outs[k][:, r0:r1, keys] = (norm_y[k][..., None] - dist).clamp_min(0) * vis[..., keys]
     valid = L.valid[:, rows]
     err = (parts_sum + bias[:, rows] - y[:, rows]).norm(dim=-1) / y[:, rows].norm(dim=-1).clamp_min(1e-30)
     return [row_normalize(o).to(prep.dtype) for o in outs], bias.norm(dim=-1) * L.valid, torch.where(valid, err, 0.0)
@@ -361,3 +396,27 @@ def apply_rollouts(result) -> None:
         idx = torch.arange(n)
         ratio = torch.stack([peer_ratio(layer, idx) for layer in rolled])
         result.ratios[m] = ratio + torch.where(result.attention_mask, 0.0, float("nan")).to(ratio.dtype)
+
+
+def alti_plus_rollout(encoder: Tensor, self_maps: Tensor, cross_maps: Tensor) -> Tensor:
+    """ALTI+ (Ferrando et al. 2022b): (L, B, T, T + S) the decoder's ALTI rolled out through its L layers, the source
+    columns through the encoder's, target columns first (kobattr's whole-decoder-layer order: column k < T target
+    token k, column T + j source token j), in float64, returned in the maps' dtype.
+
+    encoder (B, S, S): the encoder's alti_rollout after its last layer; self_maps (L, B, T, T): each decoder layer's
+    self-attention alti; cross_maps (L, B, T, S + 1): its cross_alti (column S: the residual p_i). Per layer the joint
+    map is J_tgt = C_self scaled per row by C_cross[:, S] (what reaches the cross block's residual) and
+    J_src = C_cross[:, :S] R_enc; R^1 = [J_tgt^1, J_src^1], R^l = [J_tgt^l R_tgt^(l-1), J_tgt^l R_src^(l-1) + J_src^l]
+    with rows renormalised, as mt-upc/transformer-contributions-nmt@0af8538 wrappers/transformer_wrapper.py
+    get_contribution_rollout (its columns are [source; target])."""
+    T, S = self_maps.shape[-1], encoder.shape[-1]
+    out = torch.empty(*self_maps.shape[:-1], T + S, dtype=self_maps.dtype, device=self_maps.device)
+    enc = encoder.double()
+    acc = None
+    for li, (c_self, c_cross) in enumerate(zip(self_maps.double(), cross_maps.double())):
+        tgt = c_self * c_cross[..., S:]  # (B, T, T)
+        src = c_cross[..., :S] @ enc  # (B, T, S)
+        acc = (torch.cat([tgt, src], -1) if acc is None else
+               row_normalize(torch.cat([tgt @ acc[..., :T], tgt @ acc[..., T:] + src], -1)))
+        out[li] = acc.to(out.dtype)
+    return out

@@ -269,3 +269,69 @@ def peer_map(L: Layer, spec_form: Form, vector_form, a: Tensor, y: Tensor, x_row
         token[:, torch.arange(R), rows] += res  # the residual edge joins the attention edge (i, i)
         return token / (prox.sum((2, 3)) + res)[..., None] * L.valid[:, rows, None]
     raise ValueError(f"no reference for the peers' measure {measure!r}.")
+
+
+def cross_alti_reference(cross, placement: str, dtype: torch.dtype = torch.float64, rows: Optional[Tensor] = None,
+                         attention_output: Optional[Tensor] = None) -> dict:
+    """ALTI of a decoder's cross block with its residual (ALTI+, spec section 10), materialised for the target rows
+    ``rows`` (R; None: all T): the (B, R, S + 1, D) parts T_i(e_j) = g_i(c_ij) (source j) and T_i(p) = g_i(p_i)
+    (column S), g_i = LN_c with row i's statistic post-LN and nothing pre-LN, each compared in L1 with the block's
+    output (post: LN_c(y_i); pre: y_i). ``attention_output`` (B, R, D) stands for sum_j c_ij in y_i, as in
+    kobattr.seq2seq.cross_reference.
+
+    Returns {"map": (B, R, S + 1) rows normalised to sum 1, "parts": (B, R, S + 1, D), "bias": (B, R, D) (post: g_i(b_Oc)
+    + beta; pre: b_Oc), "total": parts summed plus bias (B, R, D), "real": the block output (B, R, D)}."""
+    if placement not in ("post", "pre"):
+        raise LayerInputError(f"a decoder layer's placement is 'post' or 'pre', got {placement!r}.")
+    L = cross.validate().to(dtype)
+    B, H, T, _ = L.q.shape
+    S, D = L.source_len, L.d_model
+    rows = torch.arange(T, device=L.q.device) if rows is None else torch.as_tensor(rows, device=L.q.device).long()
+    if B * len(rows) * (S + 1) * D > MAX_PAIR_ELEMENTS:
+        raise LayerInputError(f"cross_alti_reference materialises (B, R, S + 1, D) = ({B}, {len(rows)}, {S + 1}, {D}) "
+                              "tensors, too large; use kobattr.seq2seq.attribute_cross.")
+    c = torch.einsum("bhrs,bshd->brsd", L.alpha(rows), L.value_vectors())  # c_ij
+    p = L.p[:, rows]
+    parts = torch.cat([c, p[:, :, None]], 2)  # the residual is one more part
+    b_o = L.out_bias
+    y = p + (c.sum(2) if attention_output is None else attention_output) + b_o
+    if placement == "post":
+        g = L.norm
+        inv_s = g.inv_std(y)
+        parts = g.split(parts) * inv_s[..., None, None]
+        bias, real = g.split(b_o) * inv_s[..., None] + g.bias_vector(D, y), g(y)
+    else:
+        bias, real = b_o.expand_as(y), y
+    visible = torch.cat([L.visible(rows), L.targets[:, rows, None]], -1)  # the residual column on every real row
+    distance = (real[:, :, None] - parts).abs().sum(-1)
+    contribution = (real.abs().sum(-1)[..., None] - distance).clamp_min(0) * visible
+    return dict(map=row_normalize(contribution), parts=parts, bias=bias, total=parts.sum(2) + bias, real=real)
+
+
+def alti_plus_reference(encoder_maps: Tensor, self_maps: Tensor, cross_maps: Tensor) -> Tensor:
+    """ALTI+ written as its authors' loop (spec section 10), one pair at a time: the encoder's per-layer ALTI maps
+    (Le, B, S, S) rolled out (R = C^Le ... C^1), each decoder layer's joint map over [source; target prefix]
+    ([C_cross[:, :S] R, C_self * C_cross[:, S]]) and the decoder rollout of those rows, every row renormalised after
+    the first layer. Returns (L, B, T, T + S) in kobattr's column order, target columns first."""
+    L, B, T, _ = self_maps.shape
+    S = encoder_maps.shape[-1]
+    out = torch.zeros(L, B, T, T + S, dtype=torch.float64)
+    for b in range(B):
+        enc = encoder_maps[0, b].double()
+        for layer in encoder_maps[1:, b].double():
+            enc = layer @ enc
+        previous = None
+        for li in range(L):
+            cross, own = cross_maps[li, b].double(), self_maps[li, b].double()
+            joint = torch.cat([cross[:, :S] @ enc, own * cross[:, S:]], -1)  # [source; target], as the authors'
+            if previous is not None:
+                rolled = torch.zeros_like(joint)
+                for i in range(T):
+                    for k in range(T):  # target token k passes on what its previous-layer row held
+                        rolled[i] += joint[i, S + k] * previous[k]
+                    rolled[i, :S] += joint[i, :S]
+                total = rolled.sum(-1, keepdim=True)
+                joint = torch.where(total > 0, rolled / torch.where(total > 0, total, 1.0), 0.0)
+            previous = joint
+            out[li, b] = torch.cat([joint[:, S:], joint[:, :S]], -1)
+    return out

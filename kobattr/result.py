@@ -552,18 +552,21 @@ def _check_consistency(result, path: Path, saving: bool = False, part: str = "")
 # the shape letters of a decoder result beyond L, B and N (N = T, the target positions): S source tokens,
 # P = S + 1 (source columns and the preserved column), W = T + S (the whole decoder layer: target columns first)
 WHOLE_DECODER_LAYER = "decoder_layer"  # spec section 7, the whole decoder layer (kobattr/decoder_layer.py)
+ALTI_PLUS = "alti_plus"  # spec section 10, ALTI+ rolled out through the decoder and the encoder (kobattr.peers)
 
 
 def decoder_map_width(method: str) -> str:
     """The shape letter of the last dimension of a decoder method's map (T = N, S, S + 1 = P, T + S = W); "" for a
     name that is no decoder method."""
-    from .seq2seq import CROSS_METHODS, DECODER_SELF_METHODS
+    from .seq2seq import CROSS_ALTI, CROSS_METHODS, DECODER_SELF_METHODS
 
     if method in CROSS_METHODS:
         return "P" if CROSS_METHODS[method].residual else "S"
-    if method == WHOLE_DECODER_LAYER:
+    if method == CROSS_ALTI:
+        return "P"
+    if method in (WHOLE_DECODER_LAYER, ALTI_PLUS):
         return "W"
-    return "N" if any(method in names for names in DECODER_SELF_METHODS.values()) else ""
+    return "N" if method == "alti" or any(method in names for names in DECODER_SELF_METHODS.values()) else ""
 
 
 @dataclass
@@ -579,7 +582,9 @@ class Seq2SeqAttribution(Attribution):
     maps[m]          self-attention methods (attn_w, attnres_w, attn_n, attnres_n, attnresln_n):
                      (L, B, T, T); cross_attn_w and cross_attn_n: (L, B, T, S); cross_attnres_n and
                      cross_attnresln_n: (L, B, T, S + 1), the last column what the target position keeps (never an
-                     alignment candidate); decoder_layer (the whole layer): (L, B, T, T + S), target columns first
+                     alignment candidate); decoder_layer (the whole layer): (L, B, T, T + S), target columns first;
+                     the peers' ALTI: alti (L, B, T, T), cross_alti (L, B, T, S + 1), last column the residual, and
+                     alti_plus (L, B, T, T + S), ALTI+ rolled out to decoder layer l, target columns first
     head_maps[m]     heads=True: (L, B, H, T, T) for attn_w / attn_n, (L, B, H, T, S) for cross_attn_w / cross_attn_n
     ratios[m]        (L, B, T) for the self-attention methods, the cross-block mixing ratio
                      ||sum_j c_ij|| / (||sum_j c_ij|| + ||p_i||) for cross_attnres_n / cross_attnresln_n (with the

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from .core import _relative_error
 from .layer import NORM_KINDS, AttentionShapes, FeedForward, Layer, LayerInputError, Norm, all_finite
-from .methods import vector_ratio
+from .methods import row_normalize, vector_ratio
 
 DEFAULT_BUDGET = 1 << 23  # elements per intermediate, as the torch backend's
 
@@ -77,19 +77,27 @@ DECODER_SELF_METHODS = {
     "pre": ("attn_w", "attnres_w", "attn_n", "attnres_n", "attnresln_n"),
 }
 PLACEMENTS = tuple(DECODER_SELF_METHODS)
+# ALTI+ (Ferrando et al. 2022b, spec section 10): ALTI of the self-attention block (kobattr.attribute on self_attn) and
+# of the cross block with its residual p_i as one more part (cross_alti, a (T, S + 1) map); asked for by name or "all"
+CROSS_ALTI = "cross_alti"
+DECODER_PEERS = ("alti", CROSS_ALTI)
 
 
 def decoder_methods(placement: str) -> tuple[str, ...]:
-    """Every method a decoder layer of this placement offers: its self-attention methods, then the cross maps."""
+    """Every method a decoder layer of this placement offers: its self-attention methods, the cross maps, then the
+    peers' ALTI of both blocks."""
     if placement not in DECODER_SELF_METHODS:
         raise LayerInputError(f"a decoder layer's placement is one of {PLACEMENTS}, got {placement!r}.")
-    return DECODER_SELF_METHODS[placement] + tuple(CROSS_METHODS)
+    return DECODER_SELF_METHODS[placement] + tuple(CROSS_METHODS) + DECODER_PEERS
 
 
 def check_decoder_methods(methods, placement: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(self-attention methods, cross methods) of a request (None: every default, "all", a name or names)."""
+    """(self-attention methods, cross methods) of a request (None: the defaults, every method but the peers';
+    "all"; a name or names); alti joins the self-attention methods, cross_alti the cross ones."""
     available = decoder_methods(placement)
-    if methods is None or (isinstance(methods, str) and methods.strip().lower() == "all"):
+    if methods is None:
+        names = tuple(m for m in available if m not in DECODER_PEERS)
+    elif isinstance(methods, str) and methods.strip().lower() == "all":
         names = available
     else:
         if isinstance(methods, str):
@@ -103,7 +111,8 @@ def check_decoder_methods(methods, placement: str) -> tuple[tuple[str, ...], tup
             if m not in available:
                 raise ValueError(f"unknown method {m!r} for a {placement}-LN decoder layer; choose from "
                                  f"{', '.join(available)} or 'all'.")
-    return tuple(m for m in names if m not in CROSS_METHODS), tuple(m for m in names if m in CROSS_METHODS)
+    cross = tuple(m for m in names if m in CROSS_METHODS or m == CROSS_ALTI)
+    return tuple(m for m in names if m not in cross), cross
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -356,15 +365,17 @@ def _same_norm(a: Norm, b: Norm) -> bool:
 class CrossAttribution:
     """The cross maps of one decoder layer (B batch, T target rows, S source columns, H heads).
 
-    maps[m]          (B, T, S), or (B, T, S + 1) for cross_attnres_n / cross_attnresln_n (last column: p_i)
+    maps[m]          (B, T, S), or (B, T, S + 1) for cross_attnres_n / cross_attnresln_n / cross_alti (last column: p_i)
     head_maps[m]     (B, H, T, S) per head for cross_attn_w (alpha) and cross_attn_n (alpha ||f_c^h(e_j)||), heads=True
-    ratios[m]        (B, T) cross-block mixing ratio for cross_attnres_n / cross_attnresln_n (NaN on padding rows)
+    ratios[m]        (B, T) cross-block mixing ratio for cross_attnres_n / cross_attnresln_n; for cross_alti the
+                     sources' share 1 - C_i,S (NaN on padding rows)
     value_norms      (B, H, S) ||f_c^h(e_j)|| (0 on source padding)
     bias_norms[m]    (B, T) norm of what goes to no token (b_Oc; through g: g_i(b_Oc) + beta)
     completeness[m]  (B, T) ||sum of the parts + bias - real state|| / ||real state|| (y for cross_attnres_n, g(y) for
                      cross_attnresln_n; real: the ``targets`` given, else the block's own forward)
     model_error      (B, T) relative error of the block's y and g(y) from the captured tensors vs the targets
     spot_check[m]    (B,) largest relative error of the sampled rows vs cross_reference (verify > 0)
+    placement        the decoder's placement ("post" / "pre"), which cross_alti depends on; None without cross_alti
     """
 
     methods: tuple
@@ -376,6 +387,7 @@ class CrossAttribution:
     model_error: Tensor
     head_maps: dict = field(default_factory=dict)
     spot_check: dict = field(default_factory=dict)
+    placement: Optional[str] = None
 
 
 @dataclass
@@ -408,30 +420,92 @@ class DecoderAttribution:
 
 
 # ----------------------------------------------------------------------------- the cross maps
-def _check_cross_methods(methods) -> tuple[str, ...]:
+def _check_cross_methods(methods, placement: Optional[str] = None) -> tuple[str, ...]:
+    """The cross methods of a request (None or "all": every Kobayashi cross map, and cross_alti where the placement
+    is known); cross_alti needs the placement (which state it decomposes)."""
+    if placement is not None and placement not in PLACEMENTS:
+        raise LayerInputError(f"a decoder layer's placement is one of {PLACEMENTS}, got {placement!r}.")
     if methods is None or (isinstance(methods, str) and methods.strip().lower() == "all"):
-        return tuple(CROSS_METHODS)
+        return tuple(CROSS_METHODS) + ((CROSS_ALTI,) if placement is not None else ())
     names = (methods,) if isinstance(methods, str) else methods
     if not isinstance(names, (list, tuple)) or any(not isinstance(m, str) for m in names):
         raise ValueError(f"methods must be a cross method name, a list of them or 'all', got {methods!r}.")
     names = tuple(dict.fromkeys(m.strip().lower().replace("-", "_") for m in names))
-    unknown = [m for m in names if m not in CROSS_METHODS]
+    unknown = [m for m in names if m not in CROSS_METHODS and m != CROSS_ALTI]
     if unknown or not names:
-        raise ValueError(f"unknown cross method {unknown[0] if unknown else None!r}; choose from {', '.join(CROSS_METHODS)} or 'all'.")
+        raise ValueError(f"unknown cross method {unknown[0] if unknown else None!r}; choose from "
+                         f"{', '.join(CROSS_METHODS + (CROSS_ALTI,))} or 'all'.")
+    if CROSS_ALTI in names and placement is None:
+        raise LayerInputError("cross_alti decomposes y_i (pre-LN) or LN_c(y_i) (post-LN); pass placement='post' or 'pre'.")
     return names
 
 
+def cross_alti_map(cross: CrossAttention, post: bool, norm: Norm, inv_s: Optional[Tensor], real: Tensor, dtype,
+                   budget: int = DEFAULT_BUDGET) -> tuple[Tensor, Tensor, Tensor]:
+    """ALTI of the cross block with its residual (ALTI+, Ferrando et al. 2022b): (map (B, T, S + 1), bias term
+    (B, T, D), sum of the parts (B, T, D)), never a (T, S, D) tensor.
+
+    The parts of row i are T_i(e_j) = g_i(c_ij) for each source j and T_i(p) = g_i(p_i), the residual, as column S;
+    g_i is LN_c split with row i's statistic in a post-LN decoder (``post``, inv_s = 1 / s(y_i)) and the identity in a
+    pre-LN one; ``real`` is the state they sum to with the bias term (post: LN_c(y_i), bias g_i(b_Oc) + beta; pre: y_i,
+    bias b_Oc). c_ij = max(0, ||y||_1 - ||y - T_i||_1) against real, rows normalised to sum 1 over the S + 1 parts.
+    As mt-upc/transformer-contributions-nmt@0af8538 wrappers/transformer_wrapper.py __get_contributions_module (the
+    residual concatenated as one more value vector in the encoder attention; pre-LN raw parts against
+    x + attention, post-LN the parts through the LN's centring and gamma over its std) and normalize_contrib
+    'min_sum'. One difference: their std is torch's Bessel-corrected one of (y + eps), kobattr's the model's own
+    LN statistic, so its parts sum to the model's LN_c output (theirs miss it by about 1 / (2 D) relative)."""
+    B, H, T, _ = cross.q.shape
+    S, D = cross.source_len, cross.d_model
+    device = cross.q.device
+    vis = cross.visible()  # (B, T, S)
+    valid_t = cross.targets
+
+    real = real.to(dtype)
+    out = torch.zeros(B, T, S + 1, dtype=torch.float64, device=device)  # normalised in float64
+    p = cross.p.to(dtype)
+    parts = norm.split(p) * inv_s[..., None] if post else p.clone()  # the residual part, then the sum of every part
+    b_o = cross.out_bias.to(dtype)
+    bias = (norm.split(b_o) * inv_s[..., None] + norm.bias_vector(D, real)) if post else b_o.expand(B, T, D)
+    # f_c^h(e_j) of every source (norm split: g is linear per row up to its scale), kept when it fits the budget
+    cached = B * S * H * D <= 4 * budget
+    split = norm.split if post else (lambda f: f)
+    values = split(cross.value_vectors(slice(None), dtype)) if cached else None
+    size = max(1, min(T, budget // max(1, B * H * S)))
+    for start in range(0, T, size):
+        rows = torch.arange(start, min(start + size, T), device=device)
+        R = len(rows)
+        alpha = cross.alpha(rows, dtype)  # (B, H, R, S)
+        y_rows = real[:, rows]
+        norm_y = y_rows.abs().sum(-1, dtype=torch.float64)  # the L1 sums in float64: ||y|| - ||y - T|| cancels
+        # parts still holds the residual part alone for these rows (the tiles join it below)
+        kept = (norm_y - (y_rows - parts[:, rows]).abs().sum(-1, dtype=torch.float64)).clamp_min(0)
+        out[:, rows, S] = kept * valid_t[:, rows]
+        step = max(1, min(S, budget // max(1, 4 * B * R * D)))
+        for c0 in range(0, S, step):
+            keys = slice(c0, min(c0 + step, S))
+            f = values[:, keys] if cached else split(cross.value_vectors(keys, dtype))  # (B, C, H, D)
+            tile = (alpha[..., keys].permute(0, 3, 2, 1) @ f).transpose(1, 2)  # (B, R, C, D): g(c_ij) unscaled
+            if post:
+                tile = tile * inv_s[:, rows, None, None]
+            parts[:, rows] += tile.sum(2)
+            dist = (y_rows[:, :, None] - tile).abs().sum(-1, dtype=torch.float64)
+            out[:, rows, keys] = (norm_y[..., None] - dist).clamp_min(0) * vis[:, rows, keys]
+    return row_normalize(out).to(dtype), bias, parts
+
+
 def attribute_cross(cross: CrossAttention, methods=None, heads: bool = False, targets: Optional[dict] = None,
-                    verify: int = 2, verify_seed: int = 0, budget: int = DEFAULT_BUDGET) -> CrossAttribution:
+                    verify: int = 2, verify_seed: int = 0, budget: int = DEFAULT_BUDGET,
+                    placement: Optional[str] = None) -> CrossAttribution:
     """The cross maps of one decoder layer's cross-attention block, without any (T, S, D) tensor.
 
-    methods: names of CROSS_METHODS (None or "all": every one). heads: per-head maps of cross_attn_w / cross_attn_n.
+    methods: names of CROSS_METHODS or cross_alti (None or "all": every one; cross_alti only with ``placement``, the
+    decoder's "post" or "pre"). heads: per-head maps of cross_attn_w / cross_attn_n.
     targets: the model's real states {"y": (B, T, D) the input of g, "out": g(y)} that completeness is measured against
     (missing ones come from the block's plain forward). verify: target rows per batch element recomputed by
     cross_reference (0 disables); kobattr.VerificationError above the dtype's tolerance.
     """
     cross.validate()
-    methods = _check_cross_methods(methods)
+    methods = _check_cross_methods(methods, placement)
     if isinstance(verify, bool) or not isinstance(verify, int) or verify < 0:
         raise LayerInputError(f"verify must be a number of sampled rows >= 0 (0 disables the spot check), got {verify!r}.")
     dtype = torch.float64 if cross.q.dtype == torch.float64 else torch.float32
@@ -441,7 +515,8 @@ def attribute_cross(cross: CrossAttention, methods=None, heads: bool = False, ta
     valid_t, valid_s = cross.targets, cross.sources
     norm = replace(cross.norm, weight=None if cross.norm.weight is None else cross.norm.weight.to(dtype),
                    bias=None if cross.norm.bias is None else cross.norm.bias.to(dtype))
-    want_norm = any(CROSS_METHODS[m].norm for m in methods)
+    alti_post = CROSS_ALTI in methods and placement == "post"  # ALTI of the post-LN cross block goes through LN_c
+    want_norm = alti_post or any(CROSS_METHODS[m].norm for m in methods if m in CROSS_METHODS)
 
     # per source position: Gram matrices of f_c^h(e_j) and of its norm split, (B, S, H, H) each, in key blocks
     grams = [torch.zeros(B, S, H, H, dtype=dtype, device=device) for _ in range(2 if want_norm else 1)]
@@ -476,7 +551,7 @@ def attribute_cross(cross: CrossAttention, methods=None, heads: bool = False, ta
     g_all = torch.cat(grams, -1).reshape(B * S, H, M * H)  # per key one (H, M * H) matrix
     quads = torch.zeros(B, M, T, S, dtype=dtype, device=device)
     mean_alpha = torch.zeros(B, T, S, dtype=dtype, device=device) if "cross_attn_w" in methods else None
-    want_heads = heads and any(CROSS_METHODS[m].heads for m in methods)
+    want_heads = heads and any(CROSS_METHODS[m].heads for m in methods if m in CROSS_METHODS)
     alphas = torch.zeros(B, H, T, S, dtype=dtype, device=device) if want_heads else None
     size = max(1, min(T, budget // max(1, B * S * H * M)))
     for start in range(0, T, size):
@@ -507,6 +582,13 @@ def attribute_cross(cross: CrossAttention, methods=None, heads: bool = False, ta
     rowmask = valid_t.to(dtype)
     maps, ratios, bias_norms, completeness, head_maps = {}, {}, {}, {}, {}
     for m in methods:
+        if m == CROSS_ALTI:
+            real = real_out if alti_post else real_y
+            maps[m], bias, parts = cross_alti_map(cross, alti_post, norm, inv_s, real, dtype, budget)
+            ratios[m] = torch.where(maps[m].sum(-1) > 0, 1 - maps[m][..., -1], 0.0) + nan_pad
+            bias_norms[m] = bias.norm(dim=-1) * rowmask
+            completeness[m] = _relative_error(parts + bias, real, valid_t)
+            continue
         spec = CROSS_METHODS[m]
         if spec.kind == "weights":
             maps[m] = mean_alpha
@@ -529,7 +611,8 @@ def attribute_cross(cross: CrossAttention, methods=None, heads: bool = False, ta
                 head_maps[m] = alphas * value_norms[:, :, None, :]
         bias_norms[m] = bias.norm(dim=-1) * rowmask
     result = CrossAttribution(methods=methods, maps=maps, ratios=ratios, value_norms=value_norms, bias_norms=bias_norms,
-                              completeness=completeness, model_error=model_error, head_maps=head_maps)
+                              completeness=completeness, model_error=model_error, head_maps=head_maps,
+                              placement=placement if CROSS_ALTI in methods else None)
     if verify:
         result.spot_check = _spot_check(cross, result, verify, verify_seed)
     return result
@@ -555,7 +638,8 @@ def _spot_check(cross: CrossAttention, result: CrossAttribution, k: int, seed: i
             verify_head_outputs(one.head_outputs[:, :, rows], one.scores(rows), one.v, cross.q.dtype,
                                 f"batch element {b}, sampled target rows {rows.tolist()} of the cross-attention")
             attention_output = torch.einsum("bhrd,hde->bre", one.head_outputs[:, :, rows], one.w_o)
-        ref = cross_reference(one, result.methods, dtype=reference_dtype, rows=rows, attention_output=attention_output)
+        ref = cross_reference(one, result.methods, dtype=reference_dtype, rows=rows, attention_output=attention_output,
+                              placement=result.placement)
         for m in result.methods:
             err = row_errors(result.maps[m][b, rows], ref["maps"][m][0].to(cross.q.device)).max()
             if m in result.head_maps:
@@ -573,8 +657,10 @@ def _spot_check(cross: CrossAttention, result: CrossAttribution, k: int, seed: i
 
 
 def cross_reference(cross: CrossAttention, methods=None, dtype: torch.dtype = torch.float64,
-                    rows: Optional[Tensor] = None, attention_output: Optional[Tensor] = None) -> dict:
+                    rows: Optional[Tensor] = None, attention_output: Optional[Tensor] = None,
+                    placement: Optional[str] = None) -> dict:
     """The cross maps, materialised: builds the (B, R, S, D) pair vectors c_ij explicitly (small inputs only).
+    cross_alti (with ``placement``) comes from kobattr.reference.cross_alti_reference.
     ``attention_output`` (B, R, D): sum_h o^h_i W_O^h of the rows from the model's own head outputs (b_Oc excluded),
     which y_i (g's statistic) then reads instead of sum_j c_ij, as attribute_cross does (its spot checks).
 
@@ -586,7 +672,7 @@ def cross_reference(cross: CrossAttention, methods=None, dtype: torch.dtype = to
       total[m]      (B, R, D) the sum of row i's parts plus its bias: y_i, or g(y_i) for cross_attnresln_n
       alpha         (B, H, R, S); value_norms (B, H, S); y, out (B, R, D) the block's y and g(y)
     """
-    methods = _check_cross_methods(methods)
+    methods = _check_cross_methods(methods, placement)
     L = cross.validate().to(dtype)
     B, H, T, Dh = L.q.shape
     S, D = L.source_len, L.d_model
@@ -611,6 +697,13 @@ def cross_reference(cross: CrossAttention, methods=None, dtype: torch.dtype = to
     value_norms = f.norm(dim=-1).transpose(1, 2) * L.sources[:, None].to(dtype)  # (B, H, S)
     out = dict(maps={}, head_maps={}, ratios={}, bias={}, total={}, alpha=alpha, value_norms=value_norms, y=y, out=g(y))
     for m in methods:
+        if m == CROSS_ALTI:
+            from .reference import cross_alti_reference
+
+            alti = cross_alti_reference(L, placement, dtype, rows, attention_output)
+            out["maps"][m], out["total"][m] = alti["map"], alti["total"] * rowmask
+            out["bias"][m] = alti["bias"] * rowmask
+            continue
         spec = CROSS_METHODS[m]
         if spec.kind == "weights":
             out["maps"][m] = alpha.mean(1)
@@ -647,5 +740,5 @@ def attribute_decoder(layer: DecoderLayer, methods=None, heads: bool = False, ba
     if cross_methods:
         targets = {key: states[name] for key, name in (("y", "cross_y"), ("out", "cross_g")) if name in states}
         cross_result = attribute_cross(layer.cross, cross_methods, heads=heads, targets=targets or None, verify=verify,
-                                       verify_seed=verify_seed, budget=budget)
+                                       verify_seed=verify_seed, budget=budget, placement=layer.placement)
     return DecoderAttribution(methods=self_methods + cross_methods, self_attn=self_result, cross=cross_result)

@@ -60,11 +60,12 @@ def test_backends_record_what_ran_per_primitive(kind):
     layer = random_layer(kind, N=6, dtype=torch.float32)
     res = attribute(layer, methods="all", backend="auto")
     expected_attention = "cpu" if AVAILABLE["cpu"] is None else "torch"
-    assert res.backends == {"attention_maps": expected_attention, "ff_maps": "torch"}
+    # the peers' measures follow the attention maps' implementation (the Triton L1 kernel only with triton's)
+    assert res.backends == {"attention_maps": expected_attention, "ff_maps": "torch", "peers": "torch"}
     only_attention = attribute(layer, methods=["attn_n"], backend="torch")
     assert only_attention.backends == {"attention_maps": "torch"}
     mixed = attribute(layer, methods="all", backend={"attention_maps": "torch", "ff_maps": "torch"})
-    assert mixed.backends == {"attention_maps": "torch", "ff_maps": "torch"}
+    assert mixed.backends == {"attention_maps": "torch", "ff_maps": "torch", "peers": "torch"}
 
 
 def test_float64_never_silently_goes_through_a_float32_kernel():
@@ -108,7 +109,7 @@ def test_a_name_applies_to_the_primitives_it_implements():
         pytest.skip(AVAILABLE["cpu"])
     layer = random_layer("gpt2", N=6, dtype=torch.float32)
     res = attribute(layer, methods="all", backend="cpu")
-    assert res.backends == {"attention_maps": "cpu", "ff_maps": "torch"}
+    assert res.backends == {"attention_maps": "cpu", "ff_maps": "torch", "peers": "torch"}
     assert isinstance(select("cpu", "ff_maps", _attention(layer)), TorchBackend)
     assert form("atblnff", "pre").primitive == "ff_maps"
 

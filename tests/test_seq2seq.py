@@ -17,6 +17,7 @@ from kobattr.models import (CaptureError, UnsupportedModelError, capture_decoder
 from kobattr.models.recording import _AttentionCall
 from kobattr.models.seq2seq import _check_cross_mask
 from kobattr.reference import reference
+from kobattr.result import decoder_map_width
 from kobattr.seq2seq import (CROSS_METHODS, DECODER_SELF_METHODS, attribute_cross, attribute_decoder,
                              check_decoder_methods, cross_reference)
 
@@ -281,7 +282,8 @@ def test_cross_maps_equal_the_reference_and_are_complete(family, dtype):
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     for index, layer in decoder_layers(model, inputs).items():
         res = attribute_decoder(layer, methods="all", heads=True, backend="torch")
-        assert res.methods == DECODER_SELF_METHODS[placement] + tuple(CROSS_METHODS)
+        # "all" brings the peers' ALTI of both blocks too (tests/test_alti_plus.py)
+        assert res.methods == DECODER_SELF_METHODS[placement] + ("alti",) + tuple(CROSS_METHODS) + ("cross_alti",)
         assert res.cross.spot_check and all(e.max() <= (1e-9 if dtype == torch.float64 else 1e-4)
                                             for e in res.cross.spot_check.values())
         ref = cross_reference(layer.cross, "all")
@@ -354,9 +356,10 @@ def test_padded_pairs_equal_each_pair_alone(family):
             alone, joint = attribute_decoder(layer, "all", backend="torch"), together[index]
             for m, single in alone.maps.items():
                 batched = joint.maps[m][b]
-                if m in CROSS_METHODS:
-                    cols = list(range(s)) + ([batched.shape[-1] - 1] if CROSS_METHODS[m].residual else [])
-                    padding_cols = batched[:, s:batched.shape[-1] - CROSS_METHODS[m].residual]
+                if decoder_map_width(m) in ("S", "P"):  # a cross map (P: with the residual column last)
+                    residual = decoder_map_width(m) == "P"
+                    cols = list(range(s)) + ([batched.shape[-1] - 1] if residual else [])
+                    padding_cols = batched[:, s:batched.shape[-1] - residual]
                 else:
                     cols, padding_cols = list(range(t)), batched[:, t:]
                 torch.testing.assert_close(batched[:t, cols], single[0], rtol=1e-4, atol=1e-5, msg=f"{family} {index} {m}")

@@ -16,7 +16,7 @@ from kobattr.alignment import read_pharaoh
 from kobattr.cli import MANIFEST
 from kobattr.cli import main as cli_main
 from kobattr.layer import LayerInputError
-from kobattr.result import Attribution, AttributionFileError, Seq2SeqAttribution
+from kobattr.result import Attribution, AttributionFileError, Seq2SeqAttribution, decoder_map_width
 from kobattr.seq2seq import CROSS_METHODS, DECODER_SELF_METHODS, attribute_decoder, cross_reference
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -66,7 +66,8 @@ def test_analyze_with_targets_equals_the_decoder_layers_and_the_encoder_alone(fa
                           backend="torch")
     placement = "post" if family in ("marian", "bart") else "pre"
     assert isinstance(res, Seq2SeqAttribution) and res.structure == placement and res.layers == (0, 1)
-    assert res.methods == DECODER_SELF_METHODS[placement] + tuple(CROSS_METHODS)
+    # "all" brings the peers' ALTI of both blocks too (tests/test_alti_plus.py)
+    assert res.methods == DECODER_SELF_METHODS[placement] + ("alti",) + tuple(CROSS_METHODS) + ("cross_alti",)
 
     # tokenisation: source and labels as the tokenizer gives them, right padding with the pad id, decoder inputs the
     # labels shifted right behind decoder_start_token_id (built here by hand, not by the model's shift)
@@ -85,15 +86,16 @@ def test_analyze_with_targets_equals_the_decoder_layers_and_the_encoder_alone(fa
 
     # shapes of every map
     for m in res.methods:
-        width = S + CROSS_METHODS[m].residual if m in CROSS_METHODS else T
+        width = {"N": T, "S": S, "P": S + 1}[decoder_map_width(m)]
         assert res.maps[m].shape == (2, B, T, width), m
     assert set(res.head_maps) == {"attn_w", "attn_n", "cross_attn_w", "cross_attn_n"}
     assert res.head_maps["attn_n"].shape == (2, B, 4, T, T) and res.head_maps["cross_attn_w"].shape == (2, B, 4, T, S)
-    assert set(res.ratios) == set(DECODER_SELF_METHODS[placement]) | {"cross_attnres_n", "cross_attnresln_n"}
+    assert set(res.ratios) == set(DECODER_SELF_METHODS[placement]) | {"cross_attnres_n", "cross_attnresln_n", "alti",
+                                                                      "cross_alti"}
     assert all(r.shape == (2, B, T) for r in res.ratios.values())
     assert res.value_norms.shape == (2, B, 4, T) and res.cross_value_norms.shape == (2, B, 4, S)
     assert res.model_error.shape == (2, B) and res.model_error.max() < 1e-5
-    assert set(res.completeness) == {"cross_attnres_n", "cross_attnresln_n"}
+    assert set(res.completeness) == {"cross_attnres_n", "cross_attnresln_n", "alti", "cross_alti"}
     assert all(c.max() < 1e-5 for c in res.completeness.values())
     assert set(res.spot_check) == set(res.methods) and all(e.shape == (2, B) for e in res.spot_check.values())
     assert len(res.backends) == 2 and all(b["attention_maps"] == b["cross_maps"] == "torch" for b in res.backends)

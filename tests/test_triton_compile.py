@@ -93,6 +93,10 @@ EXPERIMENT_JOBS = [
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
+# ALTI's L1 kernel (kernels/alti_pairs.py): fp32 inputs whatever the model dtype; the widths give BLOCK_D 32 and 64
+ALTI_WIDTHS = (32, 384)
+
+
 def jobs():
     """id -> (module, kernel, dtype, capability, variant) of every compile."""
     out = {}
@@ -106,6 +110,8 @@ def jobs():
         out[f"prologue-{i}"] = ("ff_pairs", "_ff_prologue_kernel", capability, dtype, variant)
     for i, (capability, dtype, variant) in enumerate(EPILOGUE_JOBS):
         out[f"epilogue-{i}"] = ("ff_pairs", "_ff_epilogue_kernel", capability, dtype, variant)
+    for i, (capability, d) in enumerate(itertools.product(CAPABILITIES, ALTI_WIDTHS)):
+        out[f"alti-{i}"] = ("alti_pairs", "_alti_l1_kernel", capability, "fp32", (13, d))
     for i, (kernel, capability, dtype, variant) in enumerate(EXPERIMENT_JOBS):
         out[f"experiment-{i}"] = ("pair_experiments", kernel, capability, dtype, variant)
     return out
@@ -145,6 +151,12 @@ def launch_settings(kernel, dtype, variant):
         options = dict(num_warps=tile.pop("num_warps"), num_stages=tile.pop("num_stages"))
         return (dict(H=H, HP1=kr.pow2(H + 1), N_SCOPES=n_scopes, CENTER=center, WEIGHTED=weighted,
                      DOT_PRECISION=precision, **tile), options, dict(ff_ptr="*fp32", res_ptr="*fp32", slot_ptr="*i32"))
+    if kernel == "_alti_l1_kernel":
+        from kobattr.kernels import alti_pairs as al
+        K, d = variant
+        tile = al.alti_settings(d)
+        options = dict(num_warps=tile.pop("num_warps"))
+        return dict(K=K, **tile), options, dict(norm_ptr="*fp64", out_ptr="*fp64", vis_ptr="*i8")
     if kernel == "_row_lse_kernel":
         H, group, dh, has_rows, causal, windowed, symmetric, softcap = variant
         tile = kr.lse_settings(dh, ROWS_SELECTED if has_rows else N_LONG)

@@ -519,3 +519,44 @@ def test_unavailable_without_device_or_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "CUDA" in TritonBackend.unavailable_reason()
+
+
+# ----------------------------------------------------------------------------- ALTI's L1 proximities
+@pytest.mark.parametrize("B,K,R,N,D", [(2, 4, 19, 37, 40), (1, 13, 1, 7, 384), (1, 2, 33, 65, 8)])
+def test_alti_l1_kernel_equals_the_float64_distances(B, K, R, N, D):
+    """kernels/alti_pairs.py against the L1 proximities computed in float64 from the same inputs: partial tiles
+    in every dimension, D one chunk, several and partial (384 = 6 x 64), invisible pairs 0."""
+    from kobattr.kernels import alti_pairs
+
+    g = torch.Generator().manual_seed(B * K + R + N + D)
+    kappa = torch.rand(B, K, R, N, generator=g)
+    rows = torch.randn(B, N, K, D, generator=g)
+    scale = torch.rand(B, R, generator=g) + 0.5
+    y = torch.randn(B, R, D, generator=g) + (kappa.sum(1) @ rows.sum(2) / K) * scale[..., None]  # y near the parts
+    vis = torch.rand(B, R, N, generator=g) > 0.2
+    norm = y.double().abs().sum(-1)
+    got = alti_pairs.alti_l1(kappa, rows, scale, y, norm, vis)
+    parts = torch.einsum("bkrn,bnkd->brnd", kappa.double(), rows.double()) * scale.double()[..., None, None]
+    expected = (norm[..., None] - (y.double()[:, :, None] - parts).abs().sum(-1)).clamp_min(0) * vis
+    assert got.dtype == torch.float64 and (got[~vis] == 0).all() and (expected > 0).any()
+    assert (got - expected).abs().max() <= 1e-5 * norm.max()
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_alti_through_the_triton_backend_equals_the_reference(kind):
+    """attribute(backend="triton") computes ALTI's L1 proximities with the kernel (result.backends says so), the
+    L2 variant with torch tiles, both against the float64 reference, padding and causal masks included."""
+    from random_layers import random_layer
+
+    from kobattr.core import attribute
+    from kobattr.reference import reference
+
+    layer = random_layer(kind, N=11, B=2, pad=3).to(torch.float32)
+    res = attribute(layer, methods=["alti", "alti_l2"], backend="triton", budget=1 << 9)
+    assert res.backends["peers"] == "triton"
+    ref = reference(layer, methods=["alti", "alti_l2"])
+    for m in ("alti", "alti_l2"):
+        scale = ref["maps"][m].abs().amax(-1, keepdim=True).clamp_min(1e-30)
+        assert ((res.maps[m].double() - ref["maps"][m]).abs() / scale).max() < 1e-5, m
+    assert res.completeness["alti"].max() < 1e-5
+    assert attribute(layer, methods=["alti"], backend="torch").backends["peers"] == "torch"

@@ -200,7 +200,7 @@ def test_cross_and_decoder_parts_of_a_seq2seq_result(seq2seq_result):
         method = data["methods"][m]["name"]
         full = res.maps[method][layer_index, b, :t]
         np.testing.assert_array_equal(data["value"][p], full[:, :s].numpy())
-        if method in ("cross_attnres_n", "cross_attnresln_n"):  # the kept column is no source token
+        if method in ("cross_attnres_n", "cross_attnresln_n", "cross_alti"):  # the kept column is no source token
             np.testing.assert_array_equal(data["kept"][p], full[:, -1].numpy())
         else:
             assert data["kept"][p] is None
@@ -210,7 +210,8 @@ def test_cross_and_decoder_parts_of_a_seq2seq_result(seq2seq_result):
         expected = res.head_maps[data["methods"][m]["name"]][1, b, head, :t, :s]
         np.testing.assert_array_equal(data["value"][p], expected.numpy())
     data = embedded(views.render(res, "tokens", part="decoder"))
-    assert {m["name"] for m in data["methods"]} == {"attn_w", "attnres_w", "attn_n", "attnres_n", "attnresln_n"}
+    assert {m["name"] for m in data["methods"]} == {"attn_w", "attnres_w", "attn_n", "attnres_n", "attnresln_n",
+                                                    "alti"}
     data = embedded(views.render(res, "model", part="encoder"))
     assert data["rows"] == res.encoder.tokens[0][:int(res.encoder.attention_mask[0].sum())]
 
@@ -358,7 +359,7 @@ def test_views_refuse_what_they_cannot_show_with_a_sentence(minilm_result, seq2s
     with pytest.raises(ValueError, match=r"unknown part 'source'; an encoder-decoder result has parts encoder, "):
         views.render(seq2seq_result, "tokens", part="source")
     with pytest.raises(ValueError, match=r"method 'decoder_layer' is not among the methods of the decoder maps: "
-                                         r"attn_w, attnres_w, attn_n, attnres_n, attnresln_n\."):
+                                         r"attn_w, attnres_w, attn_n, attnres_n, attnresln_n, alti\."):
         views.render(seq2seq_result, "tokens", method="decoder_layer")
     with pytest.raises(ValueError, match=r"is contracted .* analyze without contract=\."):
         views.render(dataclasses.replace(synthetic_result(4), contracted=True), "tokens")
