@@ -2,31 +2,40 @@
 
 - ``atomic_write`` / ``write_safetensors``: a file appears complete or not at all.
 - ``tensor_sha256`` / ``file_sha256``: the checksums that result files and corpus runs record.
-- The output folder of a command (``kobattr analyze``, ``heads``, ``align``): ``staged_output`` builds a run in a
-  staging directory inside the folder and publishes it over the previous run's files, the manifest
-  (``kobattr_run.json``, the list of the run's files) removed first and written last.
+- The output folder of a command (``kobattr analyze``, ``heads``, ``align``): ``staged_output`` locks it, builds a
+  run in a staging directory beside it, the manifest (``kobattr_run.json``, the list of the run's files) last,
+  and swaps the two directories atomically (see "a command's output folder" below).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
-import tempfile
+import stat
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 MANIFEST = "kobattr_run.json"
-STAGING_PREFIX = ".kobattr-partial-"
+STAGING_PREFIX = ".kobattr-partial-"  # staging directories that earlier kobattr versions made inside --out
 
 
 class OutputError(ValueError):
     """An output folder that a command refuses to write into; the message is one sentence naming it."""
+
+
+# what the system says when a file cannot be written (no space, a file size limit, no permission...): not a bug,
+# so the commands report it as one line (kobattr.cli.main)
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                          errno.EXDEV, errno.EBUSY})
 
 
 # ------------------------------------------------------------------------------------------- single files
@@ -66,9 +75,19 @@ def fsync_directory(path: Path) -> None:
 
 def write_safetensors(path: Path, tensors: dict, metadata: dict) -> None:
     """``tensors`` as one .safetensors file (string ``metadata`` in its header), atomically."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    def write(tmp: Path) -> None:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as err:  # its I/O errors (a full disk, a file size limit) as the OSError they are
+            code = re.search(r"os error (\d+)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+    atomic_write(path, write)
 
 
 # -------------------------------------------------------------------------------------------- checksums
@@ -88,18 +107,34 @@ def file_sha256(path: Path) -> str:
 
 
 # ------------------------------------------------------------------------------- a command's output folder
-def _inside(root: Path, rel: str) -> Path:
-    """root / rel, refusing any path that would leave root (absolute, '..', or through a symlink)."""
-    target = root / rel
+# How a run publishes (staged_output), so that two runs on one --out never mix and a reader never sees half a run:
+# - The run takes an exclusive, non-blocking flock on --out's directory (created if missing) for its whole
+#   duration; a second run on the same --out is refused at once with a one-line OutputError naming the first's pid.
+# - It builds its files in a staging directory beside --out (".<name>.kobattr-stage-<hex>", on the same filesystem
+#   so that renames are atomic), writes the manifest into it last, and swaps the staging directory and --out in one
+#   atomic step (Linux renameat2 RENAME_EXCHANGE); the previous output, now under the staging name, is deleted.
+#   Where the filesystem cannot exchange, the previous output is renamed aside and the new one into place: for a
+#   moment there is none, never a mix.
+# - A reader who opens --out once (a directory handle: os.open(out) with dir_fd=, /proc/self/fd/N/..., or --out as
+#   its working directory) sees one complete run throughout, the old or the new, or finds files of the old one gone
+#   once it is deleted; a reader who opens paths one by one may meet the old run's files and then the new run's.
+# - Staging directories of runs that were killed (SIGKILL, power loss) are removed by the next run on that --out.
+STAGE_MARK = ".kobattr-stage-"
+# a test hook: a run that holds the lock creates <dir>/held before it publishes and waits until <dir>/release exists
+HOLD_BEFORE_PUBLISH = "KOBATTR_HOLD_BEFORE_PUBLISH"
+
+
+def _check_inside(root: Path, rel: str) -> None:
+    """Refuse a listed path that would leave root (absolute, '..', or through a symlink)."""
     if Path(rel).is_absolute() or ".." in Path(rel).parts or \
-            not os.path.realpath(target).startswith(os.path.realpath(root) + os.sep):
+            not os.path.realpath(root / rel).startswith(os.path.realpath(root) + os.sep):
         raise OutputError(f"{root / MANIFEST} lists {rel!r}, which is not inside --out; refusing to delete it.")
-    return target
 
 
-def previous_run(out: Path) -> list[Path]:
-    """What --overwrite removes from ``out``: the files its manifest lists, the manifest, and staging
-    directories of interrupted runs. Anything else in ``out`` was not written by kobattr: refuse."""
+def previous_run(out: Path) -> None:
+    """Refuse (OutputError) an ``out`` that --overwrite may not replace: it may hold only the files its manifest
+    lists, the manifest, and staging directories that interrupted runs of older kobattr versions left inside it.
+    Anything else (a symbolic link included) was not written by kobattr, and --overwrite never deletes it."""
     listed: list[str] = []
     manifest = out / MANIFEST
     if manifest.is_file():
@@ -121,51 +156,152 @@ def previous_run(out: Path) -> list[Path]:
         raise OutputError(f"--out {str(out)!r} holds {len(foreign)} file(s) kobattr did not write "
                           f"(e.g. {foreign[0]!r}); "
                           "--overwrite only replaces kobattr's own output, so move them or choose another directory.")
-    staged = [p for p in out.iterdir() if p.name.startswith(STAGING_PREFIX)]  # of interrupted runs
-    return [_inside(out, rel) for rel in listed] + staged + ([manifest] if manifest.is_file() else [])
+    for rel in listed:
+        _check_inside(out, rel)
 
 
-def _publish(stage: Path, out: Path, previous: list[Path]) -> None:
-    """Replace the previous run's files in ``out`` by the complete run in ``stage``, manifest last."""
-    manifest = out / MANIFEST
-    if manifest.exists():  # first, so that out never claims to hold a complete run while it changes
-        manifest.unlink()
-    for path in previous:
-        if path == stage or not os.path.lexists(path):
+def check_output_folder(out: Path, overwrite: bool) -> None:
+    """Refuse (OutputError) an --out that is a symbolic link or a file, or that holds files unless ``overwrite``
+    and they are all an earlier kobattr run's."""
+    if out.is_symlink():
+        raise OutputError(f"--out {str(out)!r} is a symbolic link; give the directory itself, so that nothing is "
+                          "written or deleted outside it.")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {str(out)!r} is a file; give a directory (it is created if missing).")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputError(f"--out {str(out)!r} is not empty; choose a new or empty directory, or pass --overwrite "
+                              "to replace what an earlier kobattr run wrote there.")
+        previous_run(out)
+
+
+def _lock_holder(fd: int) -> Optional[int]:
+    """The pid of the process holding a flock on the open file ``fd``, from Linux's /proc/locks (None elsewhere)."""
+    st = os.fstat(fd)
+    exact, inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}", f":{st.st_ino}"
+    candidates = []
+    try:
+        with open("/proc/locks", encoding="ascii") as fh:
+            for line in fh:
+                parts = line.split()  # "1: FLOCK  ADVISORY  WRITE <pid> <major>:<minor>:<inode> 0 EOF"
+                if len(parts) > 5 and parts[1] == "FLOCK" and parts[5].endswith(inode):
+                    candidates.append((parts[5] != exact, int(parts[4])))
+    except (OSError, ValueError):
+        return None
+    return min(candidates)[1] if candidates else None
+
+
+def _lock(out: Path) -> tuple[int, bool]:
+    """(a descriptor holding an exclusive flock on the directory ``out``, whether this call created it)."""
+    import fcntl
+
+    created = False
+    for _ in range(20):
+        try:
+            out.mkdir(parents=True)
+            created = True
+        except FileExistsError:
+            pass
+        check_output_folder(out, overwrite=True)  # a symlink or a file that appeared meanwhile
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise OutputError(f"--out {str(out)!r} is in use by another kobattr run "
+                              f"({'pid ' + str(holder) if holder else 'its pid unknown'}); wait for it to finish or "
+                              "choose another directory.") from None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(out)):
+                return fd, created
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # another run published (replaced the directory) between open and flock: lock the new one
+    raise OutputError(f"--out {str(out)!r} keeps being replaced by other runs; try again.")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the directories ``a`` and ``b`` in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
+    system or filesystem cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _stage_pattern(out: Path) -> re.Pattern:
+    return re.compile(re.escape(f".{out.name}{STAGE_MARK}") + "[0-9a-f]{12}")
+
+
+def _new_stage(out: Path) -> Path:
+    """An empty staging directory beside ``out`` with ``out``'s permissions (it becomes ``out``)."""
+    while True:
+        stage = out.with_name(f".{out.name}{STAGE_MARK}{secrets.token_hex(6)}")
+        try:
+            os.mkdir(stage, 0o700)
+        except FileExistsError:
             continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    for path in sorted({p.parent for p in previous if p.parent != out}, key=lambda p: -len(p.parts)):
-        while path != out and path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
-            path = path.parent
-    for entry in sorted(stage.iterdir()):
-        if entry.name != MANIFEST:
-            os.replace(entry, out / entry.name)
-    os.replace(stage / MANIFEST, manifest)
-    stage.rmdir()
+        os.chmod(stage, stat.S_IMODE(os.stat(out).st_mode))
+        return stage
+
+
+def _hold_for_tests() -> None:
+    where = os.environ.get(HOLD_BEFORE_PUBLISH)
+    if where:
+        Path(where, "held").write_text(str(os.getpid()))
+        while not Path(where, "release").exists():
+            time.sleep(0.02)
 
 
 @contextmanager
-def staged_output(out: Path, manifest: Callable[[], dict]):
-    """A staging folder inside ``out`` for one run; on success the manifest is written into it last and
-    everything is published over the previous run's files, on any failure (Ctrl-C included) it is removed
-    and ``out`` stays as it was (or is not created)."""
-    previous = previous_run(out) if out.is_dir() and any(out.iterdir()) else []
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+def staged_output(out: Path, manifest: Callable[[], dict], overwrite: bool = True):
+    """A staging directory for one run into ``out``, published as described above: under the lock on ``out``,
+    refused (OutputError) when ``out`` holds files and not ``overwrite``, or files an earlier kobattr run did not
+    write. On success the manifest is written into the stage last and the stage replaces ``out`` atomically; on any
+    failure (Ctrl-C, a full disk included) the stage is removed and ``out`` stays as it was (or is not created)."""
+    out = Path(os.path.abspath(out))
+    lock, created = _lock(out)
+    stage = None
     try:
+        check_output_folder(out, overwrite)  # again, under the lock: another run may have published meanwhile
+        pattern = _stage_pattern(out)
+        for stale in out.parent.iterdir():  # of runs on this --out that were killed
+            if pattern.fullmatch(stale.name) and stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+        stage = _new_stage(out)
         yield stage
-        (stage / MANIFEST).write_text(json.dumps(manifest(), ensure_ascii=False, indent=1), encoding="utf-8")
-        _publish(stage, out, previous)
+        text = json.dumps(manifest(), ensure_ascii=False, indent=1)
+        atomic_write(stage / MANIFEST, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        _hold_for_tests()
+        if _exchange(stage, out):
+            old = stage  # the previous output, now under the staging name
+        else:
+            old = _new_stage(out)
+            os.rmdir(old)
+            os.rename(out, old)
+            os.rename(stage, out)
+        stage = None
+        fsync_directory(out.parent)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
         if created:
             try:
                 out.rmdir()  # only if it is still empty
             except OSError:
                 pass
         raise
+    finally:
+        os.close(lock)

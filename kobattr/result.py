@@ -6,6 +6,7 @@ H heads, K weight rows (contractions).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +177,8 @@ class Attribution:
         header, tensors = _read(path)
         result = _decode(_file_class(cls, header, path), header, tensors, path)
         _check_consistency(result, path)
+        if not header["fields_intact"]:  # last, so that an inconsistent edit is named more precisely above
+            raise AttributionFileError(f"{path} is corrupt: its metadata does not match its SHA-256 checksum.")
         return result
 
     # ------------------------------------------------- what save/load check (overridden by subclasses)
@@ -253,7 +256,8 @@ def merge_pieces(maps: Tensor, groups: list[list[int]]) -> Tensor:
 # One .safetensors file per Attribution. Every dataclass field is stored by what it holds, so a new field
 # round-trips without being listed here: a Tensor is the tensor "<field>", a non-empty dict of tensors is
 # the tensors "<field>/<key>" (key order kept in the header), anything else is JSON in the header
-# (tuples tagged so that they come back as tuples). The header also holds a SHA-256 of every tensor.
+# (tuples tagged so that they come back as tuples). The header also holds a SHA-256 of every tensor and one of the
+# field table (fields_sha256), so that any change to the file fails a checksum; nothing is ever unpickled.
 # _SHAPES says which dimensions load() checks against the metadata: L = len(layers), B and N from
 # attention_mask, * = not checked here; a dict field's tensors are each checked. Unnamed fields load unchecked.
 SUFFIX = ".safetensors"
@@ -342,10 +346,17 @@ def _encode(result) -> tuple[dict, dict]:
                 t = t.clone()
             seen.add(t.untyped_storage().data_ptr())
         ready[name] = t
-    header = {"format": FORMAT_VERSION, "fields": fields, "sha256": {k: tensor_sha256(t) for k, t in ready.items()}}
+    header = {"format": FORMAT_VERSION, "fields": fields, "fields_sha256": _fields_sha256(fields),
+              "sha256": {k: tensor_sha256(t) for k, t in ready.items()}}
     if type(result)._FILE_CLASS is not None:
         header["class"] = type(result)._FILE_CLASS
     return ready, header
+
+
+def _fields_sha256(fields: dict) -> str:
+    """SHA-256 of the field table (every non-tensor value: tokens, layers, methods...) as canonical JSON."""
+    text = json.dumps(fields, sort_keys=True, ensure_ascii=False, allow_nan=True)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _read(path: Path) -> tuple[dict, dict]:
@@ -371,6 +382,9 @@ def _read(path: Path) -> tuple[dict, dict]:
         version = header["format"]
     except (ValueError, TypeError, KeyError) as err:
         raise AttributionFileError(f"{path} has unreadable kobattr metadata ({err}).") from err
+    # files written before the field table had a checksum have none: they load as before
+    stored = header.pop("fields_sha256", None)
+    header["fields_intact"] = stored is None or stored == _fields_sha256(header.get("fields"))
     if version == 2:  # the same layout; only the block structure's field was renamed
         fields = header.get("fields")
         if isinstance(fields, dict) and "placement" in fields:

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 import kobattr
-from kobattr.analyses.corpus import CorpusError, open_corpus, run_corpus, shard_plan
+from kobattr.analyses.corpus import MANIFEST, SUMMARY, SUMMARY_PLOT, CorpusError, open_corpus, run_corpus, shard_plan
 from kobattr.cli import main as cli_main
 from kobattr.methods import spearman
 from kobattr.models import load_default_model
@@ -384,7 +385,16 @@ def test_a_saved_dataset_without_the_datasets_package_names_the_extra(tmp_path, 
     (lambda p: p.with_suffix(".jsonl").write_text('{"text": "a"}\n'), {"column": "text"}, "use --field, not --column"),
     (lambda p: p.with_suffix(".txt").write_bytes(b"ok\n\xff\n"), {}, "line 2 of .* is not UTF-8"),
     (lambda p: p.with_suffix(".txt").write_text("a\n"), {"field": "text"}, "read as a text file with one text per"),
-    (lambda p: p.with_suffix(".txt").write_text("\n \n"), {}, "holds no text"),
+    (lambda p: p.with_suffix(".txt").write_text("\n \n"), {}, "holds no text, only blank lines"),
+    (lambda p: p.with_suffix(".jsonl").write_bytes(b""), {}, "is empty; give one text per line"),
+    (lambda p: p.with_suffix(".jsonl").write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1")), {},
+     r"line 1 of .* is not UTF-8 \(invalid continuation byte at byte 13\)"),
+    (lambda p: p.with_suffix(".jsonl").write_text('{"text": "a"}\n{"text": "b",\n'), {},
+     r"line 2 of .* is not valid JSON \(Expecting property name"),
+    (lambda p: p.with_suffix(".txt").write_bytes(b"short\n" + b"x" * (10 << 20) + b"\nshort\n"), {},  # 10 MB
+     "line 2 of .* is longer than 1 MiB, the most one text of a corpus may hold; split it into several lines"),
+    (lambda p: pq.write_table(pa.table({"text": ["a", "b" * (10 << 20)]}), p.with_suffix(".parquet")), {},
+     "row 1 of column 'text' .* is longer than 1 MiB"),
     (lambda p: pq.write_table(pa.table({"body": ["a"]}), p.with_suffix(".parquet")), {},
      r"has no column 'text' \(it has 'body'\)"),
     (lambda p: pq.write_table(pa.table({"text": [1]}), p.with_suffix(".parquet")), {}, "holds int64, not strings"),
@@ -409,3 +419,79 @@ def test_a_text_the_model_cannot_take_is_named(minilm, tmp_path):
     path.write_text("A short text.\n" + "word " * 600 + "\n", encoding="utf-8")
     with one_thread(), pytest.raises(CorpusError, match=r"texts 1: the input has 602 tokens .* max_length=512"):
         run_corpus(model, tokenizer, path, tmp_path / "run", **{**RUN, "batch_size": 1})
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("long.txt", b"short\n" + b"x" * (10 << 20) + b"\n", "line 2 of {path} is longer than 1 MiB, the most one text of "
+                                                          "a corpus may hold; split it into several lines."),
+    ("bad.jsonl", b'{"text": "a"}\n{"text": \n', "line 2 of {path} is not valid JSON (Expecting value: line 1 column "
+                                                  "10 (char 9)); JSON Lines has one object per line."),
+    ("latin1.txt", "ok\ncaf\u00e9\n".encode("latin-1"), "line 2 of {path} is not UTF-8 (invalid continuation byte at "
+                                                         "byte 3)."),
+    ("empty.jsonl", b"", "{path} is empty; give one text per line."),
+], ids=["10MB_line", "bad_json", "not_utf8", "empty"])
+def test_bad_inputs_through_the_command_line_are_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch, name,
+                                                                                  content, message):
+    import kobattr.cli.common
+
+    monkeypatch.setattr(kobattr.cli.common, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    path = tmp_path / name
+    path.write_bytes(content)
+    code = cli_main(["corpus", "--file", str(path), "--out", str(tmp_path / "run"), *CLI_RUN])
+    assert code == 2
+    assert capsys.readouterr().err == f"kobattr corpus: error: {message.format(path=path.resolve())}\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_killed_from_outside_resumes_to_identical_outputs(baseline, corpus_file, minilm, tmp_path):
+    """SIGKILL from outside the moment the first shard's table appears (its record not yet written, most often)."""
+    model, tokenizer = minilm
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "kobattr", "corpus", "--file", str(corpus_file), "--out", str(out),
+                                *CLI_RUN], cwd=tempfile.gettempdir(), env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        first = out / "tokens" / "shard-00000.parquet"
+        deadline = time.monotonic() + 300
+        while not first.exists():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.002)
+        process.kill()
+    finally:
+        process.wait()
+    assert process.returncode == -9 and not (out / SUMMARY).exists()
+    with one_thread():
+        assert run_corpus(model, tokenizer, corpus_file, out, resume=True, **RUN) == baseline[1]
+    assert contents(out) == contents(baseline[0])
+
+
+def _killed_in_the_manifest_write(out):
+    for entry in out.iterdir():
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    (out / f".{MANIFEST}.0123456789ab.tmp").write_bytes(b'{"format": 1, "kob')
+
+
+def _killed_between_a_table_and_its_record(out):
+    (out / SUMMARY).unlink()
+    (out / SUMMARY_PLOT).unlink()
+    (out / "shards" / "shard-00002.json").unlink()
+    (out / "shards" / ".shard-00002.json.0123456789ab.tmp").write_bytes(b'{"format"')
+
+
+def _killed_in_the_merge(out):
+    (out / SUMMARY_PLOT).unlink()
+    (out / f".{SUMMARY_PLOT}.0123456789ab.tmp").write_bytes(b"\x89PNG")
+
+
+@pytest.mark.parametrize("kill", [_killed_in_the_manifest_write, _killed_between_a_table_and_its_record,
+                                  _killed_in_the_merge])
+def test_every_state_a_kill_leaves_resumes_to_identical_outputs(baseline, corpus_file, minilm, tmp_path, kill):
+    """The states SIGKILL leaves between the steps that FAULT_AFTER_SHARDS does not reach: before the manifest
+    exists, between a shard's files and its record, between the summary's two files."""
+    model, tokenizer = minilm
+    out = tmp_path / "run"
+    shutil.copytree(baseline[0], out)
+    kill(out)
+    with one_thread():
+        assert run_corpus(model, tokenizer, corpus_file, out, resume=True, **RUN) == baseline[1]
+    assert contents(out) == contents(baseline[0])

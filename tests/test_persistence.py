@@ -206,10 +206,58 @@ def test_format_2_files_still_load(saved, tmp_path):
 
     def as_format_2(meta):
         meta["format"] = 2
+        del meta["fields_sha256"]  # format 2 had no checksum of its field table
         meta["fields"]["placement"] = meta["fields"].pop("structure")
 
     rewrite_header(saved, as_format_2)
     assert_same(want, Attribution.load(saved))
+
+
+def test_a_consistent_edit_of_the_metadata_fails_its_checksum(saved, tmp_path):
+    def rename_a_token(meta):
+        meta["fields"]["tokens"]["value"][0][1] = "edited"
+
+    rewrite_header(saved, rename_a_token)
+    with pytest.raises(AttributionFileError) as caught:
+        Attribution.load(saved)
+    assert str(caught.value) == f"{saved} is corrupt: its metadata does not match its SHA-256 checksum."
+
+    # without the field checksum (files written before it existed) the same file loads, with the edit
+    rewrite_header(saved, lambda meta: meta.pop("fields_sha256"))
+    assert Attribution.load(saved).tokens[0][1] == "edited"
+
+
+def test_a_pickle_is_never_unpickled(tmp_path):
+    """A torch.save file (a pickle) under a result's name: refused as no safetensors file, its payload never runs."""
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / "r.safetensors"
+    script = textwrap.dedent(f"""
+        import os, torch
+        class Payload:
+            def __reduce__(self):
+                return (os.mkdir, ({str(marker)!r},))
+        torch.save({{"maps": Payload()}}, {str(path)!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120, cwd=tmp_path)
+    with pytest.raises(AttributionFileError, match="cannot be read as a safetensors file; it is truncated or corrupt"):
+        Attribution.load(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("where", ["tensor", "metadata"])
+def test_kobattr_view_names_a_tampered_file_in_one_line(saved, tmp_path, capsys, where):
+    from kobattr.cli import main
+
+    if where == "tensor":
+        data = bytearray(saved.read_bytes())
+        data[-5] ^= 0x10
+        saved.write_bytes(bytes(data))
+    else:
+        rewrite_header(saved, lambda meta: meta["fields"]["model_name"].__setitem__("value", "another model"))
+    assert main(["view", str(saved), "--out", str(tmp_path / "pages")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"kobattr view: error: {saved} is corrupt: ")
+    assert ("does not match its SHA-256 checksum" in err) and not (tmp_path / "pages").exists()
 
 
 def test_tampered_shapes_are_refused(tmp_path, full):

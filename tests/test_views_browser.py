@@ -282,3 +282,50 @@ def test_a_4096_token_page_opens_and_answers_a_click(open_page, tmp_path):
     top = row.abs().topk(20).indices.tolist()
     assert sorted(int(j) for *_, j, _ in lines) == sorted(j for j in top if j < 64)  # the first window: tokens 0-63
     assert all(float(v) == float(row[int(j)]) for *_, j, v in lines)
+
+
+HOSTILE = ["</script><script>alert(1)</script>", "<img src=x onerror=alert(1)>",
+           "</script><script>window.kobattrInjected = 1</script>", "<img src=x onerror=\"window.kobattrInjected = 2\">",
+           "<!--", "]]>{{DATA}}&amp;"]
+
+
+@pytest.mark.parametrize("view", views.VIEWS)
+def test_hostile_tokens_run_no_script_and_show_literally(browser, tmp_path, view):
+    """Each hostile text is one token of the result (built directly, so that no tokenizer splits it); it reaches the
+    page inside the <script> JSON block and in the DOM, and the `kobattr view` index as the model's name and a token
+    preview. No dialog opens, no injected script or handler runs, and the text shows as it is."""
+    res = synthetic_result(len(HOSTILE), layers=1, heads=2, seed=3)
+    res.tokens = [list(HOSTILE)]
+    res.model_name = HOSTILE[1]
+    index = views.write_folder(res, tmp_path / "folder", views=[view], title=HOSTILE[0])
+    for path in (tmp_path / "folder" / f"text000_{view}.html", index):
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        dialogs, errors = [], []
+        page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(path.as_uri())
+        page.wait_for_timeout(300)  # an <img onerror> would have fired by now: the image cannot load
+        assert dialogs == [] and page.evaluate("typeof window.kobattrInjected") == "undefined"
+        if path != index:
+            page.wait_for_function("[...document.querySelectorAll('.kv-root')].every(r => r.dataset.ready)",
+                                   timeout=15000)
+            assert page.locator(".kv-title").inner_text() == HOSTILE[0]
+            if view == "tokens":
+                assert page.eval_on_selector_all(".kv-sentence .kv-row", "els => els.map(e => e.textContent)") == HOSTILE
+                page.click(".kv-sentence .kv-row[data-index='1']")  # the layer table names the tokens again
+            elif view == "head":
+                assert page.eval_on_selector_all(".kv-panel[data-method='attn_w'] text.kv-row",
+                                                 "els => els.map(e => e.textContent)") == HOSTILE
+            else:  # the model view names the tokens in the map it opens
+                page.click("canvas.kv-thumb >> nth=0")
+                text = page.eval_on_selector(".kv-root", "e => e.textContent")
+                assert all(token in text for token in HOSTILE)
+        else:
+            body = page.inner_text("body")
+            assert HOSTILE[1] in body and " ".join(HOSTILE) in body
+        page.wait_for_timeout(300)
+        assert dialogs == [] and errors == []
+        assert page.evaluate("typeof window.kobattrInjected") == "undefined"
+        assert page.evaluate("document.querySelectorAll('img').length") == 0
+        assert page.evaluate("document.scripts.length") == (0 if path == index else 2)
+        page.close()

@@ -29,6 +29,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -57,6 +58,9 @@ TEXT_KEY = "text"  # the default JSON Lines field and Parquet / dataset column
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 FINGERPRINT_SAMPLE = 4096  # values per parameter that go into the model's fingerprint
+# the longest text of a corpus, in UTF-8 bytes (a line of a text or JSON Lines file, a Parquet or dataset value):
+# about 200k words, far more than any model reads, and a bound on what one read takes (a file without line breaks)
+MAX_TEXT_BYTES = 1 << 20
 FREQUENCY_DEFINITION = (
     "Spearman's rho between a token's mixing ratio and its type's frequency rank, over the ordinary tokens of "
     "the corpus (special tokens excluded; rank 1 = most frequent, ties share their average rank), per layer and "
@@ -124,6 +128,9 @@ def open_corpus(path, field: Optional[str] = None, column: Optional[str] = None,
 
 def _line_text(path: Path, kind: str, key: Optional[str], line: bytes, number: int) -> Optional[str]:
     """The text of one line (None for a blank line), or CorpusError naming the line."""
+    if len(line.rstrip(b"\r\n")) > MAX_TEXT_BYTES:
+        raise CorpusError(f"line {number} of {path} is longer than {MAX_TEXT_BYTES >> 20} MiB, the most one text of a "
+                          "corpus may hold; split it into several lines.")
     try:
         decoded = line.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -133,7 +140,7 @@ def _line_text(path: Path, kind: str, key: Optional[str], line: bytes, number: i
     if kind == "text":
         return decoded.strip()
     try:
-        record = json.loads(decoded)
+        record = json.loads(decoded.rstrip("\r\n"))  # so that its error counts columns of this line only
     except ValueError as err:
         raise CorpusError(f"line {number} of {path} is not valid JSON ({err}); JSON Lines has one object per "
                           "line.") from None
@@ -154,15 +161,18 @@ def _open_lines(path: Path, kind: str, key: Optional[str], digest: bool) -> Corp
     h = hashlib.sha256()
     offsets, numbers, position = [], [], 0
     with open(path, "rb") as fh:
-        for number, line in enumerate(fh, 1):
+        # at most one byte past the limit (and the line end) is read, so that an overlong line is refused at once
+        for number, line in enumerate(iter(lambda: fh.readline(MAX_TEXT_BYTES + 3), b""), 1):
             if digest:
                 h.update(line)
             if _line_text(path, kind, key, line, number) is not None:
                 offsets.append(position)
                 numbers.append(number)
             position += len(line)
+    if not position:
+        raise CorpusError(f"{path} is empty; give one text per line.")
     if not offsets:
-        raise CorpusError(f"{path} holds no text.")
+        raise CorpusError(f"{path} holds no text, only blank lines.")
     offsets, numbers = np.array(offsets, dtype=np.int64), np.array(numbers, dtype=np.int64)
 
     def read(start: int, stop: int) -> list[str]:
@@ -170,7 +180,7 @@ def _open_lines(path: Path, kind: str, key: Optional[str], digest: bool) -> Corp
         with open(path, "rb") as fh:
             for offset, number in zip(offsets[start:stop], numbers[start:stop]):
                 fh.seek(int(offset))
-                text = _line_text(path, kind, key, fh.readline(), int(number))
+                text = _line_text(path, kind, key, fh.readline(MAX_TEXT_BYTES + 3), int(number))
                 if text is None:
                     raise CorpusError(f"{path} changed while the run read it (line {number} is blank now).")
                 texts.append(text)
@@ -195,11 +205,18 @@ def _open_parquet(path: Path, key: str, digest: bool) -> CorpusInput:
                           "text's column with --column.")
     if not (pa.types.is_string(schema.field(key).type) or pa.types.is_large_string(schema.field(key).type)):
         raise CorpusError(f"column {key!r} of {path} holds {schema.field(key).type}, not strings.")
+    import pyarrow.compute as pc
+
     seen = 0
     for batch in table_file.iter_batches(columns=[key]):
         if batch.column(0).null_count:
             first = seen + batch.column(0).is_null().to_pylist().index(True)
             raise CorpusError(f"row {first} of column {key!r} in {path} is null; give every row a text.")
+        too_long = pc.greater(pc.binary_length(batch.column(0)), MAX_TEXT_BYTES)
+        if pc.any(too_long).as_py():
+            first = seen + too_long.to_pylist().index(True)
+            raise CorpusError(f"row {first} of column {key!r} in {path} is longer than {MAX_TEXT_BYTES >> 20} MiB, the "
+                              "most one text of a corpus may hold; split it into several rows.")
         seen += batch.num_rows
     if not seen:
         raise CorpusError(f"{path} holds no rows.")
@@ -525,6 +542,10 @@ def _identity(path: Path) -> Optional[tuple]:
 
 
 # ------------------------------------------------------------------------------------------------ the run
+# what a run killed while it wrote its manifest leaves (kobattr.io.atomic_write's temporary): the run never began
+_STALE_MANIFEST = re.compile(re.escape(f".{MANIFEST}.") + "[0-9a-f]{12}" + re.escape(".tmp"))
+
+
 def _start(out: Path, manifest: dict, resume: bool, save_maps: bool) -> tuple[list, list[int]]:
     """Rank 0: check or create the run in ``out``; returns (shard plan, shards still to compute)."""
     if out.exists() and not out.is_dir():
@@ -543,7 +564,7 @@ def _start(out: Path, manifest: dict, resume: bool, save_maps: bool) -> tuple[li
             raise CorpusError(f"--out {str(out)!r} holds a run with another {'; '.join(differences)}; resume it with "
                               "what it was started with, or start a new run in another directory.")
         manifest = stored
-    elif out.is_dir() and any(out.iterdir()):
+    elif out.is_dir() and any(p for p in out.iterdir() if not _STALE_MANIFEST.fullmatch(p.name)):
         raise CorpusError(f"--out {str(out)!r} is not empty and holds no corpus run ({MANIFEST}); choose a new or empty "
                           "directory.")
     else:

@@ -8,7 +8,7 @@ import argparse
 import importlib
 import sys
 
-from ..io import MANIFEST, STAGING_PREFIX  # noqa: F401 (the output layout, as tests and scripts import it)
+from ..io import MANIFEST, STAGING_PREFIX, WRITE_ERRNOS  # noqa: F401 (MANIFEST, STAGING_PREFIX: the output layout, as tests and scripts import it)
 from .common import user_errors
 
 # (name, module, help) in the order of `kobattr --help`; relative modules are inside kobattr.cli
@@ -57,6 +57,16 @@ def main(argv=None) -> int:
     except user_errors() as err:  # input errors carry a full sentence; anything else keeps its traceback
         print(f"kobattr {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        # every output is staged (analyze, heads, align) or written file by file atomically (corpus, view), so a
+        # failed write left no partial file behind
+        kept = ("its complete shards are kept for --resume" if args.command == "corpus" else
+                "it is as it was before this run" if hasattr(args, "overwrite") else "no partial file was left")
+        print(f"kobattr {args.command}: error: cannot write the output into {getattr(args, 'out', None) or '.'}: "
+              f"{err.strerror}; {kept}.", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"kobattr {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -151,7 +151,7 @@ def run(args) -> int:
                         "src": str(args.src), "tgt": str(args.tgt), "gold": args.gold, "pairs": len(sources),
                         "files": sorted(written)}
     out = Path(args.out)
-    with staged_output(out, manifest) as stage:
+    with staged_output(out, manifest, overwrite=args.overwrite) as stage:
 
         def note(path: Path) -> None:
             written.append(path.relative_to(stage).as_posix())

@@ -56,7 +56,7 @@ def run(args) -> int:
     written: list[str] = []
     manifest = lambda: {"kobattr": __import__("kobattr").__version__, "attribution_format": FORMAT_VERSION,  # noqa: E731
                         "complete": True, "texts": texts, "files": written}
-    with staged_output(out, manifest) as stage:
+    with staged_output(out, manifest, overwrite=args.overwrite) as stage:
 
         def note(path: Path) -> None:
             written.append(path.relative_to(stage).as_posix())

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..io import OutputError, previous_run
+from ..io import OutputError, check_output_folder
 
 
 class UsageError(ValueError):
@@ -69,14 +69,9 @@ def read_texts(args) -> list[str]:
 
 
 def check_out(args) -> Path:
+    """--out checked before the model loads (staged_output checks it again under its lock)."""
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {args.out!r} is a file; give a directory (it is created if missing).")
-    if out.is_dir() and any(out.iterdir()):
-        if not args.overwrite:
-            raise UsageError(f"--out {args.out!r} is not empty; choose a new or empty directory, or pass --overwrite "
-                             "to replace what an earlier kobattr run wrote there.")
-        previous_run(out)  # refuse early if it holds anything kobattr did not write
+    check_output_folder(out, args.overwrite)
     return out
 
 

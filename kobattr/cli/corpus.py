@@ -32,12 +32,16 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     """`kobattr corpus` (kobattr.analyses.corpus), alone or as one rank of torchrun: rank 0 reports."""
-    from ..analyses.corpus import CorpusError, run_corpus
+    from ..analyses.corpus import CorpusError, open_corpus, run_corpus
     from ..distributed import StoppedOnRankZero
 
     check_run_options(args)
     if not Path(args.file).exists():
         raise UsageError(f"--file {args.file!r} does not exist.")
+    try:  # every record, before a model is loaded for nothing
+        open_corpus(args.file, field=args.field, column=args.column, digest=False)
+    except CorpusError as err:
+        raise UsageError(str(err)) from None
     model, tokenizer = load_model(args.model, prog="kobattr corpus")
     check_model_args(args, model)
     try:

@@ -80,7 +80,7 @@ def run(args) -> int:
     written: list[str] = []
     manifest = lambda: {"kobattr": __import__("kobattr").__version__, "complete": True, "source": source,  # noqa: E731
                         "files": sorted(written)}
-    with staged_output(Path(args.out), manifest) as stage:
+    with staged_output(Path(args.out), manifest, overwrite=args.overwrite) as stage:
         started = time.perf_counter()
         results = heads.head_statistics(model, tokenizer, texts=texts, sentences=sentences, layers=args.layers,
                                         batch_size=args.batch_size, backend=args.backend,
