@@ -19,7 +19,7 @@ H200, so it mostly waits).
 Visibility (rows=, padding, causal, windows) comes from kernels/rows.py (block_rows, key_tile) and the logits
 from rows.capped_logits (soft-capping), as in the production kernel; one program per (query block, b, Gram m).
 Output modes: the full map or rows= only (no contraction, no alpha). The factors L are made by ``gram_factors``
-(float64 eigendecomposition and QR of each Gram, batched), part of every call.
+(float64 eigendecomposition and QR of each Gram, batched), part of every call unless given.
 """
 
 import torch
@@ -116,13 +116,14 @@ def streamed_constants(H, KV, DH, M, dtype, tile, has_rows=False, causal=False, 
 
 
 def attention_maps(q, k, valid, causal, window, scale, grams, row_scale, rows=None, radius=0, softcap=0.0,
-                   lse2=None, tile=None):
+                   lse2=None, tile=None, factors=None):
     """The full-map (or rows=) ``attention_maps`` of kobattr/backends/base.py, heads streamed, on contiguous CUDA
     (or interpreted) tensors: (B, M, R, N) float32.
 
     q (B, H, N, Dh), k (B, KV, N, Dh) in the model dtype; valid (B, N) bool; grams (B, N, M, H+1, H+1) and
     row_scale (B, N, M) float32; rows (R,) int64 or None; lse2 (B, H, R) float32 or None: the base-2 row
-    log-sum-exp of the selected rows if the caller has it; ``tile``: streamed_settings' keys (None: those)."""
+    log-sum-exp of the selected rows if the caller has it; ``tile``: streamed_settings' keys (None: those);
+    ``factors``: gram_factors(grams) if the caller has them (benchmarks/gpu_profile.py times the kernel alone)."""
     B, H, N, DH = q.shape
     M = grams.shape[2]
     R = N if rows is None else rows.numel()
@@ -134,7 +135,7 @@ def attention_maps(q, k, valid, causal, window, scale, grams, row_scale, rows=No
     if lse2 is None:
         lse2 = row_lse(q, k, valid8, causal, window, scale, rows, dot_settings(q.dtype), radius=radius,
                        softcap=softcap)
-    factor, residual = gram_factors(grams)
+    factor, residual = gram_factors(grams) if factors is None else factors
     consts = streamed_constants(H, k.shape[1], DH, M, q.dtype, tile, rows is not None, causal, window > 0, radius > 0,
                                 softcap > 0)
     _streamed_pairs_kernel[(triton.cdiv(R, tile["BLOCK_M"]), B, M)](
