@@ -152,7 +152,8 @@ class Backend:
     """An implementation of some of the pair primitives, declaring what it takes (xformers style).
 
     Subclasses set ``name``, ``primitives`` (the ones they implement), ``devices`` and ``dtypes`` (of q
-    and k), optionally ``max_heads`` / ``max_head_size``, and implement those primitives. Dispatch
+    and k), optionally ``max_heads`` / ``max_head_size``, ``features`` and ``outputs`` (what they compute of
+    FEATURES and OUTPUTS), and implement those primitives. Dispatch
     (kobattr/backends/__init__.py) asks ``refusals`` and reports every reason when nothing fits.
     """
 
