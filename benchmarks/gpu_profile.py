@@ -11,9 +11,9 @@ passed in (``lse2``), so that the pair pass is timed alone:
 - ``gram``: (map M=3 - map M=1) / 2, what one Gram's quadratic form and map store add to a tile;
 - ``alpha``: map M=1 - gram, what the tile costs before any Gram: q.k of every head, exp, the transpose;
 - SDPA forward on the same q/k/v, the speed-of-light anchor, and each time over it.
-And the experiments of benchmarks/pair_experiments.py on the same inputs (streamed: per tile; staged: alpha's
-scratch in float32 and bfloat16), each one's time and its largest difference from the production kernel's
-map. Also the registers and spill stores of the pair kernel as this GPU's triton compiled it. bf16 q/k, M = 1
+And the alternative pair kernels (kernels/attention_pairs_streamed.py per tile; kernels/attention_pairs_staged.py
+with alpha's scratch in float32 and bfloat16) on the same inputs, each one's time and its largest difference from
+the production kernel's map. Also the registers and spill stores of the pair kernel as this GPU's triton compiled it. bf16 q/k, M = 1
 Gram unless said otherwise, the median of gpu_bench.timed. Exits 0 with a message when there is no GPU.
 """
 
@@ -45,7 +45,7 @@ def pair_pass(layer, N, dtype, M):
                                                    grams, row_scale, lse2=lse2)[0]), lse, (attn, grams, row_scale, lse2)
 
 
-# tiles of the streamed experiment (benchmarks/pair_experiments.py) besides its own: the fastest-looking ones
+# tiles of the streamed kernel (kobattr.kernels.attention_pairs_streamed) besides its own: the fastest-looking ones
 # without spills in a triton 3.6 sm_90 compile (benchmarks/kernel_static.py)
 STREAMED_TILES = {"llama-7b": [dict(BLOCK_M=16, BLOCK_N=32, num_warps=8)],
                   "bert-base": [dict(BLOCK_M=32, BLOCK_N=16, num_warps=8)]}
@@ -64,22 +64,23 @@ def try_experiment(call, production):
 
 
 def streamed(name, inputs, production):
-    """{tile: (median seconds, max |streamed - production| / max |production|)} of the streamed experiment
-    on the pair pass's inputs (its Gram factors made beforehand, untimed)."""
-    from pair_experiments import gram_factors, streamed_maps, streamed_settings
+    """{tile: (median seconds, max |streamed - production| / max |production|)} of the heads-streamed kernel
+    (kobattr.kernels.attention_pairs_streamed, the triton_streamed implementation) on the pair pass's inputs (its
+    Gram factors made beforehand, untimed)."""
+    from kobattr.kernels.attention_pairs_streamed import attention_maps, gram_factors, streamed_settings
 
     attn, grams, row_scale, lse2 = inputs
-    factor, residual = gram_factors(grams[:, :, 0])
-    scale = row_scale[:, :, 0].contiguous()
+    factors = gram_factors(grams[:, :, :1])
+    scale = row_scale[:, :, :1].contiguous()
     out = {}
     for tile in [streamed_settings(LAYERS[name]["H"])] + STREAMED_TILES[name]:
         out[str(tuple(tile.values()))] = try_experiment(
-            lambda: streamed_maps(attn.q, attn.k, attn.causal, attn.scale, factor, residual, scale, lse2, tile=tile),
-            production)
+            lambda: attention_maps(attn.q, attn.k, attn.valid, attn.causal, attn.window, attn.scale, grams[:, :, :1],
+                                   scale, lse2=lse2, tile=tile, factors=factors)[:, 0], production)
     return out
 
 
-# bfloat16-scratch tiles of the staged experiment besides its own (BM, BN, SUB_N, warps, programs per SM): the
+# bfloat16-scratch tiles of the staged kernel besides its own (BM, BN, SUB_N, warps, programs per SM): the
 # fewest issue cycles per pair of the 4-warp candidates in a triton 3.6 sm_90 compile (kernel_static.py
 # --staged-tile), with as many programs per SM as an SM holds (2 for Llama-7B, 3 for BERT-base) and one more
 STAGED_TILES = {"llama-7b": [dict(BLOCK_M=32, BLOCK_N=64, SUB_N=4, num_warps=4, per_sm=per_sm) for per_sm in (2, 3)],
@@ -87,18 +88,20 @@ STAGED_TILES = {"llama-7b": [dict(BLOCK_M=32, BLOCK_N=64, SUB_N=4, num_warps=4, 
 
 
 def staged(name, inputs, production):
-    """{variant: (median seconds, max |staged - production| / max |production|)} of the staged experiment
-    (its own tile with alpha's scratch in float32 and in bfloat16, then STAGED_TILES) on the pair pass's inputs."""
-    from pair_experiments import staged_maps
+    """{variant: (median seconds, max |staged - production| / max |production|)} of the alpha-staged kernel
+    (kobattr.kernels.attention_pairs_staged, the triton_staged implementation: its own tile with alpha's scratch
+    in float32 and in bfloat16, then STAGED_TILES) on the pair pass's inputs."""
+    from kobattr.kernels.attention_pairs_staged import attention_maps
 
     attn, grams, row_scale, lse2 = inputs
-    gram, scale = grams[:, :, 0].contiguous(), row_scale[:, :, 0].contiguous()
+    gram, scale = grams[:, :, :1].contiguous(), row_scale[:, :, :1].contiguous()
     out = {}
     variants = [(torch.float32, None), (torch.bfloat16, None)] + [(torch.bfloat16, t) for t in STAGED_TILES[name]]
     for scratch, tile in variants:
         label = f"scratch {str(scratch).replace('torch.', '')}" + (f", tile {tuple(tile.values())}" if tile else "")
-        out[label] = try_experiment(lambda: staged_maps(attn.q, attn.k, attn.causal, attn.scale, gram, scale, lse2,
-                                                        tile=tile, scratch_dtype=scratch), production)
+        out[label] = try_experiment(lambda: attention_maps(attn.q, attn.k, attn.valid, attn.causal, attn.window,
+                                                           attn.scale, gram, scale, lse2=lse2, tile=tile,
+                                                           scratch_dtype=scratch)[:, 0], production)
     return out
 
 
@@ -159,8 +162,8 @@ def main():
         rows.append(r)
         cells = [f"{r[key] * 1e3:6.2f} ({r[key] / r['sdpa']:4.1f}x)" for key in ("lse", "map_m1", "alpha", "gram", "map_m3")]
         print(f"{r['layer']:10s} {r['sdpa'] * 1e3:7.3f} " + " ".join(f"{c:>14s}" for c in cells))
-        experiments = [(f"streamed experiment (BM, BN, warps) = {tile}", result) for tile, result in r["streamed"].items()]
-        experiments += [(f"staged experiment, {variant}", result) for variant, result in r["staged"].items()]
+        experiments = [(f"streamed kernel (BM, BN, warps) = {tile}", result) for tile, result in r["streamed"].items()]
+        experiments += [(f"staged kernel, {variant}", result) for variant, result in r["staged"].items()]
         for label, result in experiments:
             shown = (f"{result[0] * 1e3:.2f} ms ({result[0] / r['sdpa']:.1f}x SDPA, {result[0] / r['map_m1']:.2f}x map M=1), "
                      f"differs by {result[1]:.1e}" if isinstance(result, tuple) else result)

@@ -110,21 +110,21 @@ def key_loop_counts(sass, inner_trips, nested=False):
 
 
 def analyse(name, layer, dtype, arch, tile, kind="pairs"):
-    """The numbers of the module docstring for the production pair kernel (kind "pairs") or an experiment of
-    pair_experiments.py: "streamed" (its inner loop runs over the H heads), "staged" and "staged-bf16" (the
+    """The numbers of the module docstring for the production pair kernel (kind "pairs") or an alternative one
+    of kobattr.kernels: "streamed" (its inner loop runs over the H heads), "staged" and "staged-bf16" (the
     key loop inside the persistent loop, the head loop inside it; alpha's scratch in fp32 or bf16)."""
-    import pair_experiments as pe
+    from kobattr.kernels import attention_pairs_staged as staged, attention_pairs_streamed as streamed
 
     H, KV, Dh, e = layer["H"], layer["KV"], layer["Dh"], ELEMENT_BYTES[dtype]
     nested, overrides = False, {}
     per_key = (H + 1) ** 2 * 4  # L2 bytes a key tile reads per key for the quadratic form: the fp32 Gram
     if kind == "streamed":
-        kernel, inner_trips = pe._streamed_pairs_kernel, H
-        consts = pe.streamed_constants(H, KV, Dh, layer["causal"], tile)
+        kernel, inner_trips = streamed._streamed_pairs_kernel, H
+        consts = streamed.streamed_constants(H, KV, Dh, 1, torch_dtype(dtype), tile, causal=layer["causal"])
         per_key = (H + 1) * consts["CP"] * 4  # the factor rows
     elif kind.startswith("staged"):
-        kernel, inner_trips, nested = pe._staged_pairs_kernel, H, True
-        consts = pe.staged_constants(H, KV, Dh, layer["causal"], torch_dtype(dtype), tile)
+        kernel, inner_trips, nested = staged._staged_pairs_kernel, H, True
+        consts = staged.staged_constants(H, KV, Dh, 1, torch_dtype(dtype), tile, causal=layer["causal"])
         scratch = "bf16" if kind == "staged-bf16" else "fp32"
         overrides = dict(scratch_ptr="*" + scratch, gram_ptr="*" + scratch)
         per_key = consts["HP"] ** 2 * ELEMENT_BYTES[scratch]  # the padded Gram
@@ -166,11 +166,11 @@ def main():
     parser.add_argument("--tile", nargs=5, type=int, action="append", metavar=("BM", "BN", "BD", "WARPS", "STAGES"),
                         help="a tile to analyse besides the launcher's own (repeatable)")
     parser.add_argument("--staged", action="store_true",
-                        help="also the staged experiment of pair_experiments.py, alpha's scratch in fp32 and bf16")
+                        help="also the staged kernel (kernels/attention_pairs_staged.py), alpha's scratch in fp32 and bf16")
     parser.add_argument("--staged-tile", nargs=4, type=int, action="append", metavar=("BM", "BN", "SUB_N", "WARPS"),
-                        help="a tile of the staged experiment to analyse (both scratch dtypes); repeatable")
+                        help="a tile of the staged kernel to analyse (both scratch dtypes); repeatable")
     parser.add_argument("--streamed", action="store_true",
-                        help="also analyse pair_experiments.py's streamed kernel with its own tile")
+                        help="also analyse kernels/attention_pairs_streamed.py with its own tile")
     parser.add_argument("--measured", nargs="+", default=[], metavar="LAYER=MS",
                         help="measured milliseconds of the launcher's tile at --n, e.g. llama-7b=76.5")
     parser.add_argument("--n", type=int, default=16384)
@@ -180,7 +180,8 @@ def main():
     import triton
 
     from kobattr.kernels.attention_pairs import pair_settings
-    from pair_experiments import staged_settings, streamed_settings
+    from kobattr.kernels.attention_pairs_staged import staged_settings
+    from kobattr.kernels.attention_pairs_streamed import streamed_settings
     measured = {k: float(v) for k, v in (item.split("=") for item in args.measured)}
     results = []
     for name in args.layers:

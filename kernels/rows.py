@@ -40,14 +40,23 @@ _TWO_LOG2E = tl.constexpr(2 * LOG2E)  # exp(2y) = exp2(2 log2(e) y), as a global
 def query_block(rows_ptr, valid_ptr, b, N, R, window, radius,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_ROWS: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SYMMETRIC: tl.constexpr):
-    """rows[r] = rows_ptr[r] if HAS_ROWS else r, for the output rows r = ridx of this program, and the keys
-    [key_lo, key_hi) any of them can see (key_lo aligned down to BLOCK_N).
+    """block_rows of query block program_id(0)."""
+    return block_rows(tl.program_id(0), rows_ptr, valid_ptr, b, N, R, window, radius, BLOCK_M, BLOCK_N, HAS_ROWS,
+                      CAUSAL, WINDOWED, SYMMETRIC)
+
+
+@triton.jit
+def block_rows(block, rows_ptr, valid_ptr, b, N, R, window, radius,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_ROWS: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """rows[r] = rows_ptr[r] if HAS_ROWS else r, for the output rows r = ridx of query block ``block``, and the
+    keys [key_lo, key_hi) any of them can see (key_lo aligned down to BLOCK_N).
 
     rows_ptr (R,) int64; valid_ptr (B, N) int8. Returns ridx (BM,) output row indices, row_ok = ridx < R,
     rows (BM,) int64 positions, row_valid (BM,), row_first / row_last the least / greatest position
     (N / -1 without rows), key_lo, key_hi.
     """
-    ridx = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ridx = block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = ridx < R
     if HAS_ROWS:
         rows = tl.load(rows_ptr + ridx, mask=row_ok, other=0)

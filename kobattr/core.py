@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .backends import get_backend
 from .backends.base import Attention, Backend, BackendUnavailable, FFParts
-from .backends.torch_backend import DEFAULT_BUDGET, block_alpha
+from .backends.torch_backend import CUDA_PARTS_SHARE, DEFAULT_BUDGET, block_alpha
 from .ig import ffn_coefficients
 from .layer import NORM_FIELDS, Layer, LayerInputError, all_finite, cap_logits, head_vectors
 from .methods import (REGISTRY, STRUCTURES, check_methods, contextualization_change, ff_amp, ff_methods, form,
@@ -56,6 +56,19 @@ class LayerAttribution:
     head_maps: dict = field(default_factory=dict)
     context_change: dict = field(default_factory=dict)
     ff_amp: list = field(default_factory=list)
+
+
+GRAM_BLOCK = 1 << 22  # elements of a key block's (B, C, H, D) head rows in the Gram preparation on the CPU
+
+
+def gram_keys(device: torch.device, B: int, H: int, D: int, itemsize: int) -> int:
+    """Keys per block of the Gram preparation (_Prepared.grams): on CUDA what CUDA_PARTS_SHARE of the free device
+    memory holds of a key's head rows and the einsums' temporaries, 3 (B, H + 1, D) per key (Llama-7B at N = 16k:
+    a few blocks of batched GEMMs instead of ~500 of 31 keys); on the CPU GRAM_BLOCK elements of head rows."""
+    per_key = max(1, B * (H + 1) * D)
+    if device.type == "cuda":
+        return max(1, int(torch.cuda.mem_get_info(device)[0] * CUDA_PARTS_SHARE) // (3 * per_key * itemsize))
+    return max(1, GRAM_BLOCK // per_key)
 
 
 def _row_pass(layer: Layer, attn: Attention, dtype, budget: int, row_stats: Optional[Backend],
@@ -305,7 +318,8 @@ class _Prepared:
         A vector form's head rows P(P1 f^h(x_j)) = v^h_j P(P1 W_O^h) (the splits are linear maps of the D
         dimension), so each form gets its own folded W_O once and the rows come from one einsum per key block,
         without splitting a (B, C, H, D) tensor; the Gram is assembled from head-head, head-residual and
-        residual-residual products (form_rows's parts, without building the rows)."""
+        residual-residual products (form_rows's parts, without building the rows). Key blocks of gram_keys: batched
+        GEMMs over whole blocks of keys, a handful of them on a GPU."""
         L, dtype = self.layer, self.dtype
         B, H, N, _ = L.q.shape
         M = len(methods)
@@ -323,7 +337,7 @@ class _Prepared:
         for mi, f in vector_forms:
             scales[..., mi] = self.form_scale(f)
             folded[mi] = self.split_heads(f, L.w_o.to(dtype))  # (H, Dh, D)
-        step = max(1, (1 << 22) // max(1, B * (H + 1) * L.d_model))
+        step = gram_keys(L.x.device, B, H, L.d_model, torch.empty((), dtype=dtype).element_size())
         for start in range(0, N, step):
             keys = slice(start, min(start + step, N))
             v = L.v[:, :, keys].to(dtype).repeat_interleave(group, 1)  # (B, H, C, Dh)

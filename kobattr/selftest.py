@@ -143,7 +143,9 @@ def _try(outcome: Outcome, impl, primitive: str, layer, methods, ref, dtype, low
     its products with W_2 in ``ff_gemm_dtype`` (attribute's ff_gemm; None: the compute dtype), held to that
     dtype's tolerance; ``rows`` and ``contract`` (K, N) as attribute takes them (the tuner's output modes)."""
     attn = attention_of(layer)
-    reasons = impl.refusals(primitive, attn, ff_gemm_dtype)
+    outputs = frozenset(mode for mode, asked in (("rows", rows is not None), ("contract", contract is not None))
+                        if asked)
+    reasons = impl.refusals(primitive, attn, ff_gemm_dtype, outputs)
     if reasons:
         outcome.skipped = " ".join(reasons)
         return

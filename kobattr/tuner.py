@@ -47,6 +47,7 @@ import torch
 from .backends import BACKEND_NAMES, auto_order, implementation
 from .backends.base import Attention, Backend, FFParts, required_features
 from .backends.torch_backend import DEFAULT_BUDGET
+from .backends.triton_backend import TritonStagedBackend
 
 ENV = "KOBATTR_TUNE"
 CACHE_ENV = "KOBATTR_CACHE_DIR"
@@ -106,8 +107,9 @@ def register_candidates(fn: Callable[[str, str], list]) -> Callable:
 
 def _builtin(primitive: str, device: str) -> list:
     """Every implementation of kobattr.backends that implements ``primitive`` on tensors of ``device``, dispatch's
-    static order first (ties keep its choice), the torch backend also with other budgets; none of Triton's on a
-    CPU, where only its interpreter runs, whose timings mean nothing."""
+    static order first (ties keep its choice), the torch backend also with other budgets and the staged Triton
+    kernel with both scratch dtypes; none of Triton's on a CPU, where only its interpreter runs, whose timings
+    mean nothing."""
     names = auto_order(primitive, device) + BACKEND_NAMES
     out = []
     for name in dict.fromkeys(names):
@@ -118,6 +120,8 @@ def _builtin(primitive: str, device: str) -> list:
         out.append(Candidate(name))
         if name == "torch" and primitive in ("attention_maps", "ff_maps"):
             out += [Candidate("torch", (("budget", b),)) for b in BUDGETS[device]]
+        if name == "triton_staged":  # alpha's scratch in either precision (the gate rejects one too coarse)
+            out += [Candidate(name, (("scratch", s),)) for s in TritonStagedBackend.SCRATCH]
     return out
 
 
@@ -369,7 +373,7 @@ def tune(primitive: str, attn: Attention, ff_gemm_dtype=None, ff_shape=None, poo
     impls, rejected = {}, {}
     for candidate in pool:
         impl = candidate.build()
-        reasons = [impl] if isinstance(impl, str) else impl.refusals(primitive, attn, ff_gemm_dtype)
+        reasons = [impl] if isinstance(impl, str) else impl.refusals(primitive, attn, ff_gemm_dtype, outputs)
         if reasons:
             rejected[candidate.label] = " ".join(reasons)
         else:

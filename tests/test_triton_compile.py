@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -82,15 +81,16 @@ EPILOGUE_JOBS = [(80, "fp32", (12, 3, True, True)), (90, "fp32", (32, 2, False, 
                  (80, "fp32", (32, 3, False, True)), (80, "fp32", (40, 3, True, False)),
                  (90, "fp32", (64, 3, True, True))]
 
-# the candidate kernels of benchmarks/pair_experiments.py (not kobattr's, but timed on GPUs by gpu_profile.py):
-# (kernel, capability, dtype, (H, KV, DH, CAUSAL, scratch dtype of the staged kernel))
-EXPERIMENT_JOBS = [
-    ("_streamed_pairs_kernel", 90, "bf16", (32, 4, 128, True, None)),
-    ("_streamed_pairs_kernel", 80, "fp32", (12, 12, 64, False, None)),
-    ("_staged_pairs_kernel", 90, "bf16", (32, 4, 128, True, "bf16")),
-    ("_staged_pairs_kernel", 80, "fp16", (12, 12, 64, False, "fp32")),
+# the alternative attention pair kernels (triton_streamed, triton_staged): (module, kernel, capability, dtype,
+# (H, KV, DH, M, HAS_ROWS, CAUSAL, WINDOWED, SYMMETRIC, SOFTCAP, scratch dtype of the staged kernel)); the first of
+# each is the benchmark's Llama layer with the launcher's tile, then every flag on and off
+VARIANT_JOBS = [
+    ("attention_pairs_streamed", "_streamed_pairs_kernel", 90, "bf16", (32, 4, 128, 1, False, True, False, False, False, None)),
+    ("attention_pairs_streamed", "_streamed_pairs_kernel", 80, "fp32", (12, 3, 64, 3, True, True, True, True, True, None)),
+    ("attention_pairs_staged", "_staged_pairs_kernel", 90, "bf16", (32, 4, 128, 1, False, True, False, False, False, "bf16")),
+    ("attention_pairs_staged", "_staged_pairs_kernel", 80, "fp16", (12, 12, 64, 2, True, False, True, True, True, "fp32")),
+    ("attention_pairs_staged", "_staged_pairs_kernel", 90, "fp32", (4, 2, 80, 1, True, True, False, True, False, "fp32")),
 ]
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 # ALTI's L1 kernel (kernels/alti_pairs.py): fp32 inputs whatever the model dtype; the widths give BLOCK_D 32 and 64
@@ -112,8 +112,8 @@ def jobs():
         out[f"epilogue-{i}"] = ("ff_pairs", "_ff_epilogue_kernel", capability, dtype, variant)
     for i, (capability, d) in enumerate(itertools.product(CAPABILITIES, ALTI_WIDTHS)):
         out[f"alti-{i}"] = ("alti_pairs", "_alti_l1_kernel", capability, "fp32", (13, d))
-    for i, (kernel, capability, dtype, variant) in enumerate(EXPERIMENT_JOBS):
-        out[f"experiment-{i}"] = ("pair_experiments", kernel, capability, dtype, variant)
+    for i, job in enumerate(VARIANT_JOBS):
+        out[f"variant-{i}"] = job
     return out
 
 
@@ -129,13 +129,14 @@ def launch_settings(kernel, dtype, variant):
     qk_fp32, precision = kr.dot_settings(dtypes[dtype])
     dots = dict(QK_FP32=qk_fp32, DOT_PRECISION=precision)
     if kernel in ("_streamed_pairs_kernel", "_staged_pairs_kernel"):
-        import pair_experiments as pe
-        H, KV, dh, causal, scratch = variant
+        from kobattr.kernels import attention_pairs_staged as staged, attention_pairs_streamed as streamed
+        H, KV, dh, M, *flags, scratch = variant
         if kernel == "_streamed_pairs_kernel":
-            tile = pe.streamed_settings(H)
-            return pe.streamed_constants(H, KV, dh, causal, tile), dict(num_warps=tile["num_warps"]), {}
-        tile = pe.staged_settings(H, dtypes[scratch])
-        consts = pe.staged_constants(H, KV, dh, causal, dtypes[dtype], tile)
+            tile = streamed.streamed_settings(H)
+            return (streamed.streamed_constants(H, KV, dh, M, dtypes[dtype], tile, *flags),
+                    dict(num_warps=tile["num_warps"]), {})
+        tile = staged.staged_settings(H, dtypes[scratch])
+        consts = staged.staged_constants(H, KV, dh, M, dtypes[dtype], tile, *flags)
         return consts, dict(num_warps=tile["num_warps"]), dict(scratch_ptr="*" + scratch, gram_ptr="*" + scratch)
     if kernel == "_ff_prologue_kernel":
         H, group, dh, gated, causal, windowed, symmetric, softcap, gemm = variant
@@ -219,10 +220,7 @@ def compile_job(module, kernel_name, capability, dtype, variant):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    if module == "pair_experiments":
-        sys.path.insert(0, str(BENCHMARKS))
-    kernel = getattr(importlib.import_module(module if module == "pair_experiments" else f"kobattr.kernels.{module}"),
-                     kernel_name)
+    kernel = getattr(importlib.import_module(f"kobattr.kernels.{module}"), kernel_name)
     consts, options, entries = launch_settings(kernel_name, dtype, variant)
     try:
         src = ast_source(kernel, dict(signature(kernel, dtype, consts), **entries), consts)

@@ -16,7 +16,9 @@ from typing import Optional, Union
 
 from .base import Attention, Backend, BackendUnavailable
 
-BACKEND_NAMES = ("torch", "triton", "cpu", "cuda", "triton_gemm")
+# triton_streamed and triton_staged: alternative attention pair kernels that only the tuner chooses (AUTO_ORDER
+# leaves them out)
+BACKEND_NAMES = ("torch", "triton", "cpu", "cuda", "triton_gemm", "triton_streamed", "triton_staged")
 PRIMITIVES = ("attention_maps", "ff_maps", "row_stats")
 _FACTORIES = {
     "torch": ("kobattr.backends.torch_backend", "TorchBackend", {}),
@@ -24,6 +26,8 @@ _FACTORIES = {
     "cpu": ("kobattr.backends.compiled_backend", "CompiledBackend", {"device": "cpu"}),
     "cuda": ("kobattr.backends.compiled_backend", "CompiledBackend", {"device": "cuda"}),
     "triton_gemm": ("kobattr.backends.triton_backend", "TritonGemmBackend", {}),
+    "triton_streamed": ("kobattr.backends.triton_backend", "TritonStreamedBackend", {}),
+    "triton_staged": ("kobattr.backends.triton_backend", "TritonStagedBackend", {}),
 }
 # preference order of backend="auto" by tensor device
 AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
@@ -94,12 +98,12 @@ def select(backend, primitive: str, attn: Attention, ff_gemm_dtype=None, ff_shap
         from ..tuner import tuned  # the on-device tuner's cached (or, with KOBATTR_TUNE=1, measured) winner
 
         winner = tuned(primitive, attn, ff_gemm_dtype, ff_shape, outputs)
-        if winner is not None and not winner.refusals(primitive, attn, ff_gemm_dtype):
+        if winner is not None and not winner.refusals(primitive, attn, ff_gemm_dtype, outputs):
             return winner
     reasons = []
     for name in names:
         impl = name if isinstance(name, Backend) else implementation(name, budget)
-        refused = [impl] if isinstance(impl, str) else impl.refusals(primitive, attn, ff_gemm_dtype)
+        refused = [impl] if isinstance(impl, str) else impl.refusals(primitive, attn, ff_gemm_dtype, outputs)
         if not refused:
             return impl
         reasons.append(f"{getattr(name, 'name', name)}: {' '.join(refused)}")

@@ -63,6 +63,12 @@ FEATURES = {"causal": "causal attention", "window": "sliding-window attention",
             "gqa": "grouped-query attention (fewer KV heads than query heads)"}
 
 
+# output modes beyond the full map a map primitive may be asked for (kobattr.core: rows=, contract=, the heads'
+# alpha), and how a refusal names them
+OUTPUTS = {"rows": "selected query rows (rows=)", "contract": "contractions over the rows (contract=)",
+           "alpha": "the heads' attention weights alpha"}
+
+
 def required_features(attn: "Attention") -> set:
     needed = set()
     if attn.causal:
@@ -146,7 +152,8 @@ class Backend:
     """An implementation of some of the pair primitives, declaring what it takes (xformers style).
 
     Subclasses set ``name``, ``primitives`` (the ones they implement), ``devices`` and ``dtypes`` (of q
-    and k), optionally ``max_heads`` / ``max_head_size``, and implement those primitives. Dispatch
+    and k), optionally ``max_heads`` / ``max_head_size``, ``features`` and ``outputs`` (what they compute of
+    FEATURES and OUTPUTS), and implement those primitives. Dispatch
     (kobattr/backends/__init__.py) asks ``refusals`` and reports every reason when nothing fits.
     """
 
@@ -157,6 +164,7 @@ class Backend:
     max_heads: Optional[int] = None
     max_head_size: Optional[int] = None
     features: frozenset = frozenset(FEATURES)  # the block features of FEATURES it computes
+    outputs: frozenset = frozenset(OUTPUTS)  # the output modes of OUTPUTS its map primitives produce
     ff_gemm_dtypes: tuple = (None,)  # FFParts.gemm_dtype values its ff_maps takes (None: the compute dtype)
     budget: Optional[int] = None  # elements per intermediate (attribute(budget=...)); None: its own sizing
 
@@ -165,9 +173,11 @@ class Backend:
         """None if the implementation can run on this machine, else a sentence saying why not."""
         return None
 
-    def refusals(self, primitive: str, attn: Attention, ff_gemm_dtype: Optional[torch.dtype] = None) -> list[str]:
+    def refusals(self, primitive: str, attn: Attention, ff_gemm_dtype: Optional[torch.dtype] = None,
+                 outputs: frozenset = frozenset()) -> list[str]:
         """Every reason this implementation cannot run ``primitive`` on this input (empty: it can);
-        ``ff_gemm_dtype``: the FFParts.gemm_dtype that ff_maps would get."""
+        ``ff_gemm_dtype``: the FFParts.gemm_dtype that ff_maps would get; ``outputs``: the output modes of OUTPUTS
+        asked for beyond the full map."""
         if primitive not in self.primitives:
             return [f"{self.name} does not implement {primitive}."]
         reasons = []
@@ -189,6 +199,9 @@ class Backend:
             reasons.append(f"{self.name} takes head sizes up to {self.max_head_size}, got {Dh}.")
         for feature in sorted(required_features(attn) - self.features):
             reasons.append(f"{self.name} does not compute {FEATURES[feature]}.")
+        if primitive != "row_stats":
+            for mode in sorted(set(outputs) - self.outputs):
+                reasons.append(f"{self.name} does not produce {OUTPUTS[mode]}.")
         if primitive == "ff_maps" and ff_gemm_dtype not in self.ff_gemm_dtypes:
             reasons.append(f"{self.name} computes the FF products with W_2 in its own precision, not "
                            f"{str(ff_gemm_dtype).replace('torch.', '')} (ff_gemm).")

@@ -113,8 +113,8 @@ class TorchBackend(Backend):
     def elements(self) -> int:
         return self.budget or DEFAULT_BUDGET
 
-    def refusals(self, primitive, attn, ff_gemm_dtype=None):
-        reasons = super().refusals(primitive, attn, ff_gemm_dtype)
+    def refusals(self, primitive, attn, ff_gemm_dtype=None, outputs=frozenset()):
+        reasons = super().refusals(primitive, attn, ff_gemm_dtype, outputs)
         if primitive == "ff_maps" and ff_gemm_dtype == "tf32" and attn.q.device.type != "cuda":
             reasons.append(f"{self.name} computes TF32 products on CUDA tensors only (CPUs have no TF32); "
                            "use ff_gemm='bfloat16' or 'float32' there.")

@@ -177,3 +177,61 @@ class TritonGemmBackend(_TritonMachine, TorchBackend):
         return ff_epilogue(ff.float().contiguous(), slot.view(B, C, R), kappa.contiguous(), _parts(res_p.float()),
                            rows.to(torch.int64).contiguous(), _parts(p["res_scale"]), _parts(p["out_scale"]),
                            _parts(p["out_weight"]), parts.out_center, parts.n_scopes)
+
+
+class _TritonPairVariant(TritonBackend):
+    """An alternative attention pair kernel (kernels/attention_pairs_*.py): attention_maps only, full maps or
+    rows=, every attention feature; no contraction and no alpha output. Dispatch's static rule never picks it
+    (kobattr.backends.AUTO_ORDER); the on-device tuner times it beside the production kernel, behind its
+    correctness gate."""
+
+    primitives = ("attention_maps",)
+    outputs = frozenset({"rows"})
+    kernel_module = ""
+
+    def launch_settings(self, attn: Attention) -> dict:
+        """Keyword arguments of the kernel module's attention_maps beyond the inputs."""
+        return {}
+
+    def attention_maps(self, attn: Attention, grams: Tensor, row_scale: Tensor, rows: Optional[Tensor] = None,
+                       weights: Optional[Tensor] = None, normalize_rows: bool = False,
+                       want_alpha: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        outputs = frozenset(mode for mode, asked in (("rows", rows is not None), ("contract", weights is not None),
+                                                     ("alpha", want_alpha)) if asked)
+        reasons = self.refusals("attention_maps", attn, outputs=outputs)
+        if reasons:
+            raise BackendUnavailable(" ".join(reasons))
+        kernels = importlib.import_module(f"kobattr.kernels.{self.kernel_module}")
+        if attn.row_lse is None and rows is None:  # every row's statistics, once, kept for the caller too
+            attn.row_lse = TritonBackend().row_lse(attn)
+        common = self._common(attn, rows, None)
+        del common["weights"]
+        maps = kernels.attention_maps(grams=grams.float().contiguous(), row_scale=row_scale.float().contiguous(),
+                                      lse2=self._given_lse2(attn, rows), **common, **self.launch_settings(attn))
+        return maps, None
+
+
+class TritonStreamedBackend(_TritonPairVariant):
+    """attention_maps by kernels/attention_pairs_streamed.py: the heads streamed through a 2D dot each, the
+    quadratic form as the squared norm of sum_h alpha_h L_j[h] (G_j = L_j L_j^T) on CUDA cores."""
+
+    name = "triton_streamed"
+    kernel_module = "attention_pairs_streamed"
+
+
+class TritonStagedBackend(_TritonPairVariant):
+    """attention_maps by kernels/attention_pairs_staged.py: every head's alpha staged through a per-program
+    scratch tile in L2, then the tensor-core Gram dot. ``scratch``: alpha's and G's dtype there, "float32" or
+    "bfloat16" (None: float32 for float32 models, bfloat16 for 16-bit ones, whose own rounding is as coarse)."""
+
+    name = "triton_staged"
+    kernel_module = "attention_pairs_staged"
+    scratch: Optional[str] = None
+    SCRATCH = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+    def launch_settings(self, attn: Attention) -> dict:
+        if self.scratch is None:
+            return dict(scratch_dtype=torch.float32 if attn.q.dtype == torch.float32 else torch.bfloat16)
+        if self.scratch not in self.SCRATCH:
+            raise ValueError(f"scratch must be None, 'float32' or 'bfloat16', got {self.scratch!r}.")
+        return dict(scratch_dtype=self.SCRATCH[self.scratch])
