@@ -99,7 +99,8 @@ def test_analyze_checks_every_layer_and_text(monkeypatch):
     assert set(res.spot_check) == set(res.methods)
     for err in res.spot_check.values():
         assert err.shape == (2, 2) and 0 < err.max() < 1e-5
-    assert res.backends == [{"attention_maps": "torch", "ff_maps": "torch"}] * 2  # full maps: no row_stats pass
+    # full maps: no row_stats pass; "all" brings the peers' measures, which record their implementation too
+    assert res.backends == [{"attention_maps": "torch", "ff_maps": "torch", "peers": "torch"}] * 2
     _corrupt(monkeypatch, "ff_maps")
     with pytest.raises(VerificationError, match=r"layer 0: spot check failed: atblnff"):
         analyze(model, batch, methods="all", backend="torch")
