@@ -466,7 +466,8 @@ def coreference_heads(model, tokenizer, documents, layers: Optional[Sequence[int
             res = attribute(layer, methods=["attn_w", "attn_n"], heads=True, backend=backend, verify=verify,
                             verify_seed=index)
             state["backends"].update(f"{p}={name}" for p, name in res.backends.items())
-            state["worst_spot"] = Max(max([state["worst_spot"].value] + [e.max().item() for e in res.spot_check.values()]))
+            spot = [e.max().item() for e in res.spot_check.values()]
+            state["worst_spot"] = Max(max([state["worst_spot"].value] + spot))
             vectors = None
             if norm_to == "vector":
                 vectors = head_vectors(layer, slice(None), torch.float64)  # (B, N, H, D)
