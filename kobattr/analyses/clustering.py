@@ -69,12 +69,17 @@ def pairwise_js(P: Tensor) -> Tensor:
 
 def head_distances(model, tokenizer, texts: Sequence[str], layers: Optional[Sequence[int]] = None,
                    kinds: Sequence[str] = KINDS, batch_size: int = 8, backend="auto", max_length: Optional[int] = None,
-                   progress: bool = False, max_elements: int = DEFAULT_MAX_ELEMENTS, verify: int = 2) -> dict:
+                   progress: bool = False, max_elements: int = DEFAULT_MAX_ELEMENTS, verify: int = 2,
+                   parts: Optional[Path] = None) -> Optional[dict]:
     """The JS distance matrix D over all analysed heads (module docstring) for each kind: {"sum", "mean"} (K x K,
     K = L*H, head k = layer index * H + head), beside the token count, texts and labels (JSON types).
 
     Streams batches of ``batch_size`` texts and blocks of query rows so that at most ``max_elements`` map
-    values per kind are held (module docstring)."""
+    values per kind are held (module docstring). parts: a directory all ranks can write; under torchrun the
+    ranks then share the batches (contiguous blocks; each batch's sums start from zero and are summed along
+    kobattr.analyses.parts' fixed tree), and rank 0 returns the result (identical to a single-process run's;
+    add_mds after it), the other ranks None."""
+    from .parts import Fixed, Max, batch_sum
     from ..api import _wanted_layers, analyze
     from ..models import get_adapter
     from ..reproduce import _model_name
@@ -92,16 +97,16 @@ def head_distances(model, tokenizer, texts: Sequence[str], layers: Optional[Sequ
     wanted = _wanted_layers(layers, len(adapter.layer_modules(model)))
     # the head count bounds the block before the first maps tell it (1 where the config does not say)
     H = getattr(model.config, "num_attention_heads", None) or 1
-    sums: dict = {}
-    tokens = 0
-    worst_spot = 0.0
-    used_backends: set = set()
     method = {"weights": "attn_w", "norms": "attn_n"}
-    from tqdm.auto import tqdm
-
     batches = [texts[k:k + batch_size] for k in range(0, len(texts), batch_size)]
-    for chunk in tqdm(batches, desc="clustering: batches", disable=not progress, file=sys.stderr):
-        batch, _ = _batch([_encode(t, tokenizer, max_length) for t in chunk], tokenizer)
+
+    def leaf(k: int) -> dict:
+        sums: dict = {}
+        tokens = 0
+        worst_spot = 0.0
+        used_backends: set = set()
+        heads = H
+        batch, _ = _batch([_encode(t, tokenizer, max_length) for t in batches[k]], tokenizer)
         mask = batch["attention_mask"].bool()
         B, N = mask.shape
         R = max(1, max_elements // (len(wanted) * H * B * N))
@@ -118,13 +123,22 @@ def head_distances(model, tokenizer, texts: Sequence[str], layers: Optional[Sequ
                     continue
                 for kind in kinds:
                     m = result.head_maps[method[kind]][:, b][:, :, rows][:, :, :, keys].double()  # (L, H, r, n)
-                    H = m.shape[1]
+                    heads = m.shape[1]
                     if kind == "norms":
                         m = _normalize_rows(m)
                     D = pairwise_js(smooth(m.flatten(0, 1)))
                     sums[kind] = D if kind not in sums else sums[kind] + D
                 tokens += len(rows)
             del result
+        return {"sums": sums, "tokens": tokens, "heads": Fixed(heads), "backends": used_backends,
+                "worst_spot": Max(worst_spot)}
+
+    summed = batch_sum(len(batches), leaf, parts=parts, name="clustering", progress=progress,
+                       desc="clustering: batches")
+    if summed is None:  # another rank than 0 of a shared run
+        return None
+    sums, tokens, H = summed["sums"], summed["tokens"], summed["heads"].value
+    used_backends, worst_spot = summed["backends"], summed["worst_spot"].value
     labels = [f"{i + 1}-{h + 1}" for i in wanted for h in range(H)]
     out = {"model": {"name": _model_name(model), "family": adapter.family, "causal": adapter.causal},
            "layers": [i + 1 for i in wanted], "heads": H, "labels": labels, "texts": len(texts), "tokens": tokens,

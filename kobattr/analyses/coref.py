@@ -413,12 +413,15 @@ def _select(scores: Tensor, query: _Query, candidates: str, visible: Tensor) -> 
 # ----------------------------------------------------------------------------------------------- driver
 def coreference_heads(model, tokenizer, documents, layers: Optional[Sequence[int]] = None, candidates: str = "mentions",
                       max_tokens: int = 128, batch_size: int = 8, backend="auto", progress: bool = False,
-                      norm_to: str = "vector", verify: int = 2) -> dict:
+                      norm_to: str = "vector", verify: int = 2, parts: Optional[Path] = None) -> Optional[dict]:
     """Antecedent-selection accuracy of every analysed layer and head (weights and norms), overall and per
     mention type, beside the nearest, head-match and rule-based baselines (JSON types; module docstring).
 
     documents: CorefDocument list (read_corefud) or a CorefUD path. Streams ``batch_size`` documents per forward
-    pass; each layer's maps are reduced to counts inside its capture hook and dropped."""
+    pass; each layer's maps are reduced to counts inside its capture hook and dropped. parts: a directory all
+    ranks can write; under torchrun the ranks then share the batches (contiguous blocks; the counts add exactly),
+    and rank 0 returns the result (identical to a single-process run's), the other ranks None."""
+    from .parts import Fixed, Max, batch_sum
     from ..core import attribute
     from ..models import get_adapter
     from ..models.recording import capture
@@ -449,24 +452,22 @@ def coreference_heads(model, tokenizer, documents, layers: Optional[Sequence[int
                 counts[g] += 1
                 for b in BASELINES:
                     base_correct[b][g] += int(q.baselines[b])
-    correct: dict = {}
-    worst_spot = 0.0
-    used_backends: set = set()
-    H = None
-    from tqdm.auto import tqdm
-
     batches = [windows[k:k + batch_size] for k in range(0, len(windows), batch_size)]
-    for chunk in tqdm(batches, desc="coreference: batches", disable=not progress, file=sys.stderr):
+
+    def leaf(k: int) -> dict:
+        chunk = batches[k]
+        correct: dict = {}  # layer index -> kind -> group -> (H,) correct queries
+        state = {"correct": correct, "backends": set(), "worst_spot": Max(0.0)}
         if not any(w.queries for w in chunk):
-            continue
+            return state
         batch, word_ids = _batch([w.item for w in chunk], tokenizer)
 
         def on_layer(index, layer):
-            nonlocal worst_spot, H
             res = attribute(layer, methods=["attn_w", "attn_n"], heads=True, backend=backend, verify=verify,
                             verify_seed=index)
-            used_backends.update(f"{p}={name}" for p, name in res.backends.items())
-            worst_spot = max([worst_spot] + [e.max().item() for e in res.spot_check.values()])
+            state["backends"].update(f"{p}={name}" for p, name in res.backends.items())
+            spot = [e.max().item() for e in res.spot_check.values()]
+            state["worst_spot"] = Max(max([state["worst_spot"].value] + spot))
             vectors = None
             if norm_to == "vector":
                 vectors = head_vectors(layer, slice(None), torch.float64)  # (B, N, H, D)
@@ -474,6 +475,7 @@ def coreference_heads(model, tokenizer, documents, layers: Optional[Sequence[int
                     vectors = layer.attn_out_norm.split(vectors).double()
             vis = layer.visible().cpu()
             H = res.head_maps["attn_w"].shape[1]
+            state["heads"] = Fixed(H)
             table = correct.setdefault(index, {k: {g: torch.zeros(H, dtype=torch.long) for g in GROUPS} for k in KINDS})
             for b, w in enumerate(chunk):
                 if not w.queries:
@@ -495,6 +497,14 @@ def coreference_heads(model, tokenizer, documents, layers: Optional[Sequence[int
                             table[kind][g] += ok
 
         capture(model, batch, on_layer, layers=wanted)
+        return state
+
+    summed = batch_sum(len(batches), leaf, parts=parts, name="coreference", progress=progress,
+                       desc="coreference: batches")
+    if summed is None:  # another rank than 0 of a shared run
+        return None
+    correct, used_backends, worst_spot = summed["correct"], summed["backends"], summed["worst_spot"].value
+    H = summed["heads"].value if "heads" in summed else None
 
     def acc(k, n):
         return None if n == 0 else k / n

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -338,6 +339,16 @@ class _Sums:
         self.pairs, self.rows, self.fx, self.keys = z(L, C), z(L), z(L, H, C), z(C)
         self.windows, self.radii, self.causal = windows, radii, causal
 
+    def state(self) -> dict:
+        """The sums as a batch state of kobattr.analyses.parts."""
+        return {"sums": self.sums, "pairs": self.pairs, "rows": self.rows, "fx": self.fx, "keys": self.keys}
+
+    def load(self, state: dict) -> "_Sums":
+        """These sums replaced by ``state`` (a sum of state()s); returns self."""
+        for name in ("sums", "pairs", "rows", "fx", "keys"):
+            setattr(self, name, state[name])
+        return self
+
     def add(self, out: dict, b: int, n: int, categories: list) -> None:
         """Example b of a batch (right padded: its real tokens are 0..n-1); reduced where the maps are."""
         dev = out["alpha"].device
@@ -386,11 +397,17 @@ def _check(texts, mask_prob, replace_probs, n_draws, agg, batch_size) -> None:
 def gradient_importance(model, tokenizer, texts: Sequence[str], layers: Optional[Sequence[int]] = None,
                         mask_prob: float = 0.15, replace_probs: Sequence[float] = (0.8, 0.1, 0.1), n_draws: int = 1,
                         seed: int = 0, objective: Optional[Callable] = None, agg: str = "mean", batch_size: int = 8,
-                        max_length: Optional[int] = None, progress: bool = False) -> dict:
+                        max_length: Optional[int] = None, progress: bool = False,
+                        parts: Optional[Path] = None) -> Optional[dict]:
     """Mean |dL/d alpha|, alpha dL/d alpha, |alpha dL/d alpha|, alpha and ||f^h(x_j)|| per analysed layer (and
     head) and key category over ``texts`` (JSON types; see the module docstring for L, the masking and the
-    pooling). layers: model layer indices (default all); n_draws: maskings per text (masked LMs)."""
-    from tqdm.auto import tqdm
+    pooling). layers: model layer indices (default all); n_draws: maskings per text (masked LMs).
+
+    Every batch's sums start from zero and are summed along kobattr.analyses.parts' fixed tree. parts: a
+    directory all ranks can write; under torchrun the ranks then share the batches (contiguous blocks; the
+    masking is drawn per text index, so it is the same), and rank 0 returns the result (identical to a
+    single-process run's), the other ranks None."""
+    from .parts import batch_sum
 
     from ..api import _pad_id
     from ..models import get_adapter
@@ -411,18 +428,23 @@ def gradient_importance(model, tokenizer, texts: Sequence[str], layers: Optional
     # a custom objective sees one text's outputs, so each text runs alone
     size = 1 if objective is not None else batch_size
     chunks = [items[k:k + size] for k in range(0, len(items), size)]
-    sums: Optional[_Sums] = None
-    losses: list[float] = []
     pad_id = _pad_id(tokenizer)
-    for chunk in tqdm(chunks, desc="gradient: batches", disable=not progress, file=sys.stderr):
-        batch, labels = _batch(chunk, pad_id)
+    windows = [adapter.window(model.config, i) for i in analysed]
+    radii = [adapter.radius(model.config, i) for i in analysed]
+
+    def leaf(k: int) -> dict:
+        batch, labels = _batch(chunks[k], pad_id)
         out = attention_gradients(model, batch, labels=labels, objective=objective, layers=analysed)
-        if sums is None:
-            sums = _Sums(len(analysed), out["alpha"].shape[2], [adapter.window(model.config, i) for i in analysed],
-                         [adapter.radius(model.config, i) for i in analysed], causal)
-        for b, it in enumerate(chunk):
+        sums = _Sums(len(analysed), out["alpha"].shape[2], windows, radii, causal)
+        for b, it in enumerate(chunks[k]):
             sums.add(out, b, len(it["ids"]), it["categories"])
-        losses += out["loss"].reshape(-1).tolist()
+        return {**sums.state(), "losses": out["loss"].reshape(-1).tolist()}
+
+    summed = batch_sum(len(chunks), leaf, parts=parts, name="gradient", progress=progress, desc="gradient: batches")
+    if summed is None:  # another rank than 0 of a shared run
+        return None
+    sums = _Sums(len(analysed), 1, windows, radii, causal).load(summed)
+    losses = summed["losses"]
     means = sums.means(agg)
     result = {
         "measure": CUSTOM_MEASURE if objective is not None else MEASURE,

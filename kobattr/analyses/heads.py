@@ -186,6 +186,21 @@ class HeadStatistics:
         self.offset_correct: dict[str, Tensor] = {}
         self.skipped = {"root": 0, "within_token": 0, "empty_node": 0, "no_head": 0, "missing_pieces": 0}
 
+    _FIXED = ("L", "H", "causal", "windows")
+
+    def state(self) -> dict:
+        """The sums as a batch state of kobattr.analyses.parts (the shape and visibility rule as Fixed values)."""
+        from .parts import Fixed
+
+        return {k: Fixed(v) if k in self._FIXED else v for k, v in vars(self).items()}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "HeadStatistics":
+        """The statistics whose sums are ``state`` (a sum of state()s)."""
+        stats = cls.__new__(cls)
+        stats.__dict__.update({k: v.value if k in cls._FIXED else v for k, v in state.items()})
+        return stats
+
     def visibility(self, n: int) -> Tensor:
         """(L, n, n) bool: key j visible to query i in each analysed layer, for one unpadded text."""
         pos = torch.arange(n)
@@ -395,15 +410,20 @@ def token_categories(ids: Sequence[int], tokens: Sequence[str], tokenizer) -> li
 def head_statistics(model, tokenizer, texts: Optional[Sequence[str]] = None,
                     sentences: Optional[Sequence[DepSentence]] = None, layers: Optional[Sequence[int]] = None,
                     batch_size: int = 8, backend="auto", max_length: Optional[int] = None, progress: bool = False,
-                    verify: int = 2) -> dict:
+                    verify: int = 2, parts: Optional[Path] = None) -> Optional[dict]:
     """Every statistic of spec section 8 over ``texts`` or gold ``sentences`` (read_conllu), per analysed
     layer and head, for weights and norms (the contents of results.json; see the module docstring).
 
     Streams: ``batch_size`` texts per kobattr.analyze(..., heads=True) call, whose maps are reduced to
     running sums and dropped before the next batch. With ``sentences`` the gold words are tokenised
-    themselves and dependency probing is added. layers: model layer indices (default all)."""
+    themselves and dependency probing is added. layers: model layer indices (default all).
+
+    Every batch's sums start from zero and are summed along kobattr.analyses.parts' fixed tree. parts: a
+    directory all ranks can write; under torchrun the ranks then share the batches (contiguous blocks), and
+    rank 0 returns the statistics (identical to a single-process run's), the other ranks None."""
     from ..api import analyze
     from ..models import get_adapter
+    from .parts import Fixed, Max, batch_sum
 
     if (texts is None) == (sentences is None):
         raise LayerInputError("give either texts= or sentences= (gold trees from read_conllu).")
@@ -413,24 +433,15 @@ def head_statistics(model, tokenizer, texts: Optional[Sequence[str]] = None,
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise LayerInputError(f"batch_size must be a positive int, got {batch_size!r}.")
     adapter = get_adapter(model)
-    stats: Optional[HeadStatistics] = None
-    analysed: tuple = ()
-    used_backends: set = set()
-    worst_spot = 0.0
     batches = [items_in[k:k + batch_size] for k in range(0, len(items_in), batch_size)]
-    from tqdm.auto import tqdm
 
-    for chunk in tqdm(batches, desc="heads: batches", disable=not progress, file=sys.stderr):
-        items = [_encode(x, tokenizer, max_length) for x in chunk]
+    def leaf(k: int) -> dict:
+        items = [_encode(x, tokenizer, max_length) for x in batches[k]]
         batch, word_ids = _batch(items, tokenizer)
         result = analyze(model, batch, tokenizer=tokenizer, methods=["attn_w", "attn_n"], heads=True, layers=layers,
                          backend=backend, verify=verify)
-        if stats is None:
-            analysed = result.layers
-            stats = HeadStatistics(len(analysed), result.head_maps["attn_w"].shape[2], adapter.causal,
-                                   [adapter.window(model.config, i) for i in analysed])
-        used_backends |= {f"{p}={name}" for per_layer in result.backends for p, name in per_layer.items()}
-        worst_spot = max([worst_spot] + [e.max().item() for e in result.spot_check.values()])
+        stats = HeadStatistics(len(result.layers), result.head_maps["attn_w"].shape[2], adapter.causal,
+                               [adapter.window(model.config, i) for i in result.layers])
         mask = result.attention_mask
         categories = torch.zeros(mask.shape, dtype=torch.long)
         for b, it in enumerate(items):
@@ -440,7 +451,15 @@ def head_statistics(model, tokenizer, texts: Optional[Sequence[str]] = None,
                                                                 tokenizer))
         stats.add(result.head_maps["attn_w"], result.head_maps["attn_n"], result.value_norms, mask, categories,
                   word_ids=word_ids, sentences=[it.sentence for it in items])
-        del result
+        return {"stats": stats.state(), "layers": Fixed(list(result.layers)),
+                "backends": {f"{p}={name}" for per_layer in result.backends for p, name in per_layer.items()},
+                "worst_spot": Max(max([0.0] + [e.max().item() for e in result.spot_check.values()]))}
+
+    summed = batch_sum(len(batches), leaf, parts=parts, name="heads", progress=progress, desc="heads: batches")
+    if summed is None:  # another rank than 0 of a shared run
+        return None
+    stats, analysed = HeadStatistics.from_state(summed["stats"]), summed["layers"].value
+    used_backends, worst_spot = summed["backends"], summed["worst_spot"].value
     from ..reproduce import _model_name
 
     out = {"model": {"name": _model_name(model), "family": adapter.family, "causal": adapter.causal}}

@@ -3,6 +3,8 @@
 from pathlib import Path
 
 from ..io import MANIFEST, staged_output
+
+PARTS = "parts"  # the ranks' part files, inside the staging directory until rank 0 has merged them
 from .common import (UsageError, add_run_options, check_layers, check_out, check_run_options, describe_files, load_model,
                      read_texts)
 
@@ -33,11 +35,19 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     """`kobattr heads`: head statistics (spec section 8) over texts or gold trees, written like `analyze`: built in
-    a staging directory inside --out and moved into place when complete, manifest last."""
+    a staging directory beside --out and moved into place when complete, manifest last.
+
+    Under torchrun the ranks share the texts, sentences and documents of every analysis but the probes
+    (contiguous blocks of batches); each rank writes its part (kobattr.analyses.parts) into the staging
+    directory's parts/, and rank 0 merges them into the results a single process would write, byte for byte,
+    and publishes. The attention probes train sequentially over the train file, so rank 0 runs them alone."""
+    import contextlib
     import shlex
+    import shutil
     import time
 
     from ..analyses import heads
+    from ..distributed import StoppedOnRankZero, world
 
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be at least 1 text, got {args.limit}.")
@@ -71,56 +81,70 @@ def run(args) -> int:
         if importlib.util.find_spec("sklearn") is None:
             raise UsageError("--clustering needs scikit-learn: pip install kobattr[clustering].")
     check_out(args)
+    here = world()
     model, tokenizer = load_model(args.model, prog="kobattr heads")
     from ..models import get_adapter
 
     check_layers(args.layers, len(get_adapter(model).layer_modules(model)))
     head_model = _head_model(args) if args.gradient else None
+    if here.size > 1 and here.device.type == "cuda":  # each rank on its own GPU (cuda:LOCAL_RANK)
+        model.to(here.device)
+        if head_model is not None:
+            head_model[0].to(here.device)
     command = "kobattr heads " + " ".join(shlex.quote(a) for a in (args.argv or []))
     written: list[str] = []
     manifest = lambda: {"kobattr": __import__("kobattr").__version__, "complete": True, "source": source,  # noqa: E731
                         "files": sorted(written)}
-    with staged_output(Path(args.out), manifest, overwrite=args.overwrite) as stage:
-        started = time.perf_counter()
-        results = heads.head_statistics(model, tokenizer, texts=texts, sentences=sentences, layers=args.layers,
-                                        batch_size=args.batch_size, backend=args.backend,
-                                        max_length=args.max_length, progress=True)
-        if probe_splits is not None:
-            from ..analyses import probes
+    try:
+        with contextlib.ExitStack() as stack:
+            # rank 0 locks --out and makes the staging directory; every rank writes its parts into it
+            stage = Path(here.agree(lambda: str(stack.enter_context(
+                staged_output(Path(args.out), manifest, overwrite=args.overwrite)))))
+            parts = stage / PARTS if here.size > 1 else None
+            started = time.perf_counter()
+            results = heads.head_statistics(model, tokenizer, texts=texts, sentences=sentences, layers=args.layers,
+                                            batch_size=args.batch_size, backend=args.backend,
+                                            max_length=args.max_length, progress=True, parts=parts)
+            plain = texts if texts is not None else [s.text for s in sentences]
+            extra = {}
+            if probe_splits is not None and here.main:  # training is sequential: rank 0 alone (module docstring)
+                from ..analyses import probes
 
-            results["probes"] = probes.attention_probes(model, tokenizer, *probe_splits, layers=args.layers,
-                                                        word_vectors=args.glove, batch_size=args.batch_size,
-                                                        backend=args.backend, progress=True)
-        if documents is not None:
-            from ..analyses import coref
+                extra["probes"] = probes.attention_probes(model, tokenizer, *probe_splits, layers=args.layers,
+                                                          word_vectors=args.glove, batch_size=args.batch_size,
+                                                          backend=args.backend, progress=True)
+            if documents is not None:
+                from ..analyses import coref
 
-            results["coreference"] = coref.coreference_heads(model, tokenizer, documents, layers=args.layers,
-                                                             batch_size=args.batch_size, backend=args.backend,
-                                                             progress=True)
-            results["coreference"]["source"] = coref_source
-        if args.clustering:
-            from ..analyses import clustering
+                extra["coreference"] = coref.coreference_heads(model, tokenizer, documents, layers=args.layers,
+                                                               batch_size=args.batch_size, backend=args.backend,
+                                                               progress=True, parts=parts)
+                if extra["coreference"] is not None:
+                    extra["coreference"]["source"] = coref_source
+            if args.clustering:
+                from ..analyses import clustering
 
-            results["clustering"] = clustering.add_mds(clustering.head_distances(
-                model, tokenizer, texts if texts is not None else [s.text for s in sentences], layers=args.layers,
-                batch_size=args.batch_size, backend=args.backend, max_length=args.max_length, progress=True))
-        if head_model is not None:
-            from ..analyses import gradient
+                distances = clustering.head_distances(model, tokenizer, plain, layers=args.layers,
+                                                      batch_size=args.batch_size, backend=args.backend,
+                                                      max_length=args.max_length, progress=True, parts=parts)
+                extra["clustering"] = clustering.add_mds(distances) if distances is not None else None  # rank 0
+            if head_model is not None:
+                from ..analyses import gradient
 
-            gtexts = texts if texts is not None else [s.text for s in sentences]
-            results["gradient"] = gradient.gradient_importance(*head_model, gtexts, layers=args.layers,
-                                                               batch_size=args.batch_size, max_length=args.max_length,
-                                                               progress=True)
-        runtime = time.perf_counter() - started
-        written += heads.write_report(results, stage, command=command.strip(), runtime_s=runtime, source=source)
-    print(f"model: {results['model']['name']}  layers: {results['layers'][0]}..{results['layers'][-1]}  "
-          f"texts: {results['texts']}  tokens: {results['tokens']}  time: {runtime:.1f} s")
-    for kind in ("weights", "norms"):
-        found = ", ".join(f"L{li}-H{h}" for li, h in results["prev_token_heads"][kind]) or "none"
-        print(f"previous-token heads ({kind}): {found}")
-    if "dependency" in results:
-        corpus = results["dependency_corpus"]
-        print(f"dependency probing: {corpus['sentences']} sentences, {corpus['arcs']} arcs, {corpus['relations']} relations")
+                extra["gradient"] = gradient.gradient_importance(*head_model, plain, layers=args.layers,
+                                                                 batch_size=args.batch_size,
+                                                                 max_length=args.max_length, progress=True,
+                                                                 parts=parts)
+            if not here.main:
+                return 0
+            # the results file's key order of a single-process run: probes, coreference, clustering, gradient
+            results.update(extra)
+            runtime = time.perf_counter() - started
+            if parts is not None:
+                shutil.rmtree(parts)  # merged: not part of the published run
+            written += heads.write_report(results, stage, command=command.strip(), runtime_s=runtime, source=source)
+    except StoppedOnRankZero:  # rank 0 says why
+        return 2
     from ..analyses import clustering, coref, gradient, probes
 
     for key, module in (("gradient", gradient), ("probes", probes), ("coreference", coref), ("clustering", clustering)):
