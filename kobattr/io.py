@@ -191,10 +191,25 @@ def _lock_holder(fd: int) -> Optional[int]:
     return min(candidates)[1] if candidates else None
 
 
-def _lock(out: Path) -> tuple[int, bool]:
-    """(a descriptor holding an exclusive flock on the directory ``out``, whether this call created it)."""
+def lock_directory(out: Path) -> int:
+    """A descriptor holding an exclusive, non-blocking flock on the existing directory ``out`` (closing it
+    releases the lock); OutputError naming the holder's pid when another run holds it."""
     import fcntl
 
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(fd)
+        os.close(fd)
+        raise OutputError(f"--out {str(out)!r} is in use by another kobattr run "
+                          f"({'pid ' + str(holder) if holder else 'its pid unknown'}); wait for it to finish or "
+                          "choose another directory.") from None
+    return fd
+
+
+def _lock(out: Path) -> tuple[int, bool]:
+    """(a descriptor holding an exclusive flock on the directory ``out``, whether this call created it)."""
     created = False
     for _ in range(20):
         try:
@@ -203,15 +218,7 @@ def _lock(out: Path) -> tuple[int, bool]:
         except FileExistsError:
             pass
         check_output_folder(out, overwrite=True)  # a symlink or a file that appeared meanwhile
-        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _lock_holder(fd)
-            os.close(fd)
-            raise OutputError(f"--out {str(out)!r} is in use by another kobattr run "
-                              f"({'pid ' + str(holder) if holder else 'its pid unknown'}); wait for it to finish or "
-                              "choose another directory.") from None
+        fd = lock_directory(out)
         try:
             if os.path.samestat(os.fstat(fd), os.stat(out)):
                 return fd, created

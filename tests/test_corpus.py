@@ -495,3 +495,30 @@ def test_every_state_a_kill_leaves_resumes_to_identical_outputs(baseline, corpus
     with one_thread():
         assert run_corpus(model, tokenizer, corpus_file, out, resume=True, **RUN) == baseline[1]
     assert contents(out) == contents(baseline[0])
+
+
+def test_a_second_run_on_a_locked_out_is_refused_in_one_line_and_touches_nothing(corpus_file, tmp_path):
+    """Another process holds --out's lock (as a running corpus run does): a new run on it stops with one line that
+    names the holder's pid, and the directory stays as it was."""
+    from kobattr.io import lock_directory
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "earlier.txt").write_text("not ours")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY);"
+                               " fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = subprocess.run([sys.executable, "-m", "kobattr", "corpus", "--file", str(corpus_file), "--out", str(out),
+                                 *CLI_RUN], capture_output=True, text=True, timeout=300, cwd=tempfile.gettempdir(),
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        holder.kill()
+        holder.wait()
+    assert second.returncode == 2, second.stderr[-2000:]
+    lines = [line for line in second.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and f"is in use by another kobattr run (pid {holder.pid})" in lines[0], second.stderr[-2000:]
+    assert "Traceback" not in second.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["earlier.txt"]
+    os.close(lock_directory(out))  # released with its holder

@@ -44,7 +44,7 @@ import torch
 from ..distributed import world
 from ..core import FF_GEMM_DTYPES
 from ..layer import LayerInputError
-from ..io import atomic_write, file_sha256, write_safetensors
+from ..io import OutputError, atomic_write, file_sha256, lock_directory, write_safetensors
 
 RUN_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -635,9 +635,18 @@ def run_corpus(model, tokenizer, file, out, field: Optional[str] = None, column:
     stored_ff_gemm = ff_gemm if ff_gemm != "auto" else {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(
         model_dtype, "float32")
 
+    lock = None  # rank 0 holds a flock on --out for the whole run: a second run on it is refused in one line
+
     def start():
-        nonlocal corpus
+        nonlocal corpus, lock
         corpus = open_corpus(file, field=field, column=column)
+        if out.exists() and not out.is_dir():
+            raise CorpusError(f"--out {str(out)!r} is a file; give a directory (it is created if missing).")
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = lock_directory(out)
+        except OutputError as err:
+            raise CorpusError(str(err)) from None
         manifest = {"format": RUN_FORMAT, "kobattr": __version__, "model": model_identity(model, tokenizer),
                     "input": corpus.describe(),
                     "settings": {"methods": list(methods), "layers": layers, "max_length": max_length,
@@ -646,30 +655,34 @@ def run_corpus(model, tokenizer, file, out, field: Optional[str] = None, column:
                     "shards": shard_plan(corpus.count, shard_size)}
         return _start(out, manifest, resume, save_maps)
 
-    plan, todo = here.agree(start)
-    if not here.main:  # rank 0 checked the content; every rank reads its own shards' texts
-        corpus = open_corpus(file, field=field, column=column, digest=False)
-        if corpus.count != plan[-1][1]:
-            raise CorpusError(f"{file} holds {corpus.count} texts on rank {here.rank} but {plan[-1][1]} on rank 0; "
-                              "every rank must see the same input.")
-    layout = _Layout(out, len(plan))
-    job = _Job(model, tokenizer, corpus, layout, methods, layers, batch_size, max_length, backend, verify,
-               save_maps, ff_gemm)
-    done = plan[-1][1] - sum(plan[i][1] - plan[i][0] for i in todo)
-    bar = _Progress(layout, todo, plan[-1][1], done, here.size, progress) if here.main else None
-    poll = bar.poll if bar is not None else (lambda: None)
     try:
-        for written, index in enumerate(todo[here.rank::here.size], 1):
-            _compute_shard(job, index, plan[index], poll)
-            if written == fault_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-        here.wait_for_all(poll)
+        plan, todo = here.agree(start)
+        if not here.main:  # rank 0 checked the content; every rank reads its own shards' texts
+            corpus = open_corpus(file, field=field, column=column, digest=False)
+            if corpus.count != plan[-1][1]:
+                raise CorpusError(f"{file} holds {corpus.count} texts on rank {here.rank} but {plan[-1][1]} on rank 0; "
+                                  "every rank must see the same input.")
+        layout = _Layout(out, len(plan))
+        job = _Job(model, tokenizer, corpus, layout, methods, layers, batch_size, max_length, backend, verify,
+                   save_maps, ff_gemm)
+        done = plan[-1][1] - sum(plan[i][1] - plan[i][0] for i in todo)
+        bar = _Progress(layout, todo, plan[-1][1], done, here.size, progress) if here.main else None
+        poll = bar.poll if bar is not None else (lambda: None)
+        try:
+            for written, index in enumerate(todo[here.rank::here.size], 1):
+                _compute_shard(job, index, plan[index], poll)
+                if written == fault_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            here.wait_for_all(poll)
+        finally:
+            if bar is not None:
+                bar.close()
+        if not here.main:
+            return None
+        return _merge(layout, plan, save_maps)
     finally:
-        if bar is not None:
-            bar.close()
-    if not here.main:
-        return None
-    return _merge(layout, plan, save_maps)
+        if lock is not None:
+            os.close(lock)
 
 
 # ---------------------------------------------------------------------------------------------- the merge
