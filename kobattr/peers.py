@@ -36,12 +36,14 @@ class PeerImplementation:
 
     name = "torch"
     l1 = None
+    methods = ()  # the methods whose work this implementation does itself (kobattr selftest checks them)
 
 
 class TritonPeers(PeerImplementation):
     """The peers' measures with ALTI's L1 proximities from kernels/alti_pairs.py (the rest as torch)."""
 
     name = "triton"
+    methods = ("alti",)
 
     @staticmethod
     def l1(kappa, rows, scale, y, norm, vis):
