@@ -94,6 +94,26 @@ def _key_step(N: int, B: int, R: int, D: int, budget: int) -> int:
     return max(1, min(_block_cap(N), budget // max(1, 4 * B * R * D)))  # the tile and its few temporaries stay within budget
 
 
+# entries of D summed in the tile's dtype before their sums are added in float64 (ALTI-L2's squares): 32 keeps the
+# float32 map within 5e-7 of the float64 reference on the benchmark's layer (4e-7 at 32, 9e-7 at 64, 3e-6 for a whole
+# float32 sum over d = 384, N = 256), and converting every entry to float64 was what made the tiles slow
+SUM_CHUNK = 32
+ALTI_TILE = 1 << 18  # elements of an ALTI tile (B, keys, rows, D): 1 MiB in float32, so that it stays in a core's L2 cache
+
+
+def _sum_d(t: Tensor) -> Tensor:
+    """(...,) float64 sums over the last dim of t (..., D), each run of SUM_CHUNK entries summed in t's dtype first."""
+    D = t.shape[-1]
+    full = D - D % SUM_CHUNK
+    out = t[..., :full].unflatten(-1, (-1, SUM_CHUNK)).sum(-1).sum(-1, dtype=torch.float64)
+    return out + t[..., full:].sum(-1, dtype=torch.float64) if full < D else out
+
+
+def _alti_key_step(N: int, B: int, R: int, D: int, budget: int) -> int:
+    """Keys per ALTI tile: the (B, keys, R, D) tile within ALTI_TILE elements (and budget), at most the block cap."""
+    return max(1, min(_block_cap(N), min(ALTI_TILE, budget) // max(1, B * R * D)))
+
+
 def peer_maps(prep, methods, rows: Optional[Tensor], budget: int = DEFAULT_BUDGET) -> tuple[dict, dict, dict]:
     """({method: (B, R, N) map}, {method: (B, N) bias norm}, {method: (B, R) completeness error}) of the peer
     methods for the query rows ``rows`` (None: all)."""
@@ -179,7 +199,9 @@ def alti_maps(prep, f: Form, rows: Tensor, l2: list, budget: int) -> tuple[list,
     src/utils_contributions.py normalize_contributions 'min_sum' (c = clip(||y_i||_p - ||y_i - T_i(x_j)||_p, 0),
     divided by the row sum). Differences, each < 1e-6 relative: their std adds eps to the states, kobattr uses the
     model's own statistic (eps inside the root); F.pairwise_distance adds 1e-6 to the difference, kobattr does not.
-    The sums over D are taken in float64: ||y||_1 - ||y - T||_1 cancels (spec section 10, precision)."""
+    ||y||_1 - ||y - T||_1 cancels (spec section 10, precision): the L1 proximity is summed as sum_d (|y_d| - |y_d -
+    T_d|), whose terms do not cancel; the L2 distance's squares are summed in float64 (``_sum_d``). Per (row block x
+    key tile) one batched (rows x (H+1)) @ ((H+1) x D) product into a reused buffer and three in-place passes."""
     L = prep.layer
     B, H, N, _ = L.q.shape
     D = L.d_model
@@ -193,37 +215,58 @@ def alti_maps(prep, f: Form, rows: Tensor, l2: list, budget: int) -> tuple[list,
     kernel = getattr(getattr(prep, "peers", None), "l1", None)  # the Triton L1 proximities, where dispatch chose it
     if kernel is not None and cached is None:
         cached = _key_rows(prep, f, slice(0, N))  # the kernel reads every key's rows
+    torch_tiles = [k for k, p2 in enumerate(l2) if p2 or kernel is None]
     for r0, r1 in _query_blocks(len(rows), N, B, H, budget):
         q_rows = rows[r0:r1]
+        R = r1 - r0
         alpha, vis = block_alpha(prep.attn, q_rows, prep.dtype)  # (B, H, R, N)
         y_rows = y[:, q_rows]  # (B, R, D)
         norm_y = [y_rows.double().norm(p=2 if p2 else 1, dim=-1) for p2 in l2]
-        torch_tiles = [k for k, p2 in enumerate(l2) if p2 or kernel is None]
+        s_rows = scale[:, q_rows]
         if kernel is not None:
             cols = torch.arange(N, device=L.x.device)
             kappa = torch.cat([alpha, kappa_diag_mask(q_rows, cols, vis).to(prep.dtype)[:, None]], 1)  # (B, H+1, R, N)
-            s_rows = scale[:, q_rows]
             parts_sum[:, r0:r1] = torch.einsum("bkrn,bnkd->brd", kappa, cached) * s_rows[..., None]
             for k, p2 in enumerate(l2):
                 if not p2:
                     outs[k][:, r0:r1] = kernel(kappa, cached, s_rows, y_rows, norm_y[k], vis)
             if not torch_tiles:
                 continue
-        step = _key_step(N, B, r1 - r0, D, budget)
+        step = _alti_key_step(N, B, R, D, budget)
+        buf = torch.empty(B * step * R * D, dtype=prep.dtype, device=L.x.device)  # one tile, reused
+        # every key's coefficients at once, transposed (B, N, H+1, R) (one 2-D transpose per head, the fast copy), the
+        # row scale in and negated, so that each tile is -T_i(x_j); the residual's is [i == j] for visible pairs
+        coef = torch.empty(B, N, H + 1, R, dtype=prep.dtype, device=L.x.device)
+        for h in range(H):
+            coef[:, :, h] = alpha[:, h].transpose(1, 2)
+        coef[:, :, H] = 0
+        own = torch.arange(R, device=L.x.device)
+        coef[:, q_rows, H, own] = vis[:, own, q_rows].to(prep.dtype)
+        coef *= -s_rows[:, None, None]
+        want_l1, want_l2 = (any(l2[k] == p2 for k in torch_tiles) for p2 in (False, True))
+        abs_y = y_rows.abs()[:, None]
+        prox = torch.empty(B, N, R, dtype=prep.dtype, device=L.x.device) if want_l1 else None  # per key, this block
+        dist2 = torch.empty(B, N, R, dtype=torch.float64, device=L.x.device) if want_l2 else None
         for c0 in range(0, N, step):
             keys = slice(c0, min(c0 + step, N))
-            cols = torch.arange(keys.start, keys.stop, device=L.x.device)
+            C = keys.stop - keys.start
             key_rows = cached[:, keys] if cached is not None else _key_rows(prep, f, keys)  # (B, C, H+1, D)
-            kappa = torch.cat([alpha[..., keys].permute(0, 3, 2, 1),
-                               kappa_diag_mask(q_rows, cols, vis[..., keys]).to(prep.dtype).transpose(1, 2)[:, :, :, None]],
-                              -1)  # (B, C, R, H+1)
-            tile = (kappa @ key_rows).transpose(1, 2) * scale[:, q_rows, None, None]  # T_i(x_j) (B, R, C, D)
+            tile = buf[:B * C * R * D].view(B, C, R, D)
+            torch.bmm(coef[:, keys].reshape(B * C, H + 1, R).transpose(1, 2), key_rows.reshape(B * C, H + 1, D),
+                      out=tile.view(B * C, R, D))
             if kernel is None:
-                parts_sum[:, r0:r1] += tile.sum(2)
-            diff = y_rows[:, :, None] - tile
-            for k in torch_tiles:  # summed over D in float64 (the sums cancel in c)
-                dist = diff.pow(2).sum(-1, dtype=torch.float64).sqrt() if l2[k] else diff.abs().sum(-1, dtype=torch.float64)
-                outs[k][:, r0:r1, keys] = (norm_y[k][..., None] - dist).clamp_min(0) * vis[..., keys]
+                parts_sum[:, r0:r1] -= tile.sum(1)
+            tile += y_rows[:, None]  # y_i - T_i(x_j) (B, C, R, D), in place
+            if want_l2:
+                dist2[:, keys] = _sum_d(tile * tile if want_l1 else tile.mul_(tile))
+            if want_l1:
+                # ||y||_1 - ||y - T||_1 summed as sum_d (|y_d| - |y_d - T_d|): each term is at most |T_d| in size, so
+                # the sum does not cancel and the tile's dtype holds it (spec section 10, precision)
+                torch.sub(abs_y, tile.abs_(), out=tile)
+                prox[:, keys] = tile.sum(-1)
+        for k in torch_tiles:
+            c = (norm_y[k][..., None] - dist2.transpose(1, 2).sqrt()) if l2[k] else prox.transpose(1, 2).double()
+            outs[k][:, r0:r1] = c.clamp_min(0) * vis
     valid = L.valid[:, rows]
     err = (parts_sum + bias[:, rows] - y[:, rows]).norm(dim=-1) / y[:, rows].norm(dim=-1).clamp_min(1e-30)
     return [row_normalize(o).to(prep.dtype) for o in outs], bias.norm(dim=-1) * L.valid, torch.where(valid, err, 0.0)
