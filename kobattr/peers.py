@@ -337,6 +337,9 @@ def value_zeroing_map(prep, rows: Tensor, budget: int) -> Tensor:
     attn_total = prep.attn_sum + prep.b_o  # (B, N, D) the raw attention output
     out = torch.zeros(B, len(rows), N, dtype=torch.float64, device=L.x.device)  # normalised in float64
     full = rest_of_block(prep, prep.x[:, rows], attn_total[:, rows])  # (B, R, D)
+    if prep.structure in _VZ_PARTS:
+        _value_zeroing_parts(prep, rows, budget, attn_total, full, out)
+        return row_normalize(out).to(prep.dtype)
     width = max(L.ffn.w_in.shape[1], D)
     for r0, r1 in _query_blocks(len(rows), N, B, H, budget):
         q_rows = rows[r0:r1]
@@ -354,6 +357,68 @@ def value_zeroing_map(prep, rows: Tensor, budget: int) -> Tensor:
             dist = _cosine_distance(z, full[:, r0:r1, None])
             out[:, r0:r1, keys] = dist * vis[..., keys]
     return row_normalize(out).to(prep.dtype)
+
+
+# the structures whose FFN input is a norm g of the stream y = x + a alone (no norm after attention): post (g = LN1,
+# which is also the stream the FFN joins) and pre (g = LN2 before the FFN)
+_VZ_PARTS = {"post": "ln1", "pre": "ln2"}
+
+
+def _value_zeroing_parts(prep, rows: Tensor, budget: int, attn_total: Tensor, full: Tensor, out: Tensor) -> None:
+    """Value Zeroing's distances (B, R, N) into ``out`` for a structure of _VZ_PARTS, the FFN's pre-activations from
+    per-key parts, as the FF maps build theirs: g(y_i - t_ij) W = s_ij (split(y_i) W - sum_h alpha^h_ij split(f^h(x_j))
+    W) + beta W, split the norm's row-independent linear part and s_ij = 1 / s(y_i - t_ij) the pair's own statistic
+    (the norm stays exact, per pair). A pair then costs H F MACs for each pre-activation (W_in, and W_gate) instead of
+    D F, plus the W_out product; z_ij follows Layer.stream from there."""
+    L = prep.layer
+    cast = prep.cast
+    B, H, N, _ = L.q.shape
+    D = L.d_model
+    ffn = cast.ffn
+    norm = getattr(cast, _VZ_PARTS[prep.structure])
+    F = ffn.w_in.shape[1]
+    weights = [ffn.w_in] + ([ffn.w_gate] if ffn.gated else [])
+    biases = [ffn.b_in] + ([ffn.b_gate] if ffn.gated else [])
+    consts = [norm.bias_vector(D, w[:, 0]) @ w + (0 if b_ is None else b_) for w, b_ in zip(weights, biases)]  # (F,)
+    from .ig import activation_fn
+
+    act = activation_fn(ffn.base_activation)
+    y_all = prep.x + attn_total  # (B, N, D) the stream of every row with nothing zeroed
+    # keys whose per-head parts split(f^h(x_j)) W (B, keys, H, F) are kept at once (one chunk at moderate N); alpha is
+    # recomputed per chunk
+    chunk = max(1, min(N, 4 * budget // max(1, B * H * F * len(weights))))
+    for k0 in range(0, N, chunk):
+        kc = slice(k0, min(k0 + chunk, N))
+        heads = head_vectors(L, kc, prep.dtype)  # (B, Kc, H, D)
+        split_heads = norm.split(heads).reshape(-1, D)  # one GEMM per weight (a 4-D matmul would batch over keys)
+        parts = [(split_heads @ w).view(B, -1, H, F) for w in weights]  # (B, Kc, H, F)
+        for r0, r1 in _query_blocks(len(rows), N, B, H, budget):
+            q_rows = rows[r0:r1]
+            R = len(q_rows)
+            alpha, vis = block_alpha(prep.attn, q_rows, prep.dtype)  # (B, H, R, N)
+            y_rows = y_all[:, q_rows]  # (B, R, D)
+            own = [norm.split(y_rows) @ w for w in weights]  # (B, R, F)
+            step = max(1, min(_block_cap(N), budget // max(1, 8 * B * R * max(F, D))))
+            for c0 in range(kc.start, kc.stop, step):
+                keys = slice(c0, min(c0 + step, kc.stop))
+                C = keys.stop - keys.start
+                a = alpha[..., keys].permute(0, 3, 2, 1).reshape(B * C, R, H)  # (B C, R, H) batched over keys
+                t = torch.bmm(a, heads[:, c0 - k0:keys.stop - k0].reshape(B * C, H, D)).view(B, C, R, D)
+                y = y_rows[:, None] - t  # the stream with token j's values zeroed (B, C, R, D)
+                s = norm.inv_std(y)[..., None]  # (B, C, R, 1)
+                pre = []
+                for part, mine, const in zip(parts, own, consts):
+                    lin = torch.bmm(a, part[:, c0 - k0:keys.stop - k0].reshape(B * C, H, F)).view(B, C, R, F)
+                    pre.append(torch.sub(mine[:, None], lin, out=lin).mul_(s).add_(const))
+                hidden = act(pre[1]).mul_(pre[0]) if ffn.gated else act(pre[0])
+                ffn_out = hidden.view(-1, F) @ ffn.w_out
+                if ffn.b_out is not None:
+                    ffn_out += ffn.b_out
+                ffn_out = ffn_out.view(B, C, R, D)
+                # post: the FFN joins the LN1 output and LN2 follows; pre: it joins the stream y itself
+                z = cast.ln2(norm(y) + ffn_out) if prep.structure == "post" else y + ffn_out
+                dist = _cosine_distance(z, full[:, r0:r1][:, None])  # (B, C, R)
+                out[:, r0:r1, keys] = dist.transpose(1, 2) * vis[..., keys]
 
 
 # ------------------------------------------------------------------------------------- information flow
