@@ -36,12 +36,14 @@ class PeerImplementation:
 
     name = "torch"
     l1 = None
+    methods = ()  # the methods whose work this implementation does itself (kobattr selftest checks them)
 
 
 class TritonPeers(PeerImplementation):
     """The peers' measures with ALTI's L1 proximities from kernels/alti_pairs.py (the rest as torch)."""
 
     name = "triton"
+    methods = ("alti",)
 
     @staticmethod
     def l1(kappa, rows, scale, y, norm, vis):
@@ -90,6 +92,26 @@ def _query_blocks(n_rows: int, N: int, B: int, H: int, budget: int):
 
 def _key_step(N: int, B: int, R: int, D: int, budget: int) -> int:
     return max(1, min(_block_cap(N), budget // max(1, 4 * B * R * D)))  # the tile and its few temporaries stay within budget
+
+
+# entries of D summed in the tile's dtype before their sums are added in float64 (ALTI-L2's squares): 32 keeps the
+# float32 map within 5e-7 of the float64 reference on the benchmark's layer (4e-7 at 32, 9e-7 at 64, 3e-6 for a whole
+# float32 sum over d = 384, N = 256), and converting every entry to float64 was what made the tiles slow
+SUM_CHUNK = 32
+ALTI_TILE = 1 << 18  # elements of an ALTI tile (B, keys, rows, D): 1 MiB in float32, so that it stays in a core's L2 cache
+
+
+def _sum_d(t: Tensor) -> Tensor:
+    """(...,) float64 sums over the last dim of t (..., D), each run of SUM_CHUNK entries summed in t's dtype first."""
+    D = t.shape[-1]
+    full = D - D % SUM_CHUNK
+    out = t[..., :full].unflatten(-1, (-1, SUM_CHUNK)).sum(-1).sum(-1, dtype=torch.float64)
+    return out + t[..., full:].sum(-1, dtype=torch.float64) if full < D else out
+
+
+def _alti_key_step(N: int, B: int, R: int, D: int, budget: int) -> int:
+    """Keys per ALTI tile: the (B, keys, R, D) tile within ALTI_TILE elements (and budget), at most the block cap."""
+    return max(1, min(_block_cap(N), min(ALTI_TILE, budget) // max(1, B * R * D)))
 
 
 def peer_maps(prep, methods, rows: Optional[Tensor], budget: int = DEFAULT_BUDGET) -> tuple[dict, dict, dict]:
@@ -177,7 +199,9 @@ def alti_maps(prep, f: Form, rows: Tensor, l2: list, budget: int) -> tuple[list,
     src/utils_contributions.py normalize_contributions 'min_sum' (c = clip(||y_i||_p - ||y_i - T_i(x_j)||_p, 0),
     divided by the row sum). Differences, each < 1e-6 relative: their std adds eps to the states, kobattr uses the
     model's own statistic (eps inside the root); F.pairwise_distance adds 1e-6 to the difference, kobattr does not.
-    The sums over D are taken in float64: ||y||_1 - ||y - T||_1 cancels (spec section 10, precision)."""
+    ||y||_1 - ||y - T||_1 cancels (spec section 10, precision): the L1 proximity is summed as sum_d (|y_d| - |y_d -
+    T_d|), whose terms do not cancel; the L2 distance's squares are summed in float64 (``_sum_d``). Per (row block x
+    key tile) one batched (rows x (H+1)) @ ((H+1) x D) product into a reused buffer and three in-place passes."""
     L = prep.layer
     B, H, N, _ = L.q.shape
     D = L.d_model
@@ -191,37 +215,58 @@ def alti_maps(prep, f: Form, rows: Tensor, l2: list, budget: int) -> tuple[list,
     kernel = getattr(getattr(prep, "peers", None), "l1", None)  # the Triton L1 proximities, where dispatch chose it
     if kernel is not None and cached is None:
         cached = _key_rows(prep, f, slice(0, N))  # the kernel reads every key's rows
+    torch_tiles = [k for k, p2 in enumerate(l2) if p2 or kernel is None]
     for r0, r1 in _query_blocks(len(rows), N, B, H, budget):
         q_rows = rows[r0:r1]
+        R = r1 - r0
         alpha, vis = block_alpha(prep.attn, q_rows, prep.dtype)  # (B, H, R, N)
         y_rows = y[:, q_rows]  # (B, R, D)
         norm_y = [y_rows.double().norm(p=2 if p2 else 1, dim=-1) for p2 in l2]
-        torch_tiles = [k for k, p2 in enumerate(l2) if p2 or kernel is None]
+        s_rows = scale[:, q_rows]
         if kernel is not None:
             cols = torch.arange(N, device=L.x.device)
             kappa = torch.cat([alpha, kappa_diag_mask(q_rows, cols, vis).to(prep.dtype)[:, None]], 1)  # (B, H+1, R, N)
-            s_rows = scale[:, q_rows]
             parts_sum[:, r0:r1] = torch.einsum("bkrn,bnkd->brd", kappa, cached) * s_rows[..., None]
             for k, p2 in enumerate(l2):
                 if not p2:
                     outs[k][:, r0:r1] = kernel(kappa, cached, s_rows, y_rows, norm_y[k], vis)
             if not torch_tiles:
                 continue
-        step = _key_step(N, B, r1 - r0, D, budget)
+        step = _alti_key_step(N, B, R, D, budget)
+        buf = torch.empty(B * step * R * D, dtype=prep.dtype, device=L.x.device)  # one tile, reused
+        # every key's coefficients at once, transposed (B, N, H+1, R) (one 2-D transpose per head, the fast copy), the
+        # row scale in and negated, so that each tile is -T_i(x_j); the residual's is [i == j] for visible pairs
+        coef = torch.empty(B, N, H + 1, R, dtype=prep.dtype, device=L.x.device)
+        for h in range(H):
+            coef[:, :, h] = alpha[:, h].transpose(1, 2)
+        coef[:, :, H] = 0
+        own = torch.arange(R, device=L.x.device)
+        coef[:, q_rows, H, own] = vis[:, own, q_rows].to(prep.dtype)
+        coef *= -s_rows[:, None, None]
+        want_l1, want_l2 = (any(l2[k] == p2 for k in torch_tiles) for p2 in (False, True))
+        abs_y = y_rows.abs()[:, None]
+        prox = torch.empty(B, N, R, dtype=prep.dtype, device=L.x.device) if want_l1 else None  # per key, this block
+        dist2 = torch.empty(B, N, R, dtype=torch.float64, device=L.x.device) if want_l2 else None
         for c0 in range(0, N, step):
             keys = slice(c0, min(c0 + step, N))
-            cols = torch.arange(keys.start, keys.stop, device=L.x.device)
+            C = keys.stop - keys.start
             key_rows = cached[:, keys] if cached is not None else _key_rows(prep, f, keys)  # (B, C, H+1, D)
-            kappa = torch.cat([alpha[..., keys].permute(0, 3, 2, 1),
-                               kappa_diag_mask(q_rows, cols, vis[..., keys]).to(prep.dtype).transpose(1, 2)[:, :, :, None]],
-                              -1)  # (B, C, R, H+1)
-            tile = (kappa @ key_rows).transpose(1, 2) * scale[:, q_rows, None, None]  # T_i(x_j) (B, R, C, D)
+            tile = buf[:B * C * R * D].view(B, C, R, D)
+            torch.bmm(coef[:, keys].reshape(B * C, H + 1, R).transpose(1, 2), key_rows.reshape(B * C, H + 1, D),
+                      out=tile.view(B * C, R, D))
             if kernel is None:
-                parts_sum[:, r0:r1] += tile.sum(2)
-            diff = y_rows[:, :, None] - tile
-            for k in torch_tiles:  # summed over D in float64 (the sums cancel in c)
-                dist = diff.pow(2).sum(-1, dtype=torch.float64).sqrt() if l2[k] else diff.abs().sum(-1, dtype=torch.float64)
-                outs[k][:, r0:r1, keys] = (norm_y[k][..., None] - dist).clamp_min(0) * vis[..., keys]
+                parts_sum[:, r0:r1] -= tile.sum(1)
+            tile += y_rows[:, None]  # y_i - T_i(x_j) (B, C, R, D), in place
+            if want_l2:
+                dist2[:, keys] = _sum_d(tile * tile if want_l1 else tile.mul_(tile))
+            if want_l1:
+                # ||y||_1 - ||y - T||_1 summed as sum_d (|y_d| - |y_d - T_d|): each term is at most |T_d| in size, so
+                # the sum does not cancel and the tile's dtype holds it (spec section 10, precision)
+                torch.sub(abs_y, tile.abs_(), out=tile)
+                prox[:, keys] = tile.sum(-1)
+        for k in torch_tiles:
+            c = (norm_y[k][..., None] - dist2.transpose(1, 2).sqrt()) if l2[k] else prox.transpose(1, 2).double()
+            outs[k][:, r0:r1] = c.clamp_min(0) * vis
     valid = L.valid[:, rows]
     err = (parts_sum + bias[:, rows] - y[:, rows]).norm(dim=-1) / y[:, rows].norm(dim=-1).clamp_min(1e-30)
     return [row_normalize(o).to(prep.dtype) for o in outs], bias.norm(dim=-1) * L.valid, torch.where(valid, err, 0.0)
@@ -292,6 +337,9 @@ def value_zeroing_map(prep, rows: Tensor, budget: int) -> Tensor:
     attn_total = prep.attn_sum + prep.b_o  # (B, N, D) the raw attention output
     out = torch.zeros(B, len(rows), N, dtype=torch.float64, device=L.x.device)  # normalised in float64
     full = rest_of_block(prep, prep.x[:, rows], attn_total[:, rows])  # (B, R, D)
+    if prep.structure in _VZ_PARTS:
+        _value_zeroing_parts(prep, rows, budget, attn_total, full, out)
+        return row_normalize(out).to(prep.dtype)
     width = max(L.ffn.w_in.shape[1], D)
     for r0, r1 in _query_blocks(len(rows), N, B, H, budget):
         q_rows = rows[r0:r1]
@@ -309,6 +357,68 @@ def value_zeroing_map(prep, rows: Tensor, budget: int) -> Tensor:
             dist = _cosine_distance(z, full[:, r0:r1, None])
             out[:, r0:r1, keys] = dist * vis[..., keys]
     return row_normalize(out).to(prep.dtype)
+
+
+# the structures whose FFN input is a norm g of the stream y = x + a alone (no norm after attention): post (g = LN1,
+# which is also the stream the FFN joins) and pre (g = LN2 before the FFN)
+_VZ_PARTS = {"post": "ln1", "pre": "ln2"}
+
+
+def _value_zeroing_parts(prep, rows: Tensor, budget: int, attn_total: Tensor, full: Tensor, out: Tensor) -> None:
+    """Value Zeroing's distances (B, R, N) into ``out`` for a structure of _VZ_PARTS, the FFN's pre-activations from
+    per-key parts, as the FF maps build theirs: g(y_i - t_ij) W = s_ij (split(y_i) W - sum_h alpha^h_ij split(f^h(x_j))
+    W) + beta W, split the norm's row-independent linear part and s_ij = 1 / s(y_i - t_ij) the pair's own statistic
+    (the norm stays exact, per pair). A pair then costs H F MACs for each pre-activation (W_in, and W_gate) instead of
+    D F, plus the W_out product; z_ij follows Layer.stream from there."""
+    L = prep.layer
+    cast = prep.cast
+    B, H, N, _ = L.q.shape
+    D = L.d_model
+    ffn = cast.ffn
+    norm = getattr(cast, _VZ_PARTS[prep.structure])
+    F = ffn.w_in.shape[1]
+    weights = [ffn.w_in] + ([ffn.w_gate] if ffn.gated else [])
+    biases = [ffn.b_in] + ([ffn.b_gate] if ffn.gated else [])
+    consts = [norm.bias_vector(D, w[:, 0]) @ w + (0 if b_ is None else b_) for w, b_ in zip(weights, biases)]  # (F,)
+    from .ig import activation_fn
+
+    act = activation_fn(ffn.base_activation)
+    y_all = prep.x + attn_total  # (B, N, D) the stream of every row with nothing zeroed
+    # keys whose per-head parts split(f^h(x_j)) W (B, keys, H, F) are kept at once (one chunk at moderate N); alpha is
+    # recomputed per chunk
+    chunk = max(1, min(N, 4 * budget // max(1, B * H * F * len(weights))))
+    for k0 in range(0, N, chunk):
+        kc = slice(k0, min(k0 + chunk, N))
+        heads = head_vectors(L, kc, prep.dtype)  # (B, Kc, H, D)
+        split_heads = norm.split(heads).reshape(-1, D)  # one GEMM per weight (a 4-D matmul would batch over keys)
+        parts = [(split_heads @ w).view(B, -1, H, F) for w in weights]  # (B, Kc, H, F)
+        for r0, r1 in _query_blocks(len(rows), N, B, H, budget):
+            q_rows = rows[r0:r1]
+            R = len(q_rows)
+            alpha, vis = block_alpha(prep.attn, q_rows, prep.dtype)  # (B, H, R, N)
+            y_rows = y_all[:, q_rows]  # (B, R, D)
+            own = [norm.split(y_rows) @ w for w in weights]  # (B, R, F)
+            step = max(1, min(_block_cap(N), budget // max(1, 8 * B * R * max(F, D))))
+            for c0 in range(kc.start, kc.stop, step):
+                keys = slice(c0, min(c0 + step, kc.stop))
+                C = keys.stop - keys.start
+                a = alpha[..., keys].permute(0, 3, 2, 1).reshape(B * C, R, H)  # (B C, R, H) batched over keys
+                t = torch.bmm(a, heads[:, c0 - k0:keys.stop - k0].reshape(B * C, H, D)).view(B, C, R, D)
+                y = y_rows[:, None] - t  # the stream with token j's values zeroed (B, C, R, D)
+                s = norm.inv_std(y)[..., None]  # (B, C, R, 1)
+                pre = []
+                for part, mine, const in zip(parts, own, consts):
+                    lin = torch.bmm(a, part[:, c0 - k0:keys.stop - k0].reshape(B * C, H, F)).view(B, C, R, F)
+                    pre.append(torch.sub(mine[:, None], lin, out=lin).mul_(s).add_(const))
+                hidden = act(pre[1]).mul_(pre[0]) if ffn.gated else act(pre[0])
+                ffn_out = hidden.view(-1, F) @ ffn.w_out
+                if ffn.b_out is not None:
+                    ffn_out += ffn.b_out
+                ffn_out = ffn_out.view(B, C, R, D)
+                # post: the FFN joins the LN1 output and LN2 follows; pre: it joins the stream y itself
+                z = cast.ln2(norm(y) + ffn_out) if prep.structure == "post" else y + ffn_out
+                dist = _cosine_distance(z, full[:, r0:r1][:, None])  # (B, C, R)
+                out[:, r0:r1, keys] = dist.transpose(1, 2) * vis[..., keys]
 
 
 # ------------------------------------------------------------------------------------- information flow

@@ -23,6 +23,7 @@ from .backends import availability, implementation
 from .core import attention_of, attribute
 from .layer import cap_logits
 from .methods import STRUCTURES, form, methods_for
+from .peers import peer_implementation
 from .reference import reference
 from .testing import STRUCTURE_KINDS, random_layer
 from .verify import row_errors, tolerance
@@ -100,10 +101,27 @@ def _cases():
     yield "pre/gqa", GQA[0], GQA[1]
 
 
+def _primitives(impl) -> tuple:
+    """The primitives of ``impl`` the self-test runs: its own, and "peers" where it brings peer kernels."""
+    own = tuple(impl.primitives)
+    return own + (("peers",) if "attention_maps" in own and peer_implementation(impl).methods else ())
+
+
+def _methods(impl, primitive: str, structure: str) -> list:
+    """The methods of ``structure`` that ``primitive`` of ``impl`` computes."""
+    if primitive == "peers":
+        return [m for m in methods_for(structure) if m in peer_implementation(impl).methods]
+    methods = [m for m in methods_for(structure) if form(m, structure).primitive == primitive]
+    if primitive == "ff_maps":
+        methods = [m for m in methods if m in STRUCTURES[structure].scopes]
+    return methods
+
+
 def run(device: Optional[str] = None, dtypes: Optional[tuple] = None, names: Optional[tuple] = None,
-        on_outcome: Optional[Callable[[Outcome], None]] = None) -> Report:
+        on_outcome: Optional[Callable[[Outcome], None]] = None, primitives: Optional[tuple] = None) -> Report:
     """Run the self-test; ``device`` defaults to cuda where torch sees one, ``dtypes`` to float32 (plus
-    float16 and bfloat16 on cuda), ``names`` to every implementation. ``on_outcome`` sees each outcome as
+    float16 and bfloat16 on cuda), ``names`` to every implementation, ``primitives`` to all they run
+    (attention_maps, ff_maps, row_stats, peers). ``on_outcome`` sees each outcome as
     soon as it is known (the CLI prints it, so a run cut short still shows what it found)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = dtypes or ((torch.float32, torch.float16, torch.bfloat16) if device == "cuda" else (torch.float32,))
@@ -124,10 +142,10 @@ def run(device: Optional[str] = None, dtypes: Optional[tuple] = None, names: Opt
             layer = exact.to(dtype=dtype)
             low = None if dtype in (torch.float32, torch.float64) else reference(layer, methods="all")
             for name, impl in impls.items():
-                for primitive in impl.primitives:
-                    methods = [m for m in methods_for(structure) if form(m, structure).primitive == primitive]
-                    if primitive == "ff_maps":
-                        methods = [m for m in methods if m in STRUCTURES[structure].scopes]
+                for primitive in _primitives(impl):
+                    if primitives is not None and primitive not in primitives:
+                        continue
+                    methods = _methods(impl, primitive, structure)
                     outcome = Outcome(name, primitive, case, str(dtype).replace("torch.", ""))
                     report.outcomes.append(outcome)
                     _try(outcome, impl, primitive, layer, methods, ref, dtype, low)
@@ -145,7 +163,9 @@ def _try(outcome: Outcome, impl, primitive: str, layer, methods, ref, dtype, low
     attn = attention_of(layer)
     outputs = frozenset(mode for mode, asked in (("rows", rows is not None), ("contract", contract is not None))
                         if asked)
-    reasons = impl.refusals(primitive, attn, ff_gemm_dtype, outputs)
+    # the peer kernels come with the implementation dispatch chose for the attention maps, and take what it takes
+    chosen = "attention_maps" if primitive == "peers" else primitive
+    reasons = impl.refusals(chosen, attn, ff_gemm_dtype, outputs)
     if reasons:
         outcome.skipped = " ".join(reasons)
         return
@@ -168,7 +188,7 @@ def _try(outcome: Outcome, impl, primitive: str, layer, methods, ref, dtype, low
     start = time.perf_counter()
     ff_gemm = str(ff_gemm_dtype).replace("torch.", "") if low_products else "float32"
     # the instance itself, with its settings (the tuner's candidates)
-    result = attribute(layer, methods=methods, backend={primitive: impl}, verify=0, ff_gemm=ff_gemm, rows=rows,
+    result = attribute(layer, methods=methods, backend={chosen: impl}, verify=0, ff_gemm=ff_gemm, rows=rows,
                        contract=contract)
     if layer.q.is_cuda:
         torch.cuda.synchronize()

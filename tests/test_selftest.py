@@ -53,3 +53,23 @@ def test_low_precision_tolerance_is_at_least_twice_the_references_own_error(monk
     monkeypatch.setattr(TorchBackend, "ff_maps", lambda self, *args, **kwargs: real(self, *args, **kwargs) * 1.15)
     report = selftest.run(names=("torch",), dtypes=(torch.bfloat16,))
     assert {(o.primitive, o.case) for o in report.failed} == {("ff_maps", case) for case in ff}
+
+
+def test_the_triton_alti_kernel_is_checked_and_a_wrong_one_fails(monkeypatch):
+    # under the interpreter on CPU (tests/conftest.py): triton's choice for the attention maps brings its ALTI L1
+    # kernel (kobattr.peers.TritonPeers), checked as the primitive "peers" in every case
+    from kobattr.peers import TritonPeers
+
+    report = selftest.run(names=("triton", "torch"), primitives=("peers",))
+    assert not report.failed, report.table()
+    ran = [o for o in report.outcomes if o.skipped is None]
+    assert {(o.implementation, o.primitive) for o in report.outcomes} == {("triton", "peers")}
+    assert {o.case.split("/")[0] for o in ran} == set(STRUCTURES)
+    real = TritonPeers.l1
+
+    def odd_keys_off(kappa, *args):  # the odd keys' proximities 0.1% high: each row's shares move by ~2.5e-4
+        return real(kappa, *args) * (1 + 1e-3 * (torch.arange(kappa.shape[-1]) % 2))
+
+    monkeypatch.setattr(TritonPeers, "l1", staticmethod(odd_keys_off))
+    report = selftest.run(names=("triton",), primitives=("peers",))
+    assert report.failed and all(o.primitive == "peers" for o in report.failed)
