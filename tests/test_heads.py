@@ -326,7 +326,7 @@ def test_cli_writes_every_file_and_is_deterministic(tmp_path, capsys):
         code, printed, err = run(["heads", "--limit", "3", "--layers", "0", "1", "--out", str(out)], capsys)
         assert code == 0, err
     files = sorted(p.name for p in outs[0].iterdir())
-    assert files == sorted([MANIFEST, "report.md", "results.json", *heads.FIGURES.values()])
+    assert files == sorted([MANIFEST, "report.md", "results.json", heads.HEAD_VIEW, *heads.FIGURES.values()])
     assert sorted(p.name for p in outs[1].iterdir()) == files
     assert (outs[0] / "results.json").read_bytes() == (outs[1] / "results.json").read_bytes()
     results = json.loads((outs[0] / "results.json").read_text())

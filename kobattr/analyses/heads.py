@@ -495,6 +495,7 @@ def _heat(ax, values, layers, title, cmap="Blues"):
 # results key -> module of kobattr.analyses with figures(part, out) -> {name: file} and report_lines(part, figures)
 # analyses that add a part to the results file: key -> module with figures(result, out) and report_lines(result, written)
 EXTRA_SECTIONS = {"gradient": "gradient", "probes": "probes", "coreference": "coref", "clustering": "clustering"}
+HEAD_VIEW = "heads.html"  # kobattr.analyses.headview's page over results.json
 FIGURES = {"entropy": "entropy.png", "special_share": "special_share.png", "position": "relative_position.png",
            "noop": "noop_alpha_vs_fx.png", "dependency": "dependency_relations.png"}
 
@@ -653,7 +654,7 @@ def _report(results: dict, figures: dict, command: str, runtime_s: Optional[floa
 
 def write_report(results: dict, out_dir, command: str = "kobattr.analyses.heads.write_report",
                  runtime_s: Optional[float] = None, source: str = "") -> list[str]:
-    """Write results.json, report.md and the figures into ``out_dir`` (each file atomically: written to a
+    """Write results.json, report.md, the figures and the interactive head view heads.html into ``out_dir`` (each file atomically: written to a
     temporary name and renamed); returns the names written. results.json has no timing, so equal inputs
     give byte-identical files."""
     import importlib
@@ -670,7 +671,10 @@ def write_report(results: dict, out_dir, command: str = "kobattr.analyses.heads.
             report += "\n" + "\n".join(module.report_lines(results[key], extra))
     _atomic_text(out / "results.json", json.dumps(results, indent=1, ensure_ascii=False, allow_nan=False))
     _atomic_text(out / "report.md", report)
-    return ["report.md", "results.json", *figures.values()]
+    from . import headview
+
+    headview.write(results, out / HEAD_VIEW)
+    return ["report.md", "results.json", HEAD_VIEW, *figures.values()]
 
 
 def run(model, tokenizer, out_dir, texts=None, sentences=None, source: str = "", command: str = "", **kwargs) -> dict:
