@@ -181,6 +181,7 @@ _JS = r"""
     var f = x - i, c = STOPS[i].map(function (a, k) { return Math.round(a + f * (STOPS[i + 1][k] - a)); });
     return "rgb(" + c.join(",") + ")";
   }
+  function layerColour(li, L) { return "hsl(" + Math.round(280 * li / Math.max(L - 1, 1)) + ",70%,45%)"; }
   function kinds(stat) { return stat.paths.value ? ["value"] : ["weights", "norms"]; }
   function kindOf(stat) { return stat.paths.value ? "value" : state.kind; }
   function same(a, b) { return a && b && a.layer === b.layer && a.head === b.head; }
@@ -232,7 +233,8 @@ _JS = r"""
         td.addEventListener("click", function () { choose(pick); });
       });
     });
-    var scale = el("div", "kv-scale", values.length ? "light " + shown(lo) + " \u2192 dark " + shown(hi) +
+    var scale = el("div", "kv-scale", values.length ? "light " + lo.toPrecision(6) + " \u2192 dark " +
+                   hi.toPrecision(6) +
                    (kind === "value" ? "" : " (" + kind + ")") : "no values", gridbox);
     scale.dataset.low = values.length ? String(lo) : "";
     scale.dataset.high = values.length ? String(hi) : "";
@@ -295,7 +297,7 @@ _JS = r"""
       var li = Math.floor(k / H), pick = { layer: clustering.layers[li], head: k % H + 1 };
       var c = svg("circle", { cx: (pad + (p[0] - x0) / span * (size - 2 * pad)).toFixed(2),
                               cy: (size - pad - (p[1] - y0) / span * (size - 2 * pad)).toFixed(2), r: 5,
-                              fill: "hsl(" + Math.round(280 * li / Math.max(L - 1, 1)) + ",70%,45%)" }, plot);
+                              fill: layerColour(li, L) }, plot);
       c.dataset.layer = String(pick.layer);
       c.dataset.head = String(pick.head);
       c.dataset.x = String(p[0]);
@@ -305,8 +307,12 @@ _JS = r"""
       if (same(pick, state.picked)) c.classList.add("kv-picked");
       c.addEventListener("click", function () { choose(pick); });
     });
-    el("div", "kv-scale", "colour: layer " + clustering.layers[0] + " (purple-red) \u2192 " +
-       clustering.layers[L - 1] + "; " + (state.mdsKind) + " distances", mdsBox);
+    var legend = el("div", "kv-scale", state.mdsKind + " distances; colour = layer: ", mdsBox);
+    clustering.layers.forEach(function (layer, li) {
+      var key = el("span", null, "\u25cf", legend);
+      key.style.color = layerColour(li, L);
+      el("span", null, String(layer) + " ", legend);
+    });
   }
   if (clustering && clustering.mds) {
     var box = el("div", "kv-mdsbox", null, extra);
