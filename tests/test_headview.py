@@ -1,5 +1,5 @@
-"""heads.html, the head view of `kobattr heads` (kobattr.analyses.headview): the page embeds exactly the results
-file, and in Chromium (the fixture pattern of test_views_browser.py) every grid cell, side-panel value and MDS point
+"""heads.html, the head view of `kobattr heads` (kobattr.views.headview, kobattr.analyses.heads.write_head_view):
+the page embeds exactly the results file, and in Chromium (the fixture pattern of test_views_browser.py) every grid cell, side-panel value and MDS point
 is the results file's number. One results dict per module, from kobattr's real analyses on a tiny masked-LM BERT
 with MiniLM's tokenizer over the shipped CoNLL-U and CorefUD samples."""
 
@@ -12,7 +12,8 @@ import shutil
 import pytest
 import torch
 
-from kobattr.analyses import clustering, coref, gradient, headview, heads
+from kobattr.analyses import clustering, coref, gradient, heads
+from kobattr.views import headview
 
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                "--disable-sync", "--no-first-run", "--disable-quic"]
@@ -66,6 +67,8 @@ def test_page_embeds_exactly_the_results_file(run_dir, results):
     data = embedded((run_dir / "heads.html").read_text(encoding="utf-8"))
     assert data["results"] == results
     stats = data["statistics"]
+    assert stats == heads.head_view_statistics(results)
+    assert headview.render(results, stats) == (run_dir / "heads.html").read_text(encoding="utf-8")
     labels = [(s["group"], s["label"]) for s in stats]
     assert len(set(labels)) == len(labels)  # (the gradient run's mean alpha is also a no-op statistic's label)
     # every per-head part is offered: section 8, gradient (quantity x category), coreference (per mention type)
@@ -83,7 +86,7 @@ def test_page_embeds_exactly_the_results_file(run_dir, results):
 
 def test_a_results_dict_without_per_head_statistics_is_refused():
     with pytest.raises(ValueError, match="no per-head statistic"):
-        headview.render({"model": {"name": "x"}})
+        heads.write_head_view({"model": {"name": "x"}}, "unused.html")
 
 
 # ------------------------------------------------------------------------------------- in Chromium
@@ -214,7 +217,7 @@ def test_text_from_the_results_cannot_run_script_and_shows_literally(results, op
     for kind in ("weights", "norms"):
         evil["dependency"][kind] = {PWN: evil["dependency"][kind][rel]}
     evil["clustering"]["labels"][0] = PWN
-    path = headview.write(evil, tmp_path / "evil.html")
+    path = heads.write_head_view(evil, tmp_path / "evil.html")
     assert embedded(path.read_text(encoding="utf-8"))["results"] == evil
     page = open_page(path)
     assert page.evaluate("typeof window.pwned") == "undefined"

@@ -1,5 +1,5 @@
-"""The head view of `kobattr heads`: heads.html, an interactive page over results.json (no network, no script
-loaded from anywhere).
+"""The head view of `kobattr heads` (kobattr.analyses.heads.write_head_view): heads.html, an interactive page over
+results.json (no network, no script loaded from anywhere).
 
 Every per-head statistic the results hold (section 8: entropy, first-row entropy, previous- and next-token share,
 share per key category, the no-op means and Spearman's rho; gradient importance per quantity and key category;
@@ -18,72 +18,24 @@ from __future__ import annotations
 
 import html
 import json
-import secrets
 from pathlib import Path
 
 from ..io import atomic_write
-from ..views.html import page
-from ..views.templating import embeddable_json, fill_template
-from .heads import CATEGORY_LABELS
-
-KINDS = ("weights", "norms")
-GRADIENT_LABELS = {"grad_abs": "|dL/d\u03b1|", "grad_x_input": "\u03b1 dL/d\u03b1",
-                   "grad_x_input_abs": "|\u03b1 dL/d\u03b1|", "alpha": "mean \u03b1", "fx_norm": "mean \u2016f(x)\u2016"}
-
-
-def _category(c: str) -> str:
-    return CATEGORY_LABELS.get(c, c)
-
-
-def _both(path: list) -> dict:
-    return {kind: path + [kind] for kind in KINDS}
-
-
-def statistics(results: dict) -> list[dict]:
-    """The per-head statistics present in ``results`` (write_report's dict), in page order: each a dict with id,
-    group, label, layers (path to its layer numbers) and paths ({"weights": path, "norms": path} or
-    {"value": path}), a path being the keys that lead from results to a [layer][head] grid."""
-    out = []
-
-    def add(group, label, paths, layers=("layers",)):
-        out.append({"id": f"s{len(out)}", "group": group, "label": label, "layers": list(layers), "paths": paths})
-
-    section = "head statistics"
-    for key, label in (("entropy", "row entropy (nats)"), ("entropy_first_row", "entropy of the first row (nats)"),
-                       ("prev_token", "mean A(i, i-1): previous token"), ("next_token", "mean A(i, i+1): next token")):
-        if key in results:
-            add(section, label, {kind: [key, kind] for kind in KINDS})
-    for c in results.get("special_share", {}).get("weights", {}):
-        add(section, f"share of the row to {_category(c)}", {kind: ["special_share", kind, c] for kind in KINDS})
-    noop = results.get("noop", {})
-    for c in noop.get("alpha_mean", {}):
-        add("no-op evidence", f"mean \u03b1 to {_category(c)}", {"value": ["noop", "alpha_mean", c]})
-    for c in noop.get("fx_norm_mean", {}):
-        add("no-op evidence", f"mean \u2016f(x)\u2016 of {_category(c)}", {"value": ["noop", "fx_norm_mean", c]})
-    if "spearman_alpha_fx" in noop:
-        add("no-op evidence", "Spearman \u03c1 of \u03b1 vs \u2016f(x)\u2016", {"value": ["noop", "spearman_alpha_fx"]})
-    gradient = results.get("gradient") or {}
-    for q, per_category in gradient.get("per_head", {}).items():
-        for c in per_category:
-            add("gradient importance", f"{GRADIENT_LABELS.get(q, q)} to {_category(c)}",
-                {"value": ["gradient", "per_head", q, c]}, layers=("gradient", "layers"))
-    accuracy = (results.get("coreference") or {}).get("accuracy") or {}
-    for group in accuracy.get("weights", {}):
-        add("coreference", f"antecedent accuracy ({group} mentions)",
-            {kind: ["coreference", "accuracy", kind, group] for kind in KINDS}, layers=("coreference", "layers"))
-    return out
-
+from .html import page
+from .templating import embeddable_json, fill_template
 
 def _title(results: dict) -> str:
     return f"kobattr heads: {(results.get('model') or {}).get('name') or 'results'}"
 
 
-def render(results: dict) -> str:
-    """heads.html for ``results`` (the dict write_report writes as results.json): a standalone HTML page."""
-    stats = statistics(results)
+def render(results: dict, statistics: list) -> str:
+    """heads.html for ``results`` (the dict kobattr.analyses.heads.write_report writes as results.json): a
+    standalone HTML page over the per-head ``statistics`` (kobattr.analyses.heads.head_view_statistics: each a dict
+    with id, group, label, layers and paths, a path being the keys from results to a [layer][head] grid)."""
+    stats = statistics
     if not stats:
         raise ValueError("the results hold no per-head statistic to show; pass the dict head_statistics returns.")
-    root = f"kobattr-heads-{secrets.token_hex(8)}"
+    root = "kobattr-heads"  # one view per page, and a fixed id keeps equal results' pages byte-identical
     data = {"results": results, "statistics": stats}
     body = fill_template(_FRAGMENT, {
         "ROOT": root, "STYLE": _CSS, "TITLE": html.escape(_title(results)), "NOTE": html.escape(_HELP),
@@ -93,10 +45,10 @@ def render(results: dict) -> str:
     return page(body, _title(results))
 
 
-def write(results: dict, path) -> Path:
-    """Write render(results) to ``path`` atomically; returns the path."""
+def write(results: dict, statistics: list, path) -> Path:
+    """Write render(results, statistics) to ``path`` atomically; returns the path."""
     path = Path(path)
-    text = render(results)
+    text = render(results, statistics)
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
 
