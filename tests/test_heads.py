@@ -326,9 +326,11 @@ def test_cli_writes_every_file_and_is_deterministic(tmp_path, capsys):
         code, printed, err = run(["heads", "--limit", "3", "--layers", "0", "1", "--out", str(out)], capsys)
         assert code == 0, err
     files = sorted(p.name for p in outs[0].iterdir())
-    assert files == sorted([MANIFEST, "report.md", "results.json", *heads.FIGURES.values()])
+    assert files == sorted([MANIFEST, "report.md", "results.json", heads.HEAD_VIEW, *heads.FIGURES.values()])
     assert sorted(p.name for p in outs[1].iterdir()) == files
     assert (outs[0] / "results.json").read_bytes() == (outs[1] / "results.json").read_bytes()
+    assert (outs[0] / heads.HEAD_VIEW).read_bytes() == (outs[1] / heads.HEAD_VIEW).read_bytes()
+    assert json.loads((outs[0] / MANIFEST).read_text())["files"] == [f for f in files if f != MANIFEST]
     results = json.loads((outs[0] / "results.json").read_text())
     assert results["layers"] == [1, 2] and results["heads"] == 12 and results["texts"] == 3
     assert len(results["entropy"]["weights"]) == 2 and len(results["entropy"]["weights"][0]) == 12

@@ -49,6 +49,7 @@ from ..layer import LayerInputError, visible
 from ..methods import row_normalize, spearman
 from ..io import atomic_write
 from ..result import join_pieces
+from ..views import headview
 
 CATEGORIES = ("cls_bos", "sep_eos", "punct", "other")
 CATEGORY_LABELS = {"cls_bos": "[CLS]/BOS", "sep_eos": "[SEP]/EOS", "punct": '"." and ","', "other": "other"}
@@ -495,6 +496,7 @@ def _heat(ax, values, layers, title, cmap="Blues"):
 # results key -> module of kobattr.analyses with figures(part, out) -> {name: file} and report_lines(part, figures)
 # analyses that add a part to the results file: key -> module with figures(result, out) and report_lines(result, written)
 EXTRA_SECTIONS = {"gradient": "gradient", "probes": "probes", "coreference": "coref", "clustering": "clustering"}
+HEAD_VIEW = "heads.html"  # kobattr.analyses.headview's page over results.json
 FIGURES = {"entropy": "entropy.png", "special_share": "special_share.png", "position": "relative_position.png",
            "noop": "noop_alpha_vs_fx.png", "dependency": "dependency_relations.png"}
 
@@ -651,11 +653,60 @@ def _report(results: dict, figures: dict, command: str, runtime_s: Optional[floa
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------- head view
+_GRADIENT_LABELS = {"grad_abs": "|dL/d\u03b1|", "grad_x_input": "\u03b1 dL/d\u03b1", "grad_x_input_abs": "|\u03b1 dL/d\u03b1|",
+                    "alpha": "mean \u03b1", "fx_norm": "mean \u2016f(x)\u2016"}
+
+
+def _category_label(c: str) -> str:
+    return CATEGORY_LABELS.get(c, c)
+
+
+def head_view_statistics(results: dict) -> list[dict]:
+    """The per-head statistics present in ``results`` (write_report's dict), in page order: each a dict with id,
+    group, label, layers (path to its layer numbers) and paths ({"weights": path, "norms": path} or
+    {"value": path}), a path being the keys that lead from results to a [layer][head] grid."""
+    out = []
+
+    def add(group, label, paths, layers=("layers",)):
+        out.append({"id": f"s{len(out)}", "group": group, "label": label, "layers": list(layers), "paths": paths})
+
+    section = "head statistics"
+    for key, label in (("entropy", "row entropy (nats)"), ("entropy_first_row", "entropy of the first row (nats)"),
+                       ("prev_token", "mean A(i, i-1): previous token"), ("next_token", "mean A(i, i+1): next token")):
+        if key in results:
+            add(section, label, {kind: [key, kind] for kind in KINDS})
+    for c in results.get("special_share", {}).get("weights", {}):
+        add(section, f"share of the row to {_category_label(c)}", {kind: ["special_share", kind, c] for kind in KINDS})
+    noop = results.get("noop", {})
+    for c in noop.get("alpha_mean", {}):
+        add("no-op evidence", f"mean \u03b1 to {_category_label(c)}", {"value": ["noop", "alpha_mean", c]})
+    for c in noop.get("fx_norm_mean", {}):
+        add("no-op evidence", f"mean \u2016f(x)\u2016 of {_category_label(c)}", {"value": ["noop", "fx_norm_mean", c]})
+    if "spearman_alpha_fx" in noop:
+        add("no-op evidence", "Spearman \u03c1 of \u03b1 vs \u2016f(x)\u2016", {"value": ["noop", "spearman_alpha_fx"]})
+    gradient = results.get("gradient") or {}
+    for q, per_category in gradient.get("per_head", {}).items():
+        for c in per_category:
+            add("gradient importance", f"{_GRADIENT_LABELS.get(q, q)} to {_category_label(c)}",
+                {"value": ["gradient", "per_head", q, c]}, layers=("gradient", "layers"))
+    accuracy = (results.get("coreference") or {}).get("accuracy") or {}
+    for group in accuracy.get("weights", {}):
+        add("coreference", f"antecedent accuracy ({group} mentions)",
+            {kind: ["coreference", "accuracy", kind, group] for kind in KINDS}, layers=("coreference", "layers"))
+    return out
+
+
+def write_head_view(results: dict, path) -> Path:
+    """Write heads.html, the interactive head view of ``results`` (kobattr.views.headview), at ``path``."""
+    return headview.write(results, head_view_statistics(results), path)
+
+
 def write_report(results: dict, out_dir, command: str = "kobattr.analyses.heads.write_report",
                  runtime_s: Optional[float] = None, source: str = "") -> list[str]:
-    """Write results.json, report.md and the figures into ``out_dir`` (each file atomically: written to a
-    temporary name and renamed); returns the names written. results.json has no timing, so equal inputs
-    give byte-identical files."""
+    """Write results.json, report.md, the figures and heads.html (the interactive head view) into ``out_dir``
+    (each file atomically: written to a temporary name and renamed); returns the names written. results.json
+    and heads.html have no timing, so equal inputs give byte-identical files."""
     import importlib
 
     out = Path(out_dir)
@@ -670,7 +721,8 @@ def write_report(results: dict, out_dir, command: str = "kobattr.analyses.heads.
             report += "\n" + "\n".join(module.report_lines(results[key], extra))
     _atomic_text(out / "results.json", json.dumps(results, indent=1, ensure_ascii=False, allow_nan=False))
     _atomic_text(out / "report.md", report)
-    return ["report.md", "results.json", *figures.values()]
+    write_head_view(results, out / HEAD_VIEW)
+    return ["report.md", "results.json", HEAD_VIEW, *figures.values()]
 
 
 def run(model, tokenizer, out_dir, texts=None, sentences=None, source: str = "", command: str = "", **kwargs) -> dict:
