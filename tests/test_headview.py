@@ -5,9 +5,7 @@ with MiniLM's tokenizer over the shipped CoNLL-U and CorefUD samples."""
 
 import copy
 import json
-import os
 import re
-import shutil
 
 import pytest
 import torch
@@ -15,8 +13,6 @@ import torch
 from kobattr.analyses import clustering, coref, gradient, heads
 from kobattr.views import headview
 
-LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-               "--disable-sync", "--no-first-run", "--disable-quic"]
 PWN = "</script><script>window.pwned=1</script>"
 
 
@@ -90,25 +86,7 @@ def test_a_results_dict_without_per_head_statistics_is_refused():
 
 
 # ------------------------------------------------------------------------------------- in Chromium
-def _unavailable(reason: str):
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason}, and under CI (CI=true) the browser tests must run, not skip.")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _unavailable("playwright is not installed (pip install playwright; it drives the system's chromium)")
-    executable = shutil.which("chromium") or "/usr/bin/chromium"
-    if not os.path.exists(executable):
-        _unavailable("Debian's chromium is not installed (apt-get install chromium)")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=executable, args=LAUNCH_ARGS)
-        yield chromium
-        chromium.close()
+from test_views_browser import browser  # noqa: E402,F401  (the one chromium fixture: skips, or fails under CI)
 
 
 @pytest.fixture
